@@ -1,0 +1,41 @@
+//! Errors to gRPC `Status`: the only place this mapping lives.
+
+use nodeos_meta::MetaError;
+use nodeos_meta::WatchError;
+use tonic::Status;
+
+/// Maps a metadata store error to the status a client can act on.
+pub fn meta_status(e: MetaError) -> Status {
+    match &e {
+        MetaError::Invalid(c) => Status::invalid_argument(c.to_string()),
+        MetaError::NoLeader(_) | MetaError::LeaderUnreachable(_) | MetaError::Stopped(_) => {
+            Status::unavailable(chain(&e))
+        }
+        MetaError::Indeterminate(_) => Status::unavailable(format!("{}; retry with a compare-and-swap to stay safe", chain(&e))),
+        MetaError::Watch(w) => watch_status(w),
+        MetaError::AlreadyInitialized => Status::already_exists(e.to_string()),
+        MetaError::Refused(_) | MetaError::Membership(_) => Status::failed_precondition(chain(&e)),
+        MetaError::Storage(_) | MetaError::Config(_) | MetaError::Dir(..) => Status::internal(chain(&e)),
+    }
+}
+
+pub fn watch_status(e: &WatchError) -> Status {
+    match e {
+        WatchError::Compacted { .. } => Status::out_of_range(e.to_string()),
+        WatchError::Lagged { .. } => Status::aborted(e.to_string()),
+        #[allow(unreachable_patterns)]
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+/// Error message with its causes, for the client's one-line error.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,19 @@
+//! The gRPC services every node serves.
+//!
+//! # Layout
+//! - `pool.rs`: `PoolService` (status, nodes, watch), public.
+//! - `metadata.rs`: `MetadataService`, the operator's `custom/` key space, public.
+//! - `peer.rs`: `PeerService`, node to node, every message authenticated with the pool key.
+//! - `error.rs`: the one place where errors become gRPC `Status`es.
+//! - `server.rs`: [`serve`], one tonic server with every service, reflection and message limits.
+//!
+//! The services hold handles ([`nodeos_meta::MetaHandle`], [`nodeos_pool::Formation`])
+//! and never touch storage directly.
+
+pub mod error;
+pub mod metadata;
+pub mod peer;
+pub mod pool;
+pub mod server;
+
+pub use server::{ApiConfig, serve};

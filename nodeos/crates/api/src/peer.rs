@@ -1,0 +1,102 @@
+//! `PeerService`: the node-to-node API (raft, hello, join, forwarding).
+//!
+//! Every request must open with this node's pool key (see `nodeos_meta::peer`);
+//! one that does not is refused with `UNAUTHENTICATED` and logged, and nothing
+//! in it is looked at. Every answer is sealed the same way.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nodeos_meta::peer::{self, EnvelopeError, ForwardError, Forwarded, ForwardedReply, Hello, JoinReply, JoinRequest, method};
+use nodeos_meta::{MetaHandle, TypeConfig};
+use nodeos_pool::Formation;
+use nodeos_proto::v1::Envelope;
+use nodeos_proto::v1::peer_service_server::PeerService;
+use nodeos_types::NodeId;
+use nodeos_meta::openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+/// Log a refused sender at most this often.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub struct PeerApi {
+    meta: MetaHandle,
+    formation: Formation,
+    refusals: Mutex<HashMap<String, Instant>>,
+}
+
+impl PeerApi {
+    pub fn new(meta: MetaHandle, formation: Formation) -> Self {
+        PeerApi { meta, formation, refusals: Mutex::default() }
+    }
+
+    fn open<T: DeserializeOwned>(&self, method: &'static str, req: &Request<Envelope>) -> Result<(NodeId, T), Status> {
+        peer::open(self.meta.peers().key(), method, req.get_ref()).map_err(|e| {
+            let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+            let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            if r.get(&from).is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
+                warn!(peer = %from, %method, error = %e, "refused a peer request");
+                r.insert(from, Instant::now());
+            }
+            match e {
+                EnvelopeError::BadMac { .. } => {
+                    Status::unauthenticated("pool key mismatch: this node belongs to another pool or holds another pool key")
+                }
+                other => Status::invalid_argument(other.to_string()),
+            }
+        })
+    }
+
+    fn seal<T: Serialize>(&self, method: &'static str, msg: &T) -> Result<Response<Envelope>, Status> {
+        peer::seal(self.meta.peers().key(), self.meta.node_id(), method, msg)
+            .map(Response::new)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+#[tonic::async_trait]
+impl PeerService for PeerApi {
+    async fn append_entries(&self, req: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let (_, rpc): (_, AppendEntriesRequest<TypeConfig>) = self.open(method::APPEND, &req)?;
+        let r = self.meta.raft().append_entries(rpc).await;
+        self.seal(method::APPEND, &r)
+    }
+
+    async fn vote(&self, req: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let (_, rpc): (_, VoteRequest<NodeId>) = self.open(method::VOTE, &req)?;
+        let r = self.meta.raft().vote(rpc).await;
+        self.seal(method::VOTE, &r)
+    }
+
+    async fn install_snapshot(&self, req: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let (_, rpc): (_, InstallSnapshotRequest<TypeConfig>) = self.open(method::SNAPSHOT, &req)?;
+        let r = self.meta.raft().install_snapshot(rpc).await;
+        self.seal(method::SNAPSHOT, &r)
+    }
+
+    async fn hello(&self, req: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let (sender, hello): (_, Hello) = self.open(method::HELLO, &req)?;
+        if sender != hello.node.id {
+            return Err(Status::invalid_argument("hello names another node than its sender"));
+        }
+        let reply = self.formation.hello_reply(&hello);
+        self.seal(method::HELLO, &reply)
+    }
+
+    async fn join(&self, req: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let (_, join): (_, JoinRequest) = self.open(method::JOIN, &req)?;
+        let r: Result<JoinReply, String> = self.formation.serve_join(join).await;
+        self.seal(method::JOIN, &r)
+    }
+
+    async fn forward(&self, req: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let (_, fwd): (_, Forwarded) = self.open(method::FORWARD, &req)?;
+        let r: Result<ForwardedReply, ForwardError> = self.meta.serve_forwarded(fwd).await;
+        self.seal(method::FORWARD, &r)
+    }
+}

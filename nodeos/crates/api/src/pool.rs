@@ -1,0 +1,215 @@
+//! `PoolService`: the pool's membership, leadership and member health.
+//!
+//! Member health is the leader's view (when each member last acknowledged a
+//! raft message and how far its log is behind), so a follower asked for the
+//! status hands the request to the leader once and relays the answer. If no
+//! leader is reachable it answers from its own view, marking health unknown.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use nodeos_meta::{Consistency, EventKind, MetaHandle};
+use nodeos_proto::v1 as pb;
+use nodeos_proto::v1::pool_service_client::PoolServiceClient;
+use nodeos_proto::v1::pool_service_server::PoolService;
+use nodeos_types::NodeId;
+use nodeos_types::records::{NODES_PREFIX, NodeRecord, POOL_KEY, PoolRecord};
+use tonic::{Request, Response, Status};
+
+use crate::error::{meta_status, watch_status};
+
+/// A member not heard from by the leader for this long is unreachable.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
+/// A member this many entries behind the leader is lagging.
+const LAGGING_ENTRIES: u64 = 64;
+/// Header marking a request already handed over once.
+const PROXIED: &str = "x-nodeos-proxied";
+const PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone)]
+pub struct PoolApi {
+    meta: MetaHandle,
+    pool_name: String,
+}
+
+impl PoolApi {
+    pub fn new(meta: MetaHandle, pool_name: String) -> Self {
+        PoolApi { meta, pool_name }
+    }
+
+    /// This node's answer, from its own view.
+    fn local_status(&self) -> pb::PoolStatus {
+        let meta = &self.meta;
+        let sm = meta.state_machine();
+        let m = meta.metrics();
+        let me = meta.node_id();
+        let is_leader = m.current_leader == Some(me);
+        let pool: Option<PoolRecord> =
+            sm.get(POOL_KEY).ok().flatten().and_then(|kv| serde_json::from_slice(&kv.value).ok());
+        let records: BTreeMap<NodeId, NodeRecord> = sm
+            .range(NODES_PREFIX, 0)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|kv| serde_json::from_slice::<NodeRecord>(&kv.value).ok())
+            .map(|r| (r.id, r))
+            .collect();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut ids: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        ids.extend(records.keys().copied());
+        let last_log = m.last_log_index.unwrap_or(0);
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        let members = ids
+            .into_iter()
+            .map(|id| {
+                let rec = records.get(&id);
+                let in_raft = membership.get_node(&id);
+                let role = if Some(id) == m.current_leader {
+                    pb::NodeRole::Leader
+                } else if voters.contains(&id) {
+                    pb::NodeRole::Voter
+                } else if in_raft.is_some() {
+                    pb::NodeRole::Learner
+                } else {
+                    pb::NodeRole::None
+                };
+                let matched = if id == me {
+                    Some(last_log)
+                } else {
+                    m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index)
+                };
+                let health = if !is_leader {
+                    pb::NodeHealth::Unknown
+                } else if id == me {
+                    pb::NodeHealth::Healthy
+                } else if in_raft.is_none() {
+                    pb::NodeHealth::Unknown
+                } else if meta.peers().last_ack(id).is_none_or(|t| t.elapsed() > UNREACHABLE_AFTER) {
+                    pb::NodeHealth::Unreachable
+                } else if matched.unwrap_or(0) + LAGGING_ENTRIES < last_log {
+                    pb::NodeHealth::Lagging
+                } else {
+                    pb::NodeHealth::Healthy
+                };
+                pb::Node {
+                    id: id.to_string(),
+                    address: in_raft
+                        .map(|n| n.addr.clone())
+                        .or_else(|| rec.map(|r| r.address.clone()))
+                        .unwrap_or_default(),
+                    hostname: rec.map(|r| r.hostname.clone()).unwrap_or_default(),
+                    version: rec.map(|r| r.version.clone()).unwrap_or_default(),
+                    role: role as i32,
+                    health: health as i32,
+                    matched_index: matched.unwrap_or(0),
+                    joined_at_ms: rec.map(|r| r.joined_at_ms).unwrap_or(0),
+                    image_hash: rec.map(|r| r.image_hash.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        pb::PoolStatus {
+            pool_id: pool.as_ref().map(|p| p.id.to_string()).unwrap_or_default(),
+            pool_name: pool.map(|p| p.name).unwrap_or_else(|| self.pool_name.clone()),
+            leader_id: m.current_leader.map(|l| l.to_string()).unwrap_or_default(),
+            term: m.current_term,
+            last_applied_index: applied,
+            committed_index: if is_leader { applied } else { 0 },
+            revision: sm.revision(),
+            members,
+            answered_by: me.to_string(),
+        }
+    }
+
+    /// The leader's answer if it can be had, else this node's own.
+    async fn status_from_leader(&self, proxied: bool) -> pb::PoolStatus {
+        let mut local = self.local_status();
+        let me = self.meta.node_id();
+        if proxied {
+            return local;
+        }
+        if let Some((leader, addr)) = self.meta.leader() {
+            if leader != me {
+                match ask_leader(&addr).await {
+                    Ok(mut s) => {
+                        // Applied index is the answering node's; keep ours visible as well.
+                        s.answered_by = format!("{} (via {me})", s.answered_by);
+                        return s;
+                    }
+                    Err(e) => tracing::debug!(%addr, error = %e, "leader did not answer status"),
+                }
+            }
+        }
+        local.answered_by = me.to_string();
+        local
+    }
+}
+
+async fn ask_leader(addr: &str) -> Result<pb::PoolStatus, Box<dyn std::error::Error + Send + Sync>> {
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(PROXY_TIMEOUT)
+        .timeout(PROXY_TIMEOUT);
+    let mut client = PoolServiceClient::new(ep.connect().await?);
+    let mut req = Request::new(pb::StatusRequest {});
+    req.metadata_mut().insert(PROXIED, tonic::metadata::MetadataValue::from_static("1"));
+    Ok(client.status(req).await?.into_inner())
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::PoolEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PoolService for PoolApi {
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::PoolStatus>, Status> {
+        let proxied = req.metadata().contains_key(PROXIED);
+        Ok(Response::new(self.status_from_leader(proxied).await))
+    }
+
+    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let proxied = req.metadata().contains_key(PROXIED);
+        let s = self.status_from_leader(proxied).await;
+        Ok(Response::new(pb::ListNodesResponse { nodes: s.members }))
+    }
+
+    async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        let proxied = req.metadata().contains_key(PROXIED);
+        let id: NodeId = req
+            .get_ref()
+            .id
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("id: {e}")))?;
+        // Make sure the answer reflects every committed membership change.
+        if !proxied {
+            let _ = self.meta.get(POOL_KEY, Consistency::Linearizable).await.map_err(meta_status)?;
+        }
+        let s = self.status_from_leader(proxied).await;
+        s.members
+            .into_iter()
+            .find(|n| n.id == id.to_string())
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no node {id} in this pool")))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let r = req.into_inner();
+        if !r.prefix.is_empty() {
+            nodeos_meta::command::validate_key(&r.prefix)
+                .map_err(|e| Status::invalid_argument(format!("prefix: {e}")))?;
+        }
+        let s = self.meta.watch(r.start_revision, r.prefix).map(|ev| match ev {
+            Ok(e) => Ok(pb::PoolEvent {
+                revision: e.revision,
+                kind: match e.kind {
+                    EventKind::Put => pb::EventKind::Put,
+                    EventKind::Delete => pb::EventKind::Delete,
+                } as i32,
+                key: e.kv.key,
+                value: e.kv.value,
+            }),
+            Err(w) => Err(watch_status(&w)),
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+}

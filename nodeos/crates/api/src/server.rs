@@ -1,0 +1,72 @@
+//! One tonic server carrying every service of the node.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use nodeos_meta::MetaHandle;
+use nodeos_meta::network::MAX_PEER_MESSAGE;
+use nodeos_pool::Formation;
+use nodeos_proto::v1::metadata_service_server::MetadataServiceServer;
+use nodeos_proto::v1::peer_service_server::PeerServiceServer;
+use nodeos_proto::v1::pool_service_server::PoolServiceServer;
+use tokio::net::TcpListener;
+
+use crate::metadata::MetadataApi;
+use crate::peer::PeerApi;
+use crate::pool::PoolApi;
+
+/// Largest public API message, both ways.
+pub const MAX_PUBLIC_MESSAGE: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub pool_name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC reflection descriptor is invalid")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    #[error("gRPC server failed")]
+    Transport(#[source] tonic::transport::Error),
+}
+
+/// Serves every service on an already bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    cfg: ApiConfig,
+    meta: MetaHandle,
+    formation: Formation,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nodeos_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(ServeError::Reflection)?;
+    let pool = PoolServiceServer::new(PoolApi::new(meta.clone(), cfg.pool_name))
+        .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
+        .max_encoding_message_size(MAX_PUBLIC_MESSAGE);
+    let metadata = MetadataServiceServer::new(MetadataApi::new(meta.clone()))
+        .max_decoding_message_size(MAX_PUBLIC_MESSAGE + 64 * 1024)
+        .max_encoding_message_size(MAX_PUBLIC_MESSAGE * 4);
+    let peer = PeerServiceServer::new(PeerApi::new(meta, formation))
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .concurrency_limit_per_connection(256)
+        .add_service(reflection)
+        .add_service(pool)
+        .add_service(metadata)
+        .add_service(peer)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(ServeError::Transport)
+}
+
+/// Address a listener is bound to, for logs.
+pub fn bound(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}

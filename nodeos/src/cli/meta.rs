@@ -1,0 +1,142 @@
+//! `nodeos meta put|get|list|delete|watch`: the operator's key space.
+
+use clap::Subcommand;
+use futures::StreamExt;
+use nodeos_proto::v1 as pb;
+use nodeos_proto::v1::metadata_service_client::MetadataServiceClient;
+use serde::Serialize;
+
+use super::output;
+use super::{CliError, Ctx, Format};
+
+#[derive(Debug, Subcommand)]
+pub enum MetaCmd {
+    /// Set a key (optionally only if its mod revision is as expected; 0 = absent).
+    Put {
+        key: String,
+        value: String,
+        #[arg(long)]
+        expect_revision: Option<u64>,
+    },
+    /// Read a key (linearizable unless --stale).
+    Get {
+        key: String,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Keys under a prefix.
+    List {
+        #[arg(default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Delete a key.
+    Delete {
+        key: String,
+        #[arg(long)]
+        expect_revision: Option<u64>,
+    },
+    /// Stream changes under a prefix.
+    Watch {
+        #[arg(default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 0)]
+        from_revision: u64,
+    },
+}
+
+#[derive(Debug, Serialize)]
+struct KvView {
+    key: String,
+    value: String,
+    create_revision: u64,
+    mod_revision: u64,
+    version: u64,
+}
+
+impl From<pb::KeyValue> for KvView {
+    fn from(kv: pb::KeyValue) -> Self {
+        KvView {
+            key: kv.key,
+            value: String::from_utf8_lossy(&kv.value).into_owned(),
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            version: kv.version,
+        }
+    }
+}
+
+const KV_HEADERS: &[&str] = &["KEY", "MOD_REV", "VERSION", "VALUE"];
+
+fn kv_row(k: &KvView) -> Vec<String> {
+    vec![k.key.clone(), k.mod_revision.to_string(), k.version.to_string(), k.value.clone()]
+}
+
+pub async fn run(ctx: Ctx, cmd: MetaCmd) -> Result<(), CliError> {
+    let mut c = MetadataServiceClient::new(ctx.channel.clone());
+    match cmd {
+        MetaCmd::Put { key, value, expect_revision } => {
+            let r = c
+                .put(pb::PutRequest { key, value: value.into_bytes(), expect_mod_revision: expect_revision })
+                .await?
+                .into_inner();
+            if !r.succeeded {
+                let cur = r.current.map(|k| k.mod_revision).unwrap_or(0);
+                return Err(CliError::Status(format!(
+                    "compare failed: the key's mod revision is {cur}, not {}",
+                    expect_revision.unwrap_or(0)
+                )));
+            }
+            output::print(ctx.output, &serde_json::json!({"revision": r.revision}), &["REVISION"], vec![vec![r.revision.to_string()]])
+        }
+        MetaCmd::Get { key, stale } => {
+            let r = c.get(pb::GetRequest { key: key.clone(), stale_ok: stale }).await?.into_inner();
+            let Some(kv) = r.kv else {
+                return Err(CliError::Status(format!("not found: key {key:?}")));
+            };
+            let v = KvView::from(kv);
+            match ctx.output {
+                Format::Table => {
+                    println!("{}", v.value);
+                    Ok(())
+                }
+                Format::Json => output::print(ctx.output, &v, &[], vec![]),
+            }
+        }
+        MetaCmd::List { prefix, limit } => {
+            let r = c.list(pb::ListRequest { prefix, limit }).await?.into_inner();
+            let kvs: Vec<KvView> = r.kvs.into_iter().map(KvView::from).collect();
+            let rows = kvs.iter().map(kv_row).collect();
+            output::print(ctx.output, &kvs, KV_HEADERS, rows)
+        }
+        MetaCmd::Delete { key, expect_revision } => {
+            let r = c.delete(pb::DeleteRequest { key: key.clone(), expect_mod_revision: expect_revision }).await?.into_inner();
+            if !r.succeeded {
+                return Err(CliError::Status(format!("compare failed for key {key:?}")));
+            }
+            output::print(
+                ctx.output,
+                &serde_json::json!({"revision": r.revision, "existed": r.existed}),
+                &["REVISION", "EXISTED"],
+                vec![vec![r.revision.to_string(), r.existed.to_string()]],
+            )
+        }
+        MetaCmd::Watch { prefix, from_revision } => {
+            let mut s = c.watch(pb::MetadataWatchRequest { prefix, start_revision: from_revision }).await?.into_inner();
+            while let Some(ev) = s.next().await {
+                let ev = ev?;
+                let kind = if ev.deleted { "delete" } else { "put" };
+                let kv = ev.kv.map(KvView::from);
+                match ctx.output {
+                    Format::Json => println!("{}", serde_json::json!({"revision": ev.revision, "kind": kind, "kv": kv})),
+                    Format::Table => {
+                        let (k, v) = kv.map(|k| (k.key, k.value)).unwrap_or_default();
+                        println!("{:>8}  {:<6}  {}  {}", ev.revision, kind, k, v);
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}

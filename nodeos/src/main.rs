@@ -1,0 +1,49 @@
+//! nodeos: one binary that is the node OS (PID 1), the node daemon and the
+//! command line of a nodeos pool.
+//!
+//! # Layout
+//! - `main.rs`: argument parsing and dispatch.
+//! - `node.rs`: the composition root of the node daemon: config → running subsystems.
+//! - `datadir.rs`: the node's data dir: identity file, lock, layout.
+//! - `cli/`: one file per command group, all clients of the gRPC API.
+
+mod cli;
+mod datadir;
+mod node;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "nodeos", version, about = "nodeos: a pool of identical servers, managed as one")]
+struct Args {
+    #[command(flatten)]
+    global: cli::Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the node daemon (with flags), or list/show pool nodes (with a subcommand).
+    Node(Box<cli::node::NodeCmd>),
+    /// Pool status and events.
+    #[command(subcommand)]
+    Pool(cli::pool::PoolCmd),
+    /// The operator's key space in the pool metadata store.
+    #[command(subcommand)]
+    Meta(cli::meta::MetaCmd),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match args.cmd {
+        Cmd::Node(n) => match n.action {
+            None => node::main(n.daemon),
+            Some(action) => cli::run(&args.global, |c| Box::pin(cli::node::run(c, action))),
+        },
+        Cmd::Pool(p) => cli::run(&args.global, |c| Box::pin(cli::pool::run(c, p))),
+        Cmd::Meta(m) => cli::run(&args.global, |c| Box::pin(cli::meta::run(c, m))),
+    }
+}

@@ -1,0 +1,250 @@
+//! The node daemon's composition root: flags become a [`NodeConfig`], which
+//! becomes running subsystems wired through their handles.
+//!
+//! Start order: data dir (identity, lock) → metadata store → API listener →
+//! formation. Stop order (SIGTERM/SIGINT): formation, API, raft.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use nodeos_api::ApiConfig;
+use nodeos_meta::network::PeerClient;
+use nodeos_meta::{MetaConfig, MetaHandle};
+use nodeos_pool::beacon::BEACON_PORT;
+use nodeos_pool::{Formation, FormationConfig};
+use nodeos_types::auth::PoolKey;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::datadir::DataDir;
+
+/// Flags of `nodeos node` when it runs the daemon.
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// Directory holding this node's identity and state (created on first start).
+    #[arg(long, env = "NODEOS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Pool name; nodes only pool with nodes of the same name and key.
+    #[arg(long, env = "NODEOS_POOL")]
+    pub pool: Option<String>,
+    /// File holding the pool key (at least 16 bytes), the same on every node.
+    #[arg(long, env = "NODEOS_POOL_KEY_FILE")]
+    pub pool_key_file: Option<PathBuf>,
+    /// Address the gRPC server listens on.
+    #[arg(long, default_value = "0.0.0.0:7700")]
+    pub listen: SocketAddr,
+    /// Address other nodes and clients reach this node at (default: --listen,
+    /// or the discovery interface's address when --listen is a wildcard).
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// Other nodes' addresses to probe (host:port, comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Vec<String>,
+    /// Number of nodes to wait for before a new pool is initialised.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub bootstrap_expect: u16,
+    /// Interface on which to send and hear multicast discovery beacons.
+    #[arg(long)]
+    pub discovery_iface: Option<String>,
+    /// UDP port of the discovery beacons.
+    #[arg(long, default_value_t = BEACON_PORT)]
+    pub discovery_port: u16,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// A validated daemon configuration.
+#[derive(Debug)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub pool: String,
+    pub key: PoolKey,
+    pub listen: SocketAddr,
+    pub advertise: SocketAddr,
+    pub seeds: Vec<String>,
+    pub bootstrap_expect: usize,
+    pub discovery_iface: Option<String>,
+    pub discovery_port: u16,
+}
+
+/// Pool names: what a hostname label allows.
+fn valid_pool_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+impl TryFrom<DaemonArgs> for NodeConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(a: DaemonArgs) -> anyhow::Result<Self> {
+        let Some(data_dir) = a.data_dir else { bail!("--data-dir is required to run a node") };
+        let Some(pool) = a.pool else { bail!("--pool is required to run a node") };
+        if !valid_pool_name(&pool) {
+            bail!("--pool {pool:?} must be 1..=63 characters of a-z, 0-9 and '-', not starting with '-'");
+        }
+        let Some(key_file) = a.pool_key_file else { bail!("--pool-key-file is required to run a node") };
+        let key = PoolKey::from_file(&key_file).context("--pool-key-file")?;
+        for s in &a.seeds {
+            if s.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                bail!("--seeds entry {s:?} is not host:port");
+            }
+        }
+        let advertise = match (a.advertise, &a.discovery_iface) {
+            (Some(adv), _) => adv,
+            (None, _) if !a.listen.ip().is_unspecified() => a.listen,
+            (None, Some(iface)) => {
+                let ip = nodeos_pool::beacon::iface_ipv4(iface).with_context(|| {
+                    format!("--advertise not given and --listen {} is a wildcard", a.listen)
+                })?;
+                SocketAddr::new(ip.into(), a.listen.port())
+            }
+            (None, None) => bail!(
+                "--listen {} is a wildcard: give --advertise (the address other nodes reach this node at) or --discovery-iface",
+                a.listen
+            ),
+        };
+        if advertise.ip().is_unspecified() || advertise.port() == 0 {
+            bail!("--advertise {advertise} must be a concrete address and port");
+        }
+        Ok(NodeConfig {
+            data_dir,
+            pool,
+            key,
+            listen: a.listen,
+            advertise,
+            seeds: a.seeds,
+            bootstrap_expect: a.bootstrap_expect.into(),
+            discovery_iface: a.discovery_iface,
+            discovery_port: a.discovery_port,
+        })
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NODEOS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// `nodeos node ...` without a subcommand.
+pub fn main(args: DaemonArgs) -> ExitCode {
+    init_logging(args.log_json);
+    let cfg = match NodeConfig::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("invalid configuration: {e:#}");
+            eprintln!("nodeos node: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("nodeos").build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nodeos node: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("node stopped: {e:#}");
+            eprintln!("nodeos node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    let dir = DataDir::open(&cfg.data_dir, &cfg.pool)?;
+    let me = dir.node_id;
+    info!(node = %me, pool = %cfg.pool, key = %cfg.key.fingerprint(), data_dir = %dir.path.display(), "starting node");
+    let peers = PeerClient::new(me, cfg.key.clone());
+    let meta = MetaHandle::start(MetaConfig::new(dir.meta_dir(), me, cfg.key.clone()), peers)
+        .await
+        .context("starting the metadata store")?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    info!(listen = %cfg.listen, advertise = %cfg.advertise, "API listening");
+    let formation = Formation::new(
+        FormationConfig {
+            pool_name: cfg.pool.clone(),
+            address: cfg.advertise.to_string(),
+            hostname: hostname(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            image_hash: String::new(),
+            seeds: cfg.seeds.clone(),
+            bootstrap_expect: cfg.bootstrap_expect,
+            discovery_iface: cfg.discovery_iface.clone(),
+            beacon_port: cfg.discovery_port,
+        },
+        meta.clone(),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let formation_task = formation.spawn(stop_rx.clone());
+    let mut api_stop = stop_rx.clone();
+    let api = tokio::spawn(nodeos_api::serve(
+        listener,
+        ApiConfig { pool_name: cfg.pool.clone() },
+        meta.clone(),
+        formation,
+        async move {
+            let _ = api_stop.wait_for(|s| *s).await;
+        },
+    ));
+    let signal = wait_for_signal().await;
+    info!(signal, "stopping node");
+    let _ = stop_tx.send(true);
+    let _ = formation_task.await;
+    match api.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(error = %e, "API server ended with an error"),
+        Err(e) => error!(error = %e, "API server task failed"),
+    }
+    meta.shutdown().await;
+    info!("node stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers, run until killed.
+        std::future::pending::<()>().await;
+        return "none";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_names_follow_hostname_label_rules() {
+        assert!(valid_pool_name("lab-1"));
+        assert!(!valid_pool_name(""));
+        assert!(!valid_pool_name("Lab"));
+        assert!(!valid_pool_name("-lab"));
+        assert!(!valid_pool_name(&"a".repeat(64)));
+    }
+}

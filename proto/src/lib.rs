@@ -1,0 +1,18 @@
+//! The nodeos gRPC API, generated from `proto/nodeos/v1/*.proto`.
+//!
+//! # Layout
+//! - `nodeos/v1/pool.proto`: `PoolService`, the public pool API.
+//! - `nodeos/v1/metadata.proto`: `MetadataService`, the operator's key space.
+//! - `nodeos/v1/peer.proto`: `PeerService`, the authenticated node-to-node API
+//!   (raft RPCs, discovery hello, join, request forwarding).
+//!
+//! Only generated code lives here; conversions to domain types live at the edge
+//! (the `api` crate and the CLI).
+
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("nodeos.v1");
+}
+
+/// Serialized `FileDescriptorSet` of every nodeos proto file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("nodeos_descriptor");
