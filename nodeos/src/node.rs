@@ -199,7 +199,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let formation_task = formation.spawn(stop_rx.clone());
     let mut api_stop = stop_rx.clone();
-    let api = tokio::spawn(nodeos_api::serve(
+    let mut api = tokio::spawn(nodeos_api::serve(
         listener,
         ApiConfig { pool_name: cfg.pool.clone() },
         meta.clone(),
@@ -208,18 +208,27 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             let _ = api_stop.wait_for(|s| *s).await;
         },
     ));
-    let signal = wait_for_signal().await;
-    info!(signal, "stopping node");
-    let _ = stop_tx.send(true);
+    let api_result = tokio::select! {
+        signal = wait_for_signal() => {
+            info!(signal, "stopping node");
+            let _ = stop_tx.send(true);
+            api.await
+        }
+        // The API server ended on its own: the node cannot serve, so it stops.
+        r = &mut api => {
+            let _ = stop_tx.send(true);
+            r
+        }
+    };
     let _ = formation_task.await;
-    match api.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => error!(error = %e, "API server ended with an error"),
-        Err(e) => error!(error = %e, "API server task failed"),
-    }
+    let failed = match api_result {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(anyhow::Error::new(e).context("API server failed")),
+        Err(e) => Some(anyhow::Error::new(e).context("API server task failed")),
+    };
     meta.shutdown().await;
     info!("node stopped");
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 async fn wait_for_signal() -> &'static str {

@@ -14,7 +14,12 @@ pub enum MetaCmd {
     /// Set a key (optionally only if its mod revision is as expected; 0 = absent).
     Put {
         key: String,
-        value: String,
+        /// The value (or give --from-file).
+        #[arg(required_unless_present = "from_file", conflicts_with = "from_file")]
+        value: Option<String>,
+        /// Read the value from this file ("-" for standard input).
+        #[arg(long)]
+        from_file: Option<std::path::PathBuf>,
         #[arg(long)]
         expect_revision: Option<u64>,
     },
@@ -76,9 +81,21 @@ fn kv_row(k: &KvView) -> Vec<String> {
 pub async fn run(ctx: Ctx, cmd: MetaCmd) -> Result<(), CliError> {
     let mut c = MetadataServiceClient::new(ctx.channel.clone());
     match cmd {
-        MetaCmd::Put { key, value, expect_revision } => {
+        MetaCmd::Put { key, value, from_file, expect_revision } => {
+            let value = match (value, from_file) {
+                (Some(v), _) => v.into_bytes(),
+                (None, Some(p)) if p.as_os_str() == "-" => {
+                    let mut buf = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                        .map_err(|e| CliError::Status(format!("cannot read standard input: {e}")))?;
+                    buf
+                }
+                (None, Some(p)) => std::fs::read(&p)
+                    .map_err(|e| CliError::Status(format!("cannot read {}: {e}", p.display())))?,
+                (None, None) => return Err(CliError::Status("give a value or --from-file".into())),
+            };
             let r = c
-                .put(pb::PutRequest { key, value: value.into_bytes(), expect_mod_revision: expect_revision })
+                .put(pb::PutRequest { key, value, expect_mod_revision: expect_revision })
                 .await?
                 .into_inner();
             if !r.succeeded {
