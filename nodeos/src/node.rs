@@ -17,7 +17,7 @@ use nodeos_pool::beacon::BEACON_PORT;
 use nodeos_pool::{Formation, FormationConfig};
 use nodeos_types::auth::PoolKey;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::info;
 
 use crate::datadir::DataDir;
 
@@ -143,7 +143,6 @@ pub fn main(args: DaemonArgs) -> ExitCode {
     let cfg = match NodeConfig::try_from(args) {
         Ok(c) => c,
         Err(e) => {
-            error!("invalid configuration: {e:#}");
             eprintln!("nodeos node: {e:#}");
             return ExitCode::from(2);
         }
@@ -158,7 +157,7 @@ pub fn main(args: DaemonArgs) -> ExitCode {
     match rt.block_on(run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("node stopped: {e:#}");
+            // One line on stderr, whatever the log filter says.
             eprintln!("nodeos node: {e:#}");
             ExitCode::FAILURE
         }
