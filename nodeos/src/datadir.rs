@@ -84,14 +84,27 @@ impl DataDir {
                     return Err(DataDirError::Format { path: id_shown, found: id.format });
                 }
                 if id.pool != pool {
-                    return Err(DataDirError::OtherPool { dir: shown, found: id.pool, wanted: pool.to_owned() });
+                    return Err(DataDirError::OtherPool {
+                        dir: shown,
+                        found: id.pool,
+                        wanted: pool.to_owned(),
+                    });
                 }
                 id
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let id = Identity { format: FORMAT, node_id: NodeId::random(), pool: pool.to_owned(), created_at_ms: unix_millis() };
-                write_atomic(&id_path, &serde_json::to_vec_pretty(&id).map_err(|source| DataDirError::Foreign { path: id_shown.clone(), source })?)
-                    .map_err(|e| DataDirError::Write(id_shown, e))?;
+                let id = Identity {
+                    format: FORMAT,
+                    node_id: NodeId::random(),
+                    pool: pool.to_owned(),
+                    created_at_ms: unix_millis(),
+                };
+                write_atomic(
+                    &id_path,
+                    &serde_json::to_vec_pretty(&id)
+                        .map_err(|source| DataDirError::Foreign { path: id_shown.clone(), source })?,
+                )
+                .map_err(|e| DataDirError::Write(id_shown, e))?;
                 id
             }
             Err(e) => return Err(DataDirError::Read(id_shown, e)),

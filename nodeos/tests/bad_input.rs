@@ -33,10 +33,31 @@ fn daemon_flags_are_checked_with_clear_errors() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["node"], "--data-dir is required"),
         (vec!["node", "--data-dir", &data], "--pool is required"),
-        (vec!["node", "--data-dir", &data, "--pool", "Bad Name", "--pool-key-file", &key], "--pool \"Bad Name\""),
+        (
+            vec!["node", "--data-dir", &data, "--pool", "Bad Name", "--pool-key-file", &key],
+            "--pool \"Bad Name\"",
+        ),
         (vec!["node", "--data-dir", &data, "--pool", "lab"], "--pool-key-file is required"),
-        (vec!["node", "--data-dir", &data, "--pool", "lab", "--pool-key-file", "/nonexistent/key"], "cannot read pool key file"),
-        (vec!["node", "--data-dir", &data, "--pool", "lab", "--pool-key-file", &key, "--listen", "127.0.0.1:0", "--seeds", "nohost"], "not host:port"),
+        (
+            vec!["node", "--data-dir", &data, "--pool", "lab", "--pool-key-file", "/nonexistent/key"],
+            "cannot read pool key file",
+        ),
+        (
+            vec![
+                "node",
+                "--data-dir",
+                &data,
+                "--pool",
+                "lab",
+                "--pool-key-file",
+                &key,
+                "--listen",
+                "127.0.0.1:0",
+                "--seeds",
+                "nohost",
+            ],
+            "not host:port",
+        ),
         (vec!["node", "--data-dir", &data, "--pool", "lab", "--pool-key-file", &key], "is a wildcard"),
     ];
     for (args, want) in cases {
@@ -48,9 +69,20 @@ fn daemon_flags_are_checked_with_clear_errors() {
     assert!(!d.path().join("data").exists());
     let short = d.path().join("short.key");
     std::fs::write(&short, "short").expect("write");
-    let o = run(&["node", "--data-dir", &data, "--pool", "lab", "--pool-key-file", &short.display().to_string()]);
+    let o =
+        run(&["node", "--data-dir", &data, "--pool", "lab", "--pool-key-file", &short.display().to_string()]);
     assert!(stderr(&o).contains("16..=4096 bytes"), "{}", stderr(&o));
-    let o = run(&["node", "--data-dir", &data, "--pool", "lab", "--pool-key-file", &key, "--bootstrap-expect", "0"]);
+    let o = run(&[
+        "node",
+        "--data-dir",
+        &data,
+        "--pool",
+        "lab",
+        "--pool-key-file",
+        &key,
+        "--bootstrap-expect",
+        "0",
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("bootstrap-expect"), "{}", stderr(&o));
 }
@@ -64,7 +96,17 @@ fn foreign_and_corrupt_data_dirs_are_refused_untouched() {
     let foreign = d.path().join("foreign");
     std::fs::create_dir(&foreign).expect("mkdir");
     std::fs::write(foreign.join("node.json"), b"{\"hello\": 1}").expect("write");
-    let o = run(&["node", "--data-dir", &foreign.display().to_string(), "--pool", "lab", "--pool-key-file", &key, "--listen", &listen]);
+    let o = run(&[
+        "node",
+        "--data-dir",
+        &foreign.display().to_string(),
+        "--pool",
+        "lab",
+        "--pool-key-file",
+        &key,
+        "--listen",
+        &listen,
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("is not a nodeos identity file"), "{}", stderr(&o));
     assert_eq!(std::fs::read(foreign.join("node.json")).expect("read"), b"{\"hello\": 1}");
@@ -77,19 +119,42 @@ fn foreign_and_corrupt_data_dirs_are_refused_untouched() {
         b"{\"format\":1,\"node_id\":42,\"pool\":\"prod\",\"created_at_ms\":1}",
     )
     .expect("write");
-    let o = run(&["node", "--data-dir", &other.display().to_string(), "--pool", "lab", "--pool-key-file", &key, "--listen", &listen]);
+    let o = run(&[
+        "node",
+        "--data-dir",
+        &other.display().to_string(),
+        "--pool",
+        "lab",
+        "--pool-key-file",
+        &key,
+        "--listen",
+        &listen,
+    ]);
     assert!(stderr(&o).contains("belongs to pool \"prod\""), "{}", stderr(&o));
 
     // Corrupted metadata database files.
     let corrupt = d.path().join("corrupt");
     let sled_dir = corrupt.join("meta").join("sled");
     std::fs::create_dir_all(&sled_dir).expect("mkdir");
-    std::fs::write(corrupt.join("node.json"), b"{\"format\":1,\"node_id\":42,\"pool\":\"lab\",\"created_at_ms\":1}")
-        .expect("write");
+    std::fs::write(
+        corrupt.join("node.json"),
+        b"{\"format\":1,\"node_id\":42,\"pool\":\"lab\",\"created_at_ms\":1}",
+    )
+    .expect("write");
     let junk: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     std::fs::write(sled_dir.join("conf"), &junk[..512]).expect("write");
     std::fs::write(sled_dir.join("db"), &junk).expect("write");
-    let o = run(&["node", "--data-dir", &corrupt.display().to_string(), "--pool", "lab", "--pool-key-file", &key, "--listen", &listen]);
+    let o = run(&[
+        "node",
+        "--data-dir",
+        &corrupt.display().to_string(),
+        "--pool",
+        "lab",
+        "--pool-key-file",
+        &key,
+        "--listen",
+        &listen,
+    ]);
     assert!(!o.status.success(), "a corrupt database must stop the node");
     assert!(stderr(&o).contains("metadata"), "{}", stderr(&o));
     assert_eq!(std::fs::read(sled_dir.join("db")).expect("read"), junk, "corrupt files left as found");
@@ -123,7 +188,19 @@ fn single_node_pool_answers_bad_requests_with_clear_errors() {
     let log = std::fs::File::create(d.path().join("n0.log")).expect("log");
     let _node = Daemon(
         Command::new(BIN)
-            .args(["node", "--data-dir", &data, "--pool", "solo", "--pool-key-file", &key, "--listen", &addr, "--bootstrap-expect", "1"])
+            .args([
+                "node",
+                "--data-dir",
+                &data,
+                "--pool",
+                "solo",
+                "--pool-key-file",
+                &key,
+                "--listen",
+                &addr,
+                "--bootstrap-expect",
+                "1",
+            ])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -134,16 +211,26 @@ fn single_node_pool_answers_bad_requests_with_clear_errors() {
         let o = run(&["--endpoint", &addr, "pool", "status", "-o", "json"]);
         if o.status.success() {
             let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json status");
-            if v["pool_id"].as_str().is_some_and(|s| !s.is_empty()) && v["leader"].as_str().is_some_and(|s| !s.is_empty()) {
+            if v["pool_id"].as_str().is_some_and(|s| !s.is_empty())
+                && v["leader"].as_str().is_some_and(|s| !s.is_empty())
+            {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "single-node pool did not form: {}", std::fs::read_to_string(d.path().join("n0.log")).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "single-node pool did not form: {}",
+            std::fs::read_to_string(d.path().join("n0.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     let o = run(&["--endpoint", &addr, "node", "show", "xyz"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("invalid argument: id: node id \"xyz\" must be exactly 16 hex digits"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("invalid argument: id: node id \"xyz\" must be exactly 16 hex digits"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(&["--endpoint", &addr, "node", "show", "00000000000000aa"]);
     assert!(stderr(&o).contains("not found: no node 00000000000000aa"), "{}", stderr(&o));
     let o = run(&["--endpoint", &addr, "meta", "put", "has space", "v"]);

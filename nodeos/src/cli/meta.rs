@@ -105,7 +105,12 @@ pub async fn run(ctx: Ctx, cmd: MetaCmd) -> Result<(), CliError> {
                     expect_revision.unwrap_or(0)
                 )));
             }
-            output::print(ctx.output, &serde_json::json!({"revision": r.revision}), &["REVISION"], vec![vec![r.revision.to_string()]])
+            output::print(
+                ctx.output,
+                &serde_json::json!({"revision": r.revision}),
+                &["REVISION"],
+                vec![vec![r.revision.to_string()]],
+            )
         }
         MetaCmd::Get { key, stale } => {
             let r = c.get(pb::GetRequest { key: key.clone(), stale_ok: stale }).await?.into_inner();
@@ -128,7 +133,10 @@ pub async fn run(ctx: Ctx, cmd: MetaCmd) -> Result<(), CliError> {
             output::print(ctx.output, &kvs, KV_HEADERS, rows)
         }
         MetaCmd::Delete { key, expect_revision } => {
-            let r = c.delete(pb::DeleteRequest { key: key.clone(), expect_mod_revision: expect_revision }).await?.into_inner();
+            let r = c
+                .delete(pb::DeleteRequest { key: key.clone(), expect_mod_revision: expect_revision })
+                .await?
+                .into_inner();
             if !r.succeeded {
                 return Err(CliError::Status(format!("compare failed for key {key:?}")));
             }
@@ -140,13 +148,18 @@ pub async fn run(ctx: Ctx, cmd: MetaCmd) -> Result<(), CliError> {
             )
         }
         MetaCmd::Watch { prefix, from_revision } => {
-            let mut s = c.watch(pb::MetadataWatchRequest { prefix, start_revision: from_revision }).await?.into_inner();
+            let mut s = c
+                .watch(pb::MetadataWatchRequest { prefix, start_revision: from_revision })
+                .await?
+                .into_inner();
             while let Some(ev) = s.next().await {
                 let ev = ev?;
                 let kind = if ev.deleted { "delete" } else { "put" };
                 let kv = ev.kv.map(KvView::from);
                 match ctx.output {
-                    Format::Json => println!("{}", serde_json::json!({"revision": ev.revision, "kind": kind, "kv": kv})),
+                    Format::Json => {
+                        println!("{}", serde_json::json!({"revision": ev.revision, "kind": kind, "kv": kv}))
+                    }
                     Format::Table => {
                         let (k, v) = kv.map(|k| (k.key, k.value)).unwrap_or_default();
                         println!("{:>8}  {:<6}  {}  {}", ev.revision, kind, k, v);

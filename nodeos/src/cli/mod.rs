@@ -50,7 +50,9 @@ pub struct Ctx {
 /// Errors a command reports in one line.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error("cannot reach nodeos at {endpoint}: {why}; is a node running there? (set --endpoint or NODEOS_ENDPOINT)")]
+    #[error(
+        "cannot reach nodeos at {endpoint}: {why}; is a node running there? (set --endpoint or NODEOS_ENDPOINT)"
+    )]
     Unreachable { endpoint: String, why: String },
     #[error("{0}")]
     Status(String),

@@ -109,7 +109,10 @@ pub async fn run(ctx: Ctx, action: NodeAction) -> Result<(), CliError> {
                         vec!["version".into(), n.version.clone()],
                         vec!["matched index".into(), n.matched_index.to_string()],
                         vec!["joined at (unix ms)".into(), n.joined_at_ms.to_string()],
-                        vec!["image hash".into(), if n.image_hash.is_empty() { "-".into() } else { n.image_hash.clone() }],
+                        vec![
+                            "image hash".into(),
+                            if n.image_hash.is_empty() { "-".into() } else { n.image_hash.clone() },
+                        ],
                     ];
                     output::print(ctx.output, &n, &["FIELD", "VALUE"], rows)
                 }

@@ -5,7 +5,12 @@ use serde::Serialize;
 use super::{CliError, Format};
 
 /// Prints rows as an aligned table, or the value as pretty JSON.
-pub fn print<T: Serialize>(format: Format, json: &T, headers: &[&str], rows: Vec<Vec<String>>) -> Result<(), CliError> {
+pub fn print<T: Serialize>(
+    format: Format,
+    json: &T,
+    headers: &[&str],
+    rows: Vec<Vec<String>>,
+) -> Result<(), CliError> {
     match format {
         Format::Json => {
             let s = serde_json::to_string_pretty(json).map_err(|e| CliError::Output(e.to_string()))?;
@@ -52,7 +57,8 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let t = table(&["ID", "ROLE"], &[vec!["a".into(), "leader".into()], vec!["bbbb".into(), "voter".into()]]);
+        let t =
+            table(&["ID", "ROLE"], &[vec!["a".into(), "leader".into()], vec!["bbbb".into(), "voter".into()]]);
         assert_eq!(t, "ID    ROLE\na     leader\nbbbb  voter\n");
     }
 }

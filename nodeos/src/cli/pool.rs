@@ -6,7 +6,7 @@ use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::pool_service_client::PoolServiceClient;
 use serde::Serialize;
 
-use super::node::{NodeView, node_rows, NODE_HEADERS};
+use super::node::{NODE_HEADERS, NodeView, node_rows};
 use super::output;
 use super::{CliError, Ctx, Format};
 
@@ -76,10 +76,8 @@ pub async fn run(ctx: Ctx, cmd: PoolCmd) -> Result<(), CliError> {
             }
         }
         PoolCmd::Watch { prefix, from_revision } => {
-            let mut stream = client
-                .watch(pb::WatchRequest { start_revision: from_revision, prefix })
-                .await?
-                .into_inner();
+            let mut stream =
+                client.watch(pb::WatchRequest { start_revision: from_revision, prefix }).await?.into_inner();
             while let Some(ev) = stream.next().await {
                 let ev = ev?;
                 let kind = if ev.kind == pb::EventKind::Delete as i32 { "delete" } else { "put" };

@@ -11,7 +11,9 @@ pub fn meta_status(e: MetaError) -> Status {
         MetaError::NoLeader(_) | MetaError::LeaderUnreachable(_) | MetaError::Stopped(_) => {
             Status::unavailable(chain(&e))
         }
-        MetaError::Indeterminate(_) => Status::unavailable(format!("{}; retry with a compare-and-swap to stay safe", chain(&e))),
+        MetaError::Indeterminate(_) => {
+            Status::unavailable(format!("{}; retry with a compare-and-swap to stay safe", chain(&e)))
+        }
         MetaError::Watch(w) => watch_status(w),
         MetaError::AlreadyInitialized => Status::already_exists(e.to_string()),
         MetaError::Refused(_) | MetaError::Membership(_) => Status::failed_precondition(chain(&e)),

@@ -77,7 +77,11 @@ impl MetadataService for MetadataApi {
         Ok(Response::new(pb::PutResponse {
             succeeded: resp.succeeded,
             revision: resp.revision,
-            current: if resp.succeeded { None } else { resp.compared.into_iter().next().flatten().map(to_pb) },
+            current: if resp.succeeded {
+                None
+            } else {
+                resp.compared.into_iter().next().flatten().map(to_pb)
+            },
         }))
     }
 
@@ -118,7 +122,10 @@ impl MetadataService for MetadataApi {
 
     type WatchStream = EventStream;
 
-    async fn watch(&self, req: Request<pb::MetadataWatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<pb::MetadataWatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let r = req.into_inner();
         let prefix = full_prefix(&r.prefix)?;
         let s = self.meta.watch(r.start_revision, prefix).map(|ev| match ev {

@@ -8,13 +8,15 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nodeos_meta::peer::{self, EnvelopeError, ForwardError, Forwarded, ForwardedReply, Hello, JoinReply, JoinRequest, method};
+use nodeos_meta::openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use nodeos_meta::peer::{
+    self, EnvelopeError, ForwardError, Forwarded, ForwardedReply, Hello, JoinReply, JoinRequest, method,
+};
 use nodeos_meta::{MetaHandle, TypeConfig};
 use nodeos_pool::Formation;
 use nodeos_proto::v1::Envelope;
 use nodeos_proto::v1::peer_service_server::PeerService;
 use nodeos_types::NodeId;
-use nodeos_meta::openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status};
@@ -35,7 +37,11 @@ impl PeerApi {
         PeerApi { meta, formation, refusals: Mutex::default() }
     }
 
-    fn open<T: DeserializeOwned>(&self, method: &'static str, req: &Request<Envelope>) -> Result<(NodeId, T), Status> {
+    fn open<T: DeserializeOwned>(
+        &self,
+        method: &'static str,
+        req: &Request<Envelope>,
+    ) -> Result<(NodeId, T), Status> {
         peer::open(self.meta.peers().key(), method, req.get_ref()).map_err(|e| {
             let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "?".into());
             let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
@@ -44,9 +50,9 @@ impl PeerApi {
                 r.insert(from, Instant::now());
             }
             match e {
-                EnvelopeError::BadMac { .. } => {
-                    Status::unauthenticated("pool key mismatch: this node belongs to another pool or holds another pool key")
-                }
+                EnvelopeError::BadMac { .. } => Status::unauthenticated(
+                    "pool key mismatch: this node belongs to another pool or holds another pool key",
+                ),
                 other => Status::invalid_argument(other.to_string()),
             }
         })

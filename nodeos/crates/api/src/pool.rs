@@ -129,16 +129,15 @@ impl PoolApi {
         if proxied {
             return local;
         }
-        if let Some((leader, addr)) = self.meta.leader() {
-            if leader != me {
-                match ask_leader(&addr).await {
-                    Ok(mut s) => {
-                        // Applied index is the answering node's; keep ours visible as well.
-                        s.answered_by = format!("{} (via {me})", s.answered_by);
-                        return s;
-                    }
-                    Err(e) => tracing::debug!(%addr, error = %e, "leader did not answer status"),
+        if let Some((leader, addr)) = self.meta.leader()
+            && leader != me
+        {
+            match ask_leader(&addr).await {
+                Ok(mut s) => {
+                    s.answered_by = format!("{} (via {me})", s.answered_by);
+                    return s;
                 }
+                Err(e) => tracing::debug!(%addr, error = %e, "leader did not answer status"),
             }
         }
         local.answered_by = me.to_string();
@@ -165,7 +164,10 @@ impl PoolService for PoolApi {
         Ok(Response::new(self.status_from_leader(proxied).await))
     }
 
-    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let proxied = req.metadata().contains_key(PROXIED);
         let s = self.status_from_leader(proxied).await;
         Ok(Response::new(pb::ListNodesResponse { nodes: s.members }))
@@ -173,11 +175,8 @@ impl PoolService for PoolApi {
 
     async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
         let proxied = req.metadata().contains_key(PROXIED);
-        let id: NodeId = req
-            .get_ref()
-            .id
-            .parse()
-            .map_err(|e| Status::invalid_argument(format!("id: {e}")))?;
+        let id: NodeId =
+            req.get_ref().id.parse().map_err(|e| Status::invalid_argument(format!("id: {e}")))?;
         // Make sure the answer reflects every committed membership change.
         if !proxied {
             let _ = self.meta.get(POOL_KEY, Consistency::Linearizable).await.map_err(meta_status)?;

@@ -99,9 +99,7 @@ pub enum CommandError {
 
 /// Checks a key: printable ASCII, no whitespace, bounded length.
 pub fn validate_key(key: &str) -> Result<(), CommandError> {
-    let ok = !key.is_empty()
-        && key.len() <= MAX_KEY_LEN
-        && key.bytes().all(|b| b.is_ascii_graphic());
+    let ok = !key.is_empty() && key.len() <= MAX_KEY_LEN && key.bytes().all(|b| b.is_ascii_graphic());
     if ok { Ok(()) } else { Err(CommandError::Key(key.chars().take(64).collect())) }
 }
 
@@ -153,10 +151,7 @@ impl Command {
                 Op::Put { key, value } => {
                     validate_key(key)?;
                     if value.len() > MAX_VALUE_LEN {
-                        return Err(CommandError::ValueTooLarge {
-                            key: key.clone(),
-                            len: value.len(),
-                        });
+                        return Err(CommandError::ValueTooLarge { key: key.clone(), len: value.len() });
                     }
                 }
                 Op::Delete { key } => validate_key(key)?,

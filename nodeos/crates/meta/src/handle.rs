@@ -11,16 +11,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use nodeos_types::auth::PoolKey;
 use nodeos_types::NodeId;
+use nodeos_types::auth::PoolKey;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, RaftMetrics, ServerState, SnapshotPolicy};
 
 use crate::command::CommandError;
 use crate::network::{PeerClient, PeerError, PeerNetworkFactory};
 use crate::peer::{ForwardError, Forwarded, ForwardedReply, method};
-use crate::watch::WatchError;
 use crate::store::StoreError;
+use crate::watch::WatchError;
 use crate::{Command, Event, KeyValue, LogStore, Raft, Response, StateMachineStore};
 
 /// How long a write or read waits for a leader before giving up.
@@ -131,9 +131,15 @@ impl MetaHandle {
         }
         .validate()
         .map_err(MetaError::Config)?;
-        let raft = Raft::new(cfg.node_id, Arc::new(raft_cfg), PeerNetworkFactory::new(peers.clone()), log, sm.clone())
-            .await
-            .map_err(|e| MetaError::Stopped(e.to_string()))?;
+        let raft = Raft::new(
+            cfg.node_id,
+            Arc::new(raft_cfg),
+            PeerNetworkFactory::new(peers.clone()),
+            log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| MetaError::Stopped(e.to_string()))?;
         Ok(MetaHandle { inner: Arc::new(Inner { me: cfg.node_id, raft, sm, peers }) })
     }
 
@@ -210,12 +216,16 @@ impl MetaHandle {
                     .await
                     .map_err(|e| match e {
                         // Nothing was delivered: the leader never saw the write.
-                        PeerError::Address { .. } | PeerError::KeyRefused { .. } => MetaError::LeaderUnreachable(e),
+                        PeerError::Address { .. } | PeerError::KeyRefused { .. } => {
+                            MetaError::LeaderUnreachable(e)
+                        }
                         _ => MetaError::Indeterminate(e),
                     })?;
                 match reply {
                     Ok(ForwardedReply::Write(r)) => return Ok(r),
-                    Ok(other) => return Err(MetaError::Refused(format!("unexpected forward reply {other:?}"))),
+                    Ok(other) => {
+                        return Err(MetaError::Refused(format!("unexpected forward reply {other:?}")));
+                    }
                     // The peer refused before proposing: safe to retry with a newer leader.
                     Err(ForwardError::NotLeader(_)) => {}
                     Err(ForwardError::Refused(why)) => return Err(MetaError::Refused(why)),
@@ -270,7 +280,9 @@ impl MetaHandle {
                     .map_err(MetaError::LeaderUnreachable)?;
                 match reply {
                     Ok(ForwardedReply::ReadIndex(i)) => Some(i),
-                    Ok(other) => return Err(MetaError::Refused(format!("unexpected forward reply {other:?}"))),
+                    Ok(other) => {
+                        return Err(MetaError::Refused(format!("unexpected forward reply {other:?}")));
+                    }
                     Err(ForwardError::NotLeader(_)) => None,
                     Err(ForwardError::Refused(why)) => return Err(MetaError::Refused(why)),
                 }
@@ -296,20 +308,27 @@ impl MetaHandle {
         if c == Consistency::Linearizable {
             self.linearize().await?;
         }
-        let kv = self.inner.sm.get(key)?;
-        Ok((kv, self.inner.sm.revision()))
+        Ok(self.inner.sm.get_with_revision(key)?)
     }
 
-    pub async fn range(&self, prefix: &str, limit: usize, c: Consistency) -> Result<(Vec<KeyValue>, u64), MetaError> {
+    pub async fn range(
+        &self,
+        prefix: &str,
+        limit: usize,
+        c: Consistency,
+    ) -> Result<(Vec<KeyValue>, u64), MetaError> {
         if c == Consistency::Linearizable {
             self.linearize().await?;
         }
-        let kvs = self.inner.sm.range(prefix, limit)?;
-        Ok((kvs, self.inner.sm.revision()))
+        Ok(self.inner.sm.range_with_revision(prefix, limit)?)
     }
 
     /// Events under `prefix` from `from_revision` (0: from now on).
-    pub fn watch(&self, from_revision: u64, prefix: String) -> impl Stream<Item = Result<Event, WatchError>> + Send + 'static {
+    pub fn watch(
+        &self,
+        from_revision: u64,
+        prefix: String,
+    ) -> impl Stream<Item = Result<Event, WatchError>> + Send + 'static {
         self.inner.sm.watch(from_revision, prefix)
     }
 

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use nodeos_proto::v1::peer_service_client::PeerServiceClient;
 use nodeos_types::NodeId;
 use nodeos_types::auth::PoolKey;
+use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
@@ -110,8 +110,11 @@ impl PeerClient {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
-        let env = peer::seal(&self.key, self.me, method, req)
-            .map_err(|source| PeerError::Envelope { address: address.to_owned(), method, source })?;
+        let env = peer::seal(&self.key, self.me, method, req).map_err(|source| PeerError::Envelope {
+            address: address.to_owned(),
+            method,
+            source,
+        })?;
         let mut client = PeerServiceClient::new(self.channel(address)?)
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE);
@@ -186,7 +189,9 @@ impl RaftPeer {
     {
         let answer: Result<Resp, RaftError<NodeId, E>> =
             self.client.call(&self.address, method, req, option.hard_ttl()).await.map_err(|e| match e {
-                PeerError::Envelope { .. } | PeerError::KeyRefused { .. } => RPCError::Network(NetworkError::new(&e)),
+                PeerError::Envelope { .. } | PeerError::KeyRefused { .. } => {
+                    RPCError::Network(NetworkError::new(&e))
+                }
                 _ => RPCError::Unreachable(Unreachable::new(&e)),
             })?;
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -219,5 +224,11 @@ impl RaftNetwork<TypeConfig> for RaftPeer {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.rpc(method::VOTE, &rpc, &option).await
+    }
+
+    /// After an unreachable error: retry soon, then back off to one second, so a
+    /// restarted peer is caught up quickly without hammering a dead one.
+    fn backoff(&self) -> Backoff {
+        Backoff::new((1u32..).map(|n| Duration::from_millis(100 * u64::from(n.min(10)))))
     }
 }

@@ -48,7 +48,9 @@ pub enum EnvelopeError {
     BadMac { sender: NodeId },
     #[error("envelope from node {sender} speaks wire version {version}; this node speaks {WIRE_VERSION}")]
     Version { sender: NodeId, version: u32 },
-    #[error("envelope from node {sender} is {skew_ms} ms away from this node's clock (limit {MAX_CLOCK_SKEW_MS} ms)")]
+    #[error(
+        "envelope from node {sender} is {skew_ms} ms away from this node's clock (limit {MAX_CLOCK_SKEW_MS} ms)"
+    )]
     Stale { sender: NodeId, skew_ms: u64 },
     #[error("payload of a {method} envelope does not decode")]
     Decode {
@@ -64,12 +66,23 @@ pub enum EnvelopeError {
     },
 }
 
-fn mac_fields<'a>(method: &'a str, version: &'a [u8; 4], sender: &'a [u8; 8], ts: &'a [u8; 8], payload: &'a [u8]) -> [&'a [u8]; 5] {
+fn mac_fields<'a>(
+    method: &'a str,
+    version: &'a [u8; 4],
+    sender: &'a [u8; 8],
+    ts: &'a [u8; 8],
+    payload: &'a [u8],
+) -> [&'a [u8]; 5] {
     [method.as_bytes(), version, sender, ts, payload]
 }
 
 /// Encodes and authenticates a message.
-pub fn seal<T: Serialize>(key: &PoolKey, sender: NodeId, method: &'static str, msg: &T) -> Result<Envelope, EnvelopeError> {
+pub fn seal<T: Serialize>(
+    key: &PoolKey,
+    sender: NodeId,
+    method: &'static str,
+    msg: &T,
+) -> Result<Envelope, EnvelopeError> {
     let payload = postcard::to_stdvec(msg).map_err(|source| EnvelopeError::Encode { method, source })?;
     let timestamp_ms = unix_millis();
     let v = WIRE_VERSION.to_le_bytes();
@@ -80,7 +93,11 @@ pub fn seal<T: Serialize>(key: &PoolKey, sender: NodeId, method: &'static str, m
 }
 
 /// Verifies and decodes a message; returns the sender and the message.
-pub fn open<T: DeserializeOwned>(key: &PoolKey, method: &'static str, env: &Envelope) -> Result<(NodeId, T), EnvelopeError> {
+pub fn open<T: DeserializeOwned>(
+    key: &PoolKey,
+    method: &'static str,
+    env: &Envelope,
+) -> Result<(NodeId, T), EnvelopeError> {
     let sender = NodeId(env.sender);
     let v = env.version.to_le_bytes();
     let s = env.sender.to_le_bytes();
@@ -95,7 +112,8 @@ pub fn open<T: DeserializeOwned>(key: &PoolKey, method: &'static str, env: &Enve
     if skew_ms > MAX_CLOCK_SKEW_MS {
         return Err(EnvelopeError::Stale { sender, skew_ms });
     }
-    let msg = postcard::from_bytes(&env.payload).map_err(|source| EnvelopeError::Decode { method, source })?;
+    let msg =
+        postcard::from_bytes(&env.payload).map_err(|source| EnvelopeError::Decode { method, source })?;
     Ok((sender, msg))
 }
 

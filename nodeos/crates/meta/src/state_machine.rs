@@ -37,8 +37,8 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use futures::Stream;
 use openraft::storage::RaftStateMachine;
 use openraft::{
-    EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot,
-    SnapshotMeta, StorageError, StoredMembership,
+    EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageError, StoredMembership,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -114,6 +114,10 @@ struct SmState<C: MetaTypeConfig> {
     events: u64,
 }
 
+/// A snapshot's meta and its encoded data.
+type MetaAndData<C> =
+    (SnapshotMeta<<C as openraft::RaftTypeConfig>::NodeId, <C as openraft::RaftTypeConfig>::Node>, Vec<u8>);
+
 /// The snapshot data, format [`SNAPSHOT_FORMAT`]: postcard of
 /// `(SNAPSHOT_FORMAT: u32, SnapshotBody)`. Event history is not included.
 #[derive(Serialize, Deserialize)]
@@ -139,8 +143,7 @@ impl<C: MetaTypeConfig> StateMachineStore<C> {
     pub fn for_type_config(db: &sled::Db, snapshot_dir: &Path) -> Result<Self, StoreError> {
         let tree = db.open_tree(TREE).map_err(StoreError::io("open the state machine tree"))?;
         let last_applied: Option<LogId<C::NodeId>> =
-            read_meta::<Option<LogId<C::NodeId>>>(&tree, META_APPLIED, "last applied log id")?
-                .flatten();
+            read_meta::<Option<LogId<C::NodeId>>>(&tree, META_APPLIED, "last applied log id")?.flatten();
         let membership = read_meta(&tree, META_MEMBERSHIP, "last membership")?.unwrap_or_default();
         let revision = read_meta(&tree, META_REVISION, "revision")?.unwrap_or(0);
         let compacted = read_meta(&tree, META_COMPACTED, "compacted revision")?.unwrap_or(0);
@@ -194,6 +197,12 @@ impl<C: MetaTypeConfig> StateMachineStore<C> {
     pub fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let _state = self.inner.read_state();
         read_kv(&self.inner.tree, key)
+    }
+
+    /// [`Self::get`], plus the revision the value was read at (one consistent view).
+    pub fn get_with_revision(&self, key: &str) -> Result<(Option<KeyValue>, u64), StoreError> {
+        let state = self.inner.read_state();
+        Ok((read_kv(&self.inner.tree, key)?, state.revision))
     }
 
     /// Keys starting with `prefix`, sorted by key; at most `limit` (0 = no limit).
@@ -371,9 +380,7 @@ impl<C: MetaTypeConfig> Inner<C> {
     }
 
     /// Encodes the whole key space as snapshot data, at one revision.
-    fn build_snapshot_data(
-        &self,
-    ) -> Result<(SnapshotMeta<C::NodeId, C::Node>, Vec<u8>), StoreError> {
+    fn build_snapshot_data(&self) -> Result<MetaAndData<C>, StoreError> {
         let state = self.read_state();
         let mut kvs = Vec::new();
         for item in self.tree.scan_prefix(KV_PREFIX).values() {
@@ -465,12 +472,7 @@ impl<C: MetaTypeConfig> Inner<C> {
 }
 
 impl<C: MetaTypeConfig> History for Inner<C> {
-    fn read_history(
-        &self,
-        pos: HistoryPos,
-        until: u64,
-        max: usize,
-    ) -> Result<HistoryPage, WatchError> {
+    fn read_history(&self, pos: HistoryPos, until: u64, max: usize) -> Result<HistoryPage, WatchError> {
         let state = self.read_state();
         if pos.0 <= state.compacted {
             return Err(WatchError::Compacted { requested: pos.0, oldest: state.compacted + 1 });
@@ -607,10 +609,8 @@ fn event_key(revision: u64, seq: u32) -> [u8; 14] {
 }
 
 fn parse_event_key(key: &[u8]) -> Result<(u64, u32), StoreError> {
-    let corrupt = || StoreError::Corrupt {
-        what: "event key",
-        detail: format!("{} bytes, expected 14", key.len()),
-    };
+    let corrupt =
+        || StoreError::Corrupt { what: "event key", detail: format!("{} bytes, expected 14", key.len()) };
     let rest = key.strip_prefix(EVENT_PREFIX).filter(|r| r.len() == 12).ok_or_else(corrupt)?;
     let (rev, seq) = rest.split_at(8);
     let rev: [u8; 8] = rev.try_into().map_err(|_| corrupt())?;
@@ -690,23 +690,20 @@ fn write_snapshot_file<C: MetaTypeConfig>(
     file.sync_all().map_err(file_err("fsync", &tmp))?;
     drop(file);
     std::fs::rename(&tmp, &path).map_err(file_err("rename into place", &path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(file_err("fsync the directory of", &path))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(file_err("fsync the directory of", &path))?;
     tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "snapshot saved");
     Ok(())
 }
 
 /// Reads the snapshot file, if there is one, checking its header and checksum.
-#[allow(clippy::type_complexity)]
-fn read_snapshot_file<C: MetaTypeConfig>(
-    dir: &Path,
-) -> Result<Option<(SnapshotMeta<C::NodeId, C::Node>, Vec<u8>)>, StoreError> {
+fn read_snapshot_file<C: MetaTypeConfig>(dir: &Path) -> Result<Option<MetaAndData<C>>, StoreError> {
     let path = dir.join(SNAPSHOT_FILE);
     let mut bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(StoreError::SnapshotFile { step: "read", path, source }),
+        Err(source) => {
+            return Err(StoreError::SnapshotFile { step: "read", path, source });
+        }
     };
     let corrupt = |detail: String| StoreError::Corrupt { what: "snapshot file", detail };
     const HEADER: usize = 8 + 4 + 32;
@@ -727,8 +724,8 @@ fn read_snapshot_file<C: MetaTypeConfig>(
         .and_then(|l| l.checked_add(HEADER + 8))
         .filter(|end| *end <= bytes.len())
         .ok_or_else(|| corrupt("meta length past the end of the file".to_owned()))?;
-    let meta = postcard::from_bytes(&bytes[HEADER + 8..meta_end])
-        .map_err(StoreError::decode("snapshot meta"))?;
+    let meta =
+        postcard::from_bytes(&bytes[HEADER + 8..meta_end]).map_err(StoreError::decode("snapshot meta"))?;
     let data = bytes.split_off(meta_end);
     Ok(Some((meta, data)))
 }
@@ -737,9 +734,7 @@ fn sm_err<NID: openraft::NodeId>(verb: ErrorVerb) -> impl FnOnce(StoreError) -> 
     move |e| e.into_raft(ErrorSubject::StateMachine, verb)
 }
 
-fn snapshot_err<NID: openraft::NodeId>(
-    verb: ErrorVerb,
-) -> impl FnOnce(StoreError) -> StorageError<NID> {
+fn snapshot_err<NID: openraft::NodeId>(verb: ErrorVerb) -> impl FnOnce(StoreError) -> StorageError<NID> {
     move |e| e.into_raft(ErrorSubject::Snapshot(None), verb)
 }
 
@@ -781,9 +776,7 @@ impl<C: MetaTypeConfig> RaftStateMachine<C> for StateMachineStore<C> {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<C::NodeId>> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<C::NodeId>> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -824,6 +817,7 @@ impl<C: MetaTypeConfig> RaftStateMachine<C> for StateMachineStore<C> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use std::collections::BTreeMap;
     use std::time::Duration;
@@ -902,7 +896,10 @@ mod tests {
         assert_eq!(r.revision, 2);
         assert_eq!(r.prev, vec![Some(a1.clone())]);
         let a2 = f.sm.get("a").unwrap().unwrap();
-        assert_eq!((a2.value.as_slice(), a2.create_revision, a2.mod_revision, a2.version), (&b"2"[..], 1, 2, 2));
+        assert_eq!(
+            (a2.value.as_slice(), a2.create_revision, a2.mod_revision, a2.version),
+            (&b"2"[..], 1, 2, 2)
+        );
 
         assert_eq!(f.apply(put("b", "x")).await.revision, 3);
         let r = f.apply(Command::delete("a")).await;
@@ -925,6 +922,7 @@ mod tests {
         assert_eq!(f.sm.range("", 1).unwrap().len(), 1);
         assert_eq!(f.sm.range("b", 0).unwrap()[0].key, "b");
         assert_eq!(f.sm.range_with_revision("c", 0).unwrap(), (vec![], 5));
+        assert_eq!(f.sm.get_with_revision("b").unwrap().1, 5);
     }
 
     #[tokio::test]
@@ -987,16 +985,13 @@ mod tests {
         let members = BTreeMap::from([(NodeId(1), BasicNode::new("n1"))]);
         let membership = Membership::new(vec![members.keys().copied().collect()], members);
         let mem_id = f.log_id();
-        let mem = openraft::Entry {
-            log_id: mem_id.clone(),
-            payload: EntryPayload::Membership(membership.clone()),
-        };
+        let mem = openraft::Entry { log_id: mem_id, payload: EntryPayload::Membership(membership.clone()) };
         let rs = f.sm.apply(vec![blank, mem]).await.unwrap();
         for r in &rs {
             assert_eq!(r, &Response { revision: 1, succeeded: true, ..Default::default() });
         }
         let (applied, stored) = f.sm.applied_state().await.unwrap();
-        assert_eq!(applied, Some(mem_id.clone()));
+        assert_eq!(applied, Some(mem_id));
         assert_eq!(stored, StoredMembership::new(Some(mem_id), membership));
         assert_eq!(f.sm.revision(), 1);
     }
@@ -1153,7 +1148,9 @@ mod tests {
 
         // Live watchers learn that they missed everything up to the snapshot.
         match next_event(&mut live).await {
-            Err(WatchError::Compacted { requested, oldest }) => assert_eq!((requested, oldest), (1, 52)),
+            Err(WatchError::Compacted { requested, oldest }) => {
+                assert_eq!((requested, oldest), (1, 52))
+            }
             other => panic!("expected reset, got {other:?}"),
         }
         // History restarts at the snapshot's revision.

@@ -23,22 +23,12 @@ pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// conformance suite, which needs `NodeId: From<u64>`, can run the same stores
 /// under a test configuration whose node id is a plain `u64`.
 pub trait MetaTypeConfig:
-    RaftTypeConfig<
-        D = Command,
-        R = Response,
-        Entry = openraft::Entry<Self>,
-        SnapshotData = Cursor<Vec<u8>>,
-    >
+    RaftTypeConfig<D = Command, R = Response, Entry = openraft::Entry<Self>, SnapshotData = Cursor<Vec<u8>>>
 {
 }
 
 impl<C> MetaTypeConfig for C where
-    C: RaftTypeConfig<
-            D = Command,
-            R = Response,
-            Entry = openraft::Entry<C>,
-            SnapshotData = Cursor<Vec<u8>>,
-        >
+    C: RaftTypeConfig<D = Command, R = Response, Entry = openraft::Entry<C>, SnapshotData = Cursor<Vec<u8>>>
 {
 }
 
@@ -52,6 +42,21 @@ pub enum StoreError {
         path: PathBuf,
         #[source]
         source: sled::Error,
+    },
+    /// The database was written before (its marker file says so) but sled
+    /// opened it empty, as it does when its log file is overwritten with garbage.
+    /// Starting would forget this node's vote and log, which raft cannot survive.
+    #[error(
+        "metadata database at {} was written before but opened empty; refusing to start with a blank raft state",
+        path.display()
+    )]
+    Emptied { path: PathBuf },
+    /// The marker file that records the database was created could not be written.
+    #[error("cannot write the database marker file {}", path.display())]
+    Marker {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     /// sled refused a read, write or flush.
     #[error("metadata database failed to {step}")]
@@ -119,16 +124,21 @@ impl StoreError {
     }
 }
 
+/// Marker file, next to sled's own files, written once the database holds its
+/// creation key; see [`StoreError::Emptied`].
+const MARKER_FILE: &str = "nodeos-meta.created";
+const MARKER_TREE: &str = "nodeos_meta";
+const MARKER_KEY: &[u8] = b"created";
+
 /// Opens (creating if needed) the sled database in `dir`.
 ///
 /// A directory that is corrupt, locked by another process or unreadable gives
 /// [`StoreError::Open`] naming it. sled may panic on some malformed files instead
-/// of returning an error; that panic is caught and reported the same way.
+/// of returning an error; that panic is caught and reported the same way. sled
+/// opens a database whose log file was overwritten as an *empty* database; a
+/// marker file outside sled catches that ([`StoreError::Emptied`]).
 pub fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
-    let config = sled::Config::new()
-        .path(dir)
-        .cache_capacity(CACHE_BYTES)
-        .mode(sled::Mode::LowSpace);
+    let config = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).mode(sled::Mode::LowSpace);
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
     let result = match opened {
         Ok(result) => result,
@@ -143,8 +153,35 @@ pub fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
         }
     };
     let db = result.map_err(|source| StoreError::Open { path: dir.to_owned(), source })?;
+    check_marker(&db, dir)?;
     tracing::info!(path = %dir.display(), recovered = db.was_recovered(), "metadata database opened");
     Ok(db)
+}
+
+/// Fails if `dir` held a database before but sled opened it without its
+/// creation key; otherwise makes sure both the key and the marker file exist.
+fn check_marker(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
+    let marker = dir.join(MARKER_FILE);
+    let tree = db.open_tree(MARKER_TREE).map_err(StoreError::io("open the marker tree"))?;
+    let created = tree.get(MARKER_KEY).map_err(StoreError::io("read the creation key"))?.is_some();
+    let marked = marker.try_exists().map_err(|source| StoreError::Marker { path: marker.clone(), source })?;
+    if !created {
+        if marked {
+            return Err(StoreError::Emptied { path: dir.to_owned() });
+        }
+        tree.insert(MARKER_KEY, &b"1"[..]).map_err(StoreError::io("write the creation key"))?;
+        db.flush().map_err(StoreError::io("flush the creation key"))?;
+    }
+    if !marked {
+        // The key is durable first, so a crash between the two steps only means
+        // the marker is written on the next open.
+        let write = || -> std::io::Result<()> {
+            std::fs::File::create(&marker)?.sync_all()?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(|source| StoreError::Marker { path: marker.clone(), source })?;
+    }
+    Ok(())
 }
 
 /// Big-endian bytes of `v`, so sled's byte order is numeric order.
@@ -162,6 +199,7 @@ pub(crate) fn parse_be_u64(what: &'static str, bytes: &[u8]) -> Result<u64, Stor
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -175,8 +213,8 @@ mod tests {
         assert!(err.to_string().contains(&dir.path().display().to_string()));
     }
 
-    #[test]
-    fn open_reports_corrupt_files_without_panicking() {
+    /// Writes a key, then overwrites the sled files `pick` selects with garbage.
+    fn corrupt(pick: impl Fn(&str) -> bool) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = open_db(dir.path()).unwrap();
@@ -185,16 +223,39 @@ mod tests {
         }
         for entry in std::fs::read_dir(dir.path()).unwrap() {
             let path = entry.unwrap().path();
-            if path.is_file() {
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            if path.is_file() && name != MARKER_FILE && pick(&name) {
                 std::fs::write(&path, vec![0xA5; 4096]).unwrap();
             }
         }
+        dir
+    }
+
+    #[test]
+    fn open_reports_a_corrupt_config_with_the_path() {
+        let dir = corrupt(|name| name == "conf");
         match open_db(dir.path()) {
             Err(StoreError::Open { path, .. }) => assert_eq!(path, dir.path()),
-            Err(other) => panic!("unexpected error {other:?}"),
-            // sled may treat some garbage as an empty log; what matters is no panic.
-            Ok(_) => {}
+            other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn open_refuses_a_log_that_sled_would_silently_empty() {
+        // sled opens a garbage `db` file as an empty database; the marker catches it.
+        let dir = corrupt(|name| name != "conf");
+        match open_db(dir.path()) {
+            Err(StoreError::Emptied { path }) => assert_eq!(path, dir.path()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reopen_keeps_the_marker_happy() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open_db(dir.path()).unwrap());
+        assert!(dir.path().join(MARKER_FILE).exists());
+        drop(open_db(dir.path()).unwrap());
     }
 
     #[test]

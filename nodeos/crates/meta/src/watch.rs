@@ -67,12 +67,7 @@ pub(crate) struct HistoryPage {
 pub(crate) trait History: Send + Sync + 'static {
     /// Reads up to `max` events from `pos` through revision `until` (inclusive).
     /// Fails with [`WatchError::Compacted`] if events at `pos` were already dropped.
-    fn read_history(
-        &self,
-        pos: HistoryPos,
-        until: u64,
-        max: usize,
-    ) -> Result<HistoryPage, WatchError>;
+    fn read_history(&self, pos: HistoryPos, until: u64, max: usize) -> Result<HistoryPage, WatchError>;
 }
 
 /// How a watch starts; made by the state machine under its read lock.

@@ -1,6 +1,8 @@
 //! Multi-node behaviour of the metadata store: in-process clusters over the
 //! in-memory network in `common`, with real sled stores.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeSet;
@@ -144,11 +146,8 @@ async fn node_down_while_the_log_was_purged_catches_up_by_snapshot() {
     cluster.start(down).await;
     cluster.wait_converged(&all, T).await;
     let node = cluster.node(down);
-    let snapshot = node.raft.metrics().borrow().snapshot.clone();
-    assert!(
-        snapshot.is_some_and(|s| s.index > down_applied),
-        "caught up without a snapshot: {snapshot:?}"
-    );
+    let snapshot = node.raft.metrics().borrow().snapshot;
+    assert!(snapshot.is_some_and(|s| s.index > down_applied), "caught up without a snapshot: {snapshot:?}");
     // Installing a snapshot restarts the event history at its revision.
     assert!(node.sm.compacted_revision() > down_revision);
     assert_eq!(node.sm.get("early/0").unwrap(), None);

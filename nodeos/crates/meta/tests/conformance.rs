@@ -4,12 +4,14 @@
 //! does not implement (zero is not a valid node id), so it runs the same stores
 //! under a test type configuration whose node id is a plain `u64`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::Cursor;
 
 use nodeos_meta::store::{StoreError, open_db};
 use nodeos_meta::{Command, LogStore, Response, StateMachineStore};
 use openraft::testing::{StoreBuilder, Suite};
-use openraft::{ErrorSubject, ErrorVerb, StorageError};
+use openraft::{ErrorSubject, ErrorVerb, StorageError, StorageIOError};
 use tempfile::TempDir;
 
 openraft::declare_raft_types!(
@@ -24,25 +26,16 @@ openraft::declare_raft_types!(
 
 struct SledBuilder;
 
-impl StoreBuilder<TestConfig, LogStore<TestConfig>, StateMachineStore<TestConfig>, TempDir>
-    for SledBuilder
-{
+impl StoreBuilder<TestConfig, LogStore<TestConfig>, StateMachineStore<TestConfig>, TempDir> for SledBuilder {
     async fn build(
         &self,
-    ) -> Result<(TempDir, LogStore<TestConfig>, StateMachineStore<TestConfig>), StorageError<u64>>
-    {
-        let open = || -> Result<_, StoreError> {
-            let dir = tempfile::tempdir().map_err(|source| StoreError::SnapshotFile {
-                step: "create a temp dir",
-                path: std::env::temp_dir(),
-                source,
-            })?;
-            let db = open_db(&dir.path().join("sled"))?;
-            let log = LogStore::for_type_config(&db)?;
-            let sm = StateMachineStore::for_type_config(&db, &dir.path().join("snapshots"))?;
-            Ok((dir, log, sm))
-        };
-        open().map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Write))
+    ) -> Result<(TempDir, LogStore<TestConfig>, StateMachineStore<TestConfig>), StorageError<u64>> {
+        let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+        let to_raft = |e: StoreError| e.into_raft(ErrorSubject::Store, ErrorVerb::Write);
+        let db = open_db(&dir.path().join("sled")).map_err(to_raft)?;
+        let log = LogStore::for_type_config(&db).map_err(to_raft)?;
+        let sm = StateMachineStore::for_type_config(&db, &dir.path().join("snapshots")).map_err(to_raft)?;
+        Ok((dir, log, sm))
     }
 }
 

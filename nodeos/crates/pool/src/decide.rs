@@ -35,6 +35,8 @@ pub enum WaitReason {
     LowerIdDecides(NodeId),
     /// The candidate set changed recently.
     Settling,
+    /// A node claims to be a pool member and has not been verified yet.
+    Verifying,
 }
 
 /// Applies the rule. `stable_rounds` is how many consecutive rounds the
@@ -52,6 +54,10 @@ pub fn decide(
     }
     if let Some((id, s)) = seen.iter().find(|(id, s)| s.verified && s.member && **id != me) {
         return Decision::Join { via: *id, address: s.address.clone() };
+    }
+    // Someone says a pool exists but has not proven our key yet: never found a second one.
+    if seen.iter().any(|(id, s)| s.member && *id != me) {
+        return Decision::Wait(WaitReason::Verifying);
     }
     let mut voters: BTreeMap<NodeId, String> = seen
         .iter()

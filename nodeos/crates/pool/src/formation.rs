@@ -11,13 +11,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nodeos_meta::BasicNode;
+use nodeos_meta::Command;
 use nodeos_meta::handle::{Consistency, MetaHandle};
 use nodeos_meta::network::PeerError;
 use nodeos_meta::peer::{Hello, HelloReply, JoinReply, JoinRequest, PeerInfo, method};
-use nodeos_meta::Command;
 use nodeos_types::records::{NodeRecord, POOL_KEY, PoolRecord, node_key};
 use nodeos_types::{NodeId, PoolId, unix_millis};
-use nodeos_meta::BasicNode;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
@@ -75,14 +75,7 @@ struct Inner {
 
 impl Formation {
     pub fn new(cfg: FormationConfig, meta: MetaHandle) -> Self {
-        Formation {
-            inner: Arc::new(Inner {
-                cfg,
-                meta,
-                seen: Mutex::default(),
-                refusals: Mutex::default(),
-            }),
-        }
+        Formation { inner: Arc::new(Inner { cfg, meta, seen: Mutex::default(), refusals: Mutex::default() }) }
     }
 
     fn me(&self) -> PeerInfo {
@@ -220,14 +213,23 @@ impl Formation {
                         hostname: self.inner.cfg.hostname.clone(),
                         version: self.inner.cfg.version.clone(),
                     };
-                    match self.inner.meta.peers().call::<_, Result<JoinReply, String>>(&address, method::JOIN, &req, JOIN_TIMEOUT).await {
+                    match self
+                        .inner
+                        .meta
+                        .peers()
+                        .call::<_, Result<JoinReply, String>>(&address, method::JOIN, &req, JOIN_TIMEOUT)
+                        .await
+                    {
                         Ok(Ok(r)) => info!(leader = %r.leader, "join accepted; waiting for replication"),
                         Ok(Err(why)) => warn!(via = %via, reason = %why, "join refused"),
                         Err(e) => self.peer_failed(&address, &e),
                     }
                 }
                 Decision::Bootstrap { voters } => {
-                    info!(voters = voters.len(), "no pool found and this node has the lowest id: initialising the pool");
+                    info!(
+                        voters = voters.len(),
+                        "no pool found and this node has the lowest id: initialising the pool"
+                    );
                     let nodes: BTreeMap<NodeId, BasicNode> =
                         voters.into_iter().map(|(id, a)| (id, BasicNode::new(a))).collect();
                     match self.inner.meta.initialize(nodes).await {
@@ -264,14 +266,22 @@ impl Formation {
         let calls = targets.into_iter().map(|addr| {
             let hello = hello.clone();
             async move {
-                let r = self.inner.meta.peers().call::<_, HelloReply>(&addr, method::HELLO, &hello, HELLO_TIMEOUT).await;
+                let r = self
+                    .inner
+                    .meta
+                    .peers()
+                    .call::<_, HelloReply>(&addr, method::HELLO, &hello, HELLO_TIMEOUT)
+                    .await;
                 (addr, r)
             }
         });
         for (addr, r) in futures::future::join_all(calls).await {
             match r {
                 Ok(reply) if reply.pool_name != self.inner.cfg.pool_name => {
-                    self.refused(&addr, &format!("it serves pool {:?}, not {:?}", reply.pool_name, self.inner.cfg.pool_name));
+                    self.refused(
+                        &addr,
+                        &format!("it serves pool {:?}, not {:?}", reply.pool_name, self.inner.cfg.pool_name),
+                    );
                 }
                 Ok(reply) if reply.node.id == me.id => {}
                 Ok(reply) => {
@@ -293,7 +303,7 @@ impl Formation {
                             address: k.address.clone(),
                             verified: false,
                             member: false,
-                                        heard: Instant::now(),
+                            heard: Instant::now(),
                         });
                     }
                 }
@@ -379,9 +389,7 @@ impl Formation {
         let ready: BTreeSet<NodeId> = membership
             .learner_ids()
             .filter(|id| {
-                repl.get(id)
-                    .and_then(|l| l.as_ref())
-                    .is_some_and(|l| l.index + CAUGHT_UP_LAG >= last)
+                repl.get(id).and_then(|l| l.as_ref()).is_some_and(|l| l.index + CAUGHT_UP_LAG >= last)
             })
             .take(crate::MAX_VOTERS - voters.len())
             .collect();

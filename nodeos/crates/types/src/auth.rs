@@ -56,8 +56,8 @@ impl PoolKey {
     /// Reads and derives the key from a file holding the secret.
     pub fn from_file(path: &Path) -> Result<Self, PoolKeyError> {
         let shown = path.display().to_string();
-        let bytes = std::fs::read(path)
-            .map_err(|source| PoolKeyError::Read { path: shown.clone(), source })?;
+        let bytes =
+            std::fs::read(path).map_err(|source| PoolKeyError::Read { path: shown.clone(), source })?;
         PoolKey::from_secret(&bytes).map_err(|e| match e {
             PoolKeyError::Length { len, .. } => PoolKeyError::Length { path: shown, len },
             other => other,

@@ -26,9 +26,7 @@ pub enum IdParseError {
 /// A node's identity: random, made on first boot, persisted in its data dir.
 ///
 /// Zero is never a valid node id (it is openraft's "no node" default).
-#[derive(
-    Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct NodeId(pub u64);
 
@@ -62,9 +60,7 @@ impl FromStr for NodeId {
 }
 
 /// A pool's identity: made once, when the pool's first leader initialises it.
-#[derive(
-    Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct PoolId(pub u128);
 
@@ -83,9 +79,11 @@ impl fmt::Display for PoolId {
 impl FromStr for PoolId {
     type Err = IdParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_hex(s, "pool", 32)
-            .map(PoolId)
-            .ok_or_else(|| IdParseError::Format { kind: "pool", input: s.to_owned(), digits: 32 })
+        parse_hex(s, "pool", 32).map(PoolId).ok_or_else(|| IdParseError::Format {
+            kind: "pool",
+            input: s.to_owned(),
+            digits: 32,
+        })
     }
 }
 

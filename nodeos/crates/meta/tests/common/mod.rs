@@ -2,7 +2,7 @@
 //! an in-memory network with fault knobs (isolate a node, drop a fraction of
 //! messages, add delay).
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -166,7 +166,9 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.router.deliver(self.from, self.target, |raft| async move { raft.append_entries(rpc).await }).await
+        self.router
+            .deliver(self.from, self.target, |raft| async move { raft.append_entries(rpc).await })
+            .await
     }
 
     async fn install_snapshot(
@@ -329,11 +331,8 @@ impl Cluster {
                 return views[0].1;
             }
             if Instant::now() > deadline {
-                let summary: Vec<_> = ids
-                    .iter()
-                    .zip(&views)
-                    .map(|(id, v)| (*id, v.0.clone(), v.1, v.2.len()))
-                    .collect();
+                let summary: Vec<_> =
+                    ids.iter().zip(&views).map(|(id, v)| (*id, v.0, v.1, v.2.len())).collect();
                 panic!("nodes did not converge in {timeout:?}: {summary:?}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
