@@ -26,7 +26,14 @@ start() {
   echo "waiting for the pool to form..."
   for _ in $(seq 1 60); do
     if "$BIN" --endpoint 127.0.0.1:7700 --timeout 3 pool status -o json 2>/dev/null \
-        | python3 -c 'import json,sys; s=json.load(sys.stdin); v=[m for m in s["members"] if m["role"] in ("leader","voter") and m["health"]=="healthy"]; sys.exit(0 if s["pool_id"] and len(v)>=3 else 1)'; then
+        | python3 -c '
+import json, sys
+try:
+    s = json.load(sys.stdin)
+except ValueError:
+    sys.exit(1)
+v = [m for m in s["members"] if m["role"] in ("leader", "voter") and m["health"] == "healthy"]
+sys.exit(0 if s["pool_id"] and len(v) >= 3 else 1)'; then
       "$BIN" --endpoint 127.0.0.1:7700 pool status
       cat <<'TXT'
 
