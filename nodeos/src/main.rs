@@ -38,6 +38,14 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if !matches!(&args.cmd, Cmd::Node(n) if n.action.is_none()) {
+        // A command piped into `head` should end quietly, like other Unix tools.
+        // SAFETY: restoring the default disposition of SIGPIPE before any other
+        // thread exists; no handler code is involved.
+        let _ = unsafe {
+            nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
+        };
+    }
     match args.cmd {
         Cmd::Node(n) => match n.action {
             None => node::main(n.daemon),

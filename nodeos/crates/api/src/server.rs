@@ -52,9 +52,10 @@ pub async fn serve(
     let peer = PeerServiceServer::new(PeerApi::new(meta, formation))
         .max_decoding_message_size(MAX_PEER_MESSAGE)
         .max_encoding_message_size(MAX_PEER_MESSAGE);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The server's own tcp_nodelay applies only to listeners it binds: set it
+    // on accepted sockets here, or replies (and raft acks) wait for delayed ACKs.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .concurrency_limit_per_connection(256)
         .add_service(reflection)

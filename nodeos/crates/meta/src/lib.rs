@@ -30,7 +30,7 @@ pub use handle::{Consistency, MetaConfig, MetaError, MetaHandle};
 pub use log_store::LogStore;
 pub use openraft::{self, BasicNode};
 pub use state_machine::StateMachineStore;
-pub use store::{StoreError, open_db};
+pub use store::{MetaDb, StoreError, open_db};
 pub use watch::WatchError;
 
 use std::io::Cursor;

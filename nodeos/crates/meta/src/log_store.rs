@@ -5,8 +5,10 @@
 //! vote, the last committed log id and the last purged log id).
 //!
 //! # Durability
-//! - `append` flushes the database before it reports the entries written, and
-//!   `save_vote` / `save_committed` flush before they return, as openraft requires.
+//! - `append` flushes the database durably (sled flush, then `fdatasync`, see
+//!   [`MetaDb`]) before it reports the entries written, and `save_vote` before it
+//!   returns. `save_committed` does not flush: openraft allows a stale committed
+//!   id, which only limits how far a restart re-applies before hearing the leader.
 //! - `truncate` and `purge` each delete their range in one atomic `sled::Batch`
 //!   and flush before returning.
 //! - `purge` flushes the whole database *before* deleting anything: the state
@@ -26,7 +28,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::TypeConfig;
-use crate::store::{MetaTypeConfig, StoreError, be_u64, parse_be_u64};
+use crate::store::{MetaDb, MetaTypeConfig, StoreError, be_u64, parse_be_u64};
 
 const LOG_TREE: &str = "raft_log";
 const STATE_TREE: &str = "raft_state";
@@ -41,7 +43,7 @@ const MAX_READ_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// The raft log and vote of one node, in its sled database. Cloning is cheap;
 /// clones share the same trees.
 pub struct LogStore<C = TypeConfig> {
-    db: sled::Db,
+    db: MetaDb,
     logs: sled::Tree,
     state: sled::Tree,
     _config: PhantomData<fn() -> C>,
@@ -62,14 +64,14 @@ impl<C> fmt::Debug for LogStore<C> {
 
 impl LogStore {
     /// Opens the log trees in `db` (creating them when new).
-    pub fn new(db: &sled::Db) -> Result<Self, StoreError> {
+    pub fn new(db: &MetaDb) -> Result<Self, StoreError> {
         Self::for_type_config(db)
     }
 }
 
 impl<C: MetaTypeConfig> LogStore<C> {
     /// [`LogStore::new`] for any [`MetaTypeConfig`] (tests use a `u64` node id).
-    pub fn for_type_config(db: &sled::Db) -> Result<Self, StoreError> {
+    pub fn for_type_config(db: &MetaDb) -> Result<Self, StoreError> {
         let logs = db.open_tree(LOG_TREE).map_err(StoreError::io("open the raft log tree"))?;
         let state = db.open_tree(STATE_TREE).map_err(StoreError::io("open the raft state tree"))?;
         let store = Self { db: db.clone(), logs, state, _config: PhantomData };
@@ -108,8 +110,7 @@ impl<C: MetaTypeConfig> LogStore<C> {
     }
 
     async fn flush(&self, step: &'static str) -> Result<(), StoreError> {
-        self.db.flush_async().await.map_err(StoreError::io(step))?;
-        Ok(())
+        self.db.flush_durable(step).await
     }
 
     /// Deletes the entries whose index is in `range`, in one atomic batch.
@@ -265,11 +266,11 @@ impl<C: MetaTypeConfig> RaftLogStorage<C> for LogStore<C> {
         &mut self,
         committed: Option<LogId<C::NodeId>>,
     ) -> Result<(), StorageError<C::NodeId>> {
-        let result = async {
-            self.write_state(KEY_COMMITTED, "committed log id", &committed)?;
-            self.flush("flush the committed log id").await
-        };
-        result.await.map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Write))
+        // Not flushed here: the committed id only tells a restart how far it may
+        // re-apply without the leader; a stale one is caught up by replication.
+        // It becomes durable with the next append or vote.
+        self.write_state(KEY_COMMITTED, "committed log id", &committed)
+            .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Write))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<C::NodeId>>, StorageError<C::NodeId>> {

@@ -34,6 +34,7 @@ use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::store::MetaDb;
 use futures::Stream;
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -92,7 +93,7 @@ impl<C: MetaTypeConfig> fmt::Debug for StateMachineStore<C> {
 }
 
 struct Inner<C: MetaTypeConfig> {
-    db: sled::Db,
+    db: MetaDb,
     tree: sled::Tree,
     snapshot_dir: PathBuf,
     state: RwLock<SmState<C>>,
@@ -133,14 +134,14 @@ struct SnapshotBody<NID: openraft::NodeId, N: openraft::Node> {
 impl StateMachineStore {
     /// Opens the state machine tree in `db` and the snapshot file in `snapshot_dir`
     /// (both created when new).
-    pub fn open(db: &sled::Db, snapshot_dir: &Path) -> Result<Self, StoreError> {
+    pub fn open(db: &MetaDb, snapshot_dir: &Path) -> Result<Self, StoreError> {
         Self::for_type_config(db, snapshot_dir)
     }
 }
 
 impl<C: MetaTypeConfig> StateMachineStore<C> {
     /// [`StateMachineStore::open`] for any [`MetaTypeConfig`] (tests use a `u64` node id).
-    pub fn for_type_config(db: &sled::Db, snapshot_dir: &Path) -> Result<Self, StoreError> {
+    pub fn for_type_config(db: &MetaDb, snapshot_dir: &Path) -> Result<Self, StoreError> {
         let tree = db.open_tree(TREE).map_err(StoreError::io("open the state machine tree"))?;
         let last_applied: Option<LogId<C::NodeId>> =
             read_meta::<Option<LogId<C::NodeId>>>(&tree, META_APPLIED, "last applied log id")?.flatten();
@@ -798,7 +799,7 @@ impl<C: MetaTypeConfig> RaftStateMachine<C> for StateMachineStore<C> {
                 });
             }
             self.inner.install(meta, body)?;
-            self.inner.db.flush_async().await.map_err(StoreError::io("flush an installed snapshot"))?;
+            self.inner.db.flush_durable("flush an installed snapshot").await?;
             self.inner.save_snapshot(meta, data).await?;
             Ok(())
         };

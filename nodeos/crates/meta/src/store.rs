@@ -8,6 +8,7 @@
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use openraft::{ErrorSubject, ErrorVerb, RaftTypeConfig, StorageError, StorageIOError};
 
@@ -137,7 +138,7 @@ const MARKER_KEY: &[u8] = b"created";
 /// of returning an error; that panic is caught and reported the same way. sled
 /// opens a database whose log file was overwritten as an *empty* database; a
 /// marker file outside sled catches that ([`StoreError::Emptied`]).
-pub fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+pub fn open_db(dir: &Path) -> Result<MetaDb, StoreError> {
     let config = sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).mode(sled::Mode::LowSpace);
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
     let result = match opened {
@@ -154,8 +155,48 @@ pub fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     };
     let db = result.map_err(|source| StoreError::Open { path: dir.to_owned(), source })?;
     check_marker(&db, dir)?;
+    let data = dir.join(SLED_DATA_FILE);
+    let data_file = std::fs::File::open(&data).map_err(|source| StoreError::SnapshotFile {
+        step: "open for syncing",
+        path: data.clone(),
+        source,
+    })?;
     tracing::info!(path = %dir.display(), recovered = db.was_recovered(), "metadata database opened");
-    Ok(db)
+    Ok(MetaDb { db, data_file: Arc::new(data_file) })
+}
+
+/// sled 0.34 keeps its whole log in this one file of its directory.
+const SLED_DATA_FILE: &str = "db";
+
+/// The node's sled database plus a handle on its data file.
+///
+/// sled's `flush` on Linux ends in `sync_file_range`, which neither flushes the
+/// disk's write cache nor the file's metadata (a grown file's size), so it is
+/// not durability. [`MetaDb::flush_durable`] follows it with `fdatasync` on the
+/// same file; every store flushes through it.
+#[derive(Clone, Debug)]
+pub struct MetaDb {
+    db: sled::Db,
+    data_file: Arc<std::fs::File>,
+}
+
+impl std::ops::Deref for MetaDb {
+    type Target = sled::Db;
+    fn deref(&self) -> &sled::Db {
+        &self.db
+    }
+}
+
+impl MetaDb {
+    /// Writes out everything sled buffered and makes it durable on the disk.
+    pub async fn flush_durable(&self, step: &'static str) -> Result<(), StoreError> {
+        self.db.flush_async().await.map_err(StoreError::io(step))?;
+        let file = self.data_file.clone();
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|source| StoreError::Task { step, source })?
+            .map_err(|source| StoreError::SnapshotFile { step, path: SLED_DATA_FILE.into(), source })
+    }
 }
 
 /// Fails if `dir` held a database before but sled opened it without its

@@ -95,7 +95,8 @@ mod tests {
     fn lowest_id_bootstraps_once_enough_nodes_are_stable() {
         let s = seen(&[(2, true, false), (3, true, false)]);
         assert_eq!(decide(NodeId(1), "n1:7700", false, &s, 3, 0), Decision::Wait(WaitReason::Settling));
-        let Decision::Bootstrap { voters } = decide(NodeId(1), "n1:7700", false, &s, 3, 2) else {
+        let Decision::Bootstrap { voters } = decide(NodeId(1), "n1:7700", false, &s, 3, crate::STABLE_ROUNDS)
+        else {
             panic!("expected bootstrap");
         };
         assert_eq!(voters.keys().map(|k| k.0).collect::<Vec<_>>(), vec![1, 2, 3]);
@@ -149,7 +150,7 @@ mod tests {
     #[test]
     fn single_node_pool_with_expect_one() {
         assert!(matches!(
-            decide(NodeId(9), "n9:7700", false, &BTreeMap::new(), 1, 2),
+            decide(NodeId(9), "n9:7700", false, &BTreeMap::new(), 1, crate::STABLE_ROUNDS),
             Decision::Bootstrap { .. }
         ));
     }

@@ -24,9 +24,14 @@ use tracing::{debug, error, info, warn};
 use crate::beacon;
 use crate::decide::{Decision, Seen, WaitReason, decide};
 
+/// Discovery round while the node is not a pool member yet.
+const FORMING_ROUND: Duration = Duration::from_millis(250);
+/// Upkeep round once it is.
 const ROUND: Duration = Duration::from_secs(1);
 const HELLO_TIMEOUT: Duration = Duration::from_millis(900);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Least time between two join requests of a node waiting to be admitted.
+const JOIN_EVERY: Duration = Duration::from_secs(2);
 /// A node not heard from for this long is forgotten by discovery.
 const FORGET_AFTER: Duration = Duration::from_secs(10);
 /// Log a repeated refusal from the same address at most this often.
@@ -173,11 +178,11 @@ impl Formation {
         let mut stable_rounds = 0u32;
         let mut last_wait: Option<WaitReason> = None;
         let mut announced = false;
-        let mut tick = tokio::time::interval(ROUND);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_join: Option<Instant> = None;
         loop {
+            let round = if self.inner.meta.is_member() { ROUND } else { FORMING_ROUND };
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep(round) => {}
                 _ = shutdown.changed() => return,
             }
             if *shutdown.borrow() {
@@ -205,7 +210,9 @@ impl Formation {
                     }
                     self.upkeep().await;
                 }
+                Decision::Join { .. } if last_join.is_some_and(|t| t.elapsed() < JOIN_EVERY) => {}
                 Decision::Join { via, address } => {
+                    last_join = Some(Instant::now());
                     info!(via = %via, %address, "asking the pool to admit this node");
                     let req = JoinRequest {
                         pool_name: self.inner.cfg.pool_name.clone(),
@@ -420,13 +427,15 @@ impl Formation {
         info!(%iface, %group, "discovery beacons on");
         let me = self.me();
         let key = self.inner.meta.peers().key().clone();
-        let mut tick = tokio::time::interval(ROUND);
+        let mut next_send = tokio::time::Instant::now();
         let mut buf = vec![0u8; beacon::MAX_BEACON + 1];
         let mut bad = 0u64;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(next_send) => {
+                    let every = if self.inner.meta.is_member() { ROUND } else { FORMING_ROUND };
+                    next_send = tokio::time::Instant::now() + every;
                     match beacon::encode(&key, &beacon::make(&self.inner.cfg.pool_name, me.id, &me.address)) {
                         Ok(b) => {
                             if let Err(e) = sock.send_to(&b, group).await {
