@@ -84,7 +84,11 @@ struct TaskOut {
 /// connections, each putting distinct keys back to back. Requests started
 /// during the warmup are not counted; the measurement window runs from the end
 /// of the warmup until the last counted request has completed.
-pub async fn run_phase<C: Connector>(connector: &C, addr: &str, phase: &Phase) -> anyhow::Result<PhaseResult> {
+pub async fn run_phase<C: Connector>(
+    connector: &C,
+    addr: &str,
+    phase: &Phase,
+) -> anyhow::Result<PhaseResult> {
     let mut conns = Vec::with_capacity(phase.connections);
     for _ in 0..phase.connections.max(1) {
         conns.push(connector.connect(addr).await.with_context(|| format!("connecting to {addr}"))?);
