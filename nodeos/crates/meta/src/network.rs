@@ -102,6 +102,10 @@ impl PeerClient {
         Ok(ch)
     }
 
+    fn forget(&self, address: &str) {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner()).remove(address);
+    }
+
     /// Sends one sealed request and opens the sealed answer.
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -129,7 +133,12 @@ impl PeerClient {
             }
         };
         let answer = match tokio::time::timeout(timeout, fut).await {
-            Err(_) => return Err(PeerError::Timeout { address: address.to_owned(), method }),
+            Err(_) => {
+                // The connection may be stuck in TCP retransmission backoff (a healed
+                // link): drop it so the next call connects afresh.
+                self.forget(address);
+                return Err(PeerError::Timeout { address: address.to_owned(), method });
+            }
             Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
                 return Err(PeerError::KeyRefused { address: address.to_owned(), method });
             }

@@ -76,6 +76,9 @@ pub fn decide(
     if stable_rounds < crate::STABLE_ROUNDS {
         return Decision::Wait(WaitReason::Settling);
     }
+    // An even or large voter set only slows the pool down: found it with the
+    // lowest ids (this node among them) and let the others join as learners.
+    let voters = voters.into_iter().take(crate::MAX_VOTERS).collect();
     Decision::Bootstrap { voters }
 }
 
@@ -100,6 +103,15 @@ mod tests {
             panic!("expected bootstrap");
         };
         assert_eq!(voters.keys().map(|k| k.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn bootstrap_takes_at_most_five_voters() {
+        let s = seen(&[(2, true, false), (3, true, false), (4, true, false), (5, true, false), (6, true, false)]);
+        let Decision::Bootstrap { voters } = decide(NodeId(1), "n1:7700", false, &s, 3, crate::STABLE_ROUNDS) else {
+            panic!("expected bootstrap");
+        };
+        assert_eq!(voters.keys().map(|k| k.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
     }
 
     #[test]
