@@ -39,7 +39,9 @@ pub enum BeaconError {
     Magic,
     #[error("beacon version {0} is not {VERSION}")]
     Version(u8),
-    #[error("pool key mismatch: the beacon does not verify with this pool key (another pool, or a wrong pool key)")]
+    #[error(
+        "pool key mismatch: the beacon does not verify with this pool key (another pool, or a wrong pool key)"
+    )]
     Mac,
     #[error("beacon body does not decode")]
     Decode,

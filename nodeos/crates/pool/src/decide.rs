@@ -107,8 +107,10 @@ mod tests {
 
     #[test]
     fn bootstrap_takes_at_most_five_voters() {
-        let s = seen(&[(2, true, false), (3, true, false), (4, true, false), (5, true, false), (6, true, false)]);
-        let Decision::Bootstrap { voters } = decide(NodeId(1), "n1:7700", false, &s, 3, crate::STABLE_ROUNDS) else {
+        let s =
+            seen(&[(2, true, false), (3, true, false), (4, true, false), (5, true, false), (6, true, false)]);
+        let Decision::Bootstrap { voters } = decide(NodeId(1), "n1:7700", false, &s, 3, crate::STABLE_ROUNDS)
+        else {
             panic!("expected bootstrap");
         };
         assert_eq!(voters.keys().map(|k| k.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
