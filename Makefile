@@ -9,7 +9,7 @@ PROTOC := $(shell scripts/protoc-path.sh)
 endif
 export PROTOC
 
-.PHONY: build release test lint verify fmt bench bench-meta demo demo-stop deps-check clean
+.PHONY: build release test lint verify fmt bench bench-meta demo demo-stop deps-check clean guest guest-test
 
 build:
 	$(CARGO) build --workspace --bins
@@ -49,6 +49,15 @@ demo:
 demo-stop:
 	scripts/demo.sh stop
 
+# The in-repo test guest (freestanding C, PVH ELF), built from source.
+guest:
+	$(MAKE) -C tests/guest
+
+# Boots the test guest under QEMU (KVM and TCG) with virtio-blk and virtio-net.
+guest-test: guest
+	tests/guest/run-qemu.sh
+
 clean:
+	$(MAKE) -C tests/guest clean
 	$(CARGO) clean
 	rm -rf .demo
