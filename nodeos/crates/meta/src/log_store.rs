@@ -5,8 +5,8 @@
 //! vote, the last committed log id and the last purged log id).
 //!
 //! # Durability
-//! - `append` flushes the database durably (sled flush, then `fdatasync`, see
-//!   [`MetaDb`]) before it reports the entries written, and `save_vote` before it
+//! - `append` reports the entries written only after a durable flush (sled flush,
+//!   then `fdatasync`, see [`MetaDb`]), done by a group-commit task, and `save_vote` before it
 //!   returns. `save_committed` does not flush: openraft allows a stale committed
 //!   id, which only limits how far a restart re-applies before hearing the leader.
 //! - `truncate` and `purge` each delete their range in one atomic `sled::Batch`
@@ -20,6 +20,9 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
 use std::ops::{Bound, RangeBounds};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -42,20 +45,70 @@ const MAX_READ_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// The raft log and vote of one node, in its sled database. Cloning is cheap;
 /// clones share the same trees.
-pub struct LogStore<C = TypeConfig> {
+pub struct LogStore<C: MetaTypeConfig = TypeConfig> {
     db: MetaDb,
     logs: sled::Tree,
     state: sled::Tree,
+    flusher: Arc<Flusher<C>>,
     _config: PhantomData<fn() -> C>,
 }
 
-impl<C> Clone for LogStore<C> {
+impl<C: MetaTypeConfig> Clone for LogStore<C> {
     fn clone(&self) -> Self {
-        Self { db: self.db.clone(), logs: self.logs.clone(), state: self.state.clone(), _config: PhantomData }
+        Self {
+            db: self.db.clone(),
+            logs: self.logs.clone(),
+            state: self.state.clone(),
+            flusher: self.flusher.clone(),
+            _config: PhantomData,
+        }
     }
 }
 
-impl<C> fmt::Debug for LogStore<C> {
+/// Group commit of appends: `append` writes its entries into sled and queues
+/// its callback; one task flushes durably and completes every callback queued
+/// before that flush started, in order. Under concurrent load one fdatasync
+/// covers many appends, and the raft core never waits on the disk.
+struct Flusher<C: MetaTypeConfig> {
+    tx: std::sync::Mutex<Option<mpsc::UnboundedSender<LogFlushed<C>>>>,
+}
+
+impl<C: MetaTypeConfig> Flusher<C> {
+    fn new() -> Self {
+        Flusher { tx: std::sync::Mutex::new(None) }
+    }
+
+    /// Queues a callback, starting the flush task on first use (inside the runtime).
+    fn submit(&self, db: &MetaDb, callback: LogFlushed<C>) {
+        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let sender = tx.get_or_insert_with(|| {
+            let (t, rx) = mpsc::unbounded_channel();
+            tokio::spawn(flush_loop::<C>(db.clone(), rx));
+            t
+        });
+        if let Err(mpsc::error::SendError(cb)) = sender.send(callback) {
+            cb.log_io_completed(Err(std::io::Error::other("the log flush task has stopped")));
+        }
+    }
+}
+
+async fn flush_loop<C: MetaTypeConfig>(db: MetaDb, mut rx: mpsc::UnboundedReceiver<LogFlushed<C>>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(cb) = rx.try_recv() {
+            batch.push(cb);
+        }
+        let result = db.flush_durable("flush appended log entries").await;
+        for cb in batch {
+            cb.log_io_completed(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            });
+        }
+    }
+}
+
+impl<C: MetaTypeConfig> fmt::Debug for LogStore<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // sled's `len()` walks the whole tree; a Debug print must stay cheap.
         f.debug_struct("LogStore").finish_non_exhaustive()
@@ -74,7 +127,7 @@ impl<C: MetaTypeConfig> LogStore<C> {
     pub fn for_type_config(db: &MetaDb) -> Result<Self, StoreError> {
         let logs = db.open_tree(LOG_TREE).map_err(StoreError::io("open the raft log tree"))?;
         let state = db.open_tree(STATE_TREE).map_err(StoreError::io("open the raft state tree"))?;
-        let store = Self { db: db.clone(), logs, state, _config: PhantomData };
+        let store = Self { db: db.clone(), logs, state, flusher: Arc::new(Flusher::new()), _config: PhantomData };
         store.remove_purged_leftovers()?;
         Ok(store)
     }
@@ -293,8 +346,7 @@ impl<C: MetaTypeConfig> RaftLogStorage<C> for LogStore<C> {
             batch.insert(&be_u64(entry.log_id.index), bytes);
         }
         self.logs.apply_batch(batch).map_err(StoreError::io("append log entries")).map_err(write_logs_err)?;
-        self.flush("flush appended log entries").await.map_err(write_logs_err)?;
-        callback.log_io_completed(Ok(()));
+        self.flusher.submit(&self.db, callback);
         Ok(())
     }
 

@@ -25,4 +25,4 @@ pub use formation::{Formation, FormationConfig};
 /// The pool stops promoting learners once it has this many voters.
 pub const MAX_VOTERS: usize = 5;
 /// Rounds the candidate set must stay unchanged before a bootstrap.
-pub const STABLE_ROUNDS: u32 = 4;
+pub const STABLE_ROUNDS: u32 = 3;
