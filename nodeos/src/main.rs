@@ -34,11 +34,21 @@ enum Cmd {
     /// The operator's key space in the pool metadata store.
     #[command(subcommand)]
     Meta(cli::meta::MetaCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(cli::vm::VmCmd),
+    /// The per-VM worker process; started by the node, never by hand.
+    #[command(hide = true)]
+    VmWorker {
+        /// File descriptor of the control socket the node passed.
+        #[arg(long)]
+        control_fd: i32,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if !matches!(&args.cmd, Cmd::Node(n) if n.action.is_none()) {
+    if !matches!(&args.cmd, Cmd::Node(n) if n.action.is_none()) && !matches!(args.cmd, Cmd::VmWorker { .. }) {
         // A command piped into `head` should end quietly, like other Unix tools.
         // SAFETY: restoring the default disposition of SIGPIPE before any other
         // thread exists; no handler code is involved.
@@ -53,5 +63,7 @@ fn main() -> ExitCode {
         },
         Cmd::Pool(p) => cli::run(&args.global, |c| Box::pin(cli::pool::run(c, p))),
         Cmd::Meta(m) => cli::run(&args.global, |c| Box::pin(cli::meta::run(c, m))),
+        Cmd::Vm(v) => cli::run(&args.global, |c| Box::pin(cli::vm::run(c, v))),
+        Cmd::VmWorker { control_fd } => nodeos_vmm::worker::main(control_fd),
     }
 }

@@ -11,6 +11,8 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Args;
 use nodeos_api::ApiConfig;
+use nodeos_compute::Compute;
+use nodeos_compute::compute::ComputeConfig;
 use nodeos_meta::network::PeerClient;
 use nodeos_meta::{MetaConfig, MetaHandle};
 use nodeos_pool::beacon::BEACON_PORT;
@@ -196,6 +198,11 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         },
         meta.clone(),
     );
+    let exe = std::env::current_exe().context("cannot find this binary to run VM workers")?;
+    let compute = Compute::new(
+        ComputeConfig { node_id: me, state_dir: dir.path.join("vms"), worker_exe: exe },
+        meta.clone(),
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
     let formation_task = formation.spawn(stop_rx.clone());
     let mut api_stop = stop_rx.clone();
@@ -204,6 +211,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         ApiConfig { pool_name: cfg.pool.clone() },
         meta.clone(),
         formation,
+        compute,
         async move {
             let _ = api_stop.wait_for(|s| *s).await;
         },

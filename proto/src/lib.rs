@@ -3,6 +3,7 @@
 //! # Layout
 //! - `nodeos/v1/pool.proto`: `PoolService`, the public pool API.
 //! - `nodeos/v1/metadata.proto`: `MetadataService`, the operator's key space.
+//! - `nodeos/v1/vm.proto`: `VmService`, virtual machines and their consoles.
 //! - `nodeos/v1/peer.proto`: `PeerService`, the authenticated node-to-node API
 //!   (raft RPCs, discovery hello, join, request forwarding).
 //!

@@ -3,12 +3,13 @@
 //! # Layout
 //! - `mod.rs`: global flags, connecting, the one-line error report.
 //! - `output.rs`: table and JSON rendering.
-//! - `pool.rs`, `node.rs`, `meta.rs`: one file per command group.
+//! - `pool.rs`, `node.rs`, `meta.rs`, `vm.rs`: one file per command group.
 
 pub mod meta;
 pub mod node;
 pub mod output;
 pub mod pool;
+pub mod vm;
 
 use std::future::Future;
 use std::pin::Pin;

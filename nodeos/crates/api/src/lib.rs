@@ -3,6 +3,7 @@
 //! # Layout
 //! - `pool.rs`: `PoolService` (status, nodes, watch), public.
 //! - `metadata.rs`: `MetadataService`, the operator's `custom/` key space, public.
+//! - `vm.rs`: `VmService`, VMs and their consoles, public.
 //! - `peer.rs`: `PeerService`, node to node, every message authenticated with the pool key.
 //! - `error.rs`: the one place where errors become gRPC `Status`es.
 //! - `server.rs`: [`serve`], one tonic server with every service, reflection and message limits.
@@ -15,5 +16,6 @@ pub mod metadata;
 pub mod peer;
 pub mod pool;
 pub mod server;
+pub mod vm;
 
 pub use server::{ApiConfig, serve};

@@ -3,17 +3,20 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use nodeos_compute::Compute;
 use nodeos_meta::MetaHandle;
 use nodeos_meta::network::MAX_PEER_MESSAGE;
 use nodeos_pool::Formation;
 use nodeos_proto::v1::metadata_service_server::MetadataServiceServer;
 use nodeos_proto::v1::peer_service_server::PeerServiceServer;
 use nodeos_proto::v1::pool_service_server::PoolServiceServer;
+use nodeos_proto::v1::vm_service_server::VmServiceServer;
 use tokio::net::TcpListener;
 
 use crate::metadata::MetadataApi;
 use crate::peer::PeerApi;
 use crate::pool::PoolApi;
+use crate::vm::VmApi;
 
 /// Largest public API message, both ways.
 pub const MAX_PUBLIC_MESSAGE: usize = 4 * 1024 * 1024;
@@ -37,6 +40,7 @@ pub async fn serve(
     cfg: ApiConfig,
     meta: MetaHandle,
     formation: Formation,
+    compute: Compute,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let reflection = tonic_reflection::server::Builder::configure()
@@ -49,6 +53,9 @@ pub async fn serve(
     let metadata = MetadataServiceServer::new(MetadataApi::new(meta.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE + 64 * 1024)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE * 4);
+    let vm = VmServiceServer::new(VmApi::new(compute, meta.clone()))
+        .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
+        .max_encoding_message_size(MAX_PUBLIC_MESSAGE);
     let peer = PeerServiceServer::new(PeerApi::new(meta, formation))
         .max_decoding_message_size(MAX_PEER_MESSAGE)
         .max_encoding_message_size(MAX_PEER_MESSAGE);
@@ -61,6 +68,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(pool)
         .add_service(metadata)
+        .add_service(vm)
         .add_service(peer)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

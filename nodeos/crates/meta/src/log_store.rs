@@ -22,8 +22,8 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
 use std::ops::{Bound, RangeBounds};
+use tokio::sync::mpsc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, StorageError, Vote};
@@ -127,7 +127,8 @@ impl<C: MetaTypeConfig> LogStore<C> {
     pub fn for_type_config(db: &MetaDb) -> Result<Self, StoreError> {
         let logs = db.open_tree(LOG_TREE).map_err(StoreError::io("open the raft log tree"))?;
         let state = db.open_tree(STATE_TREE).map_err(StoreError::io("open the raft state tree"))?;
-        let store = Self { db: db.clone(), logs, state, flusher: Arc::new(Flusher::new()), _config: PhantomData };
+        let store =
+            Self { db: db.clone(), logs, state, flusher: Arc::new(Flusher::new()), _config: PhantomData };
         store.remove_purged_leftovers()?;
         Ok(store)
     }

@@ -59,6 +59,34 @@ impl FromStr for NodeId {
     }
 }
 
+/// A VM's identity, made when it is created.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct VmId(pub u64);
+
+impl VmId {
+    pub fn random() -> Self {
+        VmId(NodeId::random().0)
+    }
+}
+
+impl fmt::Display for VmId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl FromStr for VmId {
+    type Err = IdParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_hex(s, "vm", 16)
+            .and_then(|v| u64::try_from(v).ok())
+            .filter(|v| *v != 0)
+            .map(VmId)
+            .ok_or_else(|| IdParseError::Format { kind: "vm", input: s.to_owned(), digits: 16 })
+    }
+}
+
 /// A pool's identity: made once, when the pool's first leader initialises it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]

@@ -1,0 +1,311 @@
+//! `VmService`: VMs and their consoles.
+//!
+//! A VM lives on one node; a request for a VM of another node is handed to that
+//! node's API once (unary calls) and answered from there.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use nodeos_compute::{Compute, ComputeError};
+use nodeos_meta::MetaHandle;
+use nodeos_proto::v1 as pb;
+use nodeos_proto::v1::vm_service_client::VmServiceClient;
+use nodeos_proto::v1::vm_service_server::VmService;
+use nodeos_types::records::{DiskSpec, NicSpec, VmRecord, VmSpec};
+use nodeos_types::{NodeId, VmId};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{chain, meta_status};
+
+/// Header marking a request already handed over once.
+const PROXIED: &str = "x-nodeos-proxied";
+const PROXY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default graceful stop timeout.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct VmApi {
+    compute: Compute,
+    meta: MetaHandle,
+}
+
+impl VmApi {
+    pub fn new(compute: Compute, meta: MetaHandle) -> Self {
+        VmApi { compute, meta }
+    }
+
+    fn node_address(&self, node: NodeId) -> Option<String> {
+        let m = self.meta.metrics();
+        m.membership_config.membership().get_node(&node).map(|n| n.addr.clone())
+    }
+
+    async fn client_for(&self, node: NodeId) -> Result<VmServiceClient<tonic::transport::Channel>, Status> {
+        let addr = self.node_address(node).ok_or_else(|| {
+            Status::unavailable(format!("the VM lives on node {node}, which is not a pool member"))
+        })?;
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(PROXY_TIMEOUT);
+        let ch = ep.connect().await.map_err(|e| {
+            Status::unavailable(format!("the VM lives on node {node} at {addr}, which does not answer: {e}"))
+        })?;
+        Ok(VmServiceClient::new(ch))
+    }
+}
+
+fn proxied<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(PROXIED)
+}
+
+fn mark<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(PROXIED, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
+
+/// The one place compute errors become statuses.
+pub fn compute_status(e: ComputeError) -> Status {
+    match e {
+        ComputeError::Spec(s) => Status::invalid_argument(s.to_string()),
+        ComputeError::NotFound(_) => Status::not_found(e.to_string()),
+        ComputeError::State { .. } => Status::failed_precondition(e.to_string()),
+        ComputeError::NameTaken(_) => Status::already_exists(e.to_string()),
+        ComputeError::Elsewhere { .. } => Status::failed_precondition(e.to_string()),
+        ComputeError::Meta(m) => meta_status(*m),
+        ComputeError::Worker(_) | ComputeError::Tap(_) => Status::failed_precondition(chain(&e)),
+        ComputeError::Io { .. } | ComputeError::Record(_) => Status::internal(chain(&e)),
+    }
+}
+
+fn spec_from_pb(s: Option<pb::VmSpec>) -> Result<VmSpec, Status> {
+    let s = s.ok_or_else(|| Status::invalid_argument("spec is required"))?;
+    let vcpus = u8::try_from(s.vcpus)
+        .map_err(|_| Status::invalid_argument(format!("vcpus must be 1..=64, got {}", s.vcpus)))?;
+    Ok(VmSpec {
+        vcpus,
+        memory_mib: s.memory_mib,
+        kernel: s.kernel,
+        initrd: (!s.initrd.is_empty()).then_some(s.initrd),
+        cmdline: s.cmdline,
+        disks: s.disks.into_iter().map(|d| DiskSpec { path: d.path, read_only: d.read_only }).collect(),
+        nics: s
+            .nics
+            .into_iter()
+            .map(|n| NicSpec { mac: if n.mac.is_empty() { random_mac() } else { n.mac }, tap: n.tap })
+            .collect(),
+    })
+}
+
+/// A locally administered unicast MAC.
+fn random_mac() -> String {
+    let v = VmId::random().0.to_le_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", v[0], v[1], v[2])
+}
+
+fn to_pb(r: VmRecord, pid: Option<u32>) -> pb::Vm {
+    pb::Vm {
+        id: r.id.to_string(),
+        name: r.name,
+        spec: Some(pb::VmSpec {
+            vcpus: r.spec.vcpus.into(),
+            memory_mib: r.spec.memory_mib,
+            kernel: r.spec.kernel,
+            initrd: r.spec.initrd.unwrap_or_default(),
+            cmdline: r.spec.cmdline,
+            disks: r
+                .spec
+                .disks
+                .into_iter()
+                .map(|d| pb::DiskSpec { path: d.path, read_only: d.read_only })
+                .collect(),
+            nics: r.spec.nics.into_iter().map(|n| pb::NicSpec { mac: n.mac, tap: n.tap }).collect(),
+        }),
+        node_id: r.node.to_string(),
+        state: r.state.as_str().to_owned(),
+        reason: r.reason,
+        created_at_ms: r.created_at_ms,
+        updated_at_ms: r.updated_at_ms,
+        worker_pid: pid.unwrap_or(0),
+    }
+}
+
+type ConsoleStream = Pin<Box<dyn Stream<Item = Result<pb::ConsoleOutput, Status>> + Send>>;
+
+/// Unary calls on one VM: run here if it lives here, else once on its node.
+macro_rules! on_owner {
+    ($self:ident, $req:ident, $vm:expr, $method:ident, $local:expr) => {{
+        let is_proxied = proxied(&$req);
+        let r = $self.compute.resolve($vm).await.map_err(compute_status)?;
+        if r.node != $self.compute.node_id() && !is_proxied {
+            let mut c = $self.client_for(r.node).await?;
+            return c.$method(mark($req.into_inner())).await;
+        }
+        let rec = $local.await.map_err(compute_status)?;
+        let pid = $self.compute.worker_pid(rec.id);
+        Ok(Response::new(to_pb(rec, pid)))
+    }};
+}
+
+#[tonic::async_trait]
+impl VmService for VmApi {
+    async fn create(&self, req: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let r = req.into_inner();
+        let spec = spec_from_pb(r.spec)?;
+        let rec = self.compute.create(&r.name, spec).await.map_err(compute_status)?;
+        Ok(Response::new(to_pb(rec, None)))
+    }
+
+    async fn start(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
+        let vm = req.get_ref().vm.clone();
+        on_owner!(self, req, &vm, start, self.compute.start(&vm))
+    }
+
+    async fn stop(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let r = req.get_ref().clone();
+        let timeout =
+            if r.timeout_seconds == 0 { STOP_TIMEOUT } else { Duration::from_secs(r.timeout_seconds.into()) };
+        on_owner!(self, req, &r.vm, stop, self.compute.stop(&r.vm, r.force, timeout))
+    }
+
+    async fn pause(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
+        let vm = req.get_ref().vm.clone();
+        on_owner!(self, req, &vm, pause, self.compute.pause(&vm))
+    }
+
+    async fn resume(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
+        let vm = req.get_ref().vm.clone();
+        on_owner!(self, req, &vm, resume, self.compute.resume(&vm))
+    }
+
+    async fn delete(&self, req: Request<pb::VmRef>) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let vm = req.get_ref().vm.clone();
+        let r = self.compute.resolve(&vm).await.map_err(compute_status)?;
+        if r.node != self.compute.node_id() && !proxied(&req) {
+            let mut c = self.client_for(r.node).await?;
+            return c.delete(mark(req.into_inner())).await;
+        }
+        self.compute.delete(&vm).await.map_err(compute_status)?;
+        Ok(Response::new(pb::DeleteVmResponse {}))
+    }
+
+    async fn get(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
+        let vm = req.get_ref().vm.clone();
+        let r = self.compute.resolve(&vm).await.map_err(compute_status)?;
+        let pid = self.compute.worker_pid(r.id);
+        Ok(Response::new(to_pb(r, pid)))
+    }
+
+    async fn list(&self, _req: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let vms = self.compute.list().await.map_err(compute_status)?;
+        Ok(Response::new(pb::ListVmsResponse {
+            vms: vms
+                .into_iter()
+                .map(|r| {
+                    let pid = self.compute.worker_pid(r.id);
+                    to_pb(r, pid)
+                })
+                .collect(),
+        }))
+    }
+
+    type ConsoleStream = ConsoleStream;
+
+    async fn console(
+        &self,
+        req: Request<Streaming<pb::ConsoleInput>>,
+    ) -> Result<Response<Self::ConsoleStream>, Status> {
+        let mut input = req.into_inner();
+        let first = input
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the first console message must name the VM"))?;
+        let r = self.compute.resolve(&first.vm).await.map_err(compute_status)?;
+        if r.node != self.compute.node_id() {
+            let addr = self.node_address(r.node).unwrap_or_default();
+            return Err(Status::failed_precondition(format!(
+                "VM {} lives on node {} ({addr}); open its console there",
+                r.id, r.node
+            )));
+        }
+        let id = r.id;
+        if !first.data.is_empty() {
+            self.compute.console_input(id, first.data).await.map_err(compute_status)?;
+        }
+        // Input: forwarded while the client sends.
+        let compute = self.compute.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = input.next().await {
+                if !m.data.is_empty() && compute.console_input(id, m.data).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let path = self.compute.console_path(id);
+        Ok(Response::new(Box::pin(follow(path, first.from_start, self.compute.clone(), id))))
+    }
+}
+
+/// Streams a console log: from its start or its current end, following growth
+/// while the VM has a worker, and ending once it has none and all is sent.
+fn follow(
+    path: PathBuf,
+    from_start: bool,
+    compute: Compute,
+    id: VmId,
+) -> impl Stream<Item = Result<pb::ConsoleOutput, Status>> + Send {
+    async_stream(move |tx| async move {
+        let mut file = loop {
+            match tokio::fs::File::open(&path).await {
+                Ok(f) => break f,
+                Err(_) if compute.worker_pid(id).is_some() => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(_) => return,
+            }
+        };
+        if !from_start {
+            let _ = file.seek(std::io::SeekFrom::End(0)).await;
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match file.read(&mut buf).await {
+                Ok(0) => {
+                    if compute.worker_pid(id).is_none() {
+                        // One last read after the worker is gone catches its final bytes.
+                        if let Ok(n) = file.read(&mut buf).await
+                            && n > 0
+                        {
+                            let _ = tx.send(Ok(pb::ConsoleOutput { data: buf[..n].to_vec() })).await;
+                        }
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(n) => {
+                    if tx.send(Ok(pb::ConsoleOutput { data: buf[..n].to_vec() })).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(Status::internal(format!("console log: {e}")))).await;
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// A stream fed by a task through a bounded channel.
+fn async_stream<T: Send + 'static, F, Fut>(f: F) -> impl Stream<Item = T> + Send
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -1,0 +1,25 @@
+//! Everything a guest reaches through port I/O, MMIO and virtqueues.
+//!
+//! # Layout
+//! - `bus.rs`: the port I/O and MMIO buses.
+//! - `interrupt.rs`: MSI-X vectors, legacy IRQ lines and ioeventfds as devices see them.
+//! - `serial.rs`: COM1 (port 0x3f8, IRQ 4).
+//! - `platform.rs`: i8042 reset, ACPI/debug-exit power-off, POST port; [`platform::PlatformEvents`].
+//! - `pci/`: configuration mechanism 1, bus 0, BAR placement, MSI-X.
+//! - `virtio/`: the modern virtio PCI transport, virtio-blk and virtio-net.
+//!
+//! # Wiring (done by the worker)
+//! Port I/O bus: serial at [`serial::COM1_PORT`], the platform ports via
+//! [`platform::attach`], the [`pci::PciRoot`] at [`pci::PCI_CONFIG_PORT`].
+//! MMIO bus: PCI BARs, placed and moved by the root. Virtio doorbells are
+//! ioeventfds registered by each transport through [`interrupt::IoEvents`].
+
+pub mod bus;
+pub mod interrupt;
+pub mod pci;
+pub mod platform;
+pub mod serial;
+pub mod virtio;
+
+#[cfg(test)]
+pub(crate) mod testing;

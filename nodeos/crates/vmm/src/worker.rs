@@ -1,0 +1,246 @@
+//! `nodeos vm-worker`: the process that runs one VM.
+//!
+//! Threads: the main thread builds the VM, then serves the control socket;
+//! one thread per vCPU; one I/O thread per active virtio device; a waiter that
+//! turns platform requests (guest power-off or reset) and vCPU failures into
+//! the worker's end. The worker exits 0 after telling the node why it stopped,
+//! and non-zero only when it could not even report.
+
+use std::io::{IoSliceMut, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use nix::sys::socket::{self, ControlMessageOwned, MsgFlags};
+use tracing::{error, info, warn};
+
+use crate::config::WorkerConfig;
+use crate::control::{self, FromWorker, MAX_MESSAGE, PROTOCOL_VERSION, StopReason, ToWorker, WorkerEvent};
+use crate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("control socket")]
+    Socket(#[source] nix::Error),
+    #[error("the node closed the control socket")]
+    Closed,
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error("expected a start message first")]
+    NotStart,
+    #[error("the node speaks control protocol {0}, this worker {PROTOCOL_VERSION}")]
+    Version(u32),
+}
+
+/// The worker's end of the control socket.
+#[derive(Debug, Clone)]
+pub struct Control {
+    fd: Arc<OwnedFd>,
+}
+
+impl Control {
+    pub fn send(&self, msg: &FromWorker) {
+        match control::encode(msg) {
+            Ok(bytes) => {
+                if let Err(e) = socket::send(self.fd.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL) {
+                    warn!(error = %e, "cannot send to the node");
+                }
+            }
+            Err(e) => error!(error = %e, "control message does not encode"),
+        }
+    }
+
+    fn recv(&self) -> Result<(ToWorker, Vec<OwnedFd>), WorkerError> {
+        let mut buf = vec![0u8; MAX_MESSAGE + 1];
+        let mut cmsg = nix::cmsg_space!([RawFd; 16]);
+        let (n, fds) = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = socket::recvmsg::<()>(
+                self.fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(WorkerError::Socket)?;
+            let mut fds = Vec::new();
+            for c in msg.cmsgs().map_err(WorkerError::Socket)? {
+                if let ControlMessageOwned::ScmRights(raw) = c {
+                    for r in raw {
+                        // SAFETY: SCM_RIGHTS just installed this descriptor in our table; we are its only owner.
+                        fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                    }
+                }
+            }
+            (msg.bytes, fds)
+        };
+        if n == 0 {
+            return Err(WorkerError::Closed);
+        }
+        Ok((control::decode(&buf[..n])?, fds))
+    }
+}
+
+/// A `Write` that appends the serial console to its log file.
+#[derive(Debug)]
+pub struct ConsoleLog {
+    file: std::fs::File,
+}
+
+impl Write for ConsoleLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber_filter();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+fn tracing_subscriber_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_env("NODEOS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+}
+
+/// Entry point of `nodeos vm-worker --control-fd N`.
+pub fn main(control_fd: RawFd) -> ExitCode {
+    init_logging();
+    if control_fd < 3 {
+        eprintln!("vm-worker: --control-fd must name the socket the node passed (3 or above)");
+        return ExitCode::from(2);
+    }
+    // SAFETY: the node passed this descriptor as our control socket; nothing
+    // else in this process refers to it.
+    let ctl = Control { fd: Arc::new(unsafe { OwnedFd::from_raw_fd(control_fd) }) };
+    let (config, nic_fds, seq) = match ctl.recv() {
+        Ok((ToWorker::Start { seq, version, config }, fds)) => {
+            if version != PROTOCOL_VERSION {
+                let e = WorkerError::Version(version);
+                ctl.send(&FromWorker::Failed { seq, error: e.to_string() });
+                return ExitCode::FAILURE;
+            }
+            (config, fds, seq)
+        }
+        Ok((other, _)) => {
+            ctl.send(&FromWorker::Failed { seq: other.seq(), error: WorkerError::NotStart.to_string() });
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("vm-worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    info!(vm = %config.vm_id, vcpus = config.vcpus, memory_mib = config.memory_mib, "building VM");
+    let vm = match build(config, nic_fds) {
+        Ok(vm) => vm,
+        Err(e) => {
+            let msg = chain(&e);
+            error!(error = %msg, "VM cannot start");
+            ctl.send(&FromWorker::Failed { seq, error: msg });
+            return ExitCode::FAILURE;
+        }
+    };
+    ctl.send(&FromWorker::Ack { seq });
+    ctl.send(&FromWorker::Event(WorkerEvent::Running { rss_kib: rss_kib() }));
+    let vm = Arc::new(Mutex::new(vm));
+    // The control thread serves requests until the node goes away or asks to kill.
+    let control_vm = vm.clone();
+    let control = ctl.clone();
+    let ends = Vm::end_signal(&vm);
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || serve_control(control, control_vm))
+        .map(|_| ())
+        .unwrap_or_else(|e| error!(error = %e, "cannot start the control thread"));
+    let reason = ends.wait();
+    info!(?reason, "VM stopping");
+    if let Ok(mut v) = vm.lock() {
+        v.shutdown();
+    }
+    ctl.send(&FromWorker::Event(WorkerEvent::Stopped { reason }));
+    ExitCode::SUCCESS
+}
+
+fn build(config: WorkerConfig, nic_fds: Vec<OwnedFd>) -> Result<Vm, VmError> {
+    config.validate().map_err(VmError::Config)?;
+    let console = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&config.console_log)
+        .map_err(|e| VmError::Console(config.console_log.display().to_string(), e))?;
+    Vm::build(&config, nic_fds, Box::new(ConsoleLog { file: console }))
+}
+
+fn serve_control(ctl: Control, vm: Arc<Mutex<Vm>>) {
+    loop {
+        let msg = match ctl.recv() {
+            Ok((m, _)) => m,
+            Err(WorkerError::Closed) => {
+                // The node is gone: nobody supervises this VM any more.
+                Vm::request_end(&vm, StopReason::Killed);
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "bad control message ignored");
+                continue;
+            }
+        };
+        let seq = msg.seq();
+        let result: Result<(), String> = match msg {
+            ToWorker::Start { .. } => Err("already started".into()),
+            ToWorker::Pause { .. } => vm
+                .lock()
+                .map_err(|_| "VM lock poisoned".to_string())
+                .and_then(|mut v| v.pause().map_err(|e| e.to_string())),
+            ToWorker::Resume { .. } => vm
+                .lock()
+                .map_err(|_| "VM lock poisoned".to_string())
+                .and_then(|mut v| v.resume().map_err(|e| e.to_string())),
+            ToWorker::RequestShutdown { .. } => {
+                vm.lock().map_err(|_| "VM lock poisoned".to_string()).map(|v| v.request_shutdown())
+            }
+            ToWorker::ConsoleInput { bytes, .. } => {
+                vm.lock().map_err(|_| "VM lock poisoned".to_string()).map(|v| v.console_input(&bytes))
+            }
+            ToWorker::Kill { .. } => {
+                ctl.send(&FromWorker::Ack { seq });
+                Vm::request_end(&vm, StopReason::Killed);
+                return;
+            }
+        };
+        ctl.send(&match result {
+            Ok(()) => FromWorker::Ack { seq },
+            Err(error) => FromWorker::Failed { seq, error },
+        });
+    }
+}
+
+/// Resident set of this process, KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

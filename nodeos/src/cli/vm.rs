@@ -1,0 +1,251 @@
+//! `nodeos vm create|start|stop|pause|resume|list|show|delete|console`.
+
+use std::io::Write;
+
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use nodeos_proto::v1 as pb;
+use nodeos_proto::v1::vm_service_client::VmServiceClient;
+use serde::Serialize;
+
+use super::output;
+use super::{CliError, Ctx, Format};
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Record a VM on the answering node (it stays stopped).
+    Create(CreateArgs),
+    /// Start a VM's worker and vCPUs.
+    Start {
+        vm: String,
+    },
+    /// Ask the guest to shut down (then kill after --timeout), or kill at once with --force.
+    Stop {
+        vm: String,
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for a graceful shutdown.
+        #[arg(long, default_value_t = 30)]
+        timeout: u32,
+    },
+    Pause {
+        vm: String,
+    },
+    Resume {
+        vm: String,
+    },
+    /// Remove a stopped or crashed VM.
+    Delete {
+        vm: String,
+    },
+    List,
+    Show {
+        vm: String,
+    },
+    /// Attach to the serial console (output; typed lines go to the guest). Ctrl-D ends.
+    Console {
+        vm: String,
+        /// Replay the console log from its start.
+        #[arg(long)]
+        from_start: bool,
+        /// Print what the console has and exit instead of following it.
+        #[arg(long)]
+        no_follow: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    pub name: String,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
+    /// Kernel image on the node: bzImage, ELF vmlinux or PVH ELF.
+    #[arg(long)]
+    pub kernel: String,
+    #[arg(long, default_value = "")]
+    pub initrd: String,
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// A disk image file on the node; append ",ro" for read-only. Repeatable.
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    /// A NIC attached to a host tap: TAP or TAP,MAC. Repeatable.
+    #[arg(long = "nic")]
+    pub nics: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct VmView {
+    id: String,
+    name: String,
+    state: String,
+    reason: String,
+    node: String,
+    vcpus: u32,
+    memory_mib: u64,
+    kernel: String,
+    cmdline: String,
+    disks: Vec<String>,
+    nics: Vec<String>,
+    worker_pid: u32,
+}
+
+impl From<pb::Vm> for VmView {
+    fn from(v: pb::Vm) -> Self {
+        let s = v.spec.unwrap_or_default();
+        VmView {
+            id: v.id,
+            name: v.name,
+            state: v.state,
+            reason: v.reason,
+            node: v.node_id,
+            vcpus: s.vcpus,
+            memory_mib: s.memory_mib,
+            kernel: s.kernel,
+            cmdline: s.cmdline,
+            disks: s
+                .disks
+                .into_iter()
+                .map(|d| if d.read_only { format!("{},ro", d.path) } else { d.path })
+                .collect(),
+            nics: s.nics.into_iter().map(|n| format!("{},{}", n.tap, n.mac)).collect(),
+            worker_pid: v.worker_pid,
+        }
+    }
+}
+
+const HEADERS: &[&str] = &["ID", "NAME", "STATE", "NODE", "VCPUS", "MEMORY", "REASON"];
+
+fn row(v: &VmView) -> Vec<String> {
+    vec![
+        v.id.clone(),
+        v.name.clone(),
+        v.state.clone(),
+        v.node.clone(),
+        v.vcpus.to_string(),
+        format!("{} MiB", v.memory_mib),
+        v.reason.clone(),
+    ]
+}
+
+fn show(format: Format, v: pb::Vm) -> Result<(), CliError> {
+    let v = VmView::from(v);
+    match format {
+        Format::Json => output::print(format, &v, &[], vec![]),
+        Format::Table => {
+            let rows = vec![
+                vec!["id".into(), v.id.clone()],
+                vec!["name".into(), v.name.clone()],
+                vec!["state".into(), v.state.clone()],
+                vec!["reason".into(), v.reason.clone()],
+                vec!["node".into(), v.node.clone()],
+                vec!["vcpus".into(), v.vcpus.to_string()],
+                vec!["memory".into(), format!("{} MiB", v.memory_mib)],
+                vec!["kernel".into(), v.kernel.clone()],
+                vec!["cmdline".into(), v.cmdline.clone()],
+                vec!["disks".into(), v.disks.join(" ")],
+                vec!["nics".into(), v.nics.join(" ")],
+                vec!["worker pid".into(), v.worker_pid.to_string()],
+            ];
+            output::print(format, &v, &["FIELD", "VALUE"], rows)
+        }
+    }
+}
+
+fn parse_disk(s: &str) -> pb::DiskSpec {
+    match s.strip_suffix(",ro") {
+        Some(p) => pb::DiskSpec { path: p.to_owned(), read_only: true },
+        None => pb::DiskSpec { path: s.to_owned(), read_only: false },
+    }
+}
+
+fn parse_nic(s: &str) -> pb::NicSpec {
+    match s.split_once(',') {
+        Some((tap, mac)) => pb::NicSpec { tap: tap.to_owned(), mac: mac.to_owned() },
+        None => pb::NicSpec { tap: s.to_owned(), mac: String::new() },
+    }
+}
+
+pub async fn run(ctx: Ctx, cmd: VmCmd) -> Result<(), CliError> {
+    let mut c = VmServiceClient::new(ctx.channel.clone());
+    let vm = |v: String| pb::VmRef { vm: v };
+    match cmd {
+        VmCmd::Create(a) => {
+            let spec = pb::VmSpec {
+                vcpus: a.vcpus,
+                memory_mib: a.memory,
+                kernel: a.kernel,
+                initrd: a.initrd,
+                cmdline: a.cmdline,
+                disks: a.disks.iter().map(|d| parse_disk(d)).collect(),
+                nics: a.nics.iter().map(|n| parse_nic(n)).collect(),
+            };
+            show(
+                ctx.output,
+                c.create(pb::CreateVmRequest { name: a.name, spec: Some(spec) }).await?.into_inner(),
+            )
+        }
+        VmCmd::Start { vm: v } => show(ctx.output, c.start(vm(v)).await?.into_inner()),
+        VmCmd::Stop { vm: v, force, timeout } => show(
+            ctx.output,
+            c.stop(pb::StopVmRequest { vm: v, force, timeout_seconds: timeout }).await?.into_inner(),
+        ),
+        VmCmd::Pause { vm: v } => show(ctx.output, c.pause(vm(v)).await?.into_inner()),
+        VmCmd::Resume { vm: v } => show(ctx.output, c.resume(vm(v)).await?.into_inner()),
+        VmCmd::Delete { vm: v } => {
+            c.delete(vm(v.clone())).await?;
+            println!("deleted {v}");
+            Ok(())
+        }
+        VmCmd::Show { vm: v } => show(ctx.output, c.get(vm(v)).await?.into_inner()),
+        VmCmd::List => {
+            let vms: Vec<VmView> =
+                c.list(pb::ListVmsRequest {}).await?.into_inner().vms.into_iter().map(VmView::from).collect();
+            let rows = vms.iter().map(row).collect();
+            output::print(ctx.output, &vms, HEADERS, rows)
+        }
+        VmCmd::Console { vm: v, from_start, no_follow } => {
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::ConsoleInput>(16);
+            tx.send(pb::ConsoleInput { vm: v, from_start, data: vec![] })
+                .await
+                .map_err(|_| CliError::Status("console closed".into()))?;
+            if !no_follow {
+                // Lines typed on stdin go to the guest; the sender drops at EOF.
+                std::thread::spawn(move || {
+                    let mut line = String::new();
+                    while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+                        let data = std::mem::take(&mut line).into_bytes();
+                        if tx
+                            .blocking_send(pb::ConsoleInput { vm: String::new(), from_start: false, data })
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            } else {
+                drop(tx);
+            }
+            let mut out = c.console(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+            let mut stdout = std::io::stdout();
+            loop {
+                let next = if no_follow {
+                    match tokio::time::timeout(std::time::Duration::from_millis(500), out.next()).await {
+                        Ok(n) => n,
+                        Err(_) => break,
+                    }
+                } else {
+                    out.next().await
+                };
+                let Some(chunk) = next else { break };
+                let chunk = chunk?;
+                let _ = stdout.write_all(&chunk.data);
+                let _ = stdout.flush();
+            }
+            Ok(())
+        }
+    }
+}
