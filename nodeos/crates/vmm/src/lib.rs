@@ -10,6 +10,8 @@
 //! - `boot/`: x86-64 direct boot: Linux bzImage / ELF vmlinux (boot params, e820,
 //!   command line, initramfs), PVH ELF (start info, memory map), GDT, identity page
 //!   tables, MP table, initial vCPU registers.
+//! - `interrupts.rs`: the KVM side of device interrupts and doorbells (MSI routes,
+//!   irqfds, ioeventfds).
 //! - `devices/`: the I/O and MMIO buses and everything on them: `bus.rs`, `interrupt.rs`
 //!   (MSI routing seen by devices), `serial.rs`, `pci/` (config mechanism 1, root
 //!   bus, MSI-X), `virtio/` (PCI transport, `block/`, `net/`).
