@@ -1,0 +1,226 @@
+//! VMs end to end through the public gRPC API: a one-node pool in its own
+//! network namespace runs the repository's test guest under KVM, with a
+//! virtio-blk disk on a host file and a virtio-net NIC on a tap in that
+//! namespace. Needs root and /dev/kvm; without them it prints `SKIPPED: ...`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use futures::StreamExt;
+use nodeos_proto::v1 as pb;
+use nodeos_proto::v1::vm_service_client::VmServiceClient;
+use nodeos_tests::cluster::Cluster;
+use nodeos_tests::{NodeSpec, require, wait_until};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const GUEST_RUN: Duration = Duration::from_secs(180);
+
+fn guest_elf() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
+    assert!(p.is_file(), "the test guest is not built ({}): run `make guest` (make test does)", p.display());
+    p
+}
+
+fn kvm_or_skip(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: no /dev/kvm");
+    false
+}
+
+fn spec(kernel: &Path, cmdline: &str, memory_mib: u64) -> pb::VmSpec {
+    pb::VmSpec {
+        vcpus: 1,
+        memory_mib,
+        kernel: kernel.display().to_string(),
+        initrd: String::new(),
+        cmdline: cmdline.to_owned(),
+        disks: vec![],
+        nics: vec![],
+    }
+}
+
+async fn one_node_pool(test: &str) -> anyhow::Result<Option<(Cluster, VmServiceClient<Channel>)>> {
+    let Some(env) = require(test)? else { return Ok(None) };
+    if !kvm_or_skip(test) {
+        return Ok(None);
+    }
+    let mut c = Cluster::new(&env, test)?;
+    let spec = NodeSpec { bootstrap_expect: Some(1), beacons: false, ..c.spec() };
+    let i = c.add_node(&spec)?;
+    let cref = &c;
+    wait_until("a one-node pool", Duration::from_secs(60), || async move {
+        let s = cref.status(i).await?;
+        ensure!(!s.pool_id.is_empty() && !s.leader_id.is_empty(), "not formed yet");
+        Ok(())
+    })
+    .await?;
+    let addr = c.node(i)?.addr;
+    let vms = VmServiceClient::connect(format!("http://{addr}")).await.context("connecting to the VM API")?;
+    Ok(Some((c, vms)))
+}
+
+/// Console output of a VM until `until` appears (or the stream ends).
+async fn console_until(vms: &mut VmServiceClient<Channel>, vm: &str, until: &str) -> anyhow::Result<String> {
+    let first = pb::ConsoleInput { vm: vm.to_owned(), from_start: true, data: vec![] };
+    let mut out = vms.console(futures::stream::iter(vec![first])).await?.into_inner();
+    let mut text = String::new();
+    let read = async {
+        while let Some(chunk) = out.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk?.data));
+            if text.contains(until) {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(GUEST_RUN, read).await {
+        Ok(r) => r?,
+        Err(_) => bail!("no {until:?} on the console within {GUEST_RUN:?}; console so far:\n{text}"),
+    }
+    Ok(text)
+}
+
+async fn wait_state(vms: &mut VmServiceClient<Channel>, vm: &str, state: &str) -> anyhow::Result<pb::Vm> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = vms.get(pb::VmRef { vm: vm.to_owned() }).await?.into_inner();
+        if v.state == state {
+            return Ok(v);
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "VM {vm} is {} ({}), not {state}", v.state, v.reason);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_guest_does_block_and_net_io_through_the_api() -> anyhow::Result<()> {
+    let test = "test_guest_does_block_and_net_io_through_the_api";
+    let Some((c, mut vms)) = one_node_pool(test).await? else { return Ok(()) };
+    let ns = c.node(0)?.ns.clone();
+    let scratch = tempfile::tempdir()?;
+    let disk = scratch.path().join("disk.img");
+    std::fs::File::create(&disk)?.set_len(8 << 20)?;
+    let mut s = spec(&guest_elf(), "mode=all net_frames=2 net_expect=2 net_wait_ms=120000 blk_seed=0x77", 64);
+    s.disks.push(pb::DiskSpec { path: disk.display().to_string(), read_only: false });
+    s.nics.push(pb::NicSpec { mac: "52:54:00:12:34:56".into(), tap: "vmtap0".into() });
+    let vm = vms.create(pb::CreateVmRequest { name: "io".into(), spec: Some(s) }).await?.into_inner();
+    ensure!(vm.state == "stopped", "a created VM is stopped, got {}", vm.state);
+
+    // The tap exists once the VM starts; the peer waits for it.
+    let peer = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "python3"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/tap_peer.py"))
+        .args(["vmtap0", "--frames", "2", "--timeout", "170"])
+        .output();
+    let peer = tokio::spawn(peer);
+    let started = vms.start(pb::VmRef { vm: "io".into() }).await?.into_inner();
+    ensure!(started.state == "running" && started.worker_pid != 0, "started VM: {started:?}");
+
+    let console = console_until(&mut vms, "io", "NODEOS-GUEST: done").await?;
+    let peer = peer.await??;
+    let peer_out = String::from_utf8_lossy(&peer.stdout).into_owned();
+    ensure!(console.contains("NODEOS-GUEST: boot ok"), "no boot line:\n{console}");
+    ensure!(console.contains("NODEOS-GUEST: blk ok sectors=64"), "block check failed:\n{console}");
+    ensure!(console.contains("NODEOS-GUEST: net ok"), "net check failed:\n{console}\npeer: {peer_out}");
+    ensure!(
+        peer.status.success() && peer_out.contains("TAP-PEER: ok guest_mac=52:54:00:12:34:56"),
+        "tap peer: {peer_out}"
+    );
+
+    // What the guest wrote is in the host file, block for block.
+    let verify = std::process::Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/verify_blk.py"))
+        .arg(&disk)
+        .args(["--sectors", "64", "--seed", "0x77"])
+        .output()?;
+    ensure!(verify.status.success(), "disk image check: {}", String::from_utf8_lossy(&verify.stdout));
+
+    let v = wait_state(&mut vms, "io", "stopped").await?;
+    ensure!(v.reason.contains("powered off"), "reason: {}", v.reason);
+    vms.delete(pb::VmRef { vm: "io".into() }).await?;
+    let gone = vms.get(pb::VmRef { vm: "io".into() }).await.expect_err("deleted");
+    ensure!(gone.code() == Code::NotFound, "{gone:?}");
+    c.finish();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::Result<()> {
+    let test = "killed_worker_is_a_crash_and_bad_requests_change_nothing";
+    let Some((c, mut vms)) = one_node_pool(test).await? else { return Ok(()) };
+    let guest = guest_elf();
+
+    // Bad input: clear errors, nothing recorded.
+    let bad = [
+        (spec(Path::new("/nonexistent/kernel"), "", 64), "kernel"),
+        (pb::VmSpec { vcpus: 0, ..spec(&guest, "", 64) }, "vcpus"),
+        (spec(&guest, "", 64 * 1024 * 1024), "memory_mib"),
+        (
+            spec(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml").as_path(), "", 64),
+            "neither a bzImage nor an ELF",
+        ),
+    ];
+    for (s, want) in bad {
+        let e =
+            vms.create(pb::CreateVmRequest { name: "bad".into(), spec: Some(s) }).await.expect_err("refused");
+        ensure!(e.code() == Code::InvalidArgument && e.message().contains(want), "{want}: {e:?}");
+    }
+    let e = vms.get(pb::VmRef { vm: "nosuchvm".into() }).await.expect_err("unknown");
+    ensure!(e.code() == Code::NotFound, "{e:?}");
+    let e = vms.start(pb::VmRef { vm: "00000000000000ab".into() }).await.expect_err("unknown id");
+    ensure!(e.code() == Code::NotFound, "{e:?}");
+    ensure!(
+        vms.list(pb::ListVmsRequest {}).await?.into_inner().vms.is_empty(),
+        "refused creates left records"
+    );
+
+    // A VM that runs until stopped; double start is refused.
+    vms.create(pb::CreateVmRequest {
+        name: "spin".into(),
+        spec: Some(spec(&guest, "mode=dirty dirty_mib=1", 32)),
+    })
+    .await?;
+    let running = vms.start(pb::VmRef { vm: "spin".into() }).await?.into_inner();
+    let e = vms.start(pb::VmRef { vm: "spin".into() }).await.expect_err("double start");
+    ensure!(e.code() == Code::FailedPrecondition && e.message().contains("running"), "{e:?}");
+    let e = vms
+        .create(pb::CreateVmRequest { name: "spin".into(), spec: Some(spec(&guest, "", 32)) })
+        .await
+        .expect_err("dup");
+    ensure!(e.code() == Code::AlreadyExists, "{e:?}");
+    console_until(&mut vms, "spin", "NODEOS-GUEST: dirty pass=").await?;
+
+    // Pause and resume.
+    let p = vms.pause(pb::VmRef { vm: "spin".into() }).await?.into_inner();
+    ensure!(p.state == "paused", "{p:?}");
+    let r = vms.resume(pb::VmRef { vm: "spin".into() }).await?.into_inner();
+    ensure!(r.state == "running", "{r:?}");
+
+    // kill -9 of the worker: the VM is crashed, the node carries on.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(running.worker_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .context("killing the worker")?;
+    let v = wait_state(&mut vms, "spin", "crashed").await?;
+    ensure!(v.reason.contains("signal 9"), "reason: {}", v.reason);
+    ensure!(v.worker_pid == 0, "{v:?}");
+    let s = c.status(0).await?;
+    ensure!(!s.leader_id.is_empty(), "the node lost its pool after a worker died");
+
+    // A crashed VM starts again on request, and a forced stop stops it.
+    vms.start(pb::VmRef { vm: "spin".into() }).await?;
+    let st = vms
+        .stop(pb::StopVmRequest { vm: "spin".into(), force: true, timeout_seconds: 0 })
+        .await?
+        .into_inner();
+    ensure!(st.state == "stopped", "{st:?}");
+    vms.delete(pb::VmRef { vm: "spin".into() }).await?;
+    c.finish();
+    Ok(())
+}
