@@ -6,6 +6,7 @@
 //! - `control.rs`: the node <-> worker control protocol.
 //! - `vm.rs`: [`vm::Vm`], one VM assembled from its config; `vcpu.rs`: vCPU threads,
 //!   pause/resume, the VM's end signal; `worker.rs`: the worker process's main.
+//! - `seccomp.rs`: the system-call filter every worker thread runs under.
 //! - `memory.rs`: the guest physical address map and guest memory (a shared memfd).
 //! - `boot/`: x86-64 direct boot: Linux bzImage / ELF vmlinux (boot params, e820,
 //!   command line, initramfs), PVH ELF (start info, memory map), GDT, identity page
@@ -26,6 +27,7 @@ pub mod control;
 pub mod devices;
 pub mod interrupts;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 pub mod worker;

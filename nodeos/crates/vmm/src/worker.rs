@@ -147,8 +147,17 @@ pub fn main(control_fd: RawFd) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Measured before confinement: /proc is out of reach afterwards.
+    let rss = rss_kib();
+    // Everything the VM needs is open: from here on the worker is confined.
+    if let Err(e) = crate::seccomp::apply_to_process() {
+        let msg = chain(&e);
+        error!(error = %msg, "cannot confine the worker");
+        ctl.send(&FromWorker::Failed { seq, error: msg });
+        return ExitCode::FAILURE;
+    }
     ctl.send(&FromWorker::Ack { seq });
-    ctl.send(&FromWorker::Event(WorkerEvent::Running { rss_kib: rss_kib() }));
+    ctl.send(&FromWorker::Event(WorkerEvent::Running { rss_kib: rss }));
     let vm = Arc::new(Mutex::new(vm));
     // The control thread serves requests until the node goes away or asks to kill.
     let control_vm = vm.clone();
