@@ -42,7 +42,7 @@ bench-meta: release
 	NODEOS_BIN=$(CURDIR)/$(RELEASE_BIN) target/release/bench-meta
 
 # A local 3-node pool on loopback, state under ./.demo/.
-demo:
+demo: guest
 	$(CARGO) build -p nodeos
 	scripts/demo.sh start
 
