@@ -179,12 +179,22 @@ async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::R
         "refused creates left records"
     );
 
-    // A VM that runs until stopped; double start is refused.
-    vms.create(pb::CreateVmRequest {
-        name: "spin".into(),
-        spec: Some(spec(&guest, "mode=dirty dirty_mib=1", 32)),
-    })
-    .await?;
+    // A kernel with the right magic that does not load: the start fails with
+    // the loader's reason, and no worker is left behind.
+    let scratch = tempfile::tempdir()?;
+    let broken = scratch.path().join("broken.elf");
+    std::fs::write(&broken, b"\x7fELF\x02\x01\x01 this is not a kernel")?;
+    vms.create(pb::CreateVmRequest { name: "broken".into(), spec: Some(spec(&broken, "", 32)) }).await?;
+    let e = vms.start(pb::VmRef { vm: "broken".into() }).await.expect_err("unloadable kernel");
+    ensure!(e.code() == Code::FailedPrecondition && e.message().contains("kernel"), "{e:?}");
+    let v = vms.get(pb::VmRef { vm: "broken".into() }).await?.into_inner();
+    ensure!(v.state == "stopped" && v.worker_pid == 0 && v.reason.contains("start failed"), "{v:?}");
+    vms.delete(pb::VmRef { vm: "broken".into() }).await?;
+
+    // A VM that runs until stopped (two vCPUs: the second waits for a SIPI the
+    // test guest never sends); double start is refused.
+    let two = pb::VmSpec { vcpus: 2, ..spec(&guest, "mode=dirty dirty_mib=1", 32) };
+    vms.create(pb::CreateVmRequest { name: "spin".into(), spec: Some(two) }).await?;
     let running = vms.start(pb::VmRef { vm: "spin".into() }).await?.into_inner();
     let e = vms.start(pb::VmRef { vm: "spin".into() }).await.expect_err("double start");
     ensure!(e.code() == Code::FailedPrecondition && e.message().contains("running"), "{e:?}");
