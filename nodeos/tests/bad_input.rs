@@ -248,4 +248,18 @@ fn single_node_pool_answers_bad_requests_with_clear_errors() {
     assert!(stderr(&o).contains("compare failed"), "{}", stderr(&o));
     let o = run(&["--endpoint", &addr, "meta", "get", "k"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "v");
+
+    // Garbage on the API port (not HTTP/2, then an HTTP/2 preface followed by
+    // junk frames) is dropped; the node keeps serving.
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n\x00\xff\xfe"[..],
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\x09\x00\x00\x00\x00\x01garbage"[..],
+    ] {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        let _ = std::io::Write::write_all(&mut s, junk);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = std::io::Read::read(&mut s, &mut [0u8; 256]);
+    }
+    let o = run(&["--endpoint", &addr, "meta", "get", "k"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "v", "{}", stderr(&o));
 }
