@@ -93,8 +93,13 @@ const ALLOWED: &[i64] = &[
 /// The compiled filter.
 pub fn filter() -> Result<BpfProgram, SeccompError> {
     let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = ALLOWED.iter().map(|&n| (n, vec![])).collect();
-    let f = SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(SeccompError::Build)?;
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(SeccompError::Build)?;
     BpfProgram::try_from(f).map_err(SeccompError::Compile)
 }
 
