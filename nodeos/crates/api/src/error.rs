@@ -32,12 +32,5 @@ pub fn watch_status(e: &WatchError) -> Status {
 
 /// Error message with its causes, for the client's one-line error.
 pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    nodeos_types::error_chain(e)
 }

@@ -122,6 +122,19 @@ fn parse_hex(s: &str, _kind: &str, digits: usize) -> Option<u128> {
     u128::from_str_radix(s, 16).ok()
 }
 
+/// An error and all its causes on one line, `outer: cause: root cause`, for
+/// messages that cross a process or API boundary.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Unix time in milliseconds, for records and wire timestamps.
 pub fn unix_millis() -> u64 {
     std::time::SystemTime::now()

@@ -141,7 +141,7 @@ pub fn main(control_fd: RawFd) -> ExitCode {
     let vm = match build(config, nic_fds) {
         Ok(vm) => vm,
         Err(e) => {
-            let msg = chain(&e);
+            let msg = nodeos_types::error_chain(&e);
             error!(error = %msg, "VM cannot start");
             ctl.send(&FromWorker::Failed { seq, error: msg });
             return ExitCode::FAILURE;
@@ -151,7 +151,7 @@ pub fn main(control_fd: RawFd) -> ExitCode {
     let rss = rss_kib();
     // Everything the VM needs is open: from here on the worker is confined.
     if let Err(e) = crate::seccomp::apply_to_process() {
-        let msg = chain(&e);
+        let msg = nodeos_types::error_chain(&e);
         error!(error = %msg, "cannot confine the worker");
         ctl.send(&FromWorker::Failed { seq, error: msg });
         return ExitCode::FAILURE;
@@ -241,15 +241,4 @@ pub fn rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
