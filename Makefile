@@ -9,7 +9,7 @@ PROTOC := $(shell scripts/protoc-path.sh)
 endif
 export PROTOC
 
-.PHONY: build release test lint verify fmt bench bench-meta demo demo-stop deps-check clean guest guest-test
+.PHONY: build release test lint verify fmt bench bench-meta bench-vmm demo demo-stop deps-check clean guest guest-test
 
 build:
 	$(CARGO) build --workspace --bins
@@ -34,12 +34,18 @@ fmt:
 deps-check:
 	python3 scripts/deps-check.py
 
-bench: bench-meta
+bench: bench-meta bench-vmm
 
 # Metadata store against a 3-member etcd on loopback, same load generator.
 bench-meta: release
 	$(CARGO) build --release -p nodeos-bench --bin bench-meta
 	NODEOS_BIN=$(CURDIR)/$(RELEASE_BIN) target/release/bench-meta
+
+# The VMM against QEMU (-accel kvm -M pc), both booting the in-repo test guest.
+bench-vmm: release guest
+	$(CARGO) build --release -p nodeos-bench --bin bench-vmm
+	NODEOS_BIN=$(CURDIR)/$(RELEASE_BIN) NODEOS_GUEST=$(CURDIR)/tests/guest/build/nodeos-test-guest.elf \
+		target/release/bench-vmm
 
 # A local 3-node pool on loopback, state under ./.demo/.
 demo: guest

@@ -25,7 +25,7 @@ start() {
   done
   echo "waiting for the pool to form..."
   for _ in $(seq 1 60); do
-    if "$BIN" --endpoint 127.0.0.1:7700 --timeout 3 pool status -o json 2>/dev/null \
+    if "$BIN" --endpoint 127.0.0.1:7700 --request-timeout 3 pool status -o json 2>/dev/null \
         | python3 -c '
 import json, sys
 try:

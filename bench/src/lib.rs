@@ -1,8 +1,10 @@
 //! Shared benchmark helpers: process guards, the load generator shared by all
-//! systems under test, and the systems themselves (nodeos, etcd).
+//! systems under test, the systems themselves (nodeos, etcd), and the two sides
+//! of the VMM benchmark (the nodeos VMM through `VmService`, QEMU).
 
 pub mod etcd;
 pub mod load;
 pub mod nodeos;
 pub mod proc;
 pub mod system;
+pub mod vmm;

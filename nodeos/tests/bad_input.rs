@@ -263,3 +263,23 @@ fn single_node_pool_answers_bad_requests_with_clear_errors() {
     let o = run(&["--endpoint", &addr, "meta", "get", "k"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "v", "{}", stderr(&o));
 }
+
+#[test]
+fn every_command_parses_its_flags() {
+    // clap checks flag definitions against their use only when a command runs;
+    // --help of each command exercises every definition without a node.
+    for args in [
+        vec!["vm", "stop", "x", "--force", "--timeout", "5", "--help"],
+        vec!["vm", "create", "--help"],
+        vec!["vm", "console", "--help"],
+        vec!["meta", "put", "--help"],
+        vec!["pool", "watch", "--help"],
+        vec!["node", "--help"],
+    ] {
+        let o = run(&args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+    // And a real parse of `vm stop` up to the network call.
+    let o = run(&["--endpoint", "127.0.0.1:1", "vm", "stop", "x", "--timeout", "5"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+}

@@ -85,6 +85,13 @@ struct guest_config {
 	u64 blk_sectors;
 	u64 blk_seed;
 	int bar_force_assign;
+	/* benchmark modes (bench.c) */
+	u64 exits_n;
+	u64 exits_port;
+	u64 blk_ops;
+	u64 blk_qd;
+	int blk_write; /* blk_rw=write */
+	u64 blk_flush; /* negotiate VIRTIO_BLK_F_FLUSH in blkbench (when offered) */
 };
 extern struct guest_config cfg;
 
@@ -171,6 +178,8 @@ struct virtio_dev {
 int virtio_find(u16 modern_id, u16 transitional_id);
 int virtio_init(struct virtio_dev *vd, const struct pci_dev *pci, u64 wanted, const char *who);
 int virtio_setup_queue(struct virtio_dev *vd, struct virtq *q, u16 index, struct vq_mem *mem, const char *who);
+u16 virtio_setup_queue_raw(struct virtio_dev *vd, u16 index, u16 want, u64 desc, u64 avail, u64 used,
+			   u64 *notify, u16 *max_out, const char *who);
 int virtio_driver_ok(struct virtio_dev *vd, const char *who);
 void virtio_reset(struct virtio_dev *vd);
 u8 virtio_cfg_read8(struct virtio_dev *vd, u32 off);
@@ -185,5 +194,8 @@ int vq_wait(struct virtq *q, u32 *id, u32 *len, u64 timeout_ms);
 int blk_test(int required);
 int net_test(int required);
 NORETURN void dirty_loop(void);
+int exits_bench(void);
+NORETURN void idle_forever(void);
+int blk_bench(void);
 
 #endif

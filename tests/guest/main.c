@@ -167,6 +167,12 @@ static void parse_cmdline(void)
 	cfg.blk_sectors = 64;
 	cfg.blk_seed = 1;
 	cfg.bar_force_assign = 0;
+	cfg.exits_n = 20000;
+	cfg.exits_port = 0x520;
+	cfg.blk_ops = 2000;
+	cfg.blk_qd = 1;
+	cfg.blk_write = 0;
+	cfg.blk_flush = 1;
 
 	const char *p = cmdline;
 	while (*p) {
@@ -208,6 +214,24 @@ static void parse_cmdline(void)
 			set_u64("blk_seed", v, vlen, &cfg.blk_seed);
 		else if (KEY("bar_assign"))
 			cfg.bar_force_assign = vlen == 5 && strncmp(v, "force", 5) == 0;
+		else if (KEY("exits_n"))
+			set_u64("exits_n", v, vlen, &cfg.exits_n);
+		else if (KEY("exits_port"))
+			set_u64("exits_port", v, vlen, &cfg.exits_port);
+		else if (KEY("blk_ops"))
+			set_u64("blk_ops", v, vlen, &cfg.blk_ops);
+		else if (KEY("blk_flush"))
+			set_u64("blk_flush", v, vlen, &cfg.blk_flush);
+		else if (KEY("blk_qd"))
+			set_u64("blk_qd", v, vlen, &cfg.blk_qd);
+		else if (KEY("blk_rw")) {
+			if (vlen == 5 && strncmp(v, "write", 5) == 0)
+				cfg.blk_write = 1;
+			else if (vlen == 4 && strncmp(v, "read", 4) == 0)
+				cfg.blk_write = 0;
+			else if (!bad_key)
+				bad_key = "blk_rw";
+		}
 #undef KEY
 		/* unknown keys are ignored (the VMM may add its own) */
 	}
@@ -285,6 +309,12 @@ void guest_main(u32 start_info_pa)
 	} else if (strncmp(cfg.mode, "all", 4) == 0) {
 		blk_test(0);
 		net_test(0);
+	} else if (strncmp(cfg.mode, "idle", 5) == 0) {
+		idle_forever();
+	} else if (strncmp(cfg.mode, "exits", 6) == 0) {
+		exits_bench();
+	} else if (strncmp(cfg.mode, "blkbench", 9) == 0) {
+		blk_bench();
 	} else if (strncmp(cfg.mode, "dirty", 6) == 0) {
 		dirty_loop();
 	} else if (strncmp(cfg.mode, "crash", 6) == 0) {

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Build the nodeos test guest and boot it under QEMU in several configurations.
 #
-#   tests/guest/run-qemu.sh [CASE...]      cases: boot all q35 readonly missing crash microvm dirty (default: all of them)
+#   tests/guest/run-qemu.sh [CASE...]      cases: boot all q35 readonly missing crash microvm dirty exits blkbench
+#                                          (default: all of them) and idle (only when named)
 #
 # Environment:
 #   ACCELS="kvm tcg"     accelerators to try (kvm is skipped, loudly, without a usable /dev/kvm)
 #   QEMU=qemu-system-x86_64
 #   RUN_TIMEOUT=120      seconds per QEMU run (every run is bounded by timeout(1))
 #   DIRTY_SECS=15        how long the dirty-mode run lasts (it never ends by itself)
+#   IDLE_SECS=15         how long the idle-mode run lasts (it never ends by itself)
 #   KEEP_LOGS=1          keep the per-run logs directory even on success
 #
 # Exit status 0 when every run passed, 1 otherwise. All network traffic stays on
@@ -19,6 +21,7 @@ QEMU=${QEMU:-qemu-system-x86_64}
 ACCELS=${ACCELS:-kvm tcg}
 RUN_TIMEOUT=${RUN_TIMEOUT:-120}
 DIRTY_SECS=${DIRTY_SECS:-15}
+IDLE_SECS=${IDLE_SECS:-15}
 ELF=$HERE/build/nodeos-test-guest.elf
 PY=${PYTHON:-python3}
 
@@ -27,7 +30,7 @@ command -v "$QEMU" >/dev/null || { echo "run-qemu: FAIL $QEMU not found"; exit 1
 
 OUT=$(mktemp -d /tmp/nodeos-test-guest.XXXXXX)
 CASES=("$@")
-[ ${#CASES[@]} -eq 0 ] && CASES=(boot all q35 readonly missing crash microvm dirty)
+[ ${#CASES[@]} -eq 0 ] && CASES=(boot all q35 readonly missing crash microvm dirty exits blkbench)
 
 passed=0
 failed=0
@@ -203,6 +206,44 @@ case_dirty() { # runs until timeout; needs >= 2 ok reports (so at least one veri
 	n=$(grep -acE '^NODEOS-GUEST: dirty pass=[0-9]+ checksum=[0-9a-f]{16} ok$' "$log")
 	[ "$n" -ge 2 ] || { fail "$name" "only $n dirty reports in ${DIRTY_SECS}s" "$log"; return; }
 	pass "$name ($n reports, last: $(grep -a 'dirty pass=' "$log" | tail -n1 | cut -d' ' -f3))"
+}
+
+case_exits() { # benchmark mode: outb loop to an unclaimed port, timed with the TSC
+	local name=$1 accel=$2 log=$OUT/$1.log
+	qemu_run "$log" "$RUN_TIMEOUT" "$accel" "mode=exits exits_n=2000" -nodefaults
+	check_ok "$name" "$log" $? '^NODEOS-GUEST: exits n=2000 tsc_cycles=[1-9][0-9]* tsc_khz=[1-9][0-9]*$' &&
+		pass "$name"
+}
+
+case_blkbench() { # benchmark mode: random 4 KiB reads at qd 1, then writes at qd 32 (queue 128, FLUSH negotiated)
+	local name=$1 accel=$2 img=$OUT/$1.img log=$OUT/$1.log
+	truncate -s 16M "$img"
+	qemu_run "$log" "$RUN_TIMEOUT" "$accel" "mode=blkbench blk_ops=300 blk_qd=1 blk_rw=read" -nodefaults \
+		-drive "file=$img,if=none,format=raw,id=d0" -device virtio-blk-pci,drive=d0
+	check_ok "$name" "$log" $? '^NODEOS-GUEST: blkbench start rw=read qd=1 ops=300 capacity=32768 queue_size=64 .*flush=yes' \
+		'^NODEOS-GUEST: blkbench rw=read qd=1 ops=300 tsc_cycles=[1-9][0-9]* tsc_khz=[1-9][0-9]*$' || return
+	log=$OUT/$1.qd32.log
+	qemu_run "$log" "$RUN_TIMEOUT" "$accel" "mode=blkbench blk_ops=1000 blk_qd=32 blk_rw=write" -nodefaults \
+		-drive "file=$img,if=none,format=raw,id=d0" -device virtio-blk-pci,drive=d0,disable-legacy=on
+	check_ok "$name" "$log" $? '^NODEOS-GUEST: blkbench start rw=write qd=32 ops=1000 capacity=32768 queue_size=128 ' \
+		'^NODEOS-GUEST: blkbench rw=write qd=32 ops=1000 tsc_cycles=[1-9][0-9]* tsc_khz=[1-9][0-9]*$' || return
+	log=$OUT/$1.qdbad.log # qd 90 needs 270 descriptors: refused
+	qemu_run "$log" "$RUN_TIMEOUT" "$accel" "mode=blkbench blk_qd=90" -nodefaults \
+		-drive "file=$img,if=none,format=raw,id=d0" -device virtio-blk-pci,drive=d0
+	local rc=$?
+	[ "$rc" = 3 ] || { fail "$name" "blk_qd=90: expected qemu exit 3, got $rc" "$log"; return; }
+	grep -aEq '^NODEOS-GUEST: blkbench FAIL blk_ops=2000 blk_qd=90 ' "$log" ||
+		{ fail "$name" "blk_qd=90 was not refused" "$log"; return; }
+	pass "$name"
+}
+
+case_idle() { # benchmark mode: the guest halts after its idle line; runs until timeout
+	local name=$1 accel=$2 log=$OUT/$1.log
+	qemu_run "$log" "$IDLE_SECS" "$accel" "mode=idle" -nodefaults
+	local rc=$?
+	[ "$rc" = 124 ] || { fail "$name" "expected timeout (124), got $rc" "$log"; return; }
+	grep -aEq '^NODEOS-GUEST: idle$' "$log" || { fail "$name" "no idle line" "$log"; return; }
+	pass "$name"
 }
 
 for accel in $ACCELS; do

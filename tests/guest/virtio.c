@@ -150,31 +150,48 @@ int virtio_init(struct virtio_dev *vd, const struct pci_dev *pci, u64 wanted, co
 	return 0;
 }
 
-int virtio_setup_queue(struct virtio_dev *vd, struct virtq *q, u16 index, struct vq_mem *mem,
-		       const char *who)
+/* Queue setup at any guest-physical ring addresses: size = min(device max, want).
+ * Returns the size used (0 on failure) and the notify address in *notify. */
+u16 virtio_setup_queue_raw(struct virtio_dev *vd, u16 index, u16 want, u64 desc, u64 avail, u64 used,
+			   u64 *notify, u16 *max_out, const char *who)
 {
 	mmio_write16(vd->common + C_Q_SELECT, index);
 	u16 max = mmio_read16(vd->common + C_Q_SIZE);
+	if (max_out)
+		*max_out = max;
 	if (max == 0) {
 		FAIL("%s FAIL queue %u not available", who, index);
-		return -1;
+		return 0;
 	}
-	u16 size = max < VQ_MAX ? max : VQ_MAX;
+	u16 size = max < want ? max : want;
+	mmio_write16(vd->common + C_Q_SIZE, size);
+	mmio_write16(vd->common + C_Q_MSIX, 0xffff); /* VIRTIO_MSI_NO_VECTOR: we poll */
+	w64(vd->common + C_Q_DESC, desc);
+	w64(vd->common + C_Q_AVAIL, avail);
+	w64(vd->common + C_Q_USED, used);
+	u16 noff = mmio_read16(vd->common + C_Q_NOFF);
+	*notify = vd->notify + (u64)noff * vd->notify_mult;
+	*(volatile u16 *)avail = 1; /* avail.flags = VRING_AVAIL_F_NO_INTERRUPT: we poll (a hint only) */
+	mmio_write16(vd->common + C_Q_ENABLE, 1);
+	return size;
+}
+
+int virtio_setup_queue(struct virtio_dev *vd, struct virtq *q, u16 index, struct vq_mem *mem,
+		       const char *who)
+{
 	memset(mem, 0, sizeof(*mem));
+	u16 max = 0;
+	u64 notify = 0;
+	u16 size = virtio_setup_queue_raw(vd, index, VQ_MAX, (u64)&mem->desc[0], (u64)&mem->avail,
+					  (u64)&mem->used, &notify, &max, who);
+	if (size == 0)
+		return -1;
 	q->index = index;
 	q->size = size;
 	q->avail_idx = 0;
 	q->last_used = 0;
 	q->mem = mem;
-	mmio_write16(vd->common + C_Q_SIZE, size);
-	mmio_write16(vd->common + C_Q_MSIX, 0xffff); /* VIRTIO_MSI_NO_VECTOR: we poll */
-	w64(vd->common + C_Q_DESC, (u64)&mem->desc[0]);
-	w64(vd->common + C_Q_AVAIL, (u64)&mem->avail);
-	w64(vd->common + C_Q_USED, (u64)&mem->used);
-	u16 noff = mmio_read16(vd->common + C_Q_NOFF);
-	q->notify_addr = vd->notify + (u64)noff * vd->notify_mult;
-	mem->avail.flags = 1; /* VRING_AVAIL_F_NO_INTERRUPT: we poll (a hint only) */
-	mmio_write16(vd->common + C_Q_ENABLE, 1);
+	q->notify_addr = notify;
 	LOG("%s queue %u size=%u max=%u notify=0x%lx", who, index, size, max, q->notify_addr);
 	return 0;
 }

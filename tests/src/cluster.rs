@@ -305,7 +305,7 @@ impl Cluster {
     pub async fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<serde_json::Value> {
         let addr = self.node(i)?.addr.to_string();
         let run = tokio::process::Command::new(&self.bin)
-            .args(["--endpoint", &addr, "--timeout", "10", "-o", "json"])
+            .args(["--endpoint", &addr, "--request-timeout", "10", "-o", "json"])
             .args(args)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)

@@ -37,8 +37,8 @@ pub struct Global {
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
     /// Seconds to wait for an answer.
-    #[arg(long, global = true, default_value_t = 15)]
-    pub timeout: u64,
+    #[arg(long = "request-timeout", global = true, default_value_t = 60)]
+    pub request_timeout: u64,
 }
 
 /// A connected client context.
@@ -88,7 +88,7 @@ pub fn run(g: &Global, cmd: impl FnOnce(Ctx) -> CmdFuture) -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        let channel = connect(&g.endpoint, Duration::from_secs(g.timeout)).await?;
+        let channel = connect(&g.endpoint, Duration::from_secs(g.request_timeout)).await?;
         cmd(Ctx { channel, output: g.output }).await
     });
     match result {

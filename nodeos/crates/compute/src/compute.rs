@@ -378,7 +378,6 @@ impl Compute {
         for t in relays {
             t.abort();
         }
-        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         let asked = stopping.load(Ordering::SeqCst);
         let clean = status.as_ref().is_ok_and(|s| s.success());
         let (state, why) = match reason {
@@ -414,6 +413,9 @@ impl Compute {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        // Only now is the worker forgotten: until the record says how the VM
+        // ended, readers see it running with its worker, never running without one.
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         let _ = done.send(true);
     }
 

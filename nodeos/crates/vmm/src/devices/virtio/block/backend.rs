@@ -21,6 +21,36 @@ pub trait BlockBackend: Send + Sync {
     fn read_only(&self) -> bool;
 }
 
+/// A backend whose writes are durable before they complete: what a driver that
+/// did not negotiate VIRTIO_BLK_F_FLUSH may assume (it treats the device as
+/// having no volatile write cache, so it never asks for a flush).
+pub struct WriteThrough(pub std::sync::Arc<dyn BlockBackend>);
+
+impl std::fmt::Debug for WriteThrough {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteThrough")
+    }
+}
+
+impl BlockBackend for WriteThrough {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)?;
+        self.0.flush()
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn capacity_bytes(&self) -> u64 {
+        self.0.capacity_bytes()
+    }
+    fn read_only(&self) -> bool {
+        self.0.read_only()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("cannot open disk image {path}")]
@@ -95,6 +125,45 @@ impl BlockBackend for FileBackend {
 
 #[cfg(test)]
 mod tests {
+
+    #[derive(Default)]
+    struct Counting {
+        writes: std::sync::atomic::AtomicUsize,
+        flushes: std::sync::atomic::AtomicUsize,
+    }
+
+    impl BlockBackend for Counting {
+        fn read_at(&self, _: &mut [u8], _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
+            self.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            self.flushes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        fn capacity_bytes(&self) -> u64 {
+            4096
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn write_through_makes_every_write_durable_before_it_completes() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let inner = std::sync::Arc::new(Counting::default());
+        let wt = WriteThrough(inner.clone());
+        wt.write_at(&[0; 512], 0).unwrap();
+        wt.write_at(&[0; 512], 512).unwrap();
+        assert_eq!((inner.writes.load(SeqCst), inner.flushes.load(SeqCst)), (2, 2));
+        wt.read_at(&mut [0; 512], 0).unwrap();
+        assert_eq!(inner.flushes.load(SeqCst), 2, "reads do not flush");
+    }
+
     use super::*;
 
     #[test]

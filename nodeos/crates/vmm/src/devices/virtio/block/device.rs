@@ -101,7 +101,7 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.reset();
-        let Activation { mem, queues, notifiers, interrupt, .. } = a;
+        let Activation { mem, queues, notifiers, interrupt, features } = a;
         if queues.len() != 1 || notifiers.len() != 1 {
             return Err(ActivateError::QueueCount { expected: 1, got: queues.len() });
         }
@@ -111,10 +111,16 @@ impl VirtioDevice for Block {
         if !queue.ready() {
             return Err(ActivateError::QueueNotReady { index: 0 });
         }
+        // Without FLUSH the driver believes every completed write is on disk.
+        let backend: Arc<dyn BlockBackend> = if features & F_FLUSH == 0 && !self.backend.read_only() {
+            Arc::new(super::backend::WriteThrough(self.backend.clone()))
+        } else {
+            self.backend.clone()
+        };
         let worker = BlockWorker {
             queue,
             mem,
-            backend: self.backend.clone(),
+            backend,
             id: self.id,
             counters: self.counters.clone(),
             interrupt,
