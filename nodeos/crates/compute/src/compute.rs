@@ -174,17 +174,19 @@ impl Compute {
     /// Finds a VM by id or name (linearizable).
     pub async fn resolve(&self, vm: &str) -> Result<VmRecord, ComputeError> {
         let meta = &self.inner.meta;
-        let id = match vm.parse::<VmId>() {
-            Ok(id) => id,
-            Err(_) => {
-                let (kv, _) = meta.get(&vm_name_key(vm), Consistency::Linearizable).await?;
-                let kv = kv.ok_or_else(|| ComputeError::NotFound(vm.to_owned()))?;
-                std::str::from_utf8(&kv.value)
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| ComputeError::Record(kv.key.clone()))?
+        // An id first; a name may also look like an id, so fall back to names.
+        if let Ok(id) = vm.parse::<VmId>() {
+            let (kv, _) = meta.get(&vm_key(id), Consistency::Linearizable).await?;
+            if let Some(kv) = kv {
+                return serde_json::from_slice(&kv.value).map_err(|_| ComputeError::Record(kv.key));
             }
-        };
+        }
+        let (kv, _) = meta.get(&vm_name_key(vm), Consistency::Linearizable).await?;
+        let kv = kv.ok_or_else(|| ComputeError::NotFound(vm.to_owned()))?;
+        let id: VmId = std::str::from_utf8(&kv.value)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ComputeError::Record(kv.key.clone()))?;
         let (kv, _) = meta.get(&vm_key(id), Consistency::Linearizable).await?;
         let kv = kv.ok_or_else(|| ComputeError::NotFound(vm.to_owned()))?;
         serde_json::from_slice(&kv.value).map_err(|_| ComputeError::Record(kv.key))
@@ -330,23 +332,31 @@ impl Compute {
             let _ = self.save(&mut r).await;
             return Err(e.into());
         }
-        r.state = VmState::Running;
-        r.reason = String::new();
-        self.save(&mut r).await?;
-        info!(vm = %r.id, name = %r.name, pid = process.pid, "VM running");
-        self.inner
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(r.id, Live { process, stopping: stopping.clone(), done: done_rx });
+        // From here the monitor owns the worker's end, whatever happens next.
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            r.id,
+            Live { process: process.clone(), stopping: stopping.clone(), done: done_rx.clone() },
+        );
         tokio::spawn(self.clone().monitor(
             r.id,
             spawned.events,
             spawned.exit,
-            stopping,
+            stopping.clone(),
             relay_tasks,
             done_tx,
         ));
+        r.state = VmState::Running;
+        r.reason = String::new();
+        if let Err(e) = self.save(&mut r).await {
+            // A VM the pool cannot see running must not run: stop it again.
+            warn!(vm = %r.id, error = %e, "cannot record the VM as running; stopping it");
+            stopping.store(true, Ordering::SeqCst);
+            process.kill();
+            let mut done = done_rx;
+            let _ = done.wait_for(|d| *d).await;
+            return Err(e);
+        }
+        info!(vm = %r.id, name = %r.name, pid = process.pid, "VM running");
         Ok(r)
     }
 
