@@ -50,6 +50,7 @@ NORETURN void dirty_loop(void)
 	u64 checksum = 0;
 	u64 corrupt_total = 0;
 	u64 next_report = deadline_ms(1000);
+	int kbd_e0 = 0;
 	for (u64 pass = 1;; pass++) {
 		u32 lines = 0;
 		for (u64 i = 0; i < pages; i++) {
@@ -74,6 +75,18 @@ NORETURN void dirty_loop(void)
 				w[j] = v ^ j;
 			}
 			checksum = rotl1(checksum) ^ v;
+		}
+		/* Ctrl-Alt-Del from the keyboard controller (Del = E0 71 in scancode
+		 * set 2) is the host's graceful-shutdown request: power off cleanly. */
+		for (int n = 0; n < 16 && (inb(0x64) & 1); n++) {
+			u8 code = inb(0x60);
+			if (kbd_e0 && code == 0x71) {
+				LOG("dirty pass=%lu checksum=%016lx ctrl-alt-del: powering off", pass, checksum);
+				LOG("summary ok");
+				LOG("done");
+				power_off(0);
+			}
+			kbd_e0 = code == 0xe0;
 		}
 		if (pass == 1 || expired(next_report)) {
 			if (corrupt_total)

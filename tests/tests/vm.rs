@@ -230,6 +230,19 @@ async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::R
         .await?
         .into_inner();
     ensure!(st.state == "stopped", "{st:?}");
+
+    // A graceful stop types Ctrl-Alt-Del; the test guest powers off on it,
+    // well before the 120 s after which the node would kill it.
+    vms.start(pb::VmRef { vm: "spin".into() }).await?;
+    let asked = std::time::Instant::now();
+    let st = vms
+        .stop(pb::StopVmRequest { vm: "spin".into(), force: false, timeout_seconds: 120 })
+        .await?
+        .into_inner();
+    ensure!(st.state == "stopped" && st.reason.contains("powered off"), "graceful stop: {st:?}");
+    ensure!(asked.elapsed() < Duration::from_secs(100), "the guest was killed, not shut down");
+    let console = console_until(&mut vms, "spin", "ctrl-alt-del: powering off").await?;
+    ensure!(console.contains("NODEOS-GUEST: done"), "{console}");
     vms.delete(pb::VmRef { vm: "spin".into() }).await?;
     c.finish();
     Ok(())

@@ -28,6 +28,9 @@ use crate::interrupts::{KvmIoEvents, KvmIrqLine, KvmMsiAllocator};
 use crate::memory::{self, GuestMem, MemoryError};
 use crate::vcpu::{EndSignal, VcpuError, VcpuSet};
 
+/// The ISA interrupt of the i8042 keyboard.
+const KEYBOARD_IRQ: u32 = 1;
+
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("invalid VM configuration")]
@@ -70,6 +73,7 @@ pub struct Vm {
     // Field order is drop order: vCPUs stop before devices and memory go.
     vcpus: VcpuSet,
     serial: Arc<Mutex<Serial>>,
+    keyboard: Arc<Mutex<platform::I8042>>,
     _pci: Arc<Mutex<PciRoot>>,
     _pio: Arc<Bus>,
     _mmio: Arc<Bus>,
@@ -114,7 +118,9 @@ impl Vm {
         let serial = Arc::new(Mutex::new(Serial::new(irq4, console)));
         pio.insert(serial.clone(), COM1_PORT, COM1_LEN)?;
         let events = PlatformEvents::new().map_err(VmError::Platform)?;
-        platform::attach(&pio, &events)?;
+        let keyboard = platform::attach(&pio, &events)?;
+        let irq1: Arc<dyn IrqLine> = Arc::new(KvmIrqLine::new(kvm_vm.clone(), KEYBOARD_IRQ)?);
+        keyboard.lock().unwrap_or_else(|p| p.into_inner()).set_irq(irq1);
 
         let msi = KvmMsiAllocator::new(kvm_vm.clone());
         let ioevents: Arc<dyn IoEvents> = Arc::new(KvmIoEvents::new(kvm_vm.clone()));
@@ -168,6 +174,7 @@ impl Vm {
         Ok(Vm {
             vcpus,
             serial,
+            keyboard,
             _pci: root,
             _pio: pio,
             _mmio: mmio,
@@ -196,12 +203,14 @@ impl Vm {
         Ok(())
     }
 
-    /// Asks the guest to power off. The guest sees nothing yet: nodeos has no
-    /// ACPI power button, so the node falls back to killing after its timeout.
+    /// Asks the guest to shut down by typing Ctrl-Alt-Del on its keyboard
+    /// controller. A guest that ignores it is killed by the node after its timeout.
     pub fn request_shutdown(&self) {
-        warn!(
-            "graceful shutdown requested; this VM has no power button device, the node will stop it after its timeout"
-        );
+        if self.keyboard.lock().unwrap_or_else(|p| p.into_inner()).ctrl_alt_del() {
+            info!("graceful shutdown requested: Ctrl-Alt-Del typed");
+        } else {
+            warn!("graceful shutdown requested, but the guest has not read earlier keys");
+        }
     }
 
     pub fn console_input(&self, bytes: &[u8]) {

@@ -1,7 +1,10 @@
 //! The handful of legacy ports a PC guest touches besides the UART.
 //!
-//! - `0x60..=0x64` i8042: reads 0 (no controller, no data); writing 0xFE to the
-//!   command port 0x64 pulses the CPU reset line, i.e. asks for a reboot.
+//! - `0x60..=0x64` i8042: a keyboard controller reduced to two jobs: writing
+//!   0xFE to the command port 0x64 pulses the CPU reset line (a reboot request),
+//!   and the host can type Ctrl-Alt-Del (scancode set 2, as a PC keyboard sends
+//!   it) into its output buffer, raising IRQ 1: the graceful-shutdown request.
+//!   Status bit 0 says a byte waits at 0x60.
 //! - `0x604` (16-bit): ACPI PM1a control; writing 0x2000 (SLP_EN, sleep type 0 = S5)
 //!   asks for power-off. `0xf4`: debug exit; any write asks for power-off.
 //! - `0x80`: POST codes, accepted and ignored.
@@ -82,15 +85,63 @@ impl PlatformEvents {
     }
 }
 
-/// The i8042 keyboard controller, reduced to its reset line.
-#[derive(Debug)]
+/// Ctrl, Alt, Del pressed then released, in scancode set 2.
+const CTRL_ALT_DEL: [u8; 11] = [0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14];
+const I8042_STATUS_OUTPUT_FULL: u8 = 0x01;
+/// Bound on bytes waiting for the guest (a guest that never reads stays bounded).
+const I8042_BUFFER: usize = 64;
+
+/// The i8042 keyboard controller: reset line and a keyboard output buffer.
 pub struct I8042 {
     events: Arc<PlatformEvents>,
+    output: std::collections::VecDeque<u8>,
+    irq: Option<Arc<dyn super::interrupt::IrqLine>>,
+}
+
+impl std::fmt::Debug for I8042 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("I8042").field("pending", &self.output.len()).finish()
+    }
+}
+
+impl I8042 {
+    /// The keyboard interrupt (IRQ 1) raised when bytes arrive.
+    pub fn set_irq(&mut self, irq: Arc<dyn super::interrupt::IrqLine>) {
+        self.irq = Some(irq);
+    }
+
+    /// Types Ctrl-Alt-Del: the guest's cue to shut down. Returns false (and
+    /// types nothing) when the guest has left earlier keys unread.
+    pub fn ctrl_alt_del(&mut self) -> bool {
+        if self.output.len() + CTRL_ALT_DEL.len() > I8042_BUFFER {
+            return false;
+        }
+        self.output.extend(CTRL_ALT_DEL);
+        if let Some(irq) = &self.irq
+            && let Err(e) = irq.trigger()
+        {
+            tracing::warn!(error = %e, "cannot raise the keyboard interrupt");
+        }
+        true
+    }
 }
 
 impl BusDevice for I8042 {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
+        match offset {
+            0 => {
+                data[0] = self.output.pop_front().unwrap_or(0);
+                // More keys: interrupt again, as the controller would.
+                if !self.output.is_empty()
+                    && let Some(irq) = &self.irq
+                {
+                    let _ = irq.trigger();
+                }
+            }
+            I8042_COMMAND if !self.output.is_empty() => data[0] = I8042_STATUS_OUTPUT_FULL,
+            _ => {}
+        }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -137,13 +188,15 @@ impl BusDevice for PostCode {
 }
 
 /// Puts every platform port on the port I/O bus.
-pub fn attach(pio: &Bus, events: &Arc<PlatformEvents>) -> Result<(), BusError> {
+/// Returns the keyboard controller, through which the host types.
+pub fn attach(pio: &Bus, events: &Arc<PlatformEvents>) -> Result<Arc<std::sync::Mutex<I8042>>, BusError> {
     use std::sync::Mutex;
-    pio.insert(Arc::new(Mutex::new(I8042 { events: events.clone() })), I8042_PORT, I8042_LEN)?;
+    let i8042 = Arc::new(Mutex::new(I8042 { events: events.clone(), output: Default::default(), irq: None }));
+    pio.insert(i8042.clone(), I8042_PORT, I8042_LEN)?;
     pio.insert(Arc::new(Mutex::new(PowerOff { events: events.clone(), acpi: true })), PM1A_CONTROL_PORT, 2)?;
     pio.insert(Arc::new(Mutex::new(PowerOff { events: events.clone(), acpi: false })), DEBUG_EXIT_PORT, 1)?;
     pio.insert(Arc::new(Mutex::new(PostCode)), POST_PORT, 1)?;
-    Ok(())
+    Ok(i8042)
 }
 
 #[cfg(test)]
@@ -155,6 +208,30 @@ mod tests {
         let events = PlatformEvents::new().unwrap();
         attach(&bus, &events).unwrap();
         (bus, events)
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_typed_into_the_output_buffer() {
+        let bus = Bus::new();
+        let events = PlatformEvents::new().unwrap();
+        let kbd = attach(&bus, &events).unwrap();
+        assert!(kbd.lock().unwrap().ctrl_alt_del());
+        let mut got = Vec::new();
+        let mut b = [0u8];
+        loop {
+            bus.read(0x64, &mut b);
+            if b[0] & 1 == 0 {
+                break;
+            }
+            bus.read(0x60, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, CTRL_ALT_DEL);
+        // A guest that never reads cannot make the buffer grow without bound.
+        let mut k = kbd.lock().unwrap();
+        let typed = (0..100).filter(|_| k.ctrl_alt_del()).count();
+        assert_eq!(typed, I8042_BUFFER / CTRL_ALT_DEL.len());
+        assert_eq!(events.take(), None, "typing is not a platform request");
     }
 
     #[test]
