@@ -5,6 +5,7 @@
 //! - `metadata.rs`: `MetadataService`, the operator's `custom/` key space, public.
 //! - `vm.rs`: `VmService`, VMs and their consoles, public.
 //! - `peer.rs`: `PeerService`, node to node, every message authenticated with the pool key.
+//! - `proxy.rs`: handing a request to another node's API, at most once.
 //! - `error.rs`: the one place where errors become gRPC `Status`es.
 //! - `server.rs`: [`serve`], one tonic server with every service, reflection and message limits.
 //!
@@ -15,6 +16,7 @@ pub mod error;
 pub mod metadata;
 pub mod peer;
 pub mod pool;
+pub mod proxy;
 pub mod server;
 pub mod vm;
 

@@ -19,13 +19,12 @@ use nodeos_types::records::{NODES_PREFIX, NodeRecord, POOL_KEY, PoolRecord};
 use tonic::{Request, Response, Status};
 
 use crate::error::{meta_status, watch_status};
+use crate::proxy;
 
 /// A member not heard from by the leader for this long is unreachable.
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
 /// A member this many entries behind the leader is lagging.
 const LAGGING_ENTRIES: u64 = 64;
-/// Header marking a request already handed over once.
-const PROXIED: &str = "x-nodeos-proxied";
 const PROXY_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone)]
@@ -146,13 +145,8 @@ impl PoolApi {
 }
 
 async fn ask_leader(addr: &str) -> Result<pb::PoolStatus, Box<dyn std::error::Error + Send + Sync>> {
-    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(PROXY_TIMEOUT)
-        .timeout(PROXY_TIMEOUT);
-    let mut client = PoolServiceClient::new(ep.connect().await?);
-    let mut req = Request::new(pb::StatusRequest {});
-    req.metadata_mut().insert(PROXIED, tonic::metadata::MetadataValue::from_static("1"));
-    Ok(client.status(req).await?.into_inner())
+    let mut client = PoolServiceClient::new(proxy::connect(addr, PROXY_TIMEOUT).await?);
+    Ok(client.status(proxy::mark(pb::StatusRequest {})).await?.into_inner())
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::PoolEvent, Status>> + Send>>;
@@ -160,7 +154,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::PoolEvent, Status>> + Se
 #[tonic::async_trait]
 impl PoolService for PoolApi {
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::PoolStatus>, Status> {
-        let proxied = req.metadata().contains_key(PROXIED);
+        let proxied = proxy::is_proxied(&req);
         Ok(Response::new(self.status_from_leader(proxied).await))
     }
 
@@ -168,13 +162,13 @@ impl PoolService for PoolApi {
         &self,
         req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let proxied = req.metadata().contains_key(PROXIED);
+        let proxied = proxy::is_proxied(&req);
         let s = self.status_from_leader(proxied).await;
         Ok(Response::new(pb::ListNodesResponse { nodes: s.members }))
     }
 
     async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
-        let proxied = req.metadata().contains_key(PROXIED);
+        let proxied = proxy::is_proxied(&req);
         let id: NodeId =
             req.get_ref().id.parse().map_err(|e| Status::invalid_argument(format!("id: {e}")))?;
         // Make sure the answer reflects every committed membership change.

@@ -1,6 +1,5 @@
 //! One tonic server carrying every service of the node.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use nodeos_compute::Compute;
@@ -73,9 +72,4 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(ServeError::Transport)
-}
-
-/// Address a listener is bound to, for logs.
-pub fn bound(listener: &TcpListener) -> Option<SocketAddr> {
-    listener.local_addr().ok()
 }

@@ -19,9 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{chain, meta_status};
+use crate::proxy::{self, is_proxied as proxied, mark};
 
-/// Header marking a request already handed over once.
-const PROXIED: &str = "x-nodeos-proxied";
 const PROXY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default graceful stop timeout.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,34 +36,15 @@ impl VmApi {
         VmApi { compute, meta }
     }
 
-    fn node_address(&self, node: NodeId) -> Option<String> {
-        let m = self.meta.metrics();
-        m.membership_config.membership().get_node(&node).map(|n| n.addr.clone())
-    }
-
     async fn client_for(&self, node: NodeId) -> Result<VmServiceClient<tonic::transport::Channel>, Status> {
-        let addr = self.node_address(node).ok_or_else(|| {
+        let addr = self.meta.node_address(node).ok_or_else(|| {
             Status::unavailable(format!("the VM lives on node {node}, which is not a pool member"))
         })?;
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(PROXY_TIMEOUT);
-        let ch = ep.connect().await.map_err(|e| {
+        let ch = proxy::connect(&addr, PROXY_TIMEOUT).await.map_err(|e| {
             Status::unavailable(format!("the VM lives on node {node} at {addr}, which does not answer: {e}"))
         })?;
         Ok(VmServiceClient::new(ch))
     }
-}
-
-fn proxied<T>(req: &Request<T>) -> bool {
-    req.metadata().contains_key(PROXIED)
-}
-
-fn mark<T>(msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut().insert(PROXIED, tonic::metadata::MetadataValue::from_static("1"));
-    r
 }
 
 /// The one place compute errors become statuses.
@@ -225,7 +205,7 @@ impl VmService for VmApi {
             .ok_or_else(|| Status::invalid_argument("the first console message must name the VM"))?;
         let r = self.compute.resolve(&first.vm).await.map_err(compute_status)?;
         if r.node != self.compute.node_id() {
-            let addr = self.node_address(r.node).unwrap_or_default();
+            let addr = self.meta.node_address(r.node).unwrap_or_default();
             return Err(Status::failed_precondition(format!(
                 "VM {} lives on node {} ({addr}); open its console there",
                 r.id, r.node

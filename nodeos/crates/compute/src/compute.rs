@@ -11,7 +11,7 @@ use std::time::Duration;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 use nodeos_meta::command::{Compare, Op, Txn};
 use nodeos_meta::{Command, Consistency, MetaError, MetaHandle};
-use nodeos_types::records::{VM_NAMES_PREFIX, VMS_PREFIX, VmRecord, VmSpec, VmState, vm_key, vm_name_key};
+use nodeos_types::records::{VMS_PREFIX, VmRecord, VmSpec, VmState, vm_key, vm_name_key};
 use nodeos_types::{NodeId, VmId, unix_millis};
 use nodeos_vmm::config::{DiskConfig, NicConfig, WorkerConfig};
 use nodeos_vmm::control::{StopReason, ToWorker, WorkerEvent};
@@ -532,6 +532,3 @@ impl Compute {
         Ok(())
     }
 }
-
-/// Prefix of the name index, re-exported for callers listing names.
-pub const NAMES_PREFIX: &str = VM_NAMES_PREFIX;

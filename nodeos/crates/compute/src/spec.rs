@@ -1,7 +1,6 @@
 //! Checks of a requested VM against the host, before anything is recorded.
 
 use std::io::Read;
-use std::path::Path;
 
 use nodeos_types::records::VmSpec;
 use nodeos_vmm::config::{MAX_CMDLINE, MAX_DISKS, MAX_NICS, MAX_VCPUS};
@@ -133,11 +132,6 @@ pub fn check_memory(mib: u64) -> Result<(), SpecError> {
         return Err(SpecError::NoMemory { want: mib, available });
     }
     Ok(())
-}
-
-/// Whether `path` exists, for messages.
-pub fn exists(path: &str) -> bool {
-    Path::new(path).exists()
 }
 
 #[cfg(test)]

@@ -176,10 +176,20 @@ impl MetaHandle {
 
     /// Current leader id and address, if one is known.
     pub fn leader(&self) -> Option<(NodeId, String)> {
-        let m = self.metrics();
-        let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
-        Some((id, addr))
+        let id = self.metrics().current_leader?;
+        Some((id, self.node_address(id)?))
+    }
+
+    /// API address of a raft member, as recorded in the membership.
+    pub fn node_address(&self, id: NodeId) -> Option<String> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
     }
 
     async fn wait_leader(&self, deadline: Instant) -> Result<(NodeId, String), MetaError> {

@@ -134,15 +134,8 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        if let Some(mut t) = self.thread.take() {
-            t.stop();
-        }
-    }
-}
-
-impl Drop for Block {
-    fn drop(&mut self) {
-        self.reset();
+        // Dropping the I/O thread signals it and joins it.
+        self.thread = None;
     }
 }
 

@@ -135,15 +135,8 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        if let Some(mut t) = self.thread.take() {
-            t.stop();
-        }
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.reset();
+        // Dropping the I/O thread signals it and joins it.
+        self.thread = None;
     }
 }
 
