@@ -89,6 +89,17 @@ impl PoolKey {
     }
 
     /// Short public fingerprint, safe to log, to tell keys apart.
+    /// The derived key bytes, for handing to a child process of this node (a
+    /// VM worker's block client) over a private socket. Never logged or stored.
+    pub fn derived_bytes(&self) -> [u8; 32] {
+        self.key
+    }
+
+    /// The inverse of [`PoolKey::derived_bytes`].
+    pub fn from_derived(key: [u8; 32]) -> Self {
+        PoolKey { key }
+    }
+
     pub fn fingerprint(&self) -> String {
         let h = blake3::keyed_hash(&self.key, b"fingerprint");
         hex::encode(&h.as_bytes()[..4])

@@ -1,7 +1,7 @@
 //! Identifiers and records shared by every nodeos subsystem.
 //!
 //! # Layout
-//! - `lib.rs`: [`NodeId`], [`PoolId`], the id parse error.
+//! - `lib.rs`: [`NodeId`], [`VmId`], [`VolumeId`], [`PoolId`], the id parse error.
 //! - `records.rs`: the typed records stored in the pool's metadata key space
 //!   ([`records::PoolRecord`], [`records::NodeRecord`]) and the key layout.
 //!
@@ -84,6 +84,34 @@ impl FromStr for VmId {
             .filter(|v| *v != 0)
             .map(VmId)
             .ok_or_else(|| IdParseError::Format { kind: "vm", input: s.to_owned(), digits: 16 })
+    }
+}
+
+/// A volume's identity, made when it is created.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct VolumeId(pub u64);
+
+impl VolumeId {
+    pub fn random() -> Self {
+        VolumeId(NodeId::random().0)
+    }
+}
+
+impl fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl FromStr for VolumeId {
+    type Err = IdParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_hex(s, "volume", 16)
+            .and_then(|v| u64::try_from(v).ok())
+            .filter(|v| *v != 0)
+            .map(VolumeId)
+            .ok_or_else(|| IdParseError::Format { kind: "volume", input: s.to_owned(), digits: 16 })
     }
 }
 

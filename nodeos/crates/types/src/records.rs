@@ -9,11 +9,13 @@
 //! | `nodes/<node id>` | [`NodeRecord`] |
 //! | `vms/<vm id>` | [`VmRecord`] |
 //! | `vm-names/<name>` | the VM id holding that name (names are unique in a pool) |
+//! | `volumes/<volume id>` | [`VolumeRecord`] |
+//! | `volume-names/<name>` | the volume id holding that name |
 //! | `custom/<anything>` | operator bytes, never interpreted |
 
 use serde::{Deserialize, Serialize};
 
-use crate::{NodeId, PoolId, VmId};
+use crate::{NodeId, PoolId, VmId, VolumeId};
 
 /// Key of the single [`PoolRecord`].
 pub const POOL_KEY: &str = "pool";
@@ -33,6 +35,19 @@ pub fn vm_key(id: VmId) -> String {
 
 pub fn vm_name_key(name: &str) -> String {
     format!("{VM_NAMES_PREFIX}{name}")
+}
+
+/// Prefix of [`VolumeRecord`] keys.
+pub const VOLUMES_PREFIX: &str = "volumes/";
+/// Prefix of the volume name index.
+pub const VOLUME_NAMES_PREFIX: &str = "volume-names/";
+
+pub fn volume_key(id: VolumeId) -> String {
+    format!("{VOLUMES_PREFIX}{id}")
+}
+
+pub fn volume_name_key(name: &str) -> String {
+    format!("{VOLUME_NAMES_PREFIX}{name}")
 }
 
 /// Key of a node's record.
@@ -63,6 +78,14 @@ pub struct NodeRecord {
     #[serde(default)]
     pub image_hash: String,
     pub joined_at_ms: u64,
+    /// Address its block replica server is reached at (host:port); empty on
+    /// nodes that serve no replicas.
+    #[serde(default)]
+    pub block_address: String,
+    /// Bytes its replica store may hold (free space of the store's file
+    /// system plus what it already holds), as last reported.
+    #[serde(default)]
+    pub block_capacity: u64,
 }
 
 /// What a VM is made of. Paths are on the node that runs it.
@@ -81,9 +104,15 @@ pub struct VmSpec {
     pub nics: Vec<NicSpec>,
 }
 
+/// A VM disk: a file on the VM's node, or a pool volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSpec {
+    /// File on the VM's node; empty when `volume` is set.
+    #[serde(default)]
     pub path: String,
+    /// Pool volume backing the disk.
+    #[serde(default)]
+    pub volume: Option<VolumeId>,
     #[serde(default)]
     pub read_only: bool,
 }
@@ -137,6 +166,83 @@ pub struct VmRecord {
     pub updated_at_ms: u64,
 }
 
+/// Where a volume is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeState {
+    /// Usable.
+    Available,
+    /// Being deleted: replicas are reclaiming its space.
+    Deleting,
+}
+
+/// Who holds a volume open for writing. Opening takes a new generation; the
+/// replicas refuse writes from older ones (fencing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeWriter {
+    /// The node the writer runs on.
+    pub node: NodeId,
+    /// What it is: `vm <id>`, `nbd <peer address>`, `import`, `repair`.
+    pub holder: String,
+    pub since_ms: u64,
+}
+
+/// A frozen point-in-time copy of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub name: String,
+    /// The frozen layer holding the snapshot's newest blocks.
+    pub layer: u64,
+    pub created_at_ms: u64,
+}
+
+/// A replicated block volume of the pool.
+///
+/// The volume is a sequence of `extent_size` extents; extent `i` is held by
+/// the nodes in `placement[i]`. Its blocks live in a chain of layers (oldest
+/// first; the last one takes writes): a snapshot freezes the top layer and
+/// pushes a new one, a clone starts a new chain on top of a snapshot's layers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub name: String,
+    pub size_bytes: u64,
+    pub extent_size: u64,
+    /// How many copies of each extent the pool keeps (3, fewer only on 1–2 node pools).
+    pub replicas: u8,
+    /// Replica set of each extent, in extent order.
+    pub placement: Vec<Vec<NodeId>>,
+    /// Layer chain, oldest first; the last one takes writes.
+    pub layers: Vec<u64>,
+    /// Fencing generation: the latest one handed to a writer.
+    pub generation: u64,
+    #[serde(default)]
+    pub writer: Option<VolumeWriter>,
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotRecord>,
+    /// Snapshot this volume was cloned from (`volume id/snapshot name`), if any.
+    #[serde(default)]
+    pub origin: Option<String>,
+    pub state: VolumeState,
+    /// Why the volume is not fully protected (fewer replicas than the pool
+    /// wants, a lost copy being rebuilt); empty when healthy.
+    #[serde(default)]
+    pub warning: String,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+impl VolumeRecord {
+    /// Index of the extent holding byte `offset`.
+    pub fn extent_of(&self, offset: u64) -> usize {
+        usize::try_from(offset / self.extent_size).unwrap_or(usize::MAX)
+    }
+
+    /// The layer that takes writes.
+    pub fn top_layer(&self) -> u64 {
+        self.layers.last().copied().unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +255,8 @@ mod tests {
             hostname: "h".into(),
             version: "0.1.0".into(),
             image_hash: String::new(),
+            block_address: String::new(),
+            block_capacity: 0,
             joined_at_ms: 1,
         };
         let j = serde_json::to_vec(&r).expect("serializable");
