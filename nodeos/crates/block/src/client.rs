@@ -80,6 +80,10 @@ pub fn quorum(replicas: usize) -> usize {
     replicas.min(2)
 }
 
+/// An extent written since the last flush: a change counter and the copies
+/// that missed at least one of those writes.
+type Dirty = (u64, HashSet<NodeId>);
+
 #[derive(Debug, Default)]
 struct Health {
     /// Copies that may lack acknowledged writes (or hold corrupt blocks).
@@ -90,7 +94,7 @@ struct Health {
     lagging: HashMap<(u32, NodeId), u32>,
     /// Extents written since the last flush: a change counter and the
     /// copies that missed at least one of those writes.
-    dirty: HashMap<u32, (u64, HashSet<NodeId>)>,
+    dirty: HashMap<u32, Dirty>,
     dirty_counter: u64,
 }
 
@@ -114,6 +118,16 @@ struct Inner<T> {
 #[derive(Debug)]
 pub struct VolumeClient<T: Transport> {
     inner: Arc<Inner<T>>,
+}
+
+/// A handle that does not keep the volume open.
+#[derive(Debug)]
+pub struct WeakVolumeClient<T: Transport>(Weak<Inner<T>>);
+
+impl<T: Transport> WeakVolumeClient<T> {
+    pub fn upgrade(&self) -> Option<VolumeClient<T>> {
+        self.0.upgrade().map(|inner| VolumeClient { inner })
+    }
 }
 
 impl<T: Transport> Clone for VolumeClient<T> {
@@ -171,6 +185,10 @@ impl<T: Transport> VolumeClient<T> {
 
     pub fn layout(&self) -> Arc<VolumeLayout> {
         self.inner.layout()
+    }
+
+    pub fn downgrade(&self) -> WeakVolumeClient<T> {
+        WeakVolumeClient(Arc::downgrade(&self.inner))
     }
 
     /// Takes a new layout from the pool (re-replication, growth, snapshot).
@@ -377,7 +395,7 @@ impl<T: Transport> VolumeClient<T> {
     /// complete copies, and why.
     async fn flush_once(&self) -> Result<Option<(Vec<u32>, String)>, DeviceError> {
         let layout = self.check_usable(false)?;
-        let (dirty, lagging): (HashMap<u32, (u64, HashSet<NodeId>)>, HashSet<(u32, NodeId)>) = {
+        let (dirty, lagging): (HashMap<u32, Dirty>, HashSet<(u32, NodeId)>) = {
             let h = self.inner.health();
             (h.dirty.clone(), h.lagging.keys().copied().collect())
         };

@@ -31,9 +31,11 @@
 
 pub mod client;
 pub mod device;
+pub mod nbd;
 pub mod replica;
 pub mod repair;
 pub mod server;
 pub mod store;
 pub mod transport;
+pub mod volumes;
 pub mod wire;

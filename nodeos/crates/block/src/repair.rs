@@ -55,15 +55,16 @@ pub fn plan(metas: &[Vec<BlockMeta>], corrupt: &[HashSet<u32>]) -> Vec<Run> {
     let mut wanted: BTreeMap<(usize, usize), Vec<u32>> = BTreeMap::new();
     for b in 0..blocks {
         let good = |c: usize| !corrupt.get(c).is_some_and(|s| s.contains(&(b as u32)));
-        let Some(best) = (0..metas.len()).filter(|&c| good(c)).max_by_key(|&c| metas[c][b].version()) else {
+        // Ties go to the lowest copy, so plans are deterministic.
+        let Some(best) = (0..metas.len()).rev().filter(|&c| good(c)).max_by_key(|&c| metas[c][b].version()) else {
             continue;
         };
         let newest = metas[best][b];
         if newest.state == BlockState::Absent {
             continue;
         }
-        for c in 0..metas.len() {
-            if c != best && (!good(c) || metas[c][b].version() < newest.version()) {
+        for (c, copy) in metas.iter().enumerate() {
+            if c != best && (!good(c) || copy[b].version() < newest.version()) {
                 wanted.entry((c, best)).or_default().push(b as u32);
             }
         }

@@ -53,7 +53,25 @@ pub struct FormationConfig {
     /// Interface to send and hear beacons on; none means seeds only.
     pub discovery_iface: Option<String>,
     pub beacon_port: u16,
+    /// Address other nodes reach this node's replica server at.
+    pub block_address: String,
+    /// Bytes this node's replica store may hold, asked at every upkeep.
+    pub block_capacity: CapacityProbe,
 }
+
+/// Asks the replica store how many bytes it may hold.
+#[derive(Clone)]
+pub struct CapacityProbe(pub Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl std::fmt::Debug for CapacityProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CapacityProbe")
+    }
+}
+
+/// Capacity is reported in these steps so that small changes in free space
+/// do not rewrite the node record every round.
+const CAPACITY_STEP: u64 = 1 << 30;
 
 #[derive(Debug, Clone)]
 struct SeenEntry {
@@ -351,6 +369,8 @@ impl Formation {
                 version: cfg.version.clone(),
                 image_hash: cfg.image_hash.clone(),
                 joined_at_ms: old.as_ref().map(|o| o.joined_at_ms).unwrap_or_else(unix_millis),
+                block_address: cfg.block_address.clone(),
+                block_capacity: (cfg.block_capacity.0)() / CAPACITY_STEP * CAPACITY_STEP,
             };
             if old.as_ref() != Some(&want) {
                 match serde_json::to_vec(&want) {

@@ -752,9 +752,9 @@ mod tests {
         BlockMeta { generation: 1, seq, crc: super::super::block_crc(data), state: BlockState::Data }
     }
 
-    /// Writes blocks `first..first + n` of `k`, block i filled with byte i.
+    /// Writes blocks `first..first + n` of `k`, block i filled with byte i + 1.
     fn write(store: &FileStore, k: LayerExtent, first: u32, n: u32) -> Vec<BlockMeta> {
-        let data: Vec<u8> = (first..first + n).flat_map(|i| [i as u8; BLOCK]).collect();
+        let data: Vec<u8> = (first..first + n).flat_map(|i| [i as u8 + 1; BLOCK]).collect();
         let metas: Vec<BlockMeta> = data.chunks(BLOCK).map(|b| data_meta(1, b)).collect();
         store.write_blocks(k, first, &metas, &data).unwrap();
         metas
@@ -781,7 +781,7 @@ mod tests {
         store.flush().unwrap();
         let data = fs::read(extent_path(dir.path(), k, "data")).unwrap();
         assert_eq!(data.len(), 3 * BLOCK);
-        assert!(data[..2 * BLOCK].iter().all(|b| *b == 0) && data[2 * BLOCK..].iter().all(|b| *b == 2));
+        assert!(data[..2 * BLOCK].iter().all(|b| *b == 0) && data[2 * BLOCK..].iter().all(|b| *b == 3));
         let meta = fs::read(extent_path(dir.path(), k, "meta")).unwrap();
         assert_eq!(meta, [[0; META].as_slice(), &[0; META], &metas[0].encode()].concat());
         assert_eq!(fs::read(dir.path().join("fences/00000000000000cd")).unwrap(), 7u64.to_le_bytes());

@@ -164,7 +164,9 @@ impl ExtentStore for MemStore {
         check_request(first, metas, data.len(), false).map_err(MemStoreError::from)?;
         let inner = self.lock();
         let extent = inner.live.extents.get(&key);
-        for ((i, meta), out) in (first..).zip(metas.iter_mut()).zip(data.chunks_exact_mut(BLOCK)) {
+        for (n, (meta, out)) in metas.iter_mut().zip(data.chunks_exact_mut(BLOCK)).enumerate() {
+            // Cannot overflow: `check_request` bounds the last index.
+            let i = first + n as u32;
             match extent.and_then(|e| e.get(&i)) {
                 Some(Block { meta: m, data: Some(d) }) => {
                     *meta = *m;
@@ -187,8 +189,8 @@ impl ExtentStore for MemStore {
         check_range(first, count as usize).map_err(MemStoreError::from)?;
         let inner = self.lock();
         let extent = inner.live.extents.get(&key);
-        Ok((first..)
-            .take(count as usize)
+        Ok((0..count)
+            .map(|i| first + i)
             .map(|i| extent.and_then(|e| e.get(&i)).map_or(BlockMeta::ABSENT, |b| b.meta))
             .collect())
     }
@@ -204,13 +206,14 @@ impl ExtentStore for MemStore {
             return Ok(());
         }
         let mut chunks = data.chunks_exact(BLOCK);
-        let blocks: Vec<(u32, Block)> = (first..)
-            .zip(metas)
-            .map(|(i, meta)| {
+        let blocks: Vec<(u32, Block)> = metas
+            .iter()
+            .enumerate()
+            .map(|(n, meta)| {
                 let data = (meta.state == BlockState::Data).then(|| {
                     Arc::from(chunks.next().expect("check_request counted one chunk per Data meta"))
                 });
-                (i, Block { meta: *meta, data })
+                (first + n as u32, Block { meta: *meta, data })
             })
             .collect();
         let extent = inner.live.extents.get(&key);
