@@ -30,6 +30,7 @@
 //! arrive in.
 
 pub mod client;
+pub mod controller;
 pub mod device;
 pub mod nbd;
 pub mod replica;

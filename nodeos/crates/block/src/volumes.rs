@@ -9,7 +9,7 @@
 //! loaded first (extents already placed on them). A pool with fewer than
 //! three nodes gets fewer copies, a loud warning and the record's `warning`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::client::{VolumeClient, VolumeLayout};
 use crate::device::{BLOCK_SIZE, DeviceError};
-use crate::transport::{ReplicaRef, TcpTransport};
+use crate::transport::{ReplicaRef, TcpTransport, Transport};
 
 /// Extent size of volumes up to `MAX_EXTENTS * DEFAULT_EXTENT` bytes.
 pub const DEFAULT_EXTENT: u64 = 64 << 20;
@@ -191,6 +191,11 @@ impl Volumes {
         let (kv, _) = self.meta.get(&volume_key(id), Consistency::Linearizable).await?;
         let kv = kv.ok_or_else(|| VolumeError::NotFound(volume.to_owned()))?;
         Ok((decode(&kv.key, &kv.value)?, kv.mod_revision))
+    }
+
+    /// Writes a changed record if it is still at `rev` (controllers).
+    pub async fn put_record_if(&self, r: &VolumeRecord, rev: u64) -> Result<u64, VolumeError> {
+        self.put_if(r, rev).await
     }
 
     /// Writes `r` if its record is still at `rev`.
@@ -440,6 +445,35 @@ impl Volumes {
             }
         }
         Err(VolumeError::Conflict)
+    }
+
+    /// Breaks a writer's hold on a volume (its node died, its process hangs):
+    /// takes a new generation, records it on the replicas so the old writer
+    /// can change nothing more, and frees the writer slot.
+    pub async fn release(&self, volume: &str) -> Result<VolumeRecord, VolumeError> {
+        let (mut r, rev) = self.get(volume).await?;
+        r.generation += 1;
+        let old = r.writer.take();
+        r.updated_at_ms = unix_millis();
+        self.put_if(&r, rev).await?;
+        let layout = self.layout(&r).await?;
+        let op = crate::wire::Op::Fence { volume: r.id, generation: r.generation };
+        let mut fenced = HashSet::new();
+        for rep in layout.extents.iter().flatten() {
+            if !fenced.contains(&rep.node) && self.transport.call(rep, op.clone()).await.is_ok() {
+                fenced.insert(rep.node);
+            }
+        }
+        let short = layout
+            .extents
+            .iter()
+            .filter(|set| set.iter().filter(|x| fenced.contains(&x.node)).count() < crate::client::quorum(set.len()))
+            .count();
+        if short > 0 {
+            warn!(volume = %r.id, extents = short, "release: some extents could not be fenced on a quorum; the next writer will fence them when it opens");
+        }
+        info!(volume = %r.id, generation = r.generation, old = ?old.map(|w| w.holder), "volume writer released");
+        Ok(r)
     }
 
     /// Opens a volume in this process: a writer (taking a generation) or a
