@@ -10,8 +10,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     }
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos =
-        ["nodeos/v1/pool.proto", "nodeos/v1/metadata.proto", "nodeos/v1/peer.proto", "nodeos/v1/vm.proto"];
+    let protos = [
+        "nodeos/v1/pool.proto",
+        "nodeos/v1/metadata.proto",
+        "nodeos/v1/peer.proto",
+        "nodeos/v1/vm.proto",
+        "nodeos/v1/volume.proto",
+    ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("nodeos_descriptor.bin"))
         .compile_protos(&protos, &["."])?;

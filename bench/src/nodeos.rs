@@ -86,6 +86,7 @@ impl System for Nodeos {
         let key_file = dir.path().join("pool.key");
         std::fs::write(&key_file, key).context("writing the pool key")?;
         let addrs: Vec<String> = free_ports(3)?.into_iter().map(|p| format!("{LOOPBACK}:{p}")).collect();
+        let block_ports = free_ports(6)?;
         let seeds = addrs.join(",");
         let mut children = Vec::new();
         for (i, addr) in addrs.iter().enumerate() {
@@ -95,7 +96,9 @@ impl System for Nodeos {
                 .arg(dir.path().join(format!("n{i}")))
                 .args(["--pool", "bench", "--pool-key-file"])
                 .arg(&key_file)
-                .args(["--listen", addr, "--seeds", &seeds, "--bootstrap-expect", "3"]);
+                .args(["--listen", addr, "--seeds", &seeds, "--bootstrap-expect", "3"])
+                .args(["--block-listen", &format!("{LOOPBACK}:{}", block_ports[i])])
+                .args(["--nbd-listen", &format!("{LOOPBACK}:{}", block_ports[3 + i])]);
             children.push(ChildGuard::spawn(
                 format!("nodeos n{i}"),
                 cmd,

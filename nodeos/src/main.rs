@@ -37,6 +37,9 @@ enum Cmd {
     /// Virtual machines.
     #[command(subcommand)]
     Vm(cli::vm::VmCmd),
+    /// Replicated block volumes, their snapshots and clones; image import.
+    #[command(subcommand)]
+    Volume(cli::volume::VolumeCmd),
     /// The per-VM worker process; started by the node, never by hand.
     #[command(hide = true)]
     VmWorker {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         Cmd::Pool(p) => cli::run(&args.global, |c| Box::pin(cli::pool::run(c, p))),
         Cmd::Meta(m) => cli::run(&args.global, |c| Box::pin(cli::meta::run(c, m))),
         Cmd::Vm(v) => cli::run(&args.global, |c| Box::pin(cli::vm::run(c, v))),
+        Cmd::Volume(v) => cli::run(&v.global(&args.global), |c| Box::pin(cli::volume::run(c, v))),
         Cmd::VmWorker { control_fd } => nodeos_vmm::worker::main(control_fd),
     }
 }

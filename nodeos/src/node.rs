@@ -1,21 +1,32 @@
 //! The node daemon's composition root: flags become a [`NodeConfig`], which
 //! becomes running subsystems wired through their handles.
 //!
-//! Start order: data dir (identity, lock) → metadata store → API listener →
-//! formation. Stop order (SIGTERM/SIGINT): formation, API, raft.
+//! Start order: data dir (identity, lock) → metadata store → listeners (API,
+//! block replicas, NBD) → formation, replica server, NBD exports, volume
+//! controllers, API. Stop order (SIGTERM/SIGINT): all of those, then raft.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
 use nodeos_api::ApiConfig;
+use nodeos_block::controller::{Controller, ControllerConfig};
+use nodeos_block::exports::VolumeExports;
+use nodeos_block::replica::Replica;
+use nodeos_block::store::ExtentStore;
+use nodeos_block::store::file::FileStore;
+use nodeos_block::transport::TcpTransport;
+use nodeos_block::volumes::Volumes;
 use nodeos_compute::Compute;
 use nodeos_compute::compute::ComputeConfig;
 use nodeos_meta::network::PeerClient;
 use nodeos_meta::{MetaConfig, MetaHandle};
 use nodeos_pool::beacon::BEACON_PORT;
+use nodeos_pool::formation::CapacityProbe;
 use nodeos_pool::{Formation, FormationConfig};
 use nodeos_types::auth::PoolKey;
 use tokio::sync::watch;
@@ -54,6 +65,21 @@ pub struct DaemonArgs {
     /// UDP port of the discovery beacons.
     #[arg(long, default_value_t = BEACON_PORT)]
     pub discovery_port: u16,
+    /// Address the block replica server listens on (its port is advertised
+    /// with --advertise's host when this is a wildcard).
+    #[arg(long, default_value = "0.0.0.0:7800")]
+    pub block_listen: SocketAddr,
+    /// Address the NBD server exporting the pool's volumes listens on. NBD
+    /// has no authentication: keep it on loopback or a trusted network.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nbd_listen: SocketAddr,
+    /// Seconds a node may be unreachable before its volume copies are
+    /// rebuilt on other nodes.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub rereplicate_after: u64,
+    /// Hours between scrubs of every volume copy's checksums.
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
+    pub scrub_every_hours: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -71,6 +97,11 @@ pub struct NodeConfig {
     pub bootstrap_expect: usize,
     pub discovery_iface: Option<String>,
     pub discovery_port: u16,
+    pub block_listen: SocketAddr,
+    /// Where other nodes reach this node's replica server.
+    pub block_advertise: SocketAddr,
+    pub nbd_listen: SocketAddr,
+    pub controller: ControllerConfig,
 }
 
 /// Pool names: what a hostname label allows.
@@ -114,7 +145,23 @@ impl TryFrom<DaemonArgs> for NodeConfig {
         if advertise.ip().is_unspecified() || advertise.port() == 0 {
             bail!("--advertise {advertise} must be a concrete address and port");
         }
+        let block_advertise = if a.block_listen.ip().is_unspecified() {
+            SocketAddr::new(advertise.ip(), a.block_listen.port())
+        } else {
+            a.block_listen
+        };
+        if block_advertise.port() == 0 {
+            bail!("--block-listen {} needs a concrete port", a.block_listen);
+        }
         Ok(NodeConfig {
+            block_listen: a.block_listen,
+            block_advertise,
+            nbd_listen: a.nbd_listen,
+            controller: ControllerConfig {
+                rereplicate_after: Duration::from_secs(a.rereplicate_after),
+                scrub_every: Duration::from_secs(a.scrub_every_hours * 3600),
+                ..ControllerConfig::default()
+            },
             data_dir,
             pool,
             key,
@@ -184,6 +231,20 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     info!(listen = %cfg.listen, advertise = %cfg.advertise, "API listening");
+    let store_dir = dir.path.join("blocks");
+    let store: Arc<FileStore> = Arc::new(
+        FileStore::open(&store_dir).with_context(|| format!("cannot open the block store {}", store_dir.display()))?,
+    );
+    let block_listener = tokio::net::TcpListener::bind(cfg.block_listen)
+        .await
+        .with_context(|| format!("cannot listen for block replicas on {}", cfg.block_listen))?;
+    let nbd_listener = tokio::net::TcpListener::bind(cfg.nbd_listen)
+        .await
+        .with_context(|| format!("cannot listen for NBD on {}", cfg.nbd_listen))?;
+    let probe_store = store.clone();
+    let capacity = CapacityProbe(Arc::new(move || {
+        probe_store.usage().map(|u| u.used.saturating_add(u.free)).unwrap_or(0)
+    }));
     let formation = Formation::new(
         FormationConfig {
             pool_name: cfg.pool.clone(),
@@ -195,16 +256,39 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             bootstrap_expect: cfg.bootstrap_expect,
             discovery_iface: cfg.discovery_iface.clone(),
             beacon_port: cfg.discovery_port,
+            block_address: cfg.block_advertise.to_string(),
+            block_capacity: capacity,
         },
         meta.clone(),
     );
+    let volumes = Volumes::new(meta.clone(), TcpTransport::new(cfg.key.clone()));
     let exe = std::env::current_exe().context("cannot find this binary to run VM workers")?;
     let compute = Compute::new(
-        ComputeConfig { node_id: me, state_dir: dir.path.join("vms"), worker_exe: exe },
+        ComputeConfig { node_id: me, state_dir: dir.path.join("vms"), worker_exe: exe, pool_key: cfg.key.clone() },
         meta.clone(),
+        volumes.clone(),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let formation_task = formation.spawn(stop_rx.clone());
+    let replica = Arc::new(Replica::new(store));
+    let until_stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let block_task = tokio::spawn(nodeos_block::server::serve(
+        block_listener,
+        replica,
+        me,
+        cfg.key.clone(),
+        until_stop(stop_rx.clone()),
+    ));
+    info!(listen = %cfg.nbd_listen, "NBD exports listening");
+    let nbd_task = tokio::spawn(nodeos_block::nbd::serve(
+        nbd_listener,
+        Arc::new(VolumeExports::new(volumes.clone())),
+        until_stop(stop_rx.clone()),
+    ));
+    let controller_task =
+        tokio::spawn(Controller::new(volumes.clone(), cfg.controller.clone()).run(until_stop(stop_rx.clone())));
     let mut api_stop = stop_rx.clone();
     let mut api = tokio::spawn(nodeos_api::serve(
         listener,
@@ -212,6 +296,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         meta.clone(),
         formation,
         compute,
+        volumes,
         async move {
             let _ = api_stop.wait_for(|s| *s).await;
         },
@@ -229,6 +314,13 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
     };
     let _ = formation_task.await;
+    let _ = controller_task.await;
+    let _ = block_task.await;
+    match nbd_task.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "NBD server ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "NBD server task failed"),
+        Ok(Ok(())) => {}
+    }
     let failed = match api_result {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(anyhow::Error::new(e).context("API server failed")),

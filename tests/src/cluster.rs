@@ -101,6 +101,7 @@ impl Cluster {
             seeds: Vec::new(),
             beacons: true,
             bootstrap_expect: None,
+            extra_args: Vec::new(),
         }
     }
 

@@ -34,7 +34,12 @@ pub struct NodeSpec {
     pub beacons: bool,
     /// `--bootstrap-expect`, if not the default.
     pub bootstrap_expect: Option<u16>,
+    /// More daemon flags (e.g. `--rereplicate-after 3`).
+    pub extra_args: Vec<String>,
 }
+
+/// Port of every test node's NBD server (on its own address).
+pub const NBD_PORT: u16 = 10809;
 
 /// A node process (possibly stopped) with its data dir and log.
 #[derive(Debug)]
@@ -67,7 +72,11 @@ impl NodeProc {
             spec.key_file.clone().into(),
             "--listen".into(),
             addr.to_string().into(),
+            // NBD on the node's own address, so tests on the host reach it.
+            "--nbd-listen".into(),
+            format!("{}:{NBD_PORT}", addr.ip()).into(),
         ];
+        args.extend(spec.extra_args.iter().map(OsString::from));
         if !spec.seeds.is_empty() {
             let seeds: Vec<String> = spec.seeds.iter().map(ToString::to_string).collect();
             args.extend(["--seeds".into(), seeds.join(",").into()]);

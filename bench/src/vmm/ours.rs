@@ -50,15 +50,17 @@ impl OurVmm {
             rand::rng().sample_iter(rand::distr::Alphanumeric).take(32).map(char::from).collect();
         let key_file = dir.path().join("pool.key");
         std::fs::write(&key_file, key).context("writing the pool key")?;
-        let port = free_ports(1)?[0];
-        let addr = format!("{LOOPBACK}:{port}");
+        let ports = free_ports(3)?;
+        let addr = format!("{LOOPBACK}:{}", ports[0]);
         let mut cmd = Command::new(bin);
         cmd.arg("node")
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--pool", "bench", "--pool-key-file"])
             .arg(&key_file)
-            .args(["--listen", &addr, "--bootstrap-expect", "1"]);
+            .args(["--listen", &addr, "--bootstrap-expect", "1"])
+            .args(["--block-listen", &format!("{LOOPBACK}:{}", ports[1])])
+            .args(["--nbd-listen", &format!("{LOOPBACK}:{}", ports[2])]);
         let mut node = ChildGuard::spawn("nodeos node", cmd, &dir.path().join("node.log"))?;
         wait_formed(&mut node, &addr).await?;
         let vms = VmServiceClient::new(channel(&addr).await?);
@@ -100,7 +102,7 @@ impl OurVmm {
             disks: run
                 .disk
                 .iter()
-                .map(|p| DiskSpec { path: p.display().to_string(), read_only: false })
+                .map(|p| DiskSpec { path: p.display().to_string(), read_only: false, volume: String::new() })
                 .collect(),
             nics: vec![],
         };

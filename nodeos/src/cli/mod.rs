@@ -3,13 +3,14 @@
 //! # Layout
 //! - `mod.rs`: global flags, connecting, the one-line error report.
 //! - `output.rs`: table and JSON rendering.
-//! - `pool.rs`, `node.rs`, `meta.rs`, `vm.rs`: one file per command group.
+//! - `pool.rs`, `node.rs`, `meta.rs`, `vm.rs`, `volume.rs`: one file per command group.
 
 pub mod meta;
 pub mod node;
 pub mod output;
 pub mod pool;
 pub mod vm;
+pub mod volume;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -66,6 +67,9 @@ impl From<tonic::Status> for CliError {
         let code = match s.code() {
             tonic::Code::InvalidArgument => "invalid argument",
             tonic::Code::NotFound => "not found",
+            tonic::Code::AlreadyExists => "already exists",
+            tonic::Code::ResourceExhausted => "too large",
+            tonic::Code::Aborted => "conflict",
             tonic::Code::Unavailable => "unavailable",
             tonic::Code::FailedPrecondition => "refused",
             tonic::Code::OutOfRange => "out of range",

@@ -69,7 +69,8 @@ pub struct CreateArgs {
     pub initrd: String,
     #[arg(long, default_value = "")]
     pub cmdline: String,
-    /// A disk image file on the node; append ",ro" for read-only. Repeatable.
+    /// A disk: an image file on the node (PATH) or a pool volume (volume:ID);
+    /// append ",ro" for read-only. Repeatable.
     #[arg(long = "disk")]
     pub disks: Vec<String>,
     /// A NIC attached to a host tap: TAP or TAP,MAC. Repeatable.
@@ -155,10 +156,15 @@ fn show(format: Format, v: pb::Vm) -> Result<(), CliError> {
     }
 }
 
+/// `PATH[,ro]` or `volume:ID[,ro]`.
 fn parse_disk(s: &str) -> pb::DiskSpec {
-    match s.strip_suffix(",ro") {
-        Some(p) => pb::DiskSpec { path: p.to_owned(), read_only: true },
-        None => pb::DiskSpec { path: s.to_owned(), read_only: false },
+    let (s, read_only) = match s.strip_suffix(",ro") {
+        Some(p) => (p, true),
+        None => (s, false),
+    };
+    match s.strip_prefix("volume:") {
+        Some(v) => pb::DiskSpec { path: String::new(), read_only, volume: v.to_owned() },
+        None => pb::DiskSpec { path: s.to_owned(), read_only, volume: String::new() },
     }
 }
 

@@ -1,5 +1,7 @@
 //! Errors to gRPC `Status`: the only place this mapping lives.
 
+use nodeos_block::device::DeviceError;
+use nodeos_block::volumes::VolumeError;
 use nodeos_meta::MetaError;
 use nodeos_meta::WatchError;
 use tonic::Status;
@@ -18,6 +20,36 @@ pub fn meta_status(e: MetaError) -> Status {
         MetaError::AlreadyInitialized => Status::already_exists(e.to_string()),
         MetaError::Refused(_) | MetaError::Membership(_) => Status::failed_precondition(chain(&e)),
         MetaError::Storage(_) | MetaError::Config(_) | MetaError::Dir(..) => Status::internal(chain(&e)),
+    }
+}
+
+/// Maps a volume error to the status a client can act on.
+pub fn volume_status(e: VolumeError) -> Status {
+    match e {
+        VolumeError::NotFound(_) | VolumeError::NoSnapshot { .. } => Status::not_found(chain(&e)),
+        VolumeError::NameTaken(_) | VolumeError::SnapshotTaken { .. } => Status::already_exists(chain(&e)),
+        VolumeError::Name(_)
+        | VolumeError::Size { .. }
+        | VolumeError::Replicas(_)
+        | VolumeError::Shrink { .. } => Status::invalid_argument(chain(&e)),
+        VolumeError::TooLarge { .. } => Status::resource_exhausted(chain(&e)),
+        VolumeError::InUse { .. } | VolumeError::HasClones { .. } | VolumeError::NoNodes => {
+            Status::failed_precondition(chain(&e))
+        }
+        VolumeError::Conflict => Status::aborted(chain(&e)),
+        VolumeError::Meta(m) => meta_status(*m),
+        VolumeError::Device(d) => device_status(&d),
+        _ => Status::internal(chain(&e)),
+    }
+}
+
+/// Maps a block device error (a volume opened in this process) to a status.
+pub fn device_status(e: &DeviceError) -> Status {
+    match e {
+        DeviceError::Fenced { .. } => Status::failed_precondition(chain(e)),
+        DeviceError::Unavailable(_) => Status::unavailable(chain(e)),
+        DeviceError::OutOfRange { .. } | DeviceError::Misaligned { .. } => Status::invalid_argument(chain(e)),
+        _ => Status::internal(chain(e)),
     }
 }
 

@@ -4,12 +4,14 @@
 //! - `pool.rs`: `PoolService` (status, nodes, watch), public.
 //! - `metadata.rs`: `MetadataService`, the operator's `custom/` key space, public.
 //! - `vm.rs`: `VmService`, VMs and their consoles, public.
+//! - `volume.rs`: `VolumeService`, block volumes, snapshots, clones and image import, public.
 //! - `peer.rs`: `PeerService`, node to node, every message authenticated with the pool key.
 //! - `proxy.rs`: handing a request to another node's API, at most once.
 //! - `error.rs`: the one place where errors become gRPC `Status`es.
 //! - `server.rs`: [`serve`], one tonic server with every service, reflection and message limits.
 //!
-//! The services hold handles ([`nodeos_meta::MetaHandle`], [`nodeos_pool::Formation`])
+//! The services hold handles ([`nodeos_meta::MetaHandle`], [`nodeos_pool::Formation`],
+//! [`nodeos_block::volumes::Volumes`])
 //! and never touch storage directly.
 
 pub mod error;
@@ -19,5 +21,6 @@ pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod vm;
+pub mod volume;
 
 pub use server::{ApiConfig, serve};

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use nodeos_block::volumes::Volumes;
 use nodeos_compute::Compute;
 use nodeos_meta::MetaHandle;
 use nodeos_meta::network::MAX_PEER_MESSAGE;
@@ -10,12 +11,14 @@ use nodeos_proto::v1::metadata_service_server::MetadataServiceServer;
 use nodeos_proto::v1::peer_service_server::PeerServiceServer;
 use nodeos_proto::v1::pool_service_server::PoolServiceServer;
 use nodeos_proto::v1::vm_service_server::VmServiceServer;
+use nodeos_proto::v1::volume_service_server::VolumeServiceServer;
 use tokio::net::TcpListener;
 
 use crate::metadata::MetadataApi;
 use crate::peer::PeerApi;
 use crate::pool::PoolApi;
 use crate::vm::VmApi;
+use crate::volume::{MAX_IMPORT_CHUNK, VolumeApi};
 
 /// Largest public API message, both ways.
 pub const MAX_PUBLIC_MESSAGE: usize = 4 * 1024 * 1024;
@@ -40,6 +43,7 @@ pub async fn serve(
     meta: MetaHandle,
     formation: Formation,
     compute: Compute,
+    volumes: Volumes,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let reflection = tonic_reflection::server::Builder::configure()
@@ -55,6 +59,10 @@ pub async fn serve(
     let vm = VmServiceServer::new(VmApi::new(compute, meta.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE);
+    // An import chunk is a whole message: room for its largest data plus framing.
+    let volume = VolumeServiceServer::new(VolumeApi::new(volumes))
+        .max_decoding_message_size(MAX_IMPORT_CHUNK + 64 * 1024)
+        .max_encoding_message_size(MAX_PUBLIC_MESSAGE * 4);
     let peer = PeerServiceServer::new(PeerApi::new(meta, formation))
         .max_decoding_message_size(MAX_PEER_MESSAGE)
         .max_encoding_message_size(MAX_PEER_MESSAGE);
@@ -68,6 +76,7 @@ pub async fn serve(
         .add_service(pool)
         .add_service(metadata)
         .add_service(vm)
+        .add_service(volume)
         .add_service(peer)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -58,6 +58,7 @@ pub fn compute_status(e: ComputeError) -> Status {
         ComputeError::Meta(m) => meta_status(*m),
         ComputeError::Worker(_) | ComputeError::Tap(_) => Status::failed_precondition(chain(&e)),
         ComputeError::Io { .. } | ComputeError::Record(_) => Status::internal(chain(&e)),
+        ComputeError::Volume(v) => crate::error::volume_status(*v),
     }
 }
 
@@ -71,7 +72,23 @@ fn spec_from_pb(s: Option<pb::VmSpec>) -> Result<VmSpec, Status> {
         kernel: s.kernel,
         initrd: (!s.initrd.is_empty()).then_some(s.initrd),
         cmdline: s.cmdline,
-        disks: s.disks.into_iter().map(|d| DiskSpec { path: d.path, read_only: d.read_only }).collect(),
+        disks: s
+            .disks
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let volume = if d.volume.is_empty() {
+                    None
+                } else {
+                    Some(
+                        d.volume
+                            .parse()
+                            .map_err(|e| Status::invalid_argument(format!("spec.disks[{i}].volume: {e}")))?,
+                    )
+                };
+                Ok(DiskSpec { path: d.path, volume, read_only: d.read_only })
+            })
+            .collect::<Result<_, Status>>()?,
         nics: s
             .nics
             .into_iter()
@@ -100,7 +117,11 @@ fn to_pb(r: VmRecord, pid: Option<u32>) -> pb::Vm {
                 .spec
                 .disks
                 .into_iter()
-                .map(|d| pb::DiskSpec { path: d.path, read_only: d.read_only })
+                .map(|d| pb::DiskSpec {
+                    path: d.path,
+                    read_only: d.read_only,
+                    volume: d.volume.map(|v| v.to_string()).unwrap_or_default(),
+                })
                 .collect(),
             nics: r.spec.nics.into_iter().map(|n| pb::NicSpec { mac: n.mac, tap: n.tap }).collect(),
         }),

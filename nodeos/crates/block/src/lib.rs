@@ -32,6 +32,7 @@
 pub mod client;
 pub mod controller;
 pub mod device;
+pub mod exports;
 pub mod nbd;
 pub mod replica;
 pub mod repair;

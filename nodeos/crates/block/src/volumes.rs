@@ -506,6 +506,22 @@ impl Volumes {
         Ok(client)
     }
 
+    /// A read-only view of a snapshot: the volume's layers up to the
+    /// snapshot's, which never change.
+    pub async fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<VolumeClient<TcpTransport>, VolumeError> {
+        let (r, _) = self.get(volume).await?;
+        let snap = r
+            .snapshots
+            .iter()
+            .find(|s| s.name == snapshot)
+            .ok_or_else(|| VolumeError::NoSnapshot { volume: r.name.clone(), snapshot: snapshot.to_owned() })?;
+        let upto = r.layers.iter().position(|l| *l == snap.layer).map(|i| i + 1).unwrap_or(0);
+        let mut layout = self.layout(&r).await?;
+        layout.layers.truncate(upto);
+        layout.generation = 0;
+        Ok(VolumeClient::open(self.transport.clone(), layout, true, Some(self.meta.node_id())).await?)
+    }
+
     /// Keeps a client's layout in step with its volume record.
     pub fn follow(&self, client: &VolumeClient<TcpTransport>, id: VolumeId) {
         let weak = client.downgrade();

@@ -13,7 +13,10 @@ use nodeos_meta::command::{Compare, Op, Txn};
 use nodeos_meta::{Command, Consistency, MetaError, MetaHandle};
 use nodeos_types::records::{VMS_PREFIX, VmRecord, VmSpec, VmState, vm_key, vm_name_key};
 use nodeos_types::{NodeId, VmId, unix_millis};
-use nodeos_vmm::config::{DiskConfig, NicConfig, WorkerConfig};
+use nodeos_block::volumes::{VolumeError, Volumes};
+use nodeos_types::VolumeId;
+use nodeos_types::auth::PoolKey;
+use nodeos_vmm::config::{DiskConfig, NicConfig, VolumeDisk, WorkerConfig};
 use nodeos_vmm::control::{StopReason, ToWorker, WorkerEvent};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -53,6 +56,14 @@ pub enum ComputeError {
     },
     #[error("stored VM record {0} does not decode")]
     Record(String),
+    #[error("volume disk")]
+    Volume(#[source] Box<VolumeError>),
+}
+
+impl From<VolumeError> for ComputeError {
+    fn from(e: VolumeError) -> Self {
+        ComputeError::Volume(Box::new(e))
+    }
 }
 
 impl From<MetaError> for ComputeError {
@@ -68,6 +79,8 @@ pub struct ComputeConfig {
     pub state_dir: PathBuf,
     /// The binary that runs `vm-worker` (this binary).
     pub worker_exe: PathBuf,
+    /// Handed to workers whose disks are volumes (replica handshake).
+    pub pool_key: PoolKey,
 }
 
 /// A VM with a live worker on this node.
@@ -89,6 +102,7 @@ pub struct Compute {
 struct Inner {
     cfg: ComputeConfig,
     meta: MetaHandle,
+    volumes: Volumes,
     live: Mutex<HashMap<VmId, Live>>,
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -116,9 +130,10 @@ fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
 impl Compute {
     /// Starts the supervisor. VMs recorded as running on this node have lost
     /// their workers with the previous node process: they are marked crashed.
-    pub fn new(cfg: ComputeConfig, meta: MetaHandle) -> Self {
-        let c =
-            Compute { inner: Arc::new(Inner { cfg, meta, live: Mutex::default(), locks: Mutex::default() }) };
+    pub fn new(cfg: ComputeConfig, meta: MetaHandle, volumes: Volumes) -> Self {
+        let c = Compute {
+            inner: Arc::new(Inner { cfg, meta, volumes, live: Mutex::default(), locks: Mutex::default() }),
+        };
         tokio::spawn(c.clone().reconcile());
         c
     }
@@ -276,6 +291,28 @@ impl Compute {
             worker_fds.push(worker_end);
             relays.push((tap_file, node_end, n.tap.clone()));
         }
+        // Volume disks: take each volume's writer generation (fencing any
+        // older writer, e.g. this VM's crashed worker) before the worker runs.
+        let mut disk_cfgs = Vec::new();
+        let mut held: Vec<(VolumeId, u64)> = Vec::new();
+        for d in &r.spec.disks {
+            let Some(vid) = d.volume else {
+                disk_cfgs.push(DiskConfig { path: d.path.clone().into(), read_only: d.read_only, volume: None });
+                continue;
+            };
+            match self.volume_disk(r.id, vid, d.read_only).await {
+                Ok((disk, generation)) => {
+                    if generation > 0 {
+                        held.push((vid, generation));
+                    }
+                    disk_cfgs.push(DiskConfig { path: PathBuf::new(), read_only: d.read_only, volume: Some(disk) });
+                }
+                Err(e) => {
+                    self.release_volumes(&held).await;
+                    return Err(e);
+                }
+            }
+        }
         let config = WorkerConfig {
             vm_id: r.id.to_string(),
             vcpus: r.spec.vcpus,
@@ -283,12 +320,7 @@ impl Compute {
             kernel: r.spec.kernel.clone().into(),
             initrd: r.spec.initrd.clone().map(Into::into),
             cmdline: r.spec.cmdline.clone(),
-            disks: r
-                .spec
-                .disks
-                .iter()
-                .map(|d| DiskConfig { path: d.path.clone().into(), read_only: d.read_only })
-                .collect(),
+            disks: disk_cfgs,
             nics: nic_cfgs,
             console_log: self.console_path(r.id),
         };
@@ -330,6 +362,7 @@ impl Compute {
             r.state = VmState::Stopped;
             r.reason = format!("start failed: {why}");
             let _ = self.save(&mut r).await;
+            self.release_volumes(&held).await;
             return Err(e.into());
         }
         // From here the monitor owns the worker's end, whatever happens next.
@@ -343,6 +376,7 @@ impl Compute {
             spawned.exit,
             stopping.clone(),
             relay_tasks,
+            held,
             done_tx,
         ));
         r.state = VmState::Running;
@@ -361,6 +395,44 @@ impl Compute {
     }
 
     /// Watches one worker until it exits, then records how it ended.
+    /// A volume disk's worker config; for a writable disk, takes the
+    /// volume's writer slot (a new generation). Answers the generation (0 for
+    /// read-only).
+    async fn volume_disk(&self, vm: VmId, vid: VolumeId, read_only: bool) -> Result<(VolumeDisk, u64), ComputeError> {
+        let volumes = &self.inner.volumes;
+        let holder = format!("vm {vm}");
+        let rec = if read_only {
+            volumes.get(&vid.to_string()).await?.0
+        } else {
+            match volumes.open_writer(&vid.to_string(), self.inner.cfg.node_id, &holder, false).await {
+                Ok(r) => r,
+                // This VM's own earlier worker (crashed, or its node died):
+                // take over and fence it.
+                Err(VolumeError::InUse { holder: h, .. }) if h == holder => {
+                    volumes.open_writer(&vid.to_string(), self.inner.cfg.node_id, &holder, true).await?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut layout = volumes.layout(&rec).await?;
+        if read_only {
+            layout.generation = 0;
+        }
+        let generation = layout.generation;
+        let disk =
+            VolumeDisk { layout, pool_key: self.inner.cfg.pool_key.derived_bytes(), node: self.inner.cfg.node_id };
+        Ok((disk, generation))
+    }
+
+    /// Gives back the writer slots a worker held.
+    async fn release_volumes(&self, held: &[(VolumeId, u64)]) {
+        for (vid, generation) in held {
+            if let Err(e) = self.inner.volumes.close_writer(*vid, *generation).await {
+                warn!(volume = %vid, error = %nodeos_types::error_chain(&e), "cannot release the volume's writer slot");
+            }
+        }
+    }
+
     async fn monitor(
         self,
         id: VmId,
@@ -368,6 +440,7 @@ impl Compute {
         exit: tokio::sync::oneshot::Receiver<std::io::Result<ExitStatus>>,
         stopping: Arc<AtomicBool>,
         relays: Vec<tokio::task::JoinHandle<()>>,
+        held: Vec<(VolumeId, u64)>,
         done: watch::Sender<bool>,
     ) {
         let mut reason: Option<StopReason> = None;
@@ -388,6 +461,7 @@ impl Compute {
         for t in relays {
             t.abort();
         }
+        self.release_volumes(&held).await;
         let asked = stopping.load(Ordering::SeqCst);
         let clean = status.as_ref().is_ok_and(|s| s.success());
         let (state, why) = match reason {

@@ -22,6 +22,8 @@ pub enum SpecError {
     KernelFormat(String),
     #[error("cmdline is {0} bytes; the limit is {MAX_CMDLINE}")]
     Cmdline(usize),
+    #[error("disks[{index}] needs exactly one of a file path and a volume")]
+    Disk { index: usize },
     #[error("at most {MAX_DISKS} disks and {MAX_NICS} NICs")]
     TooMany,
     #[error("nics[{index}].mac {mac:?} is not a unicast aa:bb:cc:dd:ee:ff address")]
@@ -108,8 +110,14 @@ pub fn check(name: &str, spec: &VmSpec) -> Result<(), SpecError> {
     if let Some(i) = &spec.initrd {
         readable("initrd", i)?;
     }
-    for d in &spec.disks {
-        readable("disk", &d.path)?;
+    for (index, d) in spec.disks.iter().enumerate() {
+        match (&d.volume, d.path.is_empty()) {
+            (Some(_), true) => {}
+            (None, false) => {
+                readable("disk", &d.path)?;
+            }
+            _ => return Err(SpecError::Disk { index }),
+        }
     }
     for (index, n) in spec.nics.iter().enumerate() {
         if parse_mac(&n.mac).is_none() {
@@ -170,7 +178,7 @@ mod tests {
         assert!(matches!(check("vm1", &spec("/nonexistent")), Err(SpecError::File { field: "kernel", .. })));
         assert!(matches!(check("vm1", &spec(&junk.display().to_string())), Err(SpecError::KernelFormat(_))));
         assert!(matches!(check("vm1", &spec(&d.path().display().to_string())), Err(SpecError::File { .. })));
-        let disk = VmSpec { disks: vec![DiskSpec { path: "/nope".into(), read_only: false }], ..spec(&k) };
+        let disk = VmSpec { disks: vec![DiskSpec { path: "/nope".into(), read_only: false, volume: None }], ..spec(&k) };
         assert!(matches!(check("vm1", &disk), Err(SpecError::File { field: "disk", .. })));
         let nic =
             VmSpec { nics: vec![NicSpec { mac: "01:00:00:00:00:01".into(), tap: "t0".into() }], ..spec(&k) };

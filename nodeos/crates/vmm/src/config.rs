@@ -30,8 +30,33 @@ pub struct WorkerConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
+    /// Image file (empty for a volume).
     pub path: PathBuf,
     pub read_only: bool,
+    /// A pool volume instead of a file.
+    #[serde(default)]
+    pub volume: Option<VolumeDisk>,
+}
+
+/// A pool volume the worker opens itself, with the generation the node took
+/// for it (fencing any older writer).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeDisk {
+    pub layout: nodeos_block::client::VolumeLayout,
+    /// The pool key's derived bytes, for the replica handshake.
+    pub pool_key: [u8; 32],
+    /// The node the worker runs on (its copies are read first).
+    pub node: nodeos_types::NodeId,
+}
+
+impl std::fmt::Debug for VolumeDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeDisk")
+            .field("volume", &self.layout.volume)
+            .field("generation", &self.layout.generation)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

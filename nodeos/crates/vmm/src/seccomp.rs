@@ -90,9 +90,36 @@ const ALLOWED: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// The compiled filter.
-pub fn filter() -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = ALLOWED.iter().map(|&n| (n, vec![])).collect();
+/// What a worker with volume disks also needs: its block client makes TCP
+/// connections to replica servers (new ones when a replica moves or comes
+/// back). Only IPv4/IPv6 sockets can be created; files still cannot be opened.
+const ALLOWED_FOR_VOLUMES: &[i64] = &[
+    libc::SYS_connect,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+];
+
+/// The compiled filter; `volumes` admits the block client's TCP connections.
+pub fn filter(volumes: bool) -> Result<BpfProgram, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = ALLOWED.iter().map(|&n| (n, vec![])).collect();
+    if volumes {
+        for &n in ALLOWED_FOR_VOLUMES {
+            rules.insert(n, vec![]);
+        }
+        let family = |f: i32| -> Result<seccompiler::SeccompRule, SeccompError> {
+            let c = seccompiler::SeccompCondition::new(
+                0,
+                seccompiler::SeccompCmpArgLen::Dword,
+                seccompiler::SeccompCmpOp::Eq,
+                f as u64,
+            )
+            .map_err(SeccompError::Build)?;
+            seccompiler::SeccompRule::new(vec![c]).map_err(SeccompError::Build)
+        };
+        rules.insert(libc::SYS_socket, vec![family(libc::AF_INET)?, family(libc::AF_INET6)?]);
+    }
     let f = SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::EPERM as u32),
@@ -105,8 +132,8 @@ pub fn filter() -> Result<BpfProgram, SeccompError> {
 
 /// Installs the filter on every thread of the process (and, by inheritance,
 /// on every thread started later).
-pub fn apply_to_process() -> Result<(), SeccompError> {
-    let prog = filter()?;
+pub fn apply_to_process(volumes: bool) -> Result<(), SeccompError> {
+    let prog = filter(volumes)?;
     seccompiler::apply_filter_all_threads(&prog).map_err(SeccompError::Apply)
 }
 
@@ -116,7 +143,7 @@ mod tests {
 
     #[test]
     fn a_filtered_thread_cannot_open_files_or_sockets_but_can_do_io() {
-        let prog = filter().unwrap();
+        let prog = filter(false).unwrap();
         let (r, w) = std::io::pipe().unwrap();
         // Filters are per thread unless synchronised: only this thread is confined.
         let outcome = std::thread::spawn(move || {

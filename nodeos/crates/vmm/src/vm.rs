@@ -22,7 +22,7 @@ use crate::devices::pci::{PCI_CONFIG_LEN, PCI_CONFIG_PORT, PciError, PciRoot};
 use crate::devices::platform::{self, PlatformEvents, PlatformRequest};
 use crate::devices::serial::{COM1_IRQ, COM1_LEN, COM1_PORT, Serial};
 use crate::devices::virtio::VirtioPciDevice;
-use crate::devices::virtio::block::{Block, FileBackend};
+use crate::devices::virtio::block::{Block, BlockBackend, FileBackend, VolumeBackend};
 use crate::devices::virtio::net::{Net, SeqpacketBackend};
 use crate::interrupts::{KvmIoEvents, KvmIrqLine, KvmMsiAllocator};
 use crate::memory::{self, GuestMem, MemoryError};
@@ -126,15 +126,21 @@ impl Vm {
         let ioevents: Arc<dyn IoEvents> = Arc::new(KvmIoEvents::new(kvm_vm.clone()));
         let mut root = PciRoot::new(mmio.clone());
         for (index, d) in cfg.disks.iter().enumerate() {
-            let path = d.path.display().to_string();
+            let path = match &d.volume {
+                Some(v) => format!("volume {}", v.layout.volume),
+                None => d.path.display().to_string(),
+            };
             let disk_err = |source: Box<dyn std::error::Error + Send + Sync>| VmError::Disk {
                 index,
                 path: path.clone(),
                 source,
             };
-            let backend = FileBackend::open(&d.path, d.read_only).map_err(|e| disk_err(Box::new(e)))?;
+            let backend: Arc<dyn BlockBackend> = match &d.volume {
+                Some(v) => Arc::new(VolumeBackend::open(v, d.read_only).map_err(|e| disk_err(Box::new(e)))?),
+                None => Arc::new(FileBackend::open(&d.path, d.read_only).map_err(|e| disk_err(Box::new(e)))?),
+            };
             let serial_no = format!("nodeos-disk{index}");
-            let blk = Block::new(Arc::new(backend), &serial_no);
+            let blk = Block::new(backend, &serial_no);
             let dev = VirtioPciDevice::new(
                 Box::new(blk),
                 (*mem).clone(),

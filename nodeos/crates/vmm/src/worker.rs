@@ -138,6 +138,7 @@ pub fn main(control_fd: RawFd) -> ExitCode {
         }
     };
     info!(vm = %config.vm_id, vcpus = config.vcpus, memory_mib = config.memory_mib, "building VM");
+    let has_volumes = config.disks.iter().any(|d| d.volume.is_some());
     let vm = match build(config, nic_fds) {
         Ok(vm) => vm,
         Err(e) => {
@@ -150,7 +151,7 @@ pub fn main(control_fd: RawFd) -> ExitCode {
     // Measured before confinement: /proc is out of reach afterwards.
     let rss = rss_kib();
     // Everything the VM needs is open: from here on the worker is confined.
-    if let Err(e) = crate::seccomp::apply_to_process() {
+    if let Err(e) = crate::seccomp::apply_to_process(has_volumes) {
         let msg = nodeos_types::error_chain(&e);
         error!(error = %msg, "cannot confine the worker");
         ctl.send(&FromWorker::Failed { seq, error: msg });

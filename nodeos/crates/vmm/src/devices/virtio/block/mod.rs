@@ -9,5 +9,5 @@ pub mod backend;
 pub mod device;
 pub mod request;
 
-pub use backend::{BackendError, BlockBackend, FileBackend};
+pub use backend::{BackendError, BlockBackend, FileBackend, VolumeBackend};
 pub use device::{Block, BlockCounters};

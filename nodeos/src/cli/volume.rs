@@ -1,0 +1,572 @@
+//! `nodeos volume create|list|show|resize|delete|snapshot|clone|release|scrub|import`.
+
+use std::io::{IsTerminal, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use nodeos_proto::v1 as pb;
+use nodeos_proto::v1::import_request::Msg;
+use nodeos_proto::v1::volume_service_client::VolumeServiceClient;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use super::output;
+use super::{CliError, Ctx, Format, Global};
+
+/// The volume block size: sizes must be multiples of it.
+const BLOCK: u64 = 4096;
+/// Bytes per import message.
+const IMPORT_CHUNK: usize = 1 << 20;
+/// Request timeout of an import, whose answer comes only once the whole
+/// image is sent and flushed: a week, i.e. none in practice.
+const IMPORT_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Create a volume (thin: it reads as zeroes and takes space as it is written).
+    Create {
+        name: String,
+        /// Size in bytes, or with a K, M, G or T suffix (binary units); a multiple of 4 KiB.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Copies of each extent (default: as many as the pool allows, up to 3).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3))]
+        replicas: Option<u32>,
+    },
+    /// Every volume of the pool.
+    List,
+    /// One volume: placement, writer, snapshots and the health of each extent's copies.
+    Show { volume: String },
+    /// Grow a volume.
+    Resize {
+        volume: String,
+        /// New size (K, M, G or T suffix, binary units); a multiple of 4 KiB, not smaller than now.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume (its space is reclaimed in the background).
+    Delete {
+        volume: String,
+        /// Delete even while a writer holds it (the writer is fenced).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Snapshots of a volume.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// A new volume starting as a snapshot of another.
+    Clone { volume: String, snapshot: String, name: String },
+    /// Break the current writer's hold on a volume (it is fenced and can write no more).
+    Release { volume: String },
+    /// Verify every copy's checksums now and repair corrupt blocks.
+    Scrub { volume: String },
+    /// Write a raw image file (or block device) into a volume.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// Freeze the volume's current blocks as a snapshot.
+    Create {
+        volume: String,
+        snapshot: String,
+    },
+    List {
+        volume: String,
+    },
+    Delete {
+        volume: String,
+        snapshot: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Raw image to read.
+    pub file: PathBuf,
+    /// Import into this volume, creating it (sized to the file, rounded up to 4 KiB) if it does not exist.
+    #[arg(long, required_unless_present = "volume", conflicts_with = "volume")]
+    pub name: Option<String>,
+    /// Import into this existing volume (id or name).
+    #[arg(long)]
+    pub volume: Option<String>,
+    /// Take the volume over from its current writer (which is fenced) instead of being refused.
+    #[arg(long)]
+    pub takeover: bool,
+}
+
+impl VolumeCmd {
+    /// The global flags this command runs with.
+    pub fn global(&self, g: &Global) -> Global {
+        let mut g = g.clone();
+        if matches!(self, VolumeCmd::Import(_)) {
+            g.request_timeout = g.request_timeout.max(IMPORT_TIMEOUT_SECS);
+        }
+        g
+    }
+}
+
+/// Parses a size: bytes, or a number with a K, M, G or T suffix (binary
+/// units, an optional trailing "iB" or "B"); it must be a positive multiple
+/// of 4 KiB.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("size must be bytes or a number with a K, M, G or T suffix (e.g. 10G), got {s:?}");
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix("ib")).unwrap_or(t);
+    let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| format!("size {s:?} is too large"))?;
+    let bytes = n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))?;
+    if bytes == 0 {
+        return Err("size must be positive".to_owned());
+    }
+    if !bytes.is_multiple_of(BLOCK) {
+        return Err(format!("size must be a multiple of 4 KiB ({BLOCK} bytes), got {bytes}"));
+    }
+    Ok(bytes)
+}
+
+/// Bytes in the largest binary unit that keeps the number at least 1.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && bytes >= 1u64 << (10 * (unit + 1)) {
+        unit += 1;
+    }
+    let scale = 1u64 << (10 * unit);
+    if bytes.is_multiple_of(scale) {
+        format!("{} {}", bytes / scale, UNITS[unit])
+    } else {
+        format!("{:.1} {}", bytes as f64 / scale as f64, UNITS[unit])
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct WriterView {
+    node: String,
+    holder: String,
+    since_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct SnapshotView {
+    name: String,
+    created_at_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct VolumeView {
+    id: String,
+    name: String,
+    state: String,
+    size_bytes: u64,
+    extent_size_bytes: u64,
+    replicas: u32,
+    generation: u64,
+    writer: Option<WriterView>,
+    origin: String,
+    warning: String,
+    snapshots: Vec<SnapshotView>,
+    /// Node ids of each extent's copies; empty in lists.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    placement: Vec<Vec<String>>,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+}
+
+impl From<pb::Volume> for VolumeView {
+    fn from(v: pb::Volume) -> Self {
+        VolumeView {
+            id: v.id,
+            name: v.name,
+            state: v.state,
+            size_bytes: v.size_bytes,
+            extent_size_bytes: v.extent_size_bytes,
+            replicas: v.replicas,
+            generation: v.generation,
+            writer: v.writer.map(|w| WriterView { node: w.node_id, holder: w.holder, since_ms: w.since_ms }),
+            origin: v.origin,
+            warning: v.warning,
+            snapshots: v.snapshots.into_iter().map(snapshot_view).collect(),
+            placement: v.placement.into_iter().map(|p| p.node_ids).collect(),
+            created_at_ms: v.created_at_ms,
+            updated_at_ms: v.updated_at_ms,
+        }
+    }
+}
+
+fn snapshot_view(s: pb::Snapshot) -> SnapshotView {
+    SnapshotView { name: s.name, created_at_ms: s.created_at_ms }
+}
+
+impl VolumeView {
+    fn writer_text(&self) -> String {
+        self.writer.as_ref().map(|w| format!("{} on {}", w.holder, w.node)).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct CopyView {
+    node: String,
+    address: String,
+    state: String,
+    written_blocks: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ExtentView {
+    index: u32,
+    copies: Vec<CopyView>,
+}
+
+#[derive(Debug, Serialize)]
+struct DetailView {
+    #[serde(flatten)]
+    volume: VolumeView,
+    /// Health of the inspected extents (the first 256 of larger volumes).
+    extents: Vec<ExtentView>,
+}
+
+const LIST_HEADERS: &[&str] = &["ID", "NAME", "SIZE", "REPLICAS", "STATE", "WRITER", "SNAPSHOTS", "WARNING"];
+
+fn list_row(v: &VolumeView) -> Vec<String> {
+    vec![
+        v.id.clone(),
+        v.name.clone(),
+        human(v.size_bytes),
+        v.replicas.to_string(),
+        v.state.clone(),
+        v.writer_text(),
+        v.snapshots.len().to_string(),
+        v.warning.clone(),
+    ]
+}
+
+/// A volume's fields as FIELD/VALUE rows.
+fn field_rows(v: &VolumeView) -> Vec<Vec<String>> {
+    let mut nodes: Vec<&String> = v.placement.iter().flatten().collect();
+    nodes.sort();
+    nodes.dedup();
+    let placement = format!(
+        "{} extent(s) of {} on {} node(s): {}",
+        v.placement.len(),
+        human(v.extent_size_bytes),
+        nodes.len(),
+        nodes.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    let snapshots = v.snapshots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+    vec![
+        vec!["id".into(), v.id.clone()],
+        vec!["name".into(), v.name.clone()],
+        vec!["state".into(), v.state.clone()],
+        vec!["size".into(), format!("{} ({} bytes)", human(v.size_bytes), v.size_bytes)],
+        vec!["replicas".into(), v.replicas.to_string()],
+        vec!["placement".into(), placement],
+        vec!["generation".into(), v.generation.to_string()],
+        vec!["writer".into(), v.writer_text()],
+        vec!["origin".into(), v.origin.clone()],
+        vec!["warning".into(), v.warning.clone()],
+        vec!["snapshots".into(), snapshots],
+        vec!["created (unix ms)".into(), v.created_at_ms.to_string()],
+    ]
+}
+
+/// One volume after a change: its fields, or its JSON.
+fn print_volume(format: Format, v: pb::Volume) -> Result<(), CliError> {
+    let v = VolumeView::from(v);
+    let rows = field_rows(&v);
+    output::print(format, &v, &["FIELD", "VALUE"], rows)
+}
+
+fn print_detail(format: Format, d: pb::VolumeDetail) -> Result<(), CliError> {
+    let volume = VolumeView::from(d.volume.unwrap_or_default());
+    let extents: Vec<ExtentView> = d
+        .extents
+        .into_iter()
+        .map(|e| ExtentView {
+            index: e.index,
+            copies: e
+                .copies
+                .into_iter()
+                .map(|c| CopyView {
+                    node: c.node_id,
+                    address: c.address,
+                    state: c.state,
+                    written_blocks: c.written_blocks,
+                })
+                .collect(),
+        })
+        .collect();
+    let detail = DetailView { volume, extents };
+    match format {
+        Format::Json => output::print(format, &detail, &[], vec![]),
+        Format::Table => {
+            print!("{}", output::table(&["FIELD", "VALUE"], &field_rows(&detail.volume)));
+            let rows: Vec<Vec<String>> = detail
+                .extents
+                .iter()
+                .flat_map(|e| {
+                    e.copies.iter().map(move |c| {
+                        vec![
+                            e.index.to_string(),
+                            c.node.clone(),
+                            c.address.clone(),
+                            c.state.clone(),
+                            c.written_blocks.to_string(),
+                        ]
+                    })
+                })
+                .collect();
+            println!();
+            print!("{}", output::table(&["EXTENT", "NODE", "ADDRESS", "COPY", "BLOCKS"], &rows));
+            if detail.extents.len() < detail.volume.placement.len() {
+                println!(
+                    "(health of the first {} of {} extents)",
+                    detail.extents.len(),
+                    detail.volume.placement.len()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_snapshots(format: Format, snaps: Vec<pb::Snapshot>) -> Result<(), CliError> {
+    let snaps: Vec<SnapshotView> = snaps.into_iter().map(snapshot_view).collect();
+    let rows = snaps.iter().map(|s| vec![s.name.clone(), s.created_at_ms.to_string()]).collect();
+    output::print(format, &snaps, &["NAME", "CREATED (UNIX MS)"], rows)
+}
+
+pub async fn run(ctx: Ctx, cmd: VolumeCmd) -> Result<(), CliError> {
+    let mut c = VolumeServiceClient::new(ctx.channel.clone());
+    let vref = |v: String| pb::VolumeRef { volume: v };
+    match cmd {
+        VolumeCmd::Create { name, size, replicas } => {
+            let req = pb::CreateVolumeRequest { name, size_bytes: size, replicas: replicas.unwrap_or(0) };
+            print_volume(ctx.output, c.create(req).await?.into_inner())
+        }
+        VolumeCmd::List => {
+            let vols: Vec<VolumeView> = c
+                .list(pb::ListVolumesRequest {})
+                .await?
+                .into_inner()
+                .volumes
+                .into_iter()
+                .map(VolumeView::from)
+                .collect();
+            let rows = vols.iter().map(list_row).collect();
+            output::print(ctx.output, &vols, LIST_HEADERS, rows)
+        }
+        VolumeCmd::Show { volume } => print_detail(ctx.output, c.get(vref(volume)).await?.into_inner()),
+        VolumeCmd::Resize { volume, size } => {
+            let req = pb::ResizeVolumeRequest { volume, size_bytes: size };
+            print_volume(ctx.output, c.resize(req).await?.into_inner())
+        }
+        VolumeCmd::Delete { volume, force } => {
+            let v = c.delete(pb::DeleteVolumeRequest { volume, force }).await?.into_inner();
+            match ctx.output {
+                Format::Json => print_volume(ctx.output, v),
+                Format::Table => {
+                    println!("deleting {} ({}); its space is reclaimed in the background", v.name, v.id);
+                    Ok(())
+                }
+            }
+        }
+        VolumeCmd::Snapshot(SnapshotCmd::Create { volume, snapshot }) => {
+            let v = c.create_snapshot(pb::SnapshotRequest { volume, snapshot }).await?.into_inner();
+            print_snapshots(ctx.output, v.snapshots)
+        }
+        VolumeCmd::Snapshot(SnapshotCmd::List { volume }) => {
+            print_snapshots(ctx.output, c.list_snapshots(vref(volume)).await?.into_inner().snapshots)
+        }
+        VolumeCmd::Snapshot(SnapshotCmd::Delete { volume, snapshot }) => {
+            let v = c.delete_snapshot(pb::SnapshotRequest { volume, snapshot }).await?.into_inner();
+            print_snapshots(ctx.output, v.snapshots)
+        }
+        VolumeCmd::Clone { volume, snapshot, name } => {
+            // Spelled out: `c.clone(..)` would find `Clone::clone` before the RPC.
+            let req = pb::CloneVolumeRequest { volume, snapshot, name };
+            let v = VolumeServiceClient::clone(&mut c, req).await?.into_inner();
+            print_volume(ctx.output, v)
+        }
+        VolumeCmd::Release { volume } => {
+            print_volume(ctx.output, c.release(vref(volume)).await?.into_inner())
+        }
+        VolumeCmd::Scrub { volume } => {
+            let r = c.scrub(vref(volume)).await?.into_inner();
+            let row = vec![
+                r.extents.to_string(),
+                r.corrupt.to_string(),
+                r.repaired_blocks.to_string(),
+                r.unreachable_node_ids.join(", "),
+            ];
+            let json = serde_json::json!({
+                "extents": r.extents,
+                "corrupt": r.corrupt,
+                "repaired_blocks": r.repaired_blocks,
+                "unreachable": r.unreachable_node_ids,
+            });
+            output::print(ctx.output, &json, &["EXTENTS", "CORRUPT", "REPAIRED", "UNREACHABLE"], vec![row])
+        }
+        VolumeCmd::Import(a) => import(&mut c, ctx.output, a).await,
+    }
+}
+
+fn read_error(path: &Path, e: std::io::Error) -> CliError {
+    CliError::Status(format!("cannot read {}: {e}", path.display()))
+}
+
+/// A byte progress bar on standard error, or none when that is not a terminal.
+fn progress_bar(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("the template is a constant known to parse")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Finds or creates the import's target; true when it is new (and so reads
+/// as zeroes, which lets the server skip zero blocks).
+async fn import_target(
+    c: &mut VolumeServiceClient<Channel>,
+    a: &ImportArgs,
+    file_size: u64,
+) -> Result<(String, bool), CliError> {
+    let name = match (&a.volume, &a.name) {
+        (Some(v), _) => return Ok((v.clone(), false)),
+        (None, Some(n)) => n.clone(),
+        (None, None) => return Err(CliError::Status("give --name or --volume".into())),
+    };
+    // ListSnapshots is the cheapest call that says whether a volume exists.
+    match c.list_snapshots(pb::VolumeRef { volume: name.clone() }).await {
+        Ok(_) => return Ok((name, false)),
+        Err(s) if s.code() == tonic::Code::NotFound => {}
+        Err(s) => return Err(s.into()),
+    }
+    let size = file_size.next_multiple_of(BLOCK);
+    match c.create(pb::CreateVolumeRequest { name: name.clone(), size_bytes: size, replicas: 0 }).await {
+        Ok(v) => {
+            let v = v.into_inner();
+            eprintln!("created volume {} ({}, {})", v.name, v.id, human(v.size_bytes));
+            if !v.warning.is_empty() {
+                eprintln!("warning: {}", v.warning);
+            }
+            Ok((name, true))
+        }
+        // Created by someone else meanwhile: import into it as into any existing volume.
+        Err(s) if s.code() == tonic::Code::AlreadyExists => Ok((name, false)),
+        Err(s) => Err(s.into()),
+    }
+}
+
+async fn import(c: &mut VolumeServiceClient<Channel>, format: Format, a: ImportArgs) -> Result<(), CliError> {
+    let mut file = std::fs::File::open(&a.file).map_err(|e| read_error(&a.file, e))?;
+    // Seeking finds the size of block devices too, whose metadata says 0.
+    let total = file.seek(SeekFrom::End(0)).map_err(|e| read_error(&a.file, e))?;
+    file.seek(SeekFrom::Start(0)).map_err(|e| read_error(&a.file, e))?;
+    if total == 0 {
+        return Err(CliError::Status(format!("{} is empty: nothing to import", a.file.display())));
+    }
+    let (volume, sparse) = import_target(c, &a, total).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ImportRequest>(4);
+    let start = pb::ImportStart { volume: volume.clone(), takeover: a.takeover, total_bytes: total, sparse };
+    tx.send(pb::ImportRequest { msg: Some(Msg::Start(start)) })
+        .await
+        .map_err(|_| CliError::Status("import stream closed before it started".into()))?;
+    let bar = progress_bar(total);
+    let reader_bar = bar.clone();
+    // The file is read on a blocking thread; the bounded channel paces it to
+    // what the server takes.
+    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut src = file.take(total);
+        let mut offset = 0u64;
+        loop {
+            let mut data = Vec::with_capacity(IMPORT_CHUNK);
+            let n = (&mut src).take(IMPORT_CHUNK as u64).read_to_end(&mut data)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let chunk = pb::ImportChunk { offset, data };
+            // A closed stream means the call ended; its status says why.
+            if tx.blocking_send(pb::ImportRequest { msg: Some(Msg::Chunk(chunk)) }).is_err() {
+                return Ok(());
+            }
+            reader_bar.inc(n as u64);
+            offset += n as u64;
+        }
+    });
+    let result = c.import(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    let read = reader.await;
+    bar.finish_and_clear();
+    match read {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(read_error(&a.file, e)),
+        Err(e) => return Err(CliError::Status(format!("reading {} failed: {e}", a.file.display()))),
+    }
+    let r = result?.into_inner();
+    let json = serde_json::json!({
+        "volume": volume,
+        "bytes_written": r.bytes_written,
+        "bytes_skipped": r.bytes_skipped,
+        "generation": r.generation,
+    });
+    let row = vec![volume.clone(), human(r.bytes_written), human(r.bytes_skipped), r.generation.to_string()];
+    output::print(format, &json, &["VOLUME", "WRITTEN", "SKIPPED (ZERO)", "GENERATION"], vec![row])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("10M"), Ok(10 << 20));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("10GB"), Ok(10 << 30));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size(" 1G "), Ok(1 << 30));
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_the_rule() {
+        assert!(parse_size("12345").unwrap_err().contains("multiple of 4 KiB"));
+        assert!(parse_size("1K").unwrap_err().contains("multiple of 4 KiB"));
+        assert!(parse_size("0").unwrap_err().contains("positive"));
+        assert!(parse_size("0G").unwrap_err().contains("positive"));
+        for bad in ["", "G", "ten", "1.5G", "-4K", "10X", "10 G", "0x1000"] {
+            assert!(parse_size(bad).unwrap_err().contains("K, M, G or T suffix"), "{bad:?}");
+        }
+        assert!(parse_size("99999999999T").unwrap_err().contains("too large"));
+        assert!(parse_size("999999999999999999999").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn sizes_print_in_the_largest_whole_unit() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(4096), "4 KiB");
+        assert_eq!(human(10 << 30), "10 GiB");
+        assert_eq!(human(3 << 29), "1.5 GiB");
+        assert_eq!(human(5 << 40), "5 TiB");
+    }
+}
