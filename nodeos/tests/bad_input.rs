@@ -283,3 +283,32 @@ fn every_command_parses_its_flags() {
     let o = run(&["--endpoint", "127.0.0.1:1", "vm", "stop", "x", "--timeout", "5"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
 }
+
+#[test]
+fn volume_flags_are_checked_before_any_network() {
+    // Nothing listens here: an answer naming the endpoint would mean the CLI went to the network.
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["volume", "create", "x", "--size", "12345"],
+            "size must be a multiple of 4 KiB (4096 bytes), got 12345",
+        ),
+        (vec!["volume", "create", "x", "--size", "1K"], "multiple of 4 KiB"),
+        (vec!["volume", "create", "x", "--size", "0"], "size must be positive"),
+        (vec!["volume", "create", "x", "--size", "10X"], "K, M, G or T suffix"),
+        (vec!["volume", "create", "x", "--size", "99999999999T"], "too large"),
+        (vec!["volume", "resize", "x", "--size", "1.5G"], "K, M, G or T suffix"),
+        (vec!["volume", "create", "x", "--size", "1G", "--replicas", "4"], "1..=3"),
+        (vec!["volume", "import", "disk.img"], "--name"),
+        (vec!["volume", "import", "disk.img", "--name", "a", "--volume", "b"], "cannot be used with"),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["--endpoint", &endpoint];
+        all.extend(&args);
+        let o = run(&all);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let e = stderr(&o);
+        assert!(e.contains(want), "{args:?}: stderr {e:?} lacks {want:?}");
+        assert!(!e.contains("cannot reach"), "{args:?} tried the network: {e}");
+    }
+}

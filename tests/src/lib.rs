@@ -11,6 +11,7 @@
 //! - `client.rs`: [`client::Client`] for one node's API, [`client::wait_until`].
 //! - `tracker.rs`: [`tracker::Tracker`], observations checked against the
 //!   invariants (one leader per term, acknowledged writes stay readable).
+//! - `nbd.rs`: [`nbd::NbdClient`], a minimal NBD client for volume exports.
 //! - `cluster.rs`: [`cluster::Cluster`], a test's nodes, faults and checks.
 //!
 //! A test starts with [`env::require`] and ends with [`cluster::Cluster::finish`];
@@ -19,6 +20,7 @@
 pub mod client;
 pub mod cluster;
 pub mod env;
+pub mod nbd;
 pub mod netns;
 pub mod node;
 pub mod tracker;

@@ -82,11 +82,12 @@ pub enum SnapshotCmd {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["name", "volume"])))]
 pub struct ImportArgs {
     /// Raw image to read.
     pub file: PathBuf,
     /// Import into this volume, creating it (sized to the file, rounded up to 4 KiB) if it does not exist.
-    #[arg(long, required_unless_present = "volume", conflicts_with = "volume")]
+    #[arg(long)]
     pub name: Option<String>,
     /// Import into this existing volume (id or name).
     #[arg(long)]
