@@ -350,3 +350,85 @@ fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_guest_does_block_io_on_a_replicated_volume() -> anyhow::Result<()> {
+    use nodeos_proto::v1 as pb;
+    use nodeos_proto::v1::vm_service_client::VmServiceClient;
+    let test = "the_test_guest_does_block_io_on_a_replicated_volume";
+    let Some(env) = require(test)? else { return Ok(()) };
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED: {test}: no /dev/kvm");
+        return Ok(());
+    }
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
+    ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
+    let mut c = Cluster::new(&env, test)?;
+    pool(&mut c, 3, &[]).await?;
+    let v = c.cli(0, &["volume", "create", "vmdisk", "--size", "8M"]).await?;
+    let volume = v["id"].as_str().context("volume id")?.to_owned();
+    let addr = c.node(0)?.addr;
+    let mut vms = VmServiceClient::connect(format!("http://{addr}")).await?;
+    let spec = pb::VmSpec {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: guest.display().to_string(),
+        initrd: String::new(),
+        cmdline: "mode=blk blk_seed=0x77".into(),
+        disks: vec![pb::DiskSpec { path: String::new(), read_only: false, volume: volume.clone() }],
+        nics: vec![],
+    };
+    vms.create(pb::CreateVmRequest { name: "onvol".into(), spec: Some(spec) }).await?;
+    vms.start(pb::VmRef { vm: "onvol".into() }).await?;
+    // While the VM runs, it holds the volume: no other writer gets in.
+    let held = NbdClient::connect(nbd_addr(&c, 1)?, "vmdisk").await;
+    ensure!(held.is_err(), "an NBD writer was admitted while the VM holds the volume");
+    let vms = &mut vms;
+    let v = wait_until("the guest powers off", Duration::from_secs(180), || {
+        let mut vms = vms.clone();
+        async move {
+            let v = vms.get(pb::VmRef { vm: "onvol".into() }).await?.into_inner();
+            ensure!(v.state == "stopped" || v.state == "crashed", "VM is {}", v.state);
+            Ok(v)
+        }
+    })
+    .await?;
+    ensure!(v.reason.contains("powered off"), "VM ended: {}", v.reason);
+    let mut console = vms
+        .console(futures::stream::iter(vec![pb::ConsoleInput {
+            vm: "onvol".into(),
+            from_start: true,
+            data: vec![],
+        }]))
+        .await?
+        .into_inner();
+    let mut text = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        use futures::StreamExt;
+        while let Some(Ok(chunk)) = console.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.data));
+            if text.contains("NODEOS-GUEST: done") {
+                break;
+            }
+        }
+    })
+    .await;
+    ensure!(text.contains("NODEOS-GUEST: blk ok sectors=64"), "block check failed:\n{text}");
+
+    // The VM released the volume on power-off; what it wrote is on the
+    // volume, read back through another node.
+    let mut nbd = open_retry(nbd_addr(&c, 2)?, "vmdisk").await?;
+    let data = nbd.read(0, 64 * 512).await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    nbd.close().await?;
+    let dir = tempfile::tempdir()?;
+    let img = dir.path().join("head.img");
+    std::fs::write(&img, &data)?;
+    let check = std::process::Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/verify_blk.py"))
+        .arg(&img)
+        .args(["--sectors", "64", "--seed", "0x77"])
+        .output()?;
+    ensure!(check.status.success(), "volume content check: {}", String::from_utf8_lossy(&check.stdout));
+    c.finish();
+    Ok(())
+}
