@@ -233,7 +233,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     info!(listen = %cfg.listen, advertise = %cfg.advertise, "API listening");
     let store_dir = dir.path.join("blocks");
     let store: Arc<FileStore> = Arc::new(
-        FileStore::open(&store_dir).with_context(|| format!("cannot open the block store {}", store_dir.display()))?,
+        FileStore::open(&store_dir)
+            .with_context(|| format!("cannot open the block store {}", store_dir.display()))?,
     );
     let block_listener = tokio::net::TcpListener::bind(cfg.block_listen)
         .await
@@ -264,7 +265,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let volumes = Volumes::new(meta.clone(), TcpTransport::new(cfg.key.clone()));
     let exe = std::env::current_exe().context("cannot find this binary to run VM workers")?;
     let compute = Compute::new(
-        ComputeConfig { node_id: me, state_dir: dir.path.join("vms"), worker_exe: exe, pool_key: cfg.key.clone() },
+        ComputeConfig {
+            node_id: me,
+            state_dir: dir.path.join("vms"),
+            worker_exe: exe,
+            pool_key: cfg.key.clone(),
+        },
         meta.clone(),
         volumes.clone(),
     );
@@ -287,8 +293,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         Arc::new(VolumeExports::new(volumes.clone())),
         until_stop(stop_rx.clone()),
     ));
-    let controller_task =
-        tokio::spawn(Controller::new(volumes.clone(), cfg.controller.clone()).run(until_stop(stop_rx.clone())));
+    let controller_task = tokio::spawn(
+        Controller::new(volumes.clone(), cfg.controller.clone()).run(until_stop(stop_rx.clone())),
+    );
     let mut api_stop = stop_rx.clone();
     let mut api = tokio::spawn(nodeos_api::serve(
         listener,

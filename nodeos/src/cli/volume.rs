@@ -435,7 +435,7 @@ fn progress_bar(total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
-            "{elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            "{elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
         )
         .expect("the template is a constant known to parse")
         .progress_chars("=> "),
@@ -502,6 +502,8 @@ async fn import(c: &mut VolumeServiceClient<Channel>, format: Format, a: ImportA
             let mut data = Vec::with_capacity(IMPORT_CHUNK);
             let n = (&mut src).take(IMPORT_CHUNK as u64).read_to_end(&mut data)?;
             if n == 0 {
+                // What was sent is still in buffers on its way to the replicas.
+                reader_bar.set_message("(sent; the pool is writing the rest and flushing)");
                 return Ok(());
             }
             let chunk = pb::ImportChunk { offset, data };

@@ -334,7 +334,8 @@ impl<T: Transport> VolumeClient<T> {
                 let res = inner.transport.call(&r, op).await;
                 let mut t = track.lock().unwrap_or_else(|p| p.into_inner());
                 t.done.insert(r.node);
-                let failed = !matches!(res, Ok(_) | Err(CallError::Replica(ReplicaError::StaleGeneration { .. })));
+                let failed =
+                    !matches!(res, Ok(_) | Err(CallError::Replica(ReplicaError::StaleGeneration { .. })));
                 if t.acked || failed {
                     let mut h = inner.health();
                     if t.acked
@@ -428,7 +429,9 @@ impl<T: Transport> VolumeClient<T> {
             let Some(reps) = layout.extents.get(*e as usize) else { continue };
             let durable = reps
                 .iter()
-                .filter(|r| flushed.contains(&r.node) && !missed.contains(&r.node) && !lagging.contains(&(*e, r.node)))
+                .filter(|r| {
+                    flushed.contains(&r.node) && !missed.contains(&r.node) && !lagging.contains(&(*e, r.node))
+                })
                 .count();
             if durable < quorum(reps.len()) {
                 short.push(*e);
@@ -479,13 +482,18 @@ impl<T: Transport> VolumeClient<T> {
                 let op = Op::Read { chain: layout.chain(), index: e, first, count };
                 match self.inner.transport.call(r, op).await {
                     Ok(Answer::Blocks { data, metas }) if data.len() == count as usize * BS as usize => {
-                        let bad = metas.iter().zip(data.chunks_exact(BS as usize)).position(|(m, b)| {
-                            m.state == BlockState::Data && block_crc(b) != m.crc
-                        });
+                        let bad = metas
+                            .iter()
+                            .zip(data.chunks_exact(BS as usize))
+                            .position(|(m, b)| m.state == BlockState::Data && block_crc(b) != m.crc);
                         match bad {
                             None => return Ok(data),
                             Some(i) => {
-                                last_err = format!("{}: block {} failed its checksum in transit", r.node, first as usize + i);
+                                last_err = format!(
+                                    "{}: block {} failed its checksum in transit",
+                                    r.node,
+                                    first as usize + i
+                                );
                                 self.inner.suspect(e, r.node);
                             }
                         }
@@ -566,7 +574,9 @@ impl<T: Transport> Inner<T> {
             if !verify && self.digests_agree(&reps, key, blocks).await {
                 continue;
             }
-            if let Err(err) = repair::repair_extent(&self.transport, layout.volume, key, blocks, &reps, verify).await {
+            if let Err(err) =
+                repair::repair_extent(&self.transport, layout.volume, key, blocks, &reps, verify).await
+            {
                 warn!(volume = %layout.volume, extent = e, error = %nodeos_types::error_chain(&err), "repair failed");
             }
         }
@@ -584,7 +594,11 @@ impl<T: Transport> Inner<T> {
         for r in &reps {
             let mut v = Vec::new();
             for &layer in &layout.layers {
-                match self.transport.call(r, Op::Digest { key: LayerExtent { layer, index: e }, blocks }).await {
+                match self
+                    .transport
+                    .call(r, Op::Digest { key: LayerExtent { layer, index: e }, blocks })
+                    .await
+                {
                     Ok(Answer::Digest { digest, .. }) => v.push(digest),
                     _ => break,
                 }

@@ -108,7 +108,11 @@ pub async fn health(v: &Volumes, r: &VolumeRecord) -> Vec<ExtentHealth> {
             let mut digests = Vec::new();
             let mut written = 0u64;
             for &layer in &layout.layers {
-                match v.transport().call(rep, Op::Digest { key: LayerExtent { layer, index: e as u32 }, blocks }).await {
+                match v
+                    .transport()
+                    .call(rep, Op::Digest { key: LayerExtent { layer, index: e as u32 }, blocks })
+                    .await
+                {
                     Ok(Answer::Digest { digest, written: w }) => {
                         digests.push(digest);
                         written += u64::from(w);
@@ -310,7 +314,12 @@ impl Controller {
         }
         let short = r.replicas < crate::volumes::WANTED_REPLICAS;
         let mut warning = if short && nodes.len() < usize::from(crate::volumes::WANTED_REPLICAS) {
-            format!("only {} of {} copies: the pool has {} node(s)", r.replicas, crate::volumes::WANTED_REPLICAS, nodes.len())
+            format!(
+                "only {} of {} copies: the pool has {} node(s)",
+                r.replicas,
+                crate::volumes::WANTED_REPLICAS,
+                nodes.len()
+            )
         } else {
             String::new()
         };
@@ -357,7 +366,8 @@ impl Controller {
                     continue;
                 }
                 let free: Vec<NodeId> = candidates.iter().copied().filter(|c| !set.contains(c)).collect();
-                let Some(new) = place(&free, &mut load, 1, 1).into_iter().next().and_then(|s| s.into_iter().next())
+                let Some(new) =
+                    place(&free, &mut load, 1, 1).into_iter().next().and_then(|s| s.into_iter().next())
                 else {
                     continue;
                 };
@@ -375,7 +385,11 @@ impl Controller {
     }
 
     /// Deletes a deleting volume's own layers everywhere, then its record.
-    async fn reclaim(&self, r: &VolumeRecord, nodes: &BTreeMap<NodeId, NodeRecord>) -> Result<(), VolumeError> {
+    async fn reclaim(
+        &self,
+        r: &VolumeRecord,
+        nodes: &BTreeMap<NodeId, NodeRecord>,
+    ) -> Result<(), VolumeError> {
         let shared: HashSet<u64> = self
             .volumes
             .list()

@@ -46,8 +46,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
     fn read_only(&self) -> bool;
     fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Vec<u8>, DeviceError>> + Send;
-    fn write(&self, offset: u64, data: Vec<u8>, fua: bool)
-    -> impl Future<Output = Result<(), DeviceError>> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), DeviceError>> + Send;
     /// Makes every completed write durable.
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
     fn trim(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), DeviceError>> + Send;
@@ -75,8 +79,14 @@ mod tests {
         assert_eq!(check_range(4096, 4096, 8192, 4096), Ok(()));
         assert!(matches!(check_range(4096, 8192, 8192, 4096), Err(DeviceError::OutOfRange { .. })));
         // Overflowing offset + len is out of range, not a wrap-around.
-        assert!(matches!(check_range(u64::MAX - 4095, 4096, 8192, 4096), Err(DeviceError::OutOfRange { .. })));
-        assert!(matches!(check_range(u64::MAX - 4095, 8192, u64::MAX, 4096), Err(DeviceError::OutOfRange { .. })));
+        assert!(matches!(
+            check_range(u64::MAX - 4095, 4096, 8192, 4096),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(u64::MAX - 4095, 8192, u64::MAX, 4096),
+            Err(DeviceError::OutOfRange { .. })
+        ));
         assert!(matches!(check_range(512, 4096, 8192, 4096), Err(DeviceError::Misaligned { .. })));
         assert!(matches!(check_range(0, 100, 8192, 4096), Err(DeviceError::Misaligned { .. })));
     }

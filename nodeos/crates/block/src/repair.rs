@@ -56,7 +56,8 @@ pub fn plan(metas: &[Vec<BlockMeta>], corrupt: &[HashSet<u32>]) -> Vec<Run> {
     for b in 0..blocks {
         let good = |c: usize| !corrupt.get(c).is_some_and(|s| s.contains(&(b as u32)));
         // Ties go to the lowest copy, so plans are deterministic.
-        let Some(best) = (0..metas.len()).rev().filter(|&c| good(c)).max_by_key(|&c| metas[c][b].version()) else {
+        let Some(best) = (0..metas.len()).rev().filter(|&c| good(c)).max_by_key(|&c| metas[c][b].version())
+        else {
             continue;
         };
         let newest = metas[best][b];
@@ -189,18 +190,17 @@ async fn copy_run<T: Transport>(
     replicas: &[ReplicaRef],
     run: Run,
 ) -> Result<u64, CallError> {
-    let (data, metas) = match t
-        .call(&replicas[run.source], Op::ReadLayer { key, first: run.first, count: run.count })
-        .await?
-    {
-        Answer::Blocks { data, metas } => (data, metas),
-        other => {
-            return Err(CallError::Unreachable {
-                node: replicas[run.source].node,
-                reason: format!("unexpected answer to ReadLayer: {}", answer_name(&other)),
-            });
-        }
-    };
+    let (data, metas) =
+        match t.call(&replicas[run.source], Op::ReadLayer { key, first: run.first, count: run.count }).await?
+        {
+            Answer::Blocks { data, metas } => (data, metas),
+            other => {
+                return Err(CallError::Unreachable {
+                    node: replicas[run.source].node,
+                    reason: format!("unexpected answer to ReadLayer: {}", answer_name(&other)),
+                });
+            }
+        };
     let bs = BLOCK_SIZE as usize;
     let mut payload = Vec::with_capacity(data.len());
     for (i, m) in metas.iter().enumerate() {
@@ -264,6 +264,8 @@ mod tests {
     #[test]
     fn identical_copies_need_nothing() {
         let a = vec![m(1, 1), BlockMeta::ABSENT];
-        assert!(plan(&[a.clone(), a.clone(), a], &[HashSet::new(), HashSet::new(), HashSet::new()]).is_empty());
+        assert!(
+            plan(&[a.clone(), a.clone(), a], &[HashSet::new(), HashSet::new(), HashSet::new()]).is_empty()
+        );
     }
 }

@@ -263,7 +263,8 @@ impl Replica {
             }
             let key = LayerExtent { layer, index };
             let lm = self.store.read_metas(key, first, count).map_err(io)?;
-            let hits: Vec<usize> = unresolved.iter().copied().filter(|&i| lm[i].state != BlockState::Absent).collect();
+            let hits: Vec<usize> =
+                unresolved.iter().copied().filter(|&i| lm[i].state != BlockState::Absent).collect();
             if hits.is_empty() {
                 continue;
             }
@@ -285,7 +286,9 @@ impl Replica {
             unresolved.retain(|i| lm[*i].state == BlockState::Absent);
         }
         let corrupt: Vec<u32> = (0..n)
-            .filter(|&i| metas[i].state == BlockState::Data && block_crc(&data[i * BS..(i + 1) * BS]) != metas[i].crc)
+            .filter(|&i| {
+                metas[i].state == BlockState::Data && block_crc(&data[i * BS..(i + 1) * BS]) != metas[i].crc
+            })
             .map(|i| first + i as u32)
             .collect();
         if !corrupt.is_empty() {
@@ -425,14 +428,23 @@ mod tests {
         let (r, store) = replica();
         r.handle(write(1, 1, 0, 0x11, 4)).expect("write");
         store.corrupt_block(K, 2);
-        assert_eq!(r.handle(Op::Read { chain: vec![1], index: 0, first: 0, count: 4 }), Err(ReplicaError::Corrupt { blocks: vec![2] }));
+        assert_eq!(
+            r.handle(Op::Read { chain: vec![1], index: 0, first: 0, count: 4 }),
+            Err(ReplicaError::Corrupt { blocks: vec![2] })
+        );
         assert_eq!(r.handle(Op::Verify { key: K, blocks: 8 }), Ok(Answer::Corrupt(vec![2])));
         let good = vec![0x11; BS];
         let m = BlockMeta { generation: 1, seq: 1, crc: block_crc(&good), state: BlockState::Data };
-        assert_eq!(r.handle(Op::Repair { volume: V, key: K, first: 2, metas: vec![m], data: good.clone() }), Ok(Answer::Applied(1)));
+        assert_eq!(
+            r.handle(Op::Repair { volume: V, key: K, first: 2, metas: vec![m], data: good.clone() }),
+            Ok(Answer::Applied(1))
+        );
         assert_eq!(read(&r, 0, 4).0, vec![0x11; 4 * BS]);
         // A repair of the same version over a good copy changes nothing.
-        assert_eq!(r.handle(Op::Repair { volume: V, key: K, first: 2, metas: vec![m], data: good }), Ok(Answer::Applied(0)));
+        assert_eq!(
+            r.handle(Op::Repair { volume: V, key: K, first: 2, metas: vec![m], data: good }),
+            Ok(Answer::Applied(0))
+        );
     }
 
     #[test]
@@ -463,9 +475,18 @@ mod tests {
         r.handle(write(1, 1, 0, 0xa, 3)).expect("base");
         let top = LayerExtent { layer: 2, index: 0 };
         let data = vec![0xb; BS];
-        r.handle(Op::Write { volume: V, generation: 1, seq: 2, key: top, first: 1, crcs: vec![block_crc(&data)], data })
-            .expect("top");
-        r.handle(Op::WriteZeroes { volume: V, generation: 1, seq: 3, key: top, first: 2, count: 1 }).expect("zero");
+        r.handle(Op::Write {
+            volume: V,
+            generation: 1,
+            seq: 2,
+            key: top,
+            first: 1,
+            crcs: vec![block_crc(&data)],
+            data,
+        })
+        .expect("top");
+        r.handle(Op::WriteZeroes { volume: V, generation: 1, seq: 3, key: top, first: 2, count: 1 })
+            .expect("zero");
         match r.handle(Op::Read { chain: vec![2, 1], index: 0, first: 0, count: 4 }) {
             Ok(Answer::Blocks { data, metas }) => {
                 assert_eq!(&data[..BS], &[0xa; BS][..]);
@@ -484,7 +505,10 @@ mod tests {
         let good = vec![9; BS];
         let m = BlockMeta { generation: 4, seq: 1, crc: block_crc(&good), state: BlockState::Data };
         r.handle(Op::Repair { volume: V, key: K, first: 0, metas: vec![m], data: good }).expect("repair");
-        assert_eq!(r.handle(write(3, 9, 1, 1, 1)), Err(ReplicaError::StaleGeneration { ours: 3, current: 4 }));
+        assert_eq!(
+            r.handle(write(3, 9, 1, 1, 1)),
+            Err(ReplicaError::StaleGeneration { ours: 3, current: 4 })
+        );
     }
 
     #[test]

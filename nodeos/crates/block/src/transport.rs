@@ -135,7 +135,11 @@ impl TcpTransport {
     }
 
     fn mark_down(&self, to: &ReplicaRef) {
-        self.inner.down_until.lock().unwrap_or_else(|p| p.into_inner()).insert(to.clone(), Instant::now() + BACKOFF);
+        self.inner
+            .down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(to.clone(), Instant::now() + BACKOFF);
     }
 }
 
@@ -276,7 +280,11 @@ impl Transport for MemTransport {
             } else {
                 Duration::from_micros(rng.random_range(0..=f.max_delay.as_micros() as u64))
             };
-            (delay, rng.random_range(0..100) < f.drop_request_pct, rng.random_range(0..100) < f.drop_reply_pct)
+            (
+                delay,
+                rng.random_range(0..100) < f.drop_request_pct,
+                rng.random_range(0..100) < f.drop_reply_pct,
+            )
         };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;

@@ -16,8 +16,8 @@ use futures::StreamExt;
 use nodeos_meta::command::{Compare, Op as MetaOp, Txn};
 use nodeos_meta::{Command, Consistency, MetaError, MetaHandle};
 use nodeos_types::records::{
-    NODES_PREFIX, NodeRecord, SnapshotRecord, VOLUMES_PREFIX, VolumeRecord, VolumeState, VolumeWriter, volume_key,
-    volume_name_key,
+    NODES_PREFIX, NodeRecord, SnapshotRecord, VOLUMES_PREFIX, VolumeRecord, VolumeState, VolumeWriter,
+    volume_key, volume_name_key,
 };
 use nodeos_types::{NodeId, VolumeId, unix_millis};
 use tracing::{info, warn};
@@ -106,7 +106,12 @@ pub fn max_volume_size() -> u64 {
 /// Chooses `replicas` distinct nodes for each of `extents` new extents, the
 /// least loaded first; `load` counts extents already placed per node and is
 /// updated.
-pub fn place(nodes: &[NodeId], load: &mut HashMap<NodeId, u64>, extents: usize, replicas: usize) -> Vec<Vec<NodeId>> {
+pub fn place(
+    nodes: &[NodeId],
+    load: &mut HashMap<NodeId, u64>,
+    extents: usize,
+    replicas: usize,
+) -> Vec<Vec<NodeId>> {
     (0..extents)
         .map(|_| {
             let mut order: Vec<NodeId> = nodes.to_vec();
@@ -218,7 +223,10 @@ impl Volumes {
     pub async fn create(&self, req: NewVolume) -> Result<VolumeRecord, VolumeError> {
         check_name(&req.name)?;
         let max = max_volume_size();
-        if req.size_bytes == 0 || !req.size_bytes.is_multiple_of(u64::from(BLOCK_SIZE)) || req.size_bytes > max {
+        if req.size_bytes == 0
+            || !req.size_bytes.is_multiple_of(u64::from(BLOCK_SIZE))
+            || req.size_bytes > max
+        {
             return Err(VolumeError::Size { got: req.size_bytes, max });
         }
         if let Some(r) = req.replicas
@@ -311,7 +319,13 @@ impl Volumes {
             // thin, so only this volume's own worst case is checked.
             let mine = bytes.saturating_sub(already.get(&n).copied().unwrap_or(0));
             if mine > rec.block_capacity {
-                return Err(VolumeError::TooLarge { size, replicas, node: n, need: mine, capacity: rec.block_capacity });
+                return Err(VolumeError::TooLarge {
+                    size,
+                    replicas,
+                    node: n,
+                    need: mine,
+                    capacity: rec.block_capacity,
+                });
             }
         }
         Ok(())
@@ -331,7 +345,8 @@ impl Volumes {
         if extents > r.placement.len() {
             let nodes = self.nodes().await?;
             let ids: Vec<NodeId> = nodes.keys().copied().collect();
-            let more = place(&ids, &mut self.load().await?, extents - r.placement.len(), usize::from(r.replicas));
+            let more =
+                place(&ids, &mut self.load().await?, extents - r.placement.len(), usize::from(r.replicas));
             let mut held = HashMap::new();
             for n in r.placement.iter().flatten() {
                 *held.entry(*n).or_default() += r.extent_size;
@@ -355,7 +370,11 @@ impl Volumes {
         if let Some(w) = &r.writer
             && !force
         {
-            return Err(VolumeError::InUse { volume: r.name.clone(), holder: w.holder.clone(), node: w.node });
+            return Err(VolumeError::InUse {
+                volume: r.name.clone(),
+                holder: w.holder.clone(),
+                node: w.node,
+            });
         }
         let clones: Vec<String> = self
             .list()
@@ -416,7 +435,11 @@ impl Volumes {
         if let Some(w) = &r.writer
             && !takeover
         {
-            return Err(VolumeError::InUse { volume: r.name.clone(), holder: w.holder.clone(), node: w.node });
+            return Err(VolumeError::InUse {
+                volume: r.name.clone(),
+                holder: w.holder.clone(),
+                node: w.node,
+            });
         }
         if let Some(w) = &r.writer {
             warn!(volume = %r.id, old = %w.holder, old_node = %w.node, new = holder, "taking over the volume; the old writer is fenced");
@@ -467,7 +490,9 @@ impl Volumes {
         let short = layout
             .extents
             .iter()
-            .filter(|set| set.iter().filter(|x| fenced.contains(&x.node)).count() < crate::client::quorum(set.len()))
+            .filter(|set| {
+                set.iter().filter(|x| fenced.contains(&x.node)).count() < crate::client::quorum(set.len())
+            })
             .count();
         if short > 0 {
             warn!(volume = %r.id, extents = short, "release: some extents could not be fenced on a quorum; the next writer will fence them when it opens");
@@ -487,7 +512,11 @@ impl Volumes {
         takeover: bool,
     ) -> Result<VolumeClient<TcpTransport>, VolumeError> {
         let me = self.meta.node_id();
-        let r = if read_only { self.get(volume).await?.0 } else { self.open_writer(volume, me, holder, takeover).await? };
+        let r = if read_only {
+            self.get(volume).await?.0
+        } else {
+            self.open_writer(volume, me, holder, takeover).await?
+        };
         let mut layout = self.layout(&r).await?;
         if read_only {
             layout.generation = 0;
@@ -508,13 +537,15 @@ impl Volumes {
 
     /// A read-only view of a snapshot: the volume's layers up to the
     /// snapshot's, which never change.
-    pub async fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<VolumeClient<TcpTransport>, VolumeError> {
+    pub async fn open_snapshot(
+        &self,
+        volume: &str,
+        snapshot: &str,
+    ) -> Result<VolumeClient<TcpTransport>, VolumeError> {
         let (r, _) = self.get(volume).await?;
-        let snap = r
-            .snapshots
-            .iter()
-            .find(|s| s.name == snapshot)
-            .ok_or_else(|| VolumeError::NoSnapshot { volume: r.name.clone(), snapshot: snapshot.to_owned() })?;
+        let snap = r.snapshots.iter().find(|s| s.name == snapshot).ok_or_else(|| {
+            VolumeError::NoSnapshot { volume: r.name.clone(), snapshot: snapshot.to_owned() }
+        })?;
         let upto = r.layers.iter().position(|l| *l == snap.layer).map(|i| i + 1).unwrap_or(0);
         let mut layout = self.layout(&r).await?;
         layout.layers.truncate(upto);
@@ -560,7 +591,11 @@ impl Volumes {
         if r.snapshots.iter().any(|s| s.name == name) {
             return Err(VolumeError::SnapshotTaken { volume: r.name, snapshot: name.to_owned() });
         }
-        r.snapshots.push(SnapshotRecord { name: name.to_owned(), layer: r.top_layer(), created_at_ms: unix_millis() });
+        r.snapshots.push(SnapshotRecord {
+            name: name.to_owned(),
+            layer: r.top_layer(),
+            created_at_ms: unix_millis(),
+        });
         r.layers.push(rand::random::<u64>().max(1));
         r.updated_at_ms = unix_millis();
         self.put_if(&r, rev).await?;
@@ -570,14 +605,17 @@ impl Volumes {
 
     /// A new volume whose blocks start as a snapshot's: it shares the
     /// snapshot's frozen layers (on the same nodes) and writes to its own.
-    pub async fn clone_snapshot(&self, volume: &str, snapshot: &str, name: &str) -> Result<VolumeRecord, VolumeError> {
+    pub async fn clone_snapshot(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        name: &str,
+    ) -> Result<VolumeRecord, VolumeError> {
         check_name(name)?;
         let (src, _) = self.get(volume).await?;
-        let snap = src
-            .snapshots
-            .iter()
-            .find(|s| s.name == snapshot)
-            .ok_or_else(|| VolumeError::NoSnapshot { volume: src.name.clone(), snapshot: snapshot.to_owned() })?;
+        let snap = src.snapshots.iter().find(|s| s.name == snapshot).ok_or_else(|| {
+            VolumeError::NoSnapshot { volume: src.name.clone(), snapshot: snapshot.to_owned() }
+        })?;
         let upto = src.layers.iter().position(|l| *l == snap.layer).map(|i| i + 1).unwrap_or(0);
         let mut layers: Vec<u64> = src.layers[..upto].to_vec();
         layers.push(rand::random::<u64>().max(1));
@@ -614,10 +652,18 @@ impl Volumes {
             return Err(VolumeError::NoSnapshot { volume: r.name, snapshot: snapshot.to_owned() });
         }
         let origin = format!("{}/{snapshot}", r.id);
-        let clones: Vec<String> =
-            self.list().await?.into_iter().filter(|v| v.origin.as_deref() == Some(&origin)).map(|v| v.name).collect();
+        let clones: Vec<String> = self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|v| v.origin.as_deref() == Some(&origin))
+            .map(|v| v.name)
+            .collect();
         if !clones.is_empty() {
-            return Err(VolumeError::HasClones { volume: format!("{}@{snapshot}", r.name), clones: clones.join(", ") });
+            return Err(VolumeError::HasClones {
+                volume: format!("{}@{snapshot}", r.name),
+                clones: clones.join(", "),
+            });
         }
         r.updated_at_ms = unix_millis();
         self.put_if(&r, rev).await?;
@@ -627,7 +673,10 @@ impl Volumes {
 }
 
 /// A record's layout, with each copy's replica address.
-pub fn layout_of(r: &VolumeRecord, nodes: &BTreeMap<NodeId, NodeRecord>) -> Result<VolumeLayout, VolumeError> {
+pub fn layout_of(
+    r: &VolumeRecord,
+    nodes: &BTreeMap<NodeId, NodeRecord>,
+) -> Result<VolumeLayout, VolumeError> {
     let extents = r
         .placement
         .iter()

@@ -60,8 +60,15 @@ pub enum WireError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ServerHello {
     /// Always variant 0, in every protocol version.
-    Refused { reason: String },
-    Challenge { version: u16, node: NodeId, nonce: [u8; 32], mac: Vec<u8> },
+    Refused {
+        reason: String,
+    },
+    Challenge {
+        version: u16,
+        node: NodeId,
+        nonce: [u8; 32],
+        mac: Vec<u8>,
+    },
     Ready,
 }
 
@@ -74,28 +81,73 @@ pub struct ClientProof {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// Records `generation` as the volume's fence (refusing older writers).
-    Fence { volume: VolumeId, generation: u64 },
+    Fence {
+        volume: VolumeId,
+        generation: u64,
+    },
     /// Writes `data` (`crcs.len()` blocks) from block `first` of `key`.
-    Write { volume: VolumeId, generation: u64, seq: u64, key: LayerExtent, first: u32, data: Vec<u8>, crcs: Vec<u32> },
+    Write {
+        volume: VolumeId,
+        generation: u64,
+        seq: u64,
+        key: LayerExtent,
+        first: u32,
+        data: Vec<u8>,
+        crcs: Vec<u32>,
+    },
     /// Writes zeroes (trim and write-zeroes).
-    WriteZeroes { volume: VolumeId, generation: u64, seq: u64, key: LayerExtent, first: u32, count: u32 },
+    WriteZeroes {
+        volume: VolumeId,
+        generation: u64,
+        seq: u64,
+        key: LayerExtent,
+        first: u32,
+        count: u32,
+    },
     /// Reads through a layer chain (`chain[0]` is the top layer): for each
     /// block, the newest layer that has it.
-    Read { chain: Vec<u64>, index: u32, first: u32, count: u32 },
+    Read {
+        chain: Vec<u64>,
+        index: u32,
+        first: u32,
+        count: u32,
+    },
     /// Makes everything this replica has accepted durable.
     Flush,
     /// A digest of the block metas of `blocks` blocks of one layer extent.
-    Digest { key: LayerExtent, blocks: u32 },
-    ReadMetas { key: LayerExtent, first: u32, count: u32 },
+    Digest {
+        key: LayerExtent,
+        blocks: u32,
+    },
+    ReadMetas {
+        key: LayerExtent,
+        first: u32,
+        count: u32,
+    },
     /// Reads blocks of exactly one layer (for repair); corrupt blocks are
     /// reported, not returned.
-    ReadLayer { key: LayerExtent, first: u32, count: u32 },
+    ReadLayer {
+        key: LayerExtent,
+        first: u32,
+        count: u32,
+    },
     /// Copies blocks from another replica, each applied only where it is
     /// newer than (or the same version as a corrupt) local copy.
-    Repair { volume: VolumeId, key: LayerExtent, first: u32, metas: Vec<BlockMeta>, data: Vec<u8> },
+    Repair {
+        volume: VolumeId,
+        key: LayerExtent,
+        first: u32,
+        metas: Vec<BlockMeta>,
+        data: Vec<u8>,
+    },
     /// Checks the checksums of `blocks` blocks; answers the corrupt ones.
-    Verify { key: LayerExtent, blocks: u32 },
-    DeleteLayer { layer: u64 },
+    Verify {
+        key: LayerExtent,
+        blocks: u32,
+    },
+    DeleteLayer {
+        layer: u64,
+    },
     Usage,
     Extents,
 }
@@ -105,11 +157,19 @@ pub enum Op {
 pub enum Answer {
     Done,
     /// The fence after a `Fence`.
-    Fenced { generation: u64 },
+    Fenced {
+        generation: u64,
+    },
     /// Blocks and their metas (zeroes for `Absent`/`Zero`).
-    Blocks { data: Vec<u8>, metas: Vec<BlockMeta> },
+    Blocks {
+        data: Vec<u8>,
+        metas: Vec<BlockMeta>,
+    },
     Metas(Vec<BlockMeta>),
-    Digest { digest: [u8; 32], written: u32 },
+    Digest {
+        digest: [u8; 32],
+        written: u32,
+    },
     /// How many blocks a `Repair` changed.
     Applied(u32),
     /// Block numbers that failed their checksum.
@@ -271,7 +331,9 @@ mod tests {
     async fn handshake_with_another_key_fails_on_both_sides() {
         let (mut a, mut b) = tokio::io::duplex(4096);
         let server =
-            tokio::spawn(async move { server_handshake(&mut b, &key("0123456789abcdef0123"), NodeId(9)).await });
+            tokio::spawn(
+                async move { server_handshake(&mut b, &key("0123456789abcdef0123"), NodeId(9)).await },
+            );
         let err = client_handshake(&mut a, &key("another pool key 12345")).await.expect_err("must fail");
         assert!(matches!(err, WireError::BadProof), "{err:?}");
         drop(a);

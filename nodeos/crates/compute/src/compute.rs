@@ -9,13 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
+use nodeos_block::volumes::{VolumeError, Volumes};
 use nodeos_meta::command::{Compare, Op, Txn};
 use nodeos_meta::{Command, Consistency, MetaError, MetaHandle};
-use nodeos_types::records::{VMS_PREFIX, VmRecord, VmSpec, VmState, vm_key, vm_name_key};
-use nodeos_types::{NodeId, VmId, unix_millis};
-use nodeos_block::volumes::{VolumeError, Volumes};
 use nodeos_types::VolumeId;
 use nodeos_types::auth::PoolKey;
+use nodeos_types::records::{VMS_PREFIX, VmRecord, VmSpec, VmState, vm_key, vm_name_key};
+use nodeos_types::{NodeId, VmId, unix_millis};
 use nodeos_vmm::config::{DiskConfig, NicConfig, VolumeDisk, WorkerConfig};
 use nodeos_vmm::control::{StopReason, ToWorker, WorkerEvent};
 use tokio::sync::watch;
@@ -81,6 +81,13 @@ pub struct ComputeConfig {
     pub worker_exe: PathBuf,
     /// Handed to workers whose disks are volumes (replica handshake).
     pub pool_key: PoolKey,
+}
+
+/// What a running worker holds besides its process: NIC relays and volume
+/// writer slots, given back when it ends.
+struct Held {
+    relays: Vec<tokio::task::JoinHandle<()>>,
+    volumes: Vec<(VolumeId, u64)>,
 }
 
 /// A VM with a live worker on this node.
@@ -297,7 +304,11 @@ impl Compute {
         let mut held: Vec<(VolumeId, u64)> = Vec::new();
         for d in &r.spec.disks {
             let Some(vid) = d.volume else {
-                disk_cfgs.push(DiskConfig { path: d.path.clone().into(), read_only: d.read_only, volume: None });
+                disk_cfgs.push(DiskConfig {
+                    path: d.path.clone().into(),
+                    read_only: d.read_only,
+                    volume: None,
+                });
                 continue;
             };
             match self.volume_disk(r.id, vid, d.read_only).await {
@@ -305,7 +316,11 @@ impl Compute {
                     if generation > 0 {
                         held.push((vid, generation));
                     }
-                    disk_cfgs.push(DiskConfig { path: PathBuf::new(), read_only: d.read_only, volume: Some(disk) });
+                    disk_cfgs.push(DiskConfig {
+                        path: PathBuf::new(),
+                        read_only: d.read_only,
+                        volume: Some(disk),
+                    });
                 }
                 Err(e) => {
                     self.release_volumes(&held).await;
@@ -375,8 +390,7 @@ impl Compute {
             spawned.events,
             spawned.exit,
             stopping.clone(),
-            relay_tasks,
-            held,
+            Held { relays: relay_tasks, volumes: held },
             done_tx,
         ));
         r.state = VmState::Running;
@@ -398,7 +412,12 @@ impl Compute {
     /// A volume disk's worker config; for a writable disk, takes the
     /// volume's writer slot (a new generation). Answers the generation (0 for
     /// read-only).
-    async fn volume_disk(&self, vm: VmId, vid: VolumeId, read_only: bool) -> Result<(VolumeDisk, u64), ComputeError> {
+    async fn volume_disk(
+        &self,
+        vm: VmId,
+        vid: VolumeId,
+        read_only: bool,
+    ) -> Result<(VolumeDisk, u64), ComputeError> {
         let volumes = &self.inner.volumes;
         let holder = format!("vm {vm}");
         let rec = if read_only {
@@ -419,8 +438,11 @@ impl Compute {
             layout.generation = 0;
         }
         let generation = layout.generation;
-        let disk =
-            VolumeDisk { layout, pool_key: self.inner.cfg.pool_key.derived_bytes(), node: self.inner.cfg.node_id };
+        let disk = VolumeDisk {
+            layout,
+            pool_key: self.inner.cfg.pool_key.derived_bytes(),
+            node: self.inner.cfg.node_id,
+        };
         Ok((disk, generation))
     }
 
@@ -439,10 +461,10 @@ impl Compute {
         mut events: tokio::sync::mpsc::Receiver<WorkerEvent>,
         exit: tokio::sync::oneshot::Receiver<std::io::Result<ExitStatus>>,
         stopping: Arc<AtomicBool>,
-        relays: Vec<tokio::task::JoinHandle<()>>,
-        held: Vec<(VolumeId, u64)>,
+        held: Held,
         done: watch::Sender<bool>,
     ) {
+        let Held { relays, volumes: held } = held;
         let mut reason: Option<StopReason> = None;
         tokio::pin!(exit);
         let status = loop {

@@ -178,7 +178,10 @@ mod tests {
         assert!(matches!(check("vm1", &spec("/nonexistent")), Err(SpecError::File { field: "kernel", .. })));
         assert!(matches!(check("vm1", &spec(&junk.display().to_string())), Err(SpecError::KernelFormat(_))));
         assert!(matches!(check("vm1", &spec(&d.path().display().to_string())), Err(SpecError::File { .. })));
-        let disk = VmSpec { disks: vec![DiskSpec { path: "/nope".into(), read_only: false, volume: None }], ..spec(&k) };
+        let disk = VmSpec {
+            disks: vec![DiskSpec { path: "/nope".into(), read_only: false, volume: None }],
+            ..spec(&k)
+        };
         assert!(matches!(check("vm1", &disk), Err(SpecError::File { field: "disk", .. })));
         let nic =
             VmSpec { nics: vec![NicSpec { mac: "01:00:00:00:00:01".into(), tap: "t0".into() }], ..spec(&k) };

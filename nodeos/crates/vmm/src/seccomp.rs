@@ -103,7 +103,8 @@ const ALLOWED_FOR_VOLUMES: &[i64] = &[
 
 /// The compiled filter; `volumes` admits the block client's TCP connections.
 pub fn filter(volumes: bool) -> Result<BpfProgram, SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = ALLOWED.iter().map(|&n| (n, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        ALLOWED.iter().map(|&n| (n, vec![])).collect();
     if volumes {
         for &n in ALLOWED_FOR_VOLUMES {
             rules.insert(n, vec![]);

@@ -93,7 +93,14 @@ impl BlockMeta {
             0 => BlockState::Absent,
             1 => BlockState::Data,
             2 => BlockState::Zero,
-            _ => return BlockMeta { generation: u64_at(0), seq: u64_at(8), crc: !crc32c::crc32c(&[0; 4096]), state: BlockState::Data },
+            _ => {
+                return BlockMeta {
+                    generation: u64_at(0),
+                    seq: u64_at(8),
+                    crc: !crc32c::crc32c(&[0; 4096]),
+                    state: BlockState::Data,
+                };
+            }
         };
         BlockMeta { generation: u64_at(0), seq: u64_at(8), crc, state }
     }
@@ -122,8 +129,13 @@ pub trait ExtentStore: Send + Sync + std::fmt::Debug + 'static {
     /// Only the metas of `count` blocks from `first`.
     fn read_metas(&self, key: LayerExtent, first: u32, count: u32) -> std::io::Result<Vec<BlockMeta>>;
     /// See the module docs: `data` holds 4096 bytes for each `Data` meta, in order.
-    fn write_blocks(&self, key: LayerExtent, first: u32, metas: &[BlockMeta], data: &[u8])
-    -> std::io::Result<()>;
+    fn write_blocks(
+        &self,
+        key: LayerExtent,
+        first: u32,
+        metas: &[BlockMeta],
+        data: &[u8],
+    ) -> std::io::Result<()>;
     fn flush(&self) -> std::io::Result<()>;
     /// The fencing generation recorded for a volume (0 when none).
     fn fence(&self, volume: VolumeId) -> std::io::Result<u64>;
