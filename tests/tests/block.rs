@@ -432,3 +432,73 @@ async fn the_test_guest_does_block_io_on_a_replicated_volume() -> anyhow::Result
     c.finish();
     Ok(())
 }
+
+async fn read_model(nbd: &mut NbdClient, blocks: std::ops::Range<u64>, write: u64) -> anyhow::Result<()> {
+    let model: HashMap<u64, u64> = blocks.map(|b| (b, write)).collect();
+    verify(nbd, &model).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_and_clones_are_copy_on_write_and_deletes_reclaim_space() -> anyhow::Result<()> {
+    let test = "snapshots_and_clones_are_copy_on_write_and_deletes_reclaim_space";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    pool(&mut c, 3, &[]).await?;
+    c.cli(0, &["volume", "create", "base", "--size", "16M"]).await?;
+    let mut w = open_retry(nbd_addr(&c, 0)?, "base").await?;
+    for b in 0..8u64 {
+        w.write(b * BS as u64, &block_data(b, 1)).await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    // Taken while the writer is connected: it carries on after the snapshot.
+    c.cli(1, &["volume", "snapshot", "create", "base", "s1"]).await?;
+    for b in 0..4u64 {
+        w.write(b * BS as u64, &block_data(b, 2))
+            .await?
+            .map_err(|e| anyhow::anyhow!("write after snapshot: {e}"))?;
+    }
+    w.flush().await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    w.close().await?;
+
+    let mut snap = open_retry(nbd_addr(&c, 1)?, "base@s1").await?;
+    read_model(&mut snap, 0..8, 1).await.context("the snapshot changed after it was taken")?;
+    ensure!(snap.write(0, &block_data(0, 9)).await?.is_err(), "a snapshot export accepted a write");
+    snap.close().await?;
+    let mut cur = open_retry(nbd_addr(&c, 2)?, "base").await?;
+    read_model(&mut cur, 0..4, 2).await?;
+    read_model(&mut cur, 4..8, 1).await?;
+    cur.close().await?;
+
+    c.cli(0, &["volume", "clone", "base", "s1", "child"]).await?;
+    let mut child = open_retry(nbd_addr(&c, 2)?, "child").await?;
+    read_model(&mut child, 0..8, 1).await.context("a clone starts as its snapshot")?;
+    child.write(0, &block_data(0, 3)).await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    read_model(&mut child, 0..1, 3).await?;
+    child.close().await?;
+    let mut cur = open_retry(nbd_addr(&c, 0)?, "base").await?;
+    read_model(&mut cur, 0..1, 2).await.context("writing a clone changed its origin")?;
+    cur.close().await?;
+
+    // What others depend on cannot go away.
+    ensure!(
+        c.cli(0, &["volume", "snapshot", "delete", "base", "s1"]).await.is_err(),
+        "snapshot with a clone deleted"
+    );
+    ensure!(c.cli(0, &["volume", "delete", "base"]).await.is_err(), "volume with a clone deleted");
+    c.cli(0, &["volume", "delete", "child"]).await?;
+    c.cli(0, &["volume", "snapshot", "delete", "base", "s1"]).await?;
+    c.cli(0, &["volume", "delete", "base"]).await?;
+    let dirs: Vec<PathBuf> =
+        (0..3).map(|i| c.node(i).map(|n| n.data_dir.join("blocks/layers"))).collect::<Result<_, _>>()?;
+    wait_until("deleted volumes' space reclaimed on every node", Duration::from_secs(60), || async {
+        let listed = c.cli(0, &["volume", "list"]).await?;
+        ensure!(listed.as_array().is_some_and(|a| a.is_empty()), "volumes left: {listed}");
+        for d in &dirs {
+            let left: Vec<_> = std::fs::read_dir(d)?.filter_map(Result::ok).map(|e| e.file_name()).collect();
+            ensure!(left.is_empty(), "{} still holds {left:?}", d.display());
+        }
+        Ok(())
+    })
+    .await?;
+    c.finish();
+    Ok(())
+}

@@ -503,7 +503,7 @@ async fn import(c: &mut VolumeServiceClient<Channel>, format: Format, a: ImportA
             let n = (&mut src).take(IMPORT_CHUNK as u64).read_to_end(&mut data)?;
             if n == 0 {
                 // What was sent is still in buffers on its way to the replicas.
-                reader_bar.set_message("(sent; the pool is writing the rest and flushing)");
+                reader_bar.set_message("flushing");
                 return Ok(());
             }
             let chunk = pb::ImportChunk { offset, data };

@@ -228,8 +228,8 @@ async fn import(
         volumes.open(&start.volume, IMPORT_HOLDER, false, start.takeover).await.map_err(volume_status)?;
     let generation = client.generation();
     let id = client.layout().volume;
+    let mut writes = JoinSet::new();
     let result = async {
-        let mut writes = JoinSet::new();
         while let Some(m) = input.message().await? {
             let chunk = match m.msg {
                 Some(Msg::Chunk(c)) => c,
@@ -255,10 +255,17 @@ async fn import(
         client.flush().await.map_err(|e| device_status(&e))
     }
     .await;
-    // No write of this import may land after the slot is given back.
+    // No write of this import may land after the slot is given back: the
+    // writes still running after a failure are stopped and waited for first.
+    writes.shutdown().await;
     drop(client);
     if let Err(e) = volumes.close_writer(id, generation).await {
-        warn!(volume = %id, generation, error = %nodeos_types::error_chain(&e), "import could not release the volume; `nodeos volume release` frees it");
+        warn!(
+            volume = %id,
+            generation,
+            error = %nodeos_types::error_chain(&e),
+            "import could not give the writer slot back; `nodeos volume release` frees it"
+        );
     }
     match result {
         Ok(()) => {

@@ -192,10 +192,16 @@ impl<T: Transport> VolumeClient<T> {
     }
 
     /// Takes a new layout from the pool (re-replication, growth, snapshot).
-    /// Copies new to an extent start stale and are repaired.
-    pub fn update_layout(&self, mut new: VolumeLayout) {
+    /// Copies new to an extent start stale and are repaired. With
+    /// `own_generation`, the layout's generation was handed to this very
+    /// writer (a snapshot sealed its top layer) and is adopted; otherwise the
+    /// writer keeps its generation and will find itself fenced if a newer
+    /// writer took the volume.
+    pub fn update_layout(&self, mut new: VolumeLayout, own_generation: bool) {
         let old = self.inner.layout();
-        new.generation = old.generation;
+        if !own_generation || new.generation < old.generation || self.inner.read_only {
+            new.generation = old.generation;
+        }
         let mut h = self.inner.health();
         for (e, reps) in new.extents.iter().enumerate() {
             let e = e as u32;
@@ -311,9 +317,36 @@ impl<T: Transport> VolumeClient<T> {
         out
     }
 
-    /// Sends one op built per replica to every copy of extent `e`; resolves
-    /// once a quorum has applied it.
-    async fn replicate(&self, volume: VolumeId, e: u32, op: Op) -> Result<(), DeviceError> {
+    /// Sends a write-like op to every copy of extent `e`; resolves once a
+    /// quorum has applied it. A newer generation that the pool handed to this
+    /// same writer (a snapshot sealed the old top layer) is adopted and the op
+    /// is re-addressed to it; any other newer generation fences this writer.
+    async fn replicate(&self, volume: VolumeId, e: u32, mut op: Op) -> Result<(), DeviceError> {
+        loop {
+            match self.replicate_once(volume, e, op.clone()).await {
+                Err(DeviceError::Fenced { ours, current }) => {
+                    let Some(layout) = self.inner.adopted(current).await else {
+                        self.inner.fenced_by.store(current, Ordering::Release);
+                        warn!(volume = %volume, ours, current, "fenced by a newer writer");
+                        return Err(DeviceError::Fenced { ours, current });
+                    };
+                    let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+                    match &mut op {
+                        Op::Write { generation, seq: s, key, .. }
+                        | Op::WriteZeroes { generation, seq: s, key, .. } => {
+                            *generation = layout.generation;
+                            *s = seq;
+                            key.layer = layout.top();
+                        }
+                        _ => return Err(DeviceError::Io("only writes are replicated".into())),
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn replicate_once(&self, volume: VolumeId, e: u32, op: Op) -> Result<(), DeviceError> {
         let _gate = self.inner.gates[e as usize % GATES].read().await;
         // The replica set may have changed since the op was built (a copy
         // added by re-replication must receive it too).
@@ -367,8 +400,7 @@ impl<T: Transport> VolumeClient<T> {
             match res {
                 Ok(_) => ok += 1,
                 Err(CallError::Replica(ReplicaError::StaleGeneration { ours, current })) => {
-                    self.inner.fenced_by.store(current, Ordering::Release);
-                    warn!(volume = %volume, ours, current, "fenced by a newer writer");
+                    let _ = volume;
                     return Err(DeviceError::Fenced { ours, current });
                 }
                 Err(err) => errors.push(format!("{node}: {err}")),
@@ -518,7 +550,27 @@ impl<T: Transport> VolumeClient<T> {
     }
 }
 
+/// How long a writer waits to learn that a newer generation is its own.
+const ADOPT_WAIT: Duration = Duration::from_secs(5);
+
 impl<T> Inner<T> {
+    /// Waits for the pool to hand this writer generation `current` (or
+    /// newer); the layout then, or `None` if it does not come in time.
+    async fn adopted(&self, current: u64) -> Option<Arc<VolumeLayout>> {
+        let deadline = tokio::time::Instant::now() + ADOPT_WAIT;
+        loop {
+            let notified = self.changed.notified();
+            let l = self.layout();
+            if l.generation >= current {
+                return Some(l);
+            }
+            if self.fenced_by.load(Ordering::Acquire) != 0 || tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+        }
+    }
+
     fn layout(&self) -> Arc<VolumeLayout> {
         self.layout.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

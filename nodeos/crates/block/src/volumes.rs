@@ -380,6 +380,9 @@ impl Volumes {
             .list()
             .await?
             .into_iter()
+            // A deleting clone no longer counts: reclaim keeps every layer
+            // another volume still lists.
+            .filter(|v| v.state == VolumeState::Available)
             .filter(|v| v.origin.as_deref().is_some_and(|o| o.starts_with(&format!("{}/", r.id))))
             .map(|v| v.name)
             .collect();
@@ -445,18 +448,27 @@ impl Volumes {
             warn!(volume = %r.id, old = %w.holder, old_node = %w.node, new = holder, "taking over the volume; the old writer is fenced");
         }
         r.generation += 1;
-        r.writer = Some(VolumeWriter { node, holder: holder.to_owned(), since_ms: unix_millis() });
+        r.writer = Some(VolumeWriter {
+            node,
+            holder: holder.to_owned(),
+            since_ms: unix_millis(),
+            // The generation it opened with: unique per open (taken by CAS).
+            token: r.generation,
+        });
         r.updated_at_ms = unix_millis();
         self.put_if(&r, rev).await?;
         info!(volume = %r.id, generation = r.generation, holder, "volume opened for writing");
         Ok(r)
     }
 
-    /// Releases the writer slot if `generation` still holds it.
+    /// Releases the writer slot if the writer that opened with `generation`
+    /// still holds it.
     pub async fn close_writer(&self, id: VolumeId, generation: u64) -> Result<(), VolumeError> {
         for _ in 0..5 {
             let (mut r, rev) = self.get(&id.to_string()).await?;
-            if r.generation != generation || r.writer.is_none() {
+            // The slot of the opener of `generation` (snapshots may have
+            // handed it newer generations since).
+            if r.writer.as_ref().map(|w| w.token) != Some(generation) {
                 return Ok(());
             }
             r.writer = None;
@@ -479,7 +491,15 @@ impl Volumes {
         let old = r.writer.take();
         r.updated_at_ms = unix_millis();
         self.put_if(&r, rev).await?;
-        let layout = self.layout(&r).await?;
+        self.fence_replicas(&r).await?;
+        info!(volume = %r.id, generation = r.generation, old = ?old.map(|w| w.holder), "volume writer released");
+        Ok(r)
+    }
+
+    /// Records the record's generation on every copy; warns when an extent
+    /// could not be fenced on a quorum (the next writer's open fences it).
+    async fn fence_replicas(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
+        let layout = self.layout(r).await?;
         let op = crate::wire::Op::Fence { volume: r.id, generation: r.generation };
         let mut fenced = HashSet::new();
         for rep in layout.extents.iter().flatten() {
@@ -495,10 +515,9 @@ impl Volumes {
             })
             .count();
         if short > 0 {
-            warn!(volume = %r.id, extents = short, "release: some extents could not be fenced on a quorum; the next writer will fence them when it opens");
+            warn!(volume = %r.id, extents = short, "some extents could not be fenced on a quorum; the next writer will fence them when it opens");
         }
-        info!(volume = %r.id, generation = r.generation, old = ?old.map(|w| w.holder), "volume writer released");
-        Ok(r)
+        Ok(())
     }
 
     /// Opens a volume in this process: a writer (taking a generation) or a
@@ -531,7 +550,8 @@ impl Volumes {
                 return Err(e.into());
             }
         };
-        self.follow(&client, r.id);
+        let token = if read_only { None } else { r.writer.as_ref().map(|w| w.token) };
+        self.follow(&client, r.id, token);
         Ok(client)
     }
 
@@ -554,7 +574,8 @@ impl Volumes {
     }
 
     /// Keeps a client's layout in step with its volume record.
-    pub fn follow(&self, client: &VolumeClient<TcpTransport>, id: VolumeId) {
+    /// `token` is the writer's own (see [`VolumeWriter::token`]).
+    pub fn follow(&self, client: &VolumeClient<TcpTransport>, id: VolumeId, token: Option<u64>) {
         let weak = client.downgrade();
         let this = self.clone();
         tokio::spawn(async move {
@@ -565,7 +586,7 @@ impl Volumes {
                     // Fell behind the watch history: re-read and restart.
                     if let Ok((r, rev)) = this.get(&id.to_string()).await {
                         if let Ok(l) = this.layout(&r).await {
-                            client.update_layout(l);
+                            client.update_layout(l, own(&r, token));
                         }
                         events = Box::pin(this.meta.watch(rev + 1, volume_key(id)));
                     }
@@ -576,7 +597,7 @@ impl Volumes {
                 }
                 let Ok(r) = decode::<VolumeRecord>(&ev.kv.key, &ev.kv.value) else { continue };
                 match this.layout(&r).await {
-                    Ok(l) => client.update_layout(l),
+                    Ok(l) => client.update_layout(l, own(&r, token)),
                     Err(e) => warn!(volume = %id, error = %e, "cannot follow volume layout"),
                 }
             }
@@ -597,9 +618,16 @@ impl Volumes {
             created_at_ms: unix_millis(),
         });
         r.layers.push(rand::random::<u64>().max(1));
+        // Sealing the old top layer: a new generation, handed to the same
+        // writer (same token) and recorded on the replicas before this
+        // returns, so no write issued after the snapshot can land in it. The
+        // writer adopts the generation and re-addresses refused writes to the
+        // new top layer; the snapshot holds every write completed before it.
+        r.generation += 1;
         r.updated_at_ms = unix_millis();
         self.put_if(&r, rev).await?;
-        info!(volume = %r.id, snapshot = name, "snapshot taken");
+        self.fence_replicas(&r).await?;
+        info!(volume = %r.id, snapshot = name, generation = r.generation, "snapshot taken");
         Ok(r)
     }
 
@@ -656,7 +684,7 @@ impl Volumes {
             .list()
             .await?
             .into_iter()
-            .filter(|v| v.origin.as_deref() == Some(&origin))
+            .filter(|v| v.state == VolumeState::Available && v.origin.as_deref() == Some(&origin))
             .map(|v| v.name)
             .collect();
         if !clones.is_empty() {
@@ -670,6 +698,11 @@ impl Volumes {
         info!(volume = %r.id, snapshot, "snapshot deleted");
         Ok(r)
     }
+}
+
+/// Whether the record's writer is the opener holding `token`.
+fn own(r: &VolumeRecord, token: Option<u64>) -> bool {
+    token.is_some() && r.writer.as_ref().map(|w| w.token) == token
 }
 
 /// A record's layout, with each copy's replica address.

@@ -309,7 +309,7 @@ async fn a_new_copy_from_re_replication_is_filled_before_it_is_read() {
     p.transport.set_down(NodeId(3), true);
     let mut l = layout(&p, 1, 1);
     l.extents[0][2] = ReplicaRef { node: NodeId(4), address: "mem-4".into() };
-    c.update_layout(l);
+    c.update_layout(l, false);
     assert_eq!(c.stale_copies(), vec![(0, NodeId(4))]);
     wait_converged(&c).await;
     p.transport.set_down(NodeId(1), true);
@@ -318,4 +318,43 @@ async fn a_new_copy_from_re_replication_is_filled_before_it_is_read() {
     let mut metas = vec![Default::default(); 64];
     extra.read_blocks(LayerExtent { layer: 7, index: 0 }, 0, &mut buf, &mut metas).expect("read");
     assert_eq!(buf, data);
+}
+
+#[tokio::test]
+async fn a_snapshot_seals_the_top_layer_and_the_writer_moves_on() {
+    let p = pool(12);
+    let c = open(&p, 1, 1).await;
+    let before = pattern(1, 2);
+    c.write(0, before.clone(), false).await.expect("write before the snapshot");
+    // The pool seals layer 7: generation 2 for this same writer, recorded on
+    // the replicas; the layout with the new top layer arrives a bit later.
+    for r in &p.nodes {
+        p.transport.call(r, Op::Fence { volume: VolumeId(0xabc), generation: 2 }).await.expect("fence");
+    }
+    let mut sealed = layout(&p, 1, 2);
+    sealed.layers = vec![7, 8];
+    let later = c.clone();
+    let update = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        later.update_layout(sealed, true);
+    });
+    let after = pattern(2, 2);
+    c.write(0, after.clone(), false).await.expect("the writer adopts its new generation");
+    update.await.expect("update");
+    assert_eq!(c.read(0, 2 * 4096).await.expect("read"), after);
+    // The snapshot layer kept exactly the data from before.
+    let snap =
+        VolumeClient::open(p.transport.clone(), layout(&p, 1, 0), true, None).await.expect("snapshot view");
+    assert_eq!(snap.read(0, 2 * 4096).await.expect("read snapshot"), before);
+}
+
+#[tokio::test]
+async fn another_writer_s_generation_is_not_adopted() {
+    let p = pool(13);
+    let c = open(&p, 1, 1).await;
+    let _other = open(&p, 1, 2).await;
+    let mut l = layout(&p, 1, 2);
+    l.layers = vec![7];
+    c.update_layout(l, false);
+    assert_eq!(c.write(0, pattern(1, 1), false).await, Err(DeviceError::Fenced { ours: 1, current: 2 }));
 }

@@ -181,9 +181,14 @@ pub enum VolumeState {
 pub struct VolumeWriter {
     /// The node the writer runs on.
     pub node: NodeId,
-    /// What it is: `vm <id>`, `nbd <peer address>`, `import`, `repair`.
+    /// What it is: `vm <id>`, `nbd`, `import`.
     pub holder: String,
     pub since_ms: u64,
+    /// The generation this writer opened with (unique per open): tells its
+    /// later generations (handed to it when a snapshot seals its top layer)
+    /// from another opener's, and finds its slot when it closes.
+    #[serde(default)]
+    pub token: u64,
 }
 
 /// A frozen point-in-time copy of a volume.
