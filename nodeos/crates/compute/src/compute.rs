@@ -14,7 +14,9 @@ use nodeos_meta::command::{Compare, Op, Txn};
 use nodeos_meta::{Command, Consistency, MetaError, MetaHandle};
 use nodeos_types::VolumeId;
 use nodeos_types::auth::PoolKey;
-use nodeos_types::records::{VMS_PREFIX, VmRecord, VmSpec, VmState, vm_key, vm_name_key};
+use nodeos_types::records::{
+    VMS_PREFIX, VmRecord, VmSpec, VmState, VolumeRecord, vm_key, vm_name_key, volume_key,
+};
 use nodeos_types::{NodeId, VmId, unix_millis};
 use nodeos_vmm::config::{DiskConfig, NicConfig, VolumeDisk, WorkerConfig};
 use nodeos_vmm::control::{StopReason, ToWorker, WorkerEvent};
@@ -385,6 +387,10 @@ impl Compute {
             r.id,
             Live { process: process.clone(), stopping: stopping.clone(), done: done_rx.clone() },
         );
+        for vid in r.spec.disks.iter().filter_map(|d| d.volume) {
+            let opened = held.iter().find(|(v, _)| *v == vid).map(|(_, g)| *g);
+            tokio::spawn(self.clone().follow_volume(r.id, vid, opened, process.clone(), done_rx.clone()));
+        }
         tokio::spawn(self.clone().monitor(
             r.id,
             spawned.events,
@@ -444,6 +450,55 @@ impl Compute {
             node: self.inner.cfg.node_id,
         };
         Ok((disk, generation))
+    }
+
+    /// Hands a running worker every change of one of its volumes' layout
+    /// (copies rebuilt elsewhere, growth, snapshots) until the worker ends.
+    /// `opened` is the generation the worker opened the volume with.
+    async fn follow_volume(
+        self,
+        vm: VmId,
+        vid: VolumeId,
+        opened: Option<u64>,
+        process: Arc<WorkerProcess>,
+        mut done: watch::Receiver<bool>,
+    ) {
+        use futures::StreamExt;
+        let volumes = self.inner.volumes.clone();
+        let mut events = Box::pin(volumes.meta().watch(0, volume_key(vid)));
+        loop {
+            let ev = tokio::select! {
+                _ = done.wait_for(|d| *d) => return,
+                ev = events.next() => ev,
+            };
+            let record = match ev {
+                None => return,
+                Some(Ok(ev)) if ev.kv.key == volume_key(vid) && !ev.kv.value.is_empty() => {
+                    serde_json::from_slice::<VolumeRecord>(&ev.kv.value).ok()
+                }
+                Some(Ok(_)) => None,
+                Some(Err(_)) => {
+                    // Behind the watch history: read the record now and go on from there.
+                    events = Box::pin(volumes.meta().watch(0, volume_key(vid)));
+                    volumes.get(&vid.to_string()).await.ok().map(|(r, _)| r)
+                }
+            };
+            let Some(rec) = record else { continue };
+            let own = opened.is_some() && rec.writer.as_ref().map(|w| w.token) == opened;
+            let layout = match volumes.layout(&rec).await {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(vm = %vm, volume = %vid, error = %nodeos_types::error_chain(&e), "cannot follow the volume");
+                    continue;
+                }
+            };
+            let sent = process
+                .request(|seq| ToWorker::VolumeLayout { seq, layout: layout.clone(), own }, REQUEST_TIMEOUT)
+                .await;
+            if let Err(e) = sent {
+                warn!(vm = %vm, volume = %vid, error = %e, "cannot hand the worker its volume's new layout");
+            }
+        }
     }
 
     /// Gives back the writer slots a worker held.

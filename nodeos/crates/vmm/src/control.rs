@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::WorkerConfig;
 
 /// Largest control message, bytes.
-pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Below the default socket send buffer (208 KiB), which bounds one
+/// SOCK_SEQPACKET message; a volume layout of ~1000 extents fits.
+pub const MAX_MESSAGE: usize = 192 * 1024;
 /// Protocol version; the node refuses a worker of another version.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -42,6 +44,13 @@ pub enum ToWorker {
         seq: u64,
         bytes: Vec<u8>,
     },
+    /// A volume disk's layout changed in the pool (a copy rebuilt elsewhere,
+    /// growth, a snapshot); `own` when its generation was handed to this VM.
+    VolumeLayout {
+        seq: u64,
+        layout: nodeos_block::client::VolumeLayout,
+        own: bool,
+    },
 }
 
 impl ToWorker {
@@ -52,7 +61,8 @@ impl ToWorker {
             | ToWorker::Resume { seq }
             | ToWorker::RequestShutdown { seq }
             | ToWorker::Kill { seq }
-            | ToWorker::ConsoleInput { seq, .. } => *seq,
+            | ToWorker::ConsoleInput { seq, .. }
+            | ToWorker::VolumeLayout { seq, .. } => *seq,
         }
     }
 }

@@ -70,6 +70,8 @@ pub enum VmError {
 
 /// A built, running VM.
 pub struct Vm {
+    /// Volume disks, to hand them layout changes from the pool.
+    volumes: Vec<Arc<VolumeBackend>>,
     // Field order is drop order: vCPUs stop before devices and memory go.
     vcpus: VcpuSet,
     serial: Arc<Mutex<Serial>>,
@@ -90,6 +92,17 @@ impl std::fmt::Debug for Vm {
 }
 
 impl Vm {
+    /// Gives a volume disk its new layout from the pool.
+    pub fn update_volume(&self, layout: nodeos_block::client::VolumeLayout, own: bool) -> Result<(), String> {
+        let v = self
+            .volumes
+            .iter()
+            .find(|b| b.volume() == layout.volume)
+            .ok_or_else(|| format!("no disk on volume {}", layout.volume))?;
+        v.update_layout(layout, own);
+        Ok(())
+    }
+
     pub fn build(
         cfg: &WorkerConfig,
         nic_fds: Vec<OwnedFd>,
@@ -125,6 +138,7 @@ impl Vm {
         let msi = KvmMsiAllocator::new(kvm_vm.clone());
         let ioevents: Arc<dyn IoEvents> = Arc::new(KvmIoEvents::new(kvm_vm.clone()));
         let mut root = PciRoot::new(mmio.clone());
+        let mut volumes = Vec::new();
         for (index, d) in cfg.disks.iter().enumerate() {
             let path = match &d.volume {
                 Some(v) => format!("volume {}", v.layout.volume),
@@ -136,7 +150,11 @@ impl Vm {
                 source,
             };
             let backend: Arc<dyn BlockBackend> = match &d.volume {
-                Some(v) => Arc::new(VolumeBackend::open(v, d.read_only).map_err(|e| disk_err(Box::new(e)))?),
+                Some(v) => {
+                    let b = Arc::new(VolumeBackend::open(v, d.read_only).map_err(|e| disk_err(Box::new(e)))?);
+                    volumes.push(b.clone());
+                    b
+                }
                 None => Arc::new(FileBackend::open(&d.path, d.read_only).map_err(|e| disk_err(Box::new(e)))?),
             };
             let serial_no = format!("nodeos-disk{index}");
@@ -178,6 +196,7 @@ impl Vm {
         watch_platform(events, end.clone());
         let vcpus = VcpuSet::start(vcpus, pio.clone(), mmio.clone(), end.clone())?;
         Ok(Vm {
+            volumes,
             vcpus,
             serial,
             keyboard,

@@ -219,6 +219,10 @@ fn serve_control(ctl: Control, vm: Arc<Mutex<Vm>>) {
             ToWorker::ConsoleInput { bytes, .. } => {
                 vm.lock().map_err(|_| "VM lock poisoned".to_string()).map(|v| v.console_input(&bytes))
             }
+            ToWorker::VolumeLayout { layout, own, .. } => vm
+                .lock()
+                .map_err(|_| "VM lock poisoned".to_string())
+                .and_then(|v| v.update_volume(layout, own)),
             ToWorker::Kill { .. } => {
                 ctl.send(&FromWorker::Ack { seq });
                 Vm::request_end(&vm, StopReason::Killed);

@@ -95,6 +95,16 @@ impl VolumeBackend {
         Ok(VolumeBackend { runtime, client, read_only })
     }
 
+    pub fn volume(&self) -> nodeos_types::VolumeId {
+        self.client.layout().volume
+    }
+
+    /// See [`nodeos_block::client::VolumeClient::update_layout`].
+    pub fn update_layout(&self, layout: nodeos_block::client::VolumeLayout, own: bool) {
+        let _rt = self.runtime.enter();
+        self.client.update_layout(layout, own);
+    }
+
     fn aligned(offset: u64, len: usize) -> (u64, u64) {
         let start = offset / VBS * VBS;
         let end = (offset + len as u64).div_ceil(VBS) * VBS;
