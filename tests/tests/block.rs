@@ -323,7 +323,9 @@ async fn corruption_is_detected_and_repaired_and_images_convert_over_nbd() -> an
         )?;
         let uri0 = format!("nbd://{}/image", nbd_addr(&c, 0)?);
         run("qemu-img", &["convert", "-n", "-O", "raw", path(&src)?, &uri0])?;
-        let uri2 = format!("nbd://{}/image", nbd_addr(&c, 2)?);
+        // `:ro` reads without taking the writer slot (the converter's slot
+        // may still be on its way back).
+        let uri2 = format!("nbd://{}/image:ro", nbd_addr(&c, 2)?);
         run("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", &uri2, path(&src)?])?;
         // And a difference is seen as one.
         run("qemu-io", &["-f", "qcow2", path(&src)?, "-c", "write -P 0x99 8M 4k"])?;

@@ -1,6 +1,7 @@
 //! The pool's volumes as NBD exports (see `nbd.rs`): export `NAME` opens the
 //! volume for writing (a new generation; refused while another writer holds
-//! it), `NAME@SNAPSHOT` is a read-only view of a snapshot. The writer slot is
+//! it), `NAME:ro` reads it without taking the writer slot, `NAME@SNAPSHOT` is
+//! a read-only view of a snapshot. The writer slot is
 //! released when the NBD client disconnects.
 
 use std::sync::Arc;
@@ -61,6 +62,10 @@ fn export_error(e: VolumeError) -> ExportError {
 
 impl VolumeExports {
     async fn open_export(&self, name: &str, describe_only: bool) -> Result<ExportedVolume, VolumeError> {
+        if let Some(vol) = name.strip_suffix(":ro") {
+            let client = self.volumes.open(vol, "nbd", true, false).await?;
+            return Ok(ExportedVolume { client, writer: None });
+        }
         if let Some((vol, snap)) = name.split_once('@') {
             let client = self.volumes.open_snapshot(vol, snap).await?;
             return Ok(ExportedVolume { client, writer: None });
@@ -91,12 +96,18 @@ impl ExportResolver for VolumeExports {
     }
 
     async fn describe(&self, name: &str) -> Result<ExportInfo, ExportError> {
-        if let Some((vol, _)) = name.split_once('@') {
+        if name.contains('@') {
             let dev = self.open_export(name, true).await.map_err(export_error)?;
-            let _ = vol;
             return Ok(ExportInfo::of(&dev));
         }
-        let (r, _) = self.volumes.get(name).await.map_err(export_error)?;
+        let (vol, read_only) = match name.strip_suffix(":ro") {
+            Some(v) => (v, true),
+            None => (name, false),
+        };
+        let (r, _) = self.volumes.get(vol).await.map_err(export_error)?;
+        if read_only {
+            return Ok(ExportInfo { size: r.size_bytes, block_size: crate::device::BLOCK_SIZE, read_only });
+        }
         Ok(ExportInfo { size: r.size_bytes, block_size: crate::device::BLOCK_SIZE, read_only: false })
     }
 
