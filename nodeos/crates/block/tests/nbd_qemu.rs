@@ -332,7 +332,10 @@ async fn fio(uri: &str, name: &str, verified: bool, extra: &[&str]) -> anyhow::R
     let mut args =
         vec!["--name", name, "--ioengine=nbd", uri_arg.as_str(), "--iodepth=32", "--output-format=json"];
     args.extend(extra);
-    let out = Command::new("fio").args(&args).output().await.context("spawning fio")?;
+    // fio writes verify-state files into its working directory: keep them out of the tree.
+    let scratch = tempfile::tempdir().context("fio scratch dir")?;
+    let out =
+        Command::new("fio").args(&args).current_dir(scratch.path()).output().await.context("spawning fio")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "fio {name} failed:\n{stdout}{stderr}");
