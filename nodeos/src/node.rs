@@ -242,9 +242,19 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let nbd_listener = tokio::net::TcpListener::bind(cfg.nbd_listen)
         .await
         .with_context(|| format!("cannot listen for NBD on {}", cfg.nbd_listen))?;
+    // Usage walks the store's files: asked at most once a minute.
     let probe_store = store.clone();
+    let probed = std::sync::Mutex::new(None::<(std::time::Instant, u64)>);
     let capacity = CapacityProbe(Arc::new(move || {
-        probe_store.usage().map(|u| u.used.saturating_add(u.free)).unwrap_or(0)
+        let mut last = probed.lock().unwrap_or_else(|p| p.into_inner());
+        match *last {
+            Some((at, bytes)) if at.elapsed() < Duration::from_secs(60) => bytes,
+            _ => {
+                let bytes = probe_store.usage().map(|u| u.used.saturating_add(u.free)).unwrap_or(0);
+                *last = Some((std::time::Instant::now(), bytes));
+                bytes
+            }
+        }
     }));
     let formation = Formation::new(
         FormationConfig {

@@ -188,12 +188,28 @@ pub struct Controller {
     cfg: ControllerConfig,
     /// When each node was first seen unreachable (this leadership).
     unreachable_since: HashMap<NodeId, Instant>,
+    /// Nodes reachable again since the last pass: their copies may have
+    /// missed writes.
+    recovered: HashSet<NodeId>,
     last_scrub: Option<Instant>,
+    /// When every writer-less volume's copies were last compared.
+    last_check: Option<Instant>,
 }
+
+/// How often copies of writer-less volumes are compared even when no node
+/// came back (a missed event, a repair that failed half-way).
+const CHECK_EVERY: Duration = Duration::from_secs(300);
 
 impl Controller {
     pub fn new(volumes: Volumes, cfg: ControllerConfig) -> Self {
-        Controller { volumes, cfg, unreachable_since: HashMap::new(), last_scrub: None }
+        Controller {
+            volumes,
+            cfg,
+            unreachable_since: HashMap::new(),
+            recovered: HashSet::new(),
+            last_scrub: None,
+            last_check: None,
+        }
     }
 
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()> + Send) {
@@ -226,7 +242,9 @@ impl Controller {
         for n in nodes.values() {
             if self.reachable(n).await {
                 up.insert(n.id);
-                self.unreachable_since.remove(&n.id);
+                if self.unreachable_since.remove(&n.id).is_some() {
+                    self.recovered.insert(n.id);
+                }
             } else {
                 self.unreachable_since.entry(n.id).or_insert_with(Instant::now);
             }
@@ -237,10 +255,16 @@ impl Controller {
             .filter(|(_, since)| since.elapsed() >= self.cfg.rereplicate_after)
             .map(|(n, _)| *n)
             .collect();
+        let full_check = self.last_check.is_none_or(|t| t.elapsed() >= CHECK_EVERY);
+        if full_check {
+            self.last_check = Some(Instant::now());
+        }
+        let recovered = std::mem::take(&mut self.recovered);
         for r in self.volumes.list().await? {
+            let check = full_check || r.placement.iter().flatten().any(|n| recovered.contains(n));
             let result = match r.state {
                 VolumeState::Deleting => self.reclaim(&r, &nodes).await,
-                VolumeState::Available => self.tend(&r, &nodes, &up, &lost).await,
+                VolumeState::Available => self.tend(&r, &nodes, &up, &lost, check).await,
             };
             if let Err(e) = result {
                 warn!(volume = %r.id, error = %nodeos_types::error_chain(&e), "volume controller");
@@ -269,6 +293,7 @@ impl Controller {
         nodes: &BTreeMap<NodeId, NodeRecord>,
         up: &HashSet<NodeId>,
         lost: &HashSet<NodeId>,
+        check: bool,
     ) -> Result<(), VolumeError> {
         let mut moved = Vec::new();
         if r.placement.iter().flatten().any(|n| lost.contains(n) || !nodes.contains_key(n)) {
@@ -284,7 +309,7 @@ impl Controller {
                 degraded.push(format!("extent {e}: {} of {} copies reachable", live.len(), reps.len()));
             }
             // A writer repairs its own copies; without one, the leader does.
-            let must_repair = moved.contains(&e) || (r.writer.is_none() && live.len() >= 2);
+            let must_repair = moved.contains(&e) || (check && r.writer.is_none());
             // Repair needs a source and a target.
             if !must_repair || live.len() < 2 {
                 continue;
