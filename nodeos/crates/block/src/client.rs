@@ -513,7 +513,9 @@ impl<T: Transport> VolumeClient<T> {
             for r in &order {
                 let op = Op::Read { chain: layout.chain(), index: e, first, count };
                 match self.inner.transport.call(r, op).await {
-                    Ok(Answer::Blocks { data, metas }) if data.len() == count as usize * BS as usize => {
+                    Ok(Answer::Blocks { data, metas })
+                        if data.len() == count as usize * BS as usize && metas.len() == count as usize =>
+                    {
                         let bad = metas
                             .iter()
                             .zip(data.chunks_exact(BS as usize))

@@ -193,7 +193,11 @@ async fn copy_run<T: Transport>(
     let (data, metas) =
         match t.call(&replicas[run.source], Op::ReadLayer { key, first: run.first, count: run.count }).await?
         {
-            Answer::Blocks { data, metas } => (data, metas),
+            Answer::Blocks { data, metas }
+                if metas.len() == run.count as usize && data.len() == metas.len() * BLOCK_SIZE as usize =>
+            {
+                (data, metas)
+            }
             other => {
                 return Err(CallError::Unreachable {
                     node: replicas[run.source].node,
