@@ -4,6 +4,7 @@
 //! - `nodeos/v1/pool.proto`: `PoolService`, the public pool API.
 //! - `nodeos/v1/metadata.proto`: `MetadataService`, the operator's key space.
 //! - `nodeos/v1/vm.proto`: `VmService`, virtual machines and their consoles.
+//! - `nodeos/v1/volume.proto`: `VolumeService`, replicated volumes, snapshots, clones, import.
 //! - `nodeos/v1/peer.proto`: `PeerService`, the authenticated node-to-node API
 //!   (raft RPCs, discovery hello, join, request forwarding).
 //!
