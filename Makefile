@@ -9,7 +9,7 @@ PROTOC := $(shell scripts/protoc-path.sh)
 endif
 export PROTOC
 
-.PHONY: build release test lint verify fmt bench bench-meta bench-vmm demo demo-stop deps-check clean guest guest-test
+.PHONY: build release test lint verify fmt bench bench-meta bench-vmm bench-block demo demo-stop deps-check clean guest guest-test
 
 build:
 	$(CARGO) build --workspace --bins
@@ -34,7 +34,7 @@ fmt:
 deps-check:
 	python3 scripts/deps-check.py
 
-bench: bench-meta bench-vmm
+bench: bench-meta bench-vmm bench-block
 
 # Metadata store against a 3-member etcd on loopback, same load generator.
 bench-meta: release
@@ -46,6 +46,12 @@ bench-vmm: release guest
 	$(CARGO) build --release -p nodeos-bench --bin bench-vmm
 	NODEOS_BIN=$(CURDIR)/$(RELEASE_BIN) NODEOS_GUEST=$(CURDIR)/tests/guest/build/nodeos-test-guest.elf \
 		target/release/bench-vmm
+
+# Volumes over NBD against qemu-nbd on a raw file (same fio jobs), and
+# re-replication after a node is killed against loopback TCP throughput.
+bench-block: release
+	$(CARGO) build --release -p nodeos-bench --bin bench-block
+	NODEOS_BIN=$(CURDIR)/$(RELEASE_BIN) target/release/bench-block
 
 # A local 3-node pool on loopback, state under ./.demo/.
 demo: guest

@@ -1,7 +1,9 @@
 //! Shared benchmark helpers: process guards, the load generator shared by all
-//! systems under test, the systems themselves (nodeos, etcd), and the two sides
-//! of the VMM benchmark (the nodeos VMM through `VmService`, QEMU).
+//! systems under test, the systems themselves (nodeos, etcd), the two sides
+//! of the VMM benchmark (the nodeos VMM through `VmService`, QEMU), and the
+//! block benchmark's pieces (fio over NBD, qemu-nbd, loopback TCP, volumes).
 
+pub mod block;
 pub mod etcd;
 pub mod load;
 pub mod nodeos;

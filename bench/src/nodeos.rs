@@ -258,8 +258,10 @@ impl NodeosCluster {
         Ok(())
     }
 
-    /// Waits until every node not killed is a healthy member of a pool with a
-    /// leader, and returns that status.
+    /// Waits until every node not killed is a healthy member of a formed pool
+    /// with a leader and has written its node record (which carries its
+    /// replica address, so volumes can be placed on it), and returns that
+    /// status.
     pub async fn wait_all_healthy(&mut self, within: Duration) -> anyhow::Result<PoolStatus> {
         let deadline = tokio::time::Instant::now() + within;
         let want = self.down.iter().filter(|d| !**d).count();
@@ -276,9 +278,13 @@ impl NodeosCluster {
                         let healthy = s
                             .members
                             .iter()
-                            .filter(|m| m.health() == NodeHealth::Healthy && self.addrs.contains(&m.address))
+                            .filter(|m| {
+                                m.health() == NodeHealth::Healthy
+                                    && m.joined_at_ms > 0
+                                    && self.addrs.contains(&m.address)
+                            })
                             .count();
-                        if !s.leader_id.is_empty() && healthy >= want {
+                        if !s.pool_id.is_empty() && !s.leader_id.is_empty() && healthy >= want {
                             return Ok(s);
                         }
                         last = format!("{addr}: {healthy} of {want} healthy, leader {:?}", s.leader_id);

@@ -79,8 +79,11 @@ pub async fn run(fio: &Path, uri: &str, job: &FioJob, dir: &Path, tag: &str) -> 
     let out: PathBuf = dir.join(format!("fio-{tag}-{}.json", job.name));
     let mut cmd = Command::new(fio);
     cmd.args(job.args(uri, &out));
-    let mut child =
-        ChildGuard::spawn(format!("fio {tag} {}", job.name), cmd, &dir.join(format!("fio-{tag}-{}.log", job.name)))?;
+    let mut child = ChildGuard::spawn(
+        format!("fio {tag} {}", job.name),
+        cmd,
+        &dir.join(format!("fio-{tag}-{}.log", job.name)),
+    )?;
     // A one-pass job over the region is bounded by the slowest side's bandwidth.
     let limit = job.runtime.map_or(Duration::from_secs(300), |rt| rt + job.ramp + Duration::from_secs(60));
     let st = wait_exit(&mut child, limit).await?;
@@ -88,7 +91,8 @@ pub async fn run(fio: &Path, uri: &str, job: &FioJob, dir: &Path, tag: &str) -> 
         bail!("{} failed ({st}); log:\n{}", child.name(), child.log_tail(20));
     }
     let text = std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
-    parse(&text, job.reads()).with_context(|| format!("parsing {}; log:\n{}", out.display(), child.log_tail(20)))
+    parse(&text, job.reads())
+        .with_context(|| format!("parsing {}; log:\n{}", out.display(), child.log_tail(20)))
 }
 
 /// The first job's figures from a fio JSON report.
@@ -110,7 +114,8 @@ pub fn parse(text: &str, reads: bool) -> anyhow::Result<FioResult> {
         bail!("fio's job did no I/O");
     }
     let pct = |p: &str| -> anyhow::Result<f64> {
-        let ns = side["clat_ns"]["percentile"][p].as_f64().with_context(|| format!("no clat percentile {p}"))?;
+        let ns =
+            side["clat_ns"]["percentile"][p].as_f64().with_context(|| format!("no clat percentile {p}"))?;
         Ok(ns / 1e3)
     };
     Ok(FioResult {

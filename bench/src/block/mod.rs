@@ -41,3 +41,34 @@ pub async fn wait_exit(child: &mut ChildGuard, limit: Duration) -> anyhow::Resul
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1048576.0
 }
+
+/// `s` without ANSI colour sequences (ESC '[' ... final letter); node logs
+/// are coloured.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The WARN and ERROR lines of a node log, colours stripped, except those
+/// whose text contains one of `expected`.
+pub fn problems(log: &str, expected: &[&str]) -> Vec<String> {
+    log.lines()
+        .map(strip_ansi)
+        .filter(|l| {
+            let level = l.split_whitespace().nth(1).unwrap_or("");
+            (level == "WARN" || level == "ERROR") && !expected.iter().any(|e| l.contains(e))
+        })
+        .collect()
+}

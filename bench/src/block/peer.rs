@@ -99,7 +99,8 @@ impl TcpRun {
 pub async fn iperf3(bin: &Path, secs: u64, dir: &Path) -> anyhow::Result<TcpRun> {
     let port = free_ports(1)?[0].to_string();
     let mut server = Command::new(bin);
-    server.args(["-s", "-B", &LOOPBACK.to_string(), "-p", &port]);
+    // --forceflush: the banner waited for below reaches the log file at once.
+    server.args(["-s", "--forceflush", "-B", &LOOPBACK.to_string(), "-p", &port]);
     let slog = dir.join("iperf3-server.log");
     let mut server = ChildGuard::spawn("iperf3 -s", server, &slog)?;
     // A bare connect would count as a (failed) test on the server; wait for its banner instead.
@@ -111,7 +112,8 @@ pub async fn iperf3(bin: &Path, secs: u64, dir: &Path) -> anyhow::Result<TcpRun>
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let args = ["-c", &LOOPBACK.to_string(), "-p", &port, "-t", &secs.to_string(), "-l", "1M", "-J"].map(String::from);
+    let args = ["-c", &LOOPBACK.to_string(), "-p", &port, "-t", &secs.to_string(), "-l", "1M", "-J"]
+        .map(String::from);
     let how = format!("{} {}", bin.display(), args.join(" "));
     let mut client = Command::new(bin);
     client.args(&args);
@@ -169,9 +171,16 @@ pub async fn tokio_copy(bytes: u64) -> anyhow::Result<TcpRun> {
 }
 
 /// iperf3 when installed (and `BENCH_TCP_PEER` is not `tokio`), else the tokio copy.
-pub async fn loopback_tcp(iperf3_bin: Option<PathBuf>, bytes: u64, secs: u64, dir: &Path) -> anyhow::Result<TcpRun> {
+pub async fn loopback_tcp(
+    iperf3_bin: Option<PathBuf>,
+    bytes: u64,
+    secs: u64,
+    dir: &Path,
+) -> anyhow::Result<TcpRun> {
     match iperf3_bin {
-        Some(bin) if std::env::var("BENCH_TCP_PEER").as_deref() != Ok("tokio") => iperf3(&bin, secs, dir).await,
+        Some(bin) if std::env::var("BENCH_TCP_PEER").as_deref() != Ok("tokio") => {
+            iperf3(&bin, secs, dir).await
+        }
         _ => tokio_copy(bytes).await,
     }
 }

@@ -8,6 +8,7 @@ use nodeos_proto::v1::volume_service_client::VolumeServiceClient;
 use nodeos_proto::v1::{CreateVolumeRequest, ListVolumesRequest, Volume, VolumeDetail, VolumeRef};
 use tonic::transport::Channel;
 
+use super::strip_ansi;
 use crate::nodeos::channel;
 
 /// A `VolumeService` client on one node.
@@ -24,7 +25,9 @@ impl Volumes {
 
     pub async fn create(&mut self, name: &str, size_bytes: u64, replicas: u32) -> anyhow::Result<Volume> {
         let req = CreateVolumeRequest { name: name.into(), size_bytes, replicas };
-        let v = tokio::time::timeout(CALL_LIMIT, self.0.create(req)).await.context("VolumeService.Create timed out")?;
+        let v = tokio::time::timeout(CALL_LIMIT, self.0.create(req))
+            .await
+            .context("VolumeService.Create timed out")?;
         Ok(v.context("VolumeService.Create")?.into_inner())
     }
 
@@ -52,7 +55,9 @@ impl Volumes {
 pub fn all_in_sync(d: &VolumeDetail, replicas: usize) -> bool {
     let extents = d.volume.as_ref().map_or(0, |v| v.placement.len());
     d.extents.len() == extents
-        && d.extents.iter().all(|e| e.copies.len() == replicas && e.copies.iter().all(|c| c.state == "in-sync"))
+        && d.extents
+            .iter()
+            .all(|e| e.copies.len() == replicas && e.copies.iter().all(|c| c.state == "in-sync"))
 }
 
 /// Copies per state over all extents ("in-sync" -> 30, ...), for progress lines.
@@ -98,29 +103,16 @@ pub fn controller_lines(log: &str, volume_id: &str, since_unix_ms: u64) -> (Vec<
         } else if line.contains("copies repaired") {
             let num = |k: &str| field(&line, k).and_then(|v| v.parse::<f64>().ok());
             if let (Some(e), Some(b), Some(r)) = (num("extent"), num("blocks"), num("mib_per_s")) {
-                repaired.push(RepairLine { at_unix_ms: at, extent: e as u32, blocks: b as u64, mib_per_s: r });
+                repaired.push(RepairLine {
+                    at_unix_ms: at,
+                    extent: e as u32,
+                    blocks: b as u64,
+                    mib_per_s: r,
+                });
             }
         }
     }
     (lost, repaired)
-}
-
-/// `s` without ANSI colour sequences (ESC '[' ... letter).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The value of ` key=value` or ` key="value"` in a log line.
@@ -183,7 +175,10 @@ mod tests {
                    2026-11-24T02:28:51.298361Z  INFO x: copies repaired volume=other extent=1 blocks=1 mib_per_s=\"1\"\n";
         let (lost, rep) = controller_lines(log, "d0c0", 0);
         assert_eq!(lost, vec![1_795_487_330_455]);
-        assert_eq!(rep, vec![RepairLine { at_unix_ms: 1_795_487_331_298, extent: 3, blocks: 16384, mib_per_s: 76.5 }]);
+        assert_eq!(
+            rep,
+            vec![RepairLine { at_unix_ms: 1_795_487_331_298, extent: 3, blocks: 16384, mib_per_s: 76.5 }]
+        );
         assert!(controller_lines(log, "d0c0", 1_795_487_331_299).1.is_empty());
     }
 
