@@ -174,7 +174,8 @@ async fn a_stale_writer_is_fenced_and_cannot_change_data() -> anyhow::Result<()>
     c.kill9(1)?;
     let held = NbdClient::connect(nbd_addr(&c, 2)?, "fence").await;
     ensure!(held.is_err(), "the dead writer's hold was ignored");
-    c.cli(2, &["volume", "release", "fence"]).await?;
+    // The dead node may have led raft: retry while the others elect.
+    wait_until("release through a survivor", FORM, || c.cli(2, &["volume", "release", "fence"])).await?;
     let mut third = open_retry(nbd_addr(&c, 2)?, "fence").await?;
     ensure!(third.read(0, BS as u32).await?.map_err(|e| anyhow::anyhow!("{e}"))? == block_data(0, 2));
     third.close().await?;
