@@ -19,7 +19,7 @@ use crate::transport::{CallError, ReplicaRef, Transport};
 use crate::wire::{Answer, MAX_BLOCKS_PER_REQUEST, MAX_METAS_PER_REQUEST, Op};
 
 /// Runs copied at the same time while repairing one extent.
-const PARALLEL_RUNS: usize = 4;
+const PARALLEL_RUNS: usize = 16;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RepairReport {
