@@ -18,6 +18,7 @@ use nodeos_block::controller::{Controller, ControllerConfig};
 use nodeos_block::exports::VolumeExports;
 use nodeos_block::replica::Replica;
 use nodeos_block::store::ExtentStore;
+use nodeos_block::store::device::DeviceStore;
 use nodeos_block::store::file::FileStore;
 use nodeos_block::transport::TcpTransport;
 use nodeos_block::volumes::Volumes;
@@ -69,6 +70,14 @@ pub struct DaemonArgs {
     /// with --advertise's host when this is a wildcard).
     #[arg(long, default_value = "0.0.0.0:7800")]
     pub block_listen: SocketAddr,
+    /// A raw block device (or file) for this node's volume copies instead
+    /// of files under the data dir.
+    #[arg(long)]
+    pub block_device: Option<PathBuf>,
+    /// Format --block-device if it holds no nodeos block store (a formatted
+    /// one is never reformatted; without this flag an unformatted device is refused).
+    #[arg(long, requires = "block_device")]
+    pub format_block_device: bool,
     /// Address the NBD server exporting the pool's volumes listens on. NBD
     /// has no authentication: keep it on loopback or a trusted network.
     #[arg(long, default_value = "127.0.0.1:10809")]
@@ -98,6 +107,9 @@ pub struct NodeConfig {
     pub discovery_iface: Option<String>,
     pub discovery_port: u16,
     pub block_listen: SocketAddr,
+    /// Raw device for volume copies (files under the data dir when none), and
+    /// whether it may be formatted.
+    pub block_device: Option<(PathBuf, bool)>,
     /// Where other nodes reach this node's replica server.
     pub block_advertise: SocketAddr,
     pub nbd_listen: SocketAddr,
@@ -155,6 +167,7 @@ impl TryFrom<DaemonArgs> for NodeConfig {
         }
         Ok(NodeConfig {
             block_listen: a.block_listen,
+            block_device: a.block_device.map(|d| (d, a.format_block_device)),
             block_advertise,
             nbd_listen: a.nbd_listen,
             controller: ControllerConfig {
@@ -231,11 +244,20 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     info!(listen = %cfg.listen, advertise = %cfg.advertise, "API listening");
-    let store_dir = dir.path.join("blocks");
-    let store: Arc<FileStore> = Arc::new(
-        FileStore::open(&store_dir)
-            .with_context(|| format!("cannot open the block store {}", store_dir.display()))?,
-    );
+    let store: Arc<dyn ExtentStore> = match &cfg.block_device {
+        Some((dev, format)) => {
+            let s = DeviceStore::open(dev, *format).context("--block-device")?;
+            info!(device = %dev.display(), "volume copies on a raw device");
+            Arc::new(s)
+        }
+        None => {
+            let store_dir = dir.path.join("blocks");
+            Arc::new(
+                FileStore::open(&store_dir)
+                    .with_context(|| format!("cannot open the block store {}", store_dir.display()))?,
+            )
+        }
+    };
     let block_listener = tokio::net::TcpListener::bind(cfg.block_listen)
         .await
         .with_context(|| format!("cannot listen for block replicas on {}", cfg.block_listen))?;

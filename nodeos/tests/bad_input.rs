@@ -312,3 +312,33 @@ fn volume_flags_are_checked_before_any_network() {
         assert!(!e.contains("cannot reach"), "{args:?} tried the network: {e}");
     }
 }
+
+#[test]
+fn an_unformatted_block_device_is_refused_untouched() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let key = key_file(d.path());
+    let dev = d.path().join("disk.img");
+    let mut content = b"somebody's filesystem".to_vec();
+    content.resize(64 << 20, 0);
+    std::fs::write(&dev, &content).expect("write");
+    let o = run(&[
+        "node",
+        "--data-dir",
+        &d.path().join("data").display().to_string(),
+        "--pool",
+        "lab",
+        "--pool-key-file",
+        &key,
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--block-listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--nbd-listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--block-device",
+        &dev.display().to_string(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("holds no nodeos block store"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&dev).expect("read"), content, "the device was changed");
+}

@@ -522,3 +522,43 @@ async fn snapshots_and_clones_are_copy_on_write_and_deletes_reclaim_space() -> a
     c.finish();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_copies_on_raw_devices_survive_a_node_restart() -> anyhow::Result<()> {
+    let test = "volume_copies_on_raw_devices_survive_a_node_restart";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    let devs = tempfile::tempdir()?;
+    let mut idx = Vec::new();
+    for i in 0..3 {
+        let dev = devs.path().join(format!("dev{i}.img"));
+        std::fs::File::create(&dev)?.set_len(256 << 20)?;
+        let extra = vec!["--block-device".into(), dev.display().to_string(), "--format-block-device".into()];
+        let spec = NodeSpec { extra_args: extra, ..c.spec() };
+        idx.push(c.add_node(&spec)?);
+    }
+    let ids = c.ids(&idx).await?;
+    let want = nodeos_tests::Expect { members: ids.clone(), voters: 3, healthy: ids, pool_id: None };
+    c.wait_pool("pool formed", &idx, &want, FORM).await?;
+    c.cli(0, &["volume", "create", "raw", "--size", "32M"]).await?;
+    let mut w = open_retry(nbd_addr(&c, 0)?, "raw").await?;
+    let mut model = HashMap::new();
+    for (n, b) in (0..8192u64).step_by(97).enumerate() {
+        w.write(b * BS as u64, &block_data(b, n as u64 + 1)).await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+        model.insert(b, n as u64 + 1);
+    }
+    w.flush().await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    w.close().await?;
+    // The node restarts over its device (never reformatted) and serves its copy.
+    c.kill9(1)?;
+    c.restart(1)?;
+    wait_in_sync(&c, 1, "raw", Duration::from_secs(60)).await?;
+    let mut r = open_retry(nbd_addr(&c, 1)?, "raw:ro").await?;
+    verify(&mut r, &model).await?;
+    r.close().await?;
+    let v = c.cli(1, &["volume", "show", "raw"]).await?;
+    let copies = v["extents"][0]["copies"].as_array().context("copies")?;
+    ensure!(copies.iter().all(|c| c["written_blocks"].as_u64() == Some(model.len() as u64)), "copies: {v}");
+    c.finish();
+    Ok(())
+}

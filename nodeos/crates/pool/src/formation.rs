@@ -71,7 +71,7 @@ impl std::fmt::Debug for CapacityProbe {
 
 /// Capacity is reported in these steps so that small changes in free space
 /// do not rewrite the node record every round.
-const CAPACITY_STEP: u64 = 1 << 30;
+const CAPACITY_STEP: u64 = 64 << 20;
 
 #[derive(Debug, Clone)]
 struct SeenEntry {

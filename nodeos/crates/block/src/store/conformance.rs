@@ -14,6 +14,7 @@ use std::io;
 use nodeos_types::VolumeId;
 use proptest::prelude::*;
 
+use super::device::DeviceStore;
 use super::file::FileStore;
 use super::mem::MemStore;
 use super::{BlockMeta, BlockState, ExtentStore, LayerExtent, block_crc};
@@ -474,4 +475,48 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         matches_model(&|| Box::new(FileStore::open_with_handle_limit(dir.path(), 2).unwrap()), &ops);
     }
+
+    #[test]
+    fn device_store_matches_model(ops in prop::collection::vec(op(), 1..24)) {
+        let (_dev, path) = device_file();
+        matches_model(&|| Box::new(DeviceStore::open(&path, true).unwrap()), &ops);
+    }
 }
+
+/// A 32 MiB file standing in for a block device.
+fn device_file() -> (tempfile::NamedTempFile, std::path::PathBuf) {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().set_len(32 << 20).unwrap();
+    let p = f.path().to_path_buf();
+    (f, p)
+}
+
+/// The device store gives space back per 1 MiB chunk when a layer is
+/// deleted, not per zeroed block, so `zeroing_reclaims` does not apply.
+macro_rules! device_conformance {
+    ($($check:ident),* $(,)?) => {
+        mod device_store {
+            use super::*;
+            $(
+                #[test]
+                fn $check() {
+                    let (_dev, path) = device_file();
+                    super::$check(&|| Box::new(DeviceStore::open(&path, true).unwrap()));
+                }
+            )*
+        }
+    };
+}
+
+device_conformance!(
+    round_trip,
+    absent_reads_as_zeroes,
+    zero_blocks_read_as_zeroes,
+    overlapping_writes,
+    many_layers_and_extents,
+    delete_layer_removes_and_reclaims,
+    fences,
+    survives_restart,
+    concurrent_writes,
+    bad_requests_change_nothing,
+);

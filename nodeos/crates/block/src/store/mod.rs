@@ -24,6 +24,7 @@
 //! - Implementations are safe to call from several threads; writes to
 //!   distinct blocks may run concurrently.
 
+pub mod device;
 pub mod file;
 pub mod mem;
 
