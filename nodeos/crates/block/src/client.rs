@@ -625,7 +625,7 @@ impl<T: Transport> Inner<T> {
         for &layer in &layout.layers {
             let key = LayerExtent { layer, index: e };
             // Cheap check first: identical digests need no repair.
-            if !verify && self.digests_agree(&reps, key, blocks).await {
+            if !verify && repair::digests_agree(&self.transport, &reps, key, blocks).await {
                 continue;
             }
             if let Err(err) =
@@ -694,21 +694,6 @@ impl<T: Transport> Inner<T> {
         drop(h);
         self.changed.notify_waiters();
         Ok(())
-    }
-
-    async fn digests_agree(&self, reps: &[ReplicaRef], key: LayerExtent, blocks: u32) -> bool {
-        let mut first: Option<[u8; 32]> = None;
-        for r in reps {
-            match self.transport.call(r, Op::Digest { key, blocks }).await {
-                Ok(Answer::Digest { digest, .. }) => match first {
-                    None => first = Some(digest),
-                    Some(f) if f == digest => {}
-                    Some(_) => return false,
-                },
-                _ => return false,
-            }
-        }
-        true
     }
 }
 

@@ -316,7 +316,9 @@ impl Controller {
             }
             for &layer in &layout.layers {
                 let key = LayerExtent { layer, index: e as u32 };
-                if !moved.contains(&e) && digests_agree(&self.volumes, &live, key, blocks).await {
+                if !moved.contains(&e)
+                    && repair::digests_agree(self.volumes.transport(), &live, key, blocks).await
+                {
                     continue;
                 }
                 let t0 = Instant::now();
@@ -439,19 +441,4 @@ impl Controller {
         info!(volume = %r.id, name = %r.name, "volume deleted; space reclaimed");
         Ok(())
     }
-}
-
-async fn digests_agree(v: &Volumes, reps: &[ReplicaRef], key: LayerExtent, blocks: u32) -> bool {
-    let mut first = None;
-    for r in reps {
-        match v.transport().call(r, Op::Digest { key, blocks }).await {
-            Ok(Answer::Digest { digest, .. }) => match first {
-                None => first = Some(digest),
-                Some(f) if f == digest => {}
-                Some(_) => return false,
-            },
-            _ => return false,
-        }
-    }
-    true
 }

@@ -127,6 +127,23 @@ pub(crate) fn answer_name(a: &Answer) -> &'static str {
     }
 }
 
+/// Whether every copy of a layer extent answers the same digest of its block
+/// versions (an unreachable copy counts as disagreeing).
+pub async fn digests_agree<T: Transport>(t: &T, reps: &[ReplicaRef], key: LayerExtent, blocks: u32) -> bool {
+    let mut first: Option<[u8; 32]> = None;
+    for r in reps {
+        match t.call(r, Op::Digest { key, blocks }).await {
+            Ok(Answer::Digest { digest, .. }) => match first {
+                None => first = Some(digest),
+                Some(f) if f == digest => {}
+                Some(_) => return false,
+            },
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// Repairs one layer extent of `blocks` blocks across `replicas`. With
 /// `verify`, every copy's checksums are checked first and corrupt blocks
 /// are replaced from good copies (scrub).
