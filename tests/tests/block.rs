@@ -562,3 +562,64 @@ async fn volume_copies_on_raw_devices_survive_a_node_restart() -> anyhow::Result
     c.finish();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_keeps_writing_across_a_snapshot_of_its_volume() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use nodeos_proto::v1 as pb;
+    use nodeos_proto::v1::vm_service_client::VmServiceClient;
+    let test = "a_running_vm_keeps_writing_across_a_snapshot_of_its_volume";
+    let Some(env) = require(test)? else { return Ok(()) };
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED: {test}: no /dev/kvm");
+        return Ok(());
+    }
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
+    ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
+    let mut c = Cluster::new(&env, test)?;
+    pool(&mut c, 3, &[]).await?;
+    let v = c.cli(0, &["volume", "create", "busy", "--size", "16M"]).await?;
+    let volume = v["id"].as_str().context("volume id")?.to_owned();
+    let addr = c.node(0)?.addr;
+    let mut vms = VmServiceClient::connect(format!("http://{addr}")).await?;
+    let spec = pb::VmSpec {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: guest.display().to_string(),
+        initrd: String::new(),
+        // Random 4 KiB writes for a while: long enough to span the snapshot.
+        cmdline: "mode=blkbench blk_rw=write blk_ops=3000 blk_qd=4".into(),
+        disks: vec![pb::DiskSpec { path: String::new(), read_only: false, volume: volume.clone() }],
+        nics: vec![],
+    };
+    vms.create(pb::CreateVmRequest { name: "busy".into(), spec: Some(spec) }).await?;
+    vms.start(pb::VmRef { vm: "busy".into() }).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = vms.get(pb::VmRef { vm: "busy".into() }).await?.into_inner();
+    let snap = c.cli(1, &["volume", "snapshot", "create", "busy", "mid"]).await?;
+    eprintln!("snapshot while the VM is {}: {snap}", before.state);
+    let mut console = vms
+        .console(futures::stream::iter(vec![pb::ConsoleInput {
+            vm: "busy".into(),
+            from_start: true,
+            data: vec![],
+        }]))
+        .await?
+        .into_inner();
+    let mut text = String::new();
+    let done = tokio::time::timeout(Duration::from_secs(240), async {
+        while let Some(Ok(chunk)) = console.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.data));
+            if text.contains("NODEOS-GUEST: done") || text.contains("FAIL") {
+                break;
+            }
+        }
+    })
+    .await;
+    ensure!(done.is_ok(), "the guest did not finish; console:\n{text}");
+    ensure!(before.state == "running", "the snapshot was not taken while the VM ran ({})", before.state);
+    ensure!(text.contains("blkbench rw=write"), "the guest's writes failed across the snapshot:\n{text}");
+    ensure!(!text.contains("FAIL"), "guest failure:\n{text}");
+    c.finish();
+    Ok(())
+}
