@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use nodeos_types::records::{NodeRecord, VolumeRecord, VolumeState};
 use nodeos_types::{NodeId, unix_millis};
 use serde::Serialize;
@@ -91,6 +92,9 @@ pub struct ExtentHealth {
     pub index: u32,
     pub copies: Vec<CopyHealth>,
 }
+
+/// Extents repaired at the same time by one controller pass.
+const PARALLEL_EXTENTS: usize = 4;
 
 /// Most extents `health` inspects (larger volumes show their first ones).
 pub const HEALTH_EXTENTS: usize = 256;
@@ -303,6 +307,7 @@ impl Controller {
         let layout = layout_of(&r, nodes)?;
         let blocks = layout.extent_blocks();
         let mut degraded = Vec::new();
+        let mut jobs = Vec::new();
         for (e, reps) in layout.extents.iter().enumerate() {
             let live: Vec<ReplicaRef> = reps.iter().filter(|x| up.contains(&x.node)).cloned().collect();
             if live.len() < reps.len() {
@@ -311,34 +316,44 @@ impl Controller {
             // A writer repairs its own copies; without one, the leader does.
             let must_repair = moved.contains(&e) || (check && r.writer.is_none());
             // Repair needs a source and a target.
-            if !must_repair || live.len() < 2 {
-                continue;
-            }
-            for &layer in &layout.layers {
-                let key = LayerExtent { layer, index: e as u32 };
-                if !moved.contains(&e)
-                    && repair::digests_agree(self.volumes.transport(), &live, key, blocks).await
-                {
-                    continue;
-                }
-                let t0 = Instant::now();
-                match repair::repair_extent(self.volumes.transport(), r.id, key, blocks, &live, false).await {
-                    Ok(rep) if rep.blocks_copied > 0 => {
-                        let secs = t0.elapsed().as_secs_f64().max(1e-6);
-                        info!(
-                            volume = %r.id,
-                            extent = e,
-                            layer = format!("{layer:016x}"),
-                            blocks = rep.blocks_copied,
-                            mib_per_s = format!("{:.1}", rep.bytes_copied as f64 / secs / 1048576.0),
-                            "copies repaired"
-                        );
-                    }
-                    Ok(_) => {}
-                    Err(err) => degraded.push(format!("extent {e}: repair failed: {err}")),
-                }
+            if must_repair && live.len() >= 2 {
+                jobs.extend(layout.layers.iter().map(|&layer| (e, layer, live.clone())));
             }
         }
+        // Several extents at once: one extent's copy runs alone leave the
+        // network and disks idle between requests.
+        let transport = self.volumes.transport();
+        let results: Vec<Option<String>> = futures::stream::iter(jobs)
+            .map(|(e, layer, live)| {
+                let moved = moved.contains(&e);
+                async move {
+                    let key = LayerExtent { layer, index: e as u32 };
+                    if !moved && repair::digests_agree(transport, &live, key, blocks).await {
+                        return None;
+                    }
+                    let t0 = Instant::now();
+                    match repair::repair_extent(transport, r.id, key, blocks, &live, false).await {
+                        Ok(rep) if rep.blocks_copied > 0 => {
+                            let secs = t0.elapsed().as_secs_f64().max(1e-6);
+                            info!(
+                                volume = %r.id,
+                                extent = e,
+                                layer = format!("{layer:016x}"),
+                                blocks = rep.blocks_copied,
+                                mib_per_s = format!("{:.1}", rep.bytes_copied as f64 / secs / 1048576.0),
+                                "copies repaired"
+                            );
+                            None
+                        }
+                        Ok(_) => None,
+                        Err(err) => Some(format!("extent {e}: repair failed: {err}")),
+                    }
+                }
+            })
+            .buffer_unordered(PARALLEL_EXTENTS)
+            .collect()
+            .await;
+        degraded.extend(results.into_iter().flatten());
         let short = r.replicas < crate::volumes::WANTED_REPLICAS;
         let mut warning = if short && nodes.len() < usize::from(crate::volumes::WANTED_REPLICAS) {
             format!(
