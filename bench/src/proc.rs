@@ -115,3 +115,37 @@ pub async fn wait_tcp(addr: &str, within: Duration) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Runs a benchmark to its end, or until Ctrl-C or SIGTERM: then the future
+/// is dropped, which kills every child and removes every temporary directory
+/// through the guards it owns. The exit code says which happened.
+pub async fn run_until_signal(
+    name: &str,
+    bench: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{name}: cannot handle SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::select! {
+        r = bench => match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{name}: FAILED: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("{name}: interrupted");
+            ExitCode::from(130)
+        }
+        _ = term.recv() => {
+            eprintln!("{name}: terminated");
+            ExitCode::from(143)
+        }
+    }
+}

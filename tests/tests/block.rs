@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
+use nodeos_proto::v1 as pb;
+use nodeos_proto::v1::vm_service_client::VmServiceClient;
 use nodeos_tests::cluster::Cluster;
 use nodeos_tests::nbd::NbdClient;
 use nodeos_tests::node::NBD_PORT;
@@ -371,88 +373,6 @@ fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_test_guest_does_block_io_on_a_replicated_volume() -> anyhow::Result<()> {
-    use nodeos_proto::v1 as pb;
-    use nodeos_proto::v1::vm_service_client::VmServiceClient;
-    let test = "the_test_guest_does_block_io_on_a_replicated_volume";
-    let Some(env) = require(test)? else { return Ok(()) };
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("SKIPPED: {test}: no /dev/kvm");
-        return Ok(());
-    }
-    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
-    ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
-    let mut c = Cluster::new(&env, test)?;
-    pool(&mut c, 3, &[]).await?;
-    let v = c.cli(0, &["volume", "create", "vmdisk", "--size", "8M"]).await?;
-    let volume = v["id"].as_str().context("volume id")?.to_owned();
-    let addr = c.node(0)?.addr;
-    let mut vms = VmServiceClient::connect(format!("http://{addr}")).await?;
-    let spec = pb::VmSpec {
-        vcpus: 1,
-        memory_mib: 64,
-        kernel: guest.display().to_string(),
-        initrd: String::new(),
-        cmdline: "mode=blk blk_seed=0x77".into(),
-        disks: vec![pb::DiskSpec { path: String::new(), read_only: false, volume: volume.clone() }],
-        nics: vec![],
-    };
-    vms.create(pb::CreateVmRequest { name: "onvol".into(), spec: Some(spec) }).await?;
-    vms.start(pb::VmRef { vm: "onvol".into() }).await?;
-    // While the VM runs, it holds the volume: no other writer gets in.
-    let held = NbdClient::connect(nbd_addr(&c, 1)?, "vmdisk").await;
-    ensure!(held.is_err(), "an NBD writer was admitted while the VM holds the volume");
-    let vms = &mut vms;
-    let v = wait_until("the guest powers off", Duration::from_secs(180), || {
-        let mut vms = vms.clone();
-        async move {
-            let v = vms.get(pb::VmRef { vm: "onvol".into() }).await?.into_inner();
-            ensure!(v.state == "stopped" || v.state == "crashed", "VM is {}", v.state);
-            Ok(v)
-        }
-    })
-    .await?;
-    ensure!(v.reason.contains("powered off"), "VM ended: {}", v.reason);
-    let mut console = vms
-        .console(futures::stream::iter(vec![pb::ConsoleInput {
-            vm: "onvol".into(),
-            from_start: true,
-            data: vec![],
-        }]))
-        .await?
-        .into_inner();
-    let mut text = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        use futures::StreamExt;
-        while let Some(Ok(chunk)) = console.next().await {
-            text.push_str(&String::from_utf8_lossy(&chunk.data));
-            if text.contains("NODEOS-GUEST: done") {
-                break;
-            }
-        }
-    })
-    .await;
-    ensure!(text.contains("NODEOS-GUEST: blk ok sectors=64"), "block check failed:\n{text}");
-
-    // The VM released the volume on power-off; what it wrote is on the
-    // volume, read back through another node.
-    let mut nbd = open_retry(nbd_addr(&c, 2)?, "vmdisk").await?;
-    let data = nbd.read(0, 64 * 512).await?.map_err(|e| anyhow::anyhow!("{e}"))?;
-    nbd.close().await?;
-    let dir = tempfile::tempdir()?;
-    let img = dir.path().join("head.img");
-    std::fs::write(&img, &data)?;
-    let check = std::process::Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/verify_blk.py"))
-        .arg(&img)
-        .args(["--sectors", "64", "--seed", "0x77"])
-        .output()?;
-    ensure!(check.status.success(), "volume content check: {}", String::from_utf8_lossy(&check.stdout));
-    c.finish();
-    Ok(())
-}
-
 async fn read_model(nbd: &mut NbdClient, blocks: std::ops::Range<u64>, write: u64) -> anyhow::Result<()> {
     let model: HashMap<u64, u64> = blocks.map(|b| (b, write)).collect();
     verify(nbd, &model).await
@@ -563,51 +483,55 @@ async fn volume_copies_on_raw_devices_survive_a_node_restart() -> anyhow::Result
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_running_vm_keeps_writing_across_a_snapshot_of_its_volume() -> anyhow::Result<()> {
-    use futures::StreamExt;
-    use nodeos_proto::v1 as pb;
-    use nodeos_proto::v1::vm_service_client::VmServiceClient;
-    let test = "a_running_vm_keeps_writing_across_a_snapshot_of_its_volume";
-    let Some(env) = require(test)? else { return Ok(()) };
+/// The in-repo test guest, or `None` (after a loud SKIPPED line) without KVM.
+fn guest_or_skip(test: &str) -> anyhow::Result<Option<PathBuf>> {
     if !Path::new("/dev/kvm").exists() {
         eprintln!("SKIPPED: {test}: no /dev/kvm");
-        return Ok(());
+        return Ok(None);
     }
     let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
     ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
-    let mut c = Cluster::new(&env, test)?;
-    pool(&mut c, 3, &[]).await?;
-    let v = c.cli(0, &["volume", "create", "busy", "--size", "16M"]).await?;
+    Ok(Some(guest))
+}
+
+/// Creates volume `name` of `size` and starts VM `name` on node 0 with the
+/// test guest, `cmdline`, and that volume as its disk; its VM API client.
+async fn start_guest_on_volume(
+    c: &Cluster,
+    guest: &Path,
+    name: &str,
+    size: &str,
+    cmdline: &str,
+) -> anyhow::Result<VmServiceClient<tonic::transport::Channel>> {
+    let v = c.cli(0, &["volume", "create", name, "--size", size]).await?;
     let volume = v["id"].as_str().context("volume id")?.to_owned();
-    let addr = c.node(0)?.addr;
-    let mut vms = VmServiceClient::connect(format!("http://{addr}")).await?;
+    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
     let spec = pb::VmSpec {
         vcpus: 1,
         memory_mib: 64,
         kernel: guest.display().to_string(),
         initrd: String::new(),
-        // Random 4 KiB writes for a while: long enough to span the snapshot.
-        cmdline: "mode=blkbench blk_rw=write blk_ops=3000 blk_qd=4".into(),
-        disks: vec![pb::DiskSpec { path: String::new(), read_only: false, volume: volume.clone() }],
+        cmdline: cmdline.into(),
+        disks: vec![pb::DiskSpec { path: String::new(), read_only: false, volume }],
         nics: vec![],
     };
-    vms.create(pb::CreateVmRequest { name: "busy".into(), spec: Some(spec) }).await?;
-    vms.start(pb::VmRef { vm: "busy".into() }).await?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let before = vms.get(pb::VmRef { vm: "busy".into() }).await?.into_inner();
-    let snap = c.cli(1, &["volume", "snapshot", "create", "busy", "mid"]).await?;
-    eprintln!("snapshot while the VM is {}: {snap}", before.state);
-    let mut console = vms
-        .console(futures::stream::iter(vec![pb::ConsoleInput {
-            vm: "busy".into(),
-            from_start: true,
-            data: vec![],
-        }]))
-        .await?
-        .into_inner();
+    vms.create(pb::CreateVmRequest { name: name.into(), spec: Some(spec) }).await?;
+    vms.start(pb::VmRef { vm: name.into() }).await?;
+    Ok(vms)
+}
+
+/// The VM's console from the start until the guest is done or fails, or
+/// `within` passes (`None` then).
+async fn console_until_done(
+    vms: &mut VmServiceClient<tonic::transport::Channel>,
+    vm: &str,
+    within: Duration,
+) -> anyhow::Result<(String, bool)> {
+    use futures::StreamExt;
+    let first = pb::ConsoleInput { vm: vm.to_owned(), from_start: true, data: vec![] };
+    let mut console = vms.console(futures::stream::iter(vec![first])).await?.into_inner();
     let mut text = String::new();
-    let done = tokio::time::timeout(Duration::from_secs(240), async {
+    let done = tokio::time::timeout(within, async {
         while let Some(Ok(chunk)) = console.next().await {
             text.push_str(&String::from_utf8_lossy(&chunk.data));
             if text.contains("NODEOS-GUEST: done") || text.contains("FAIL") {
@@ -616,7 +540,68 @@ async fn a_running_vm_keeps_writing_across_a_snapshot_of_its_volume() -> anyhow:
         }
     })
     .await;
-    ensure!(done.is_ok(), "the guest did not finish; console:\n{text}");
+    Ok((text, done.is_ok()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_guest_does_block_io_on_a_replicated_volume() -> anyhow::Result<()> {
+    let test = "the_test_guest_does_block_io_on_a_replicated_volume";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test)? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    pool(&mut c, 3, &[]).await?;
+    let mut vms = start_guest_on_volume(&c, &guest, "vmdisk", "8M", "mode=blk blk_seed=0x77").await?;
+    // While the VM runs, it holds the volume: no other writer gets in.
+    let held = NbdClient::connect(nbd_addr(&c, 1)?, "vmdisk").await;
+    ensure!(held.is_err(), "an NBD writer was admitted while the VM holds the volume");
+    let vms = &mut vms;
+    let v = wait_until("the guest powers off", Duration::from_secs(180), || {
+        let mut vms = vms.clone();
+        async move {
+            let v = vms.get(pb::VmRef { vm: "vmdisk".into() }).await?.into_inner();
+            ensure!(v.state == "stopped" || v.state == "crashed", "VM is {}", v.state);
+            Ok(v)
+        }
+    })
+    .await?;
+    ensure!(v.reason.contains("powered off"), "VM ended: {}", v.reason);
+    let (text, _) = console_until_done(vms, "vmdisk", Duration::from_secs(5)).await?;
+    ensure!(text.contains("NODEOS-GUEST: blk ok sectors=64"), "block check failed:\n{text}");
+
+    // The VM released the volume on power-off; what it wrote is on the
+    // volume, read back through another node.
+    let mut nbd = open_retry(nbd_addr(&c, 2)?, "vmdisk").await?;
+    let data = nbd.read(0, 64 * 512).await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    nbd.close().await?;
+    let dir = tempfile::tempdir()?;
+    let img = dir.path().join("head.img");
+    std::fs::write(&img, &data)?;
+    let check = std::process::Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/verify_blk.py"))
+        .arg(&img)
+        .args(["--sectors", "64", "--seed", "0x77"])
+        .output()?;
+    ensure!(check.status.success(), "volume content check: {}", String::from_utf8_lossy(&check.stdout));
+    c.finish();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_keeps_writing_across_a_snapshot_of_its_volume() -> anyhow::Result<()> {
+    let test = "a_running_vm_keeps_writing_across_a_snapshot_of_its_volume";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test)? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    pool(&mut c, 3, &[]).await?;
+    // Random 4 KiB writes for a while: long enough to span the snapshot.
+    let cmdline = "mode=blkbench blk_rw=write blk_ops=3000 blk_qd=4";
+    let mut vms = start_guest_on_volume(&c, &guest, "busy", "16M", cmdline).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = vms.get(pb::VmRef { vm: "busy".into() }).await?.into_inner();
+    let snap = c.cli(1, &["volume", "snapshot", "create", "busy", "mid"]).await?;
+    eprintln!("snapshot while the VM is {}: {snap}", before.state);
+    let (text, done) = console_until_done(&mut vms, "busy", Duration::from_secs(240)).await?;
+    ensure!(done, "the guest did not finish; console:\n{text}");
     ensure!(before.state == "running", "the snapshot was not taken while the VM ran ({})", before.state);
     ensure!(text.contains("blkbench rw=write"), "the guest's writes failed across the snapshot:\n{text}");
     ensure!(!text.contains("FAIL"), "guest failure:\n{text}");

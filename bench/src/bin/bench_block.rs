@@ -637,30 +637,5 @@ async fn main() -> ExitCode {
         ));
     }
     let tools = Tools { fio: fio_bin, qemu_nbd, qemu_img, iperf3: find_program("iperf3") };
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("bench-block: cannot handle SIGTERM: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // On Ctrl-C or SIGTERM the benchmark future is dropped, which kills every
-    // child and removes every temporary directory through the guards it owns.
-    tokio::select! {
-        r = run(tools) => match r {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("bench-block: FAILED: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("bench-block: interrupted");
-            ExitCode::from(130)
-        }
-        _ = term.recv() => {
-            eprintln!("bench-block: terminated");
-            ExitCode::from(143)
-        }
-    }
+    nodeos_bench::proc::run_until_signal("bench-block", run(tools)).await
 }

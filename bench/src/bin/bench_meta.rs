@@ -181,19 +181,5 @@ async fn main() -> ExitCode {
         eprintln!("{msg}");
         return ExitCode::from(2);
     };
-    // On Ctrl-C the benchmark future is dropped, which kills every child and
-    // removes every data dir through the guards it owns.
-    tokio::select! {
-        r = run(etcd) => match r {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("bench-meta: FAILED: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("bench-meta: interrupted");
-            ExitCode::from(130)
-        }
-    }
+    nodeos_bench::proc::run_until_signal("bench-meta", run(etcd)).await
 }

@@ -432,30 +432,5 @@ async fn main() -> ExitCode {
     let Some(qemu_bin) = find_program(&qemu_name) else {
         return skipped(&format!("{qemu_name} not found (apt-get install qemu-system-x86)"));
     };
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("bench-vmm: cannot handle SIGTERM: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // On Ctrl-C or SIGTERM the benchmark future is dropped, which kills every
-    // child and removes every temporary directory through the guards it owns.
-    tokio::select! {
-        r = run(qemu_bin) => match r {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("bench-vmm: FAILED: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("bench-vmm: interrupted");
-            ExitCode::from(130)
-        }
-        _ = term.recv() => {
-            eprintln!("bench-vmm: terminated");
-            ExitCode::from(143)
-        }
-    }
+    nodeos_bench::proc::run_until_signal("bench-vmm", run(qemu_bin)).await
 }

@@ -323,7 +323,7 @@ impl<T: Transport> VolumeClient<T> {
     /// is re-addressed to it; any other newer generation fences this writer.
     async fn replicate(&self, volume: VolumeId, e: u32, mut op: Op) -> Result<(), DeviceError> {
         loop {
-            match self.replicate_once(volume, e, op.clone()).await {
+            match self.replicate_once(e, op.clone()).await {
                 Err(DeviceError::Fenced { ours, current }) => {
                     let Some(layout) = self.inner.adopted(current).await else {
                         self.inner.fenced_by.store(current, Ordering::Release);
@@ -346,7 +346,7 @@ impl<T: Transport> VolumeClient<T> {
         }
     }
 
-    async fn replicate_once(&self, volume: VolumeId, e: u32, op: Op) -> Result<(), DeviceError> {
+    async fn replicate_once(&self, e: u32, op: Op) -> Result<(), DeviceError> {
         let _gate = self.inner.gates[e as usize % GATES].read().await;
         // The replica set may have changed since the op was built (a copy
         // added by re-replication must receive it too).
@@ -400,7 +400,6 @@ impl<T: Transport> VolumeClient<T> {
             match res {
                 Ok(_) => ok += 1,
                 Err(CallError::Replica(ReplicaError::StaleGeneration { ours, current })) => {
-                    let _ = volume;
                     return Err(DeviceError::Fenced { ours, current });
                 }
                 Err(err) => errors.push(format!("{node}: {err}")),

@@ -378,7 +378,7 @@ impl Controller {
             let (mut cur, rev) = self.volumes.get(&r.id.to_string()).await?;
             cur.warning = warning;
             cur.updated_at_ms = unix_millis();
-            self.volumes.put_record_if(&cur, rev).await?;
+            self.volumes.put_if(&cur, rev).await?;
         }
         Ok(())
     }
@@ -422,7 +422,7 @@ impl Controller {
             return Ok(moved);
         }
         cur.updated_at_ms = unix_millis();
-        self.volumes.put_record_if(&cur, rev).await?;
+        self.volumes.put_if(&cur, rev).await?;
         Ok(moved)
     }
 

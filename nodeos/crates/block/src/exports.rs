@@ -4,8 +4,6 @@
 //! a read-only view of a snapshot. The writer slot is
 //! released when the NBD client disconnects.
 
-use std::sync::Arc;
-
 use nodeos_types::VolumeId;
 use nodeos_types::records::VolumeState;
 use tracing::warn;
@@ -145,6 +143,3 @@ impl BlockDevice for ExportedVolume {
         self.client.write_zeroes(offset, len).await
     }
 }
-
-/// Shared so the API can keep exports alive across requests.
-pub type SharedExports = Arc<VolumeExports>;

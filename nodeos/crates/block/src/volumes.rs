@@ -10,7 +10,6 @@
 //! three nodes gets fewer copies, a loud warning and the record's `warning`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 
 use futures::StreamExt;
 use nodeos_meta::command::{Compare, Op as MetaOp, Txn};
@@ -198,13 +197,8 @@ impl Volumes {
         Ok((decode(&kv.key, &kv.value)?, kv.mod_revision))
     }
 
-    /// Writes a changed record if it is still at `rev` (controllers).
-    pub async fn put_record_if(&self, r: &VolumeRecord, rev: u64) -> Result<u64, VolumeError> {
-        self.put_if(r, rev).await
-    }
-
-    /// Writes `r` if its record is still at `rev`.
-    async fn put_if(&self, r: &VolumeRecord, rev: u64) -> Result<u64, VolumeError> {
+    /// Writes `r` if its record is still at `rev` (else `Conflict`).
+    pub async fn put_if(&self, r: &VolumeRecord, rev: u64) -> Result<u64, VolumeError> {
         let resp = self.meta.write(Command::put_if(volume_key(r.id), encode(r), rev)).await?;
         if resp.succeeded { Ok(resp.revision) } else { Err(VolumeError::Conflict) }
     }
@@ -734,9 +728,6 @@ pub fn layout_of(
         generation: r.generation,
     })
 }
-
-/// A shareable handle to an open volume, kept by whoever serves it.
-pub type OpenVolume = Arc<VolumeClient<TcpTransport>>;
 
 #[cfg(test)]
 mod tests {

@@ -99,15 +99,7 @@ impl Network {
 
     /// A frame a local port sent.
     pub fn from_port(&mut self, from: PortId, f: &[u8], now: Instant) -> Vec<Output> {
-        let Some(c) = self.ports.get_mut(&from) else { return Vec::new() };
-        let h = match frame::parse(f) {
-            Ok(h) => h,
-            Err(_) => {
-                c.dropped += 1;
-                return Vec::new();
-            }
-        };
-        c.rx += 1;
+        let Some(h) = received(self.ports.get_mut(&from), f) else { return Vec::new() };
         self.fdb.learn(h.src, Via::Port(from), now);
         let out = match self.fdb.forward(h.dst, Via::Port(from), now) {
             Forward::To(Via::Port(p)) if self.ports.contains_key(&p) => vec![Output::Port(p, f.to_vec())],
@@ -125,15 +117,7 @@ impl Network {
 
     /// A frame that arrived in the tunnel from node `from`.
     pub fn from_node(&mut self, from: NodeId, f: &[u8], now: Instant) -> Vec<Output> {
-        let Some(c) = self.nodes.get_mut(&from) else { return Vec::new() };
-        let h = match frame::parse(f) {
-            Ok(h) => h,
-            Err(_) => {
-                c.dropped += 1;
-                return Vec::new();
-            }
-        };
-        c.rx += 1;
+        let Some(h) = received(self.nodes.get_mut(&from), f) else { return Vec::new() };
         self.fdb.learn(h.src, Via::Node(from), now);
         let out = match self.fdb.forward(h.dst, Via::Node(from), now) {
             Forward::To(Via::Port(p)) if self.ports.contains_key(&p) => vec![Output::Port(p, f.to_vec())],
@@ -155,6 +139,22 @@ impl Network {
             if let Some(c) = c {
                 c.tx += 1;
             }
+        }
+    }
+}
+
+/// Counts a frame on the port or tunnel it came in on and parses it; `None`
+/// for unknown sources and malformed frames (counted as dropped).
+fn received(counters: Option<&mut Counters>, f: &[u8]) -> Option<frame::Header> {
+    let c = counters?;
+    match frame::parse(f) {
+        Ok(h) => {
+            c.rx += 1;
+            Some(h)
+        }
+        Err(_) => {
+            c.dropped += 1;
+            None
         }
     }
 }
