@@ -290,6 +290,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             discovery_iface: cfg.discovery_iface.clone(),
             beacon_port: cfg.discovery_port,
             block_address: cfg.block_advertise.to_string(),
+            vxlan_address: String::new(),
             block_capacity: capacity,
         },
         meta.clone(),

@@ -92,7 +92,7 @@ fn spec_from_pb(s: Option<pb::VmSpec>) -> Result<VmSpec, Status> {
         nics: s
             .nics
             .into_iter()
-            .map(|n| NicSpec { mac: if n.mac.is_empty() { random_mac() } else { n.mac }, tap: n.tap })
+            .map(|n| NicSpec { mac: if n.mac.is_empty() { random_mac() } else { n.mac }, tap: n.tap, port: None })
             .collect(),
     })
 }

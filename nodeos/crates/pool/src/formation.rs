@@ -55,6 +55,8 @@ pub struct FormationConfig {
     pub beacon_port: u16,
     /// Address other nodes reach this node's replica server at.
     pub block_address: String,
+    /// Where this node's switch receives VXLAN traffic (ip:port).
+    pub vxlan_address: String,
     /// Bytes this node's replica store may hold, asked at every upkeep.
     pub block_capacity: CapacityProbe,
 }
@@ -371,6 +373,7 @@ impl Formation {
                 joined_at_ms: old.as_ref().map(|o| o.joined_at_ms).unwrap_or_else(unix_millis),
                 block_address: cfg.block_address.clone(),
                 block_capacity: (cfg.block_capacity.0)() / CAPACITY_STEP * CAPACITY_STEP,
+                vxlan_address: cfg.vxlan_address.clone(),
             };
             if old.as_ref() != Some(&want) {
                 match serde_json::to_vec(&want) {

@@ -14,5 +14,6 @@
 
 pub mod fdb;
 pub mod frame;
+pub mod packet;
 pub mod network;
 pub mod vxlan;

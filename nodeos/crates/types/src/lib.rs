@@ -1,7 +1,9 @@
 //! Identifiers and records shared by every nodeos subsystem.
 //!
 //! # Layout
-//! - `lib.rs`: [`NodeId`], [`VmId`], [`VolumeId`], [`PoolId`], the id parse error.
+//! - `lib.rs`: [`NodeId`], [`VmId`], [`VolumeId`], [`NetworkId`], [`PortId`],
+//!   [`SecurityGroupId`], [`PoolId`], the id parse error.
+//! - `net.rs`: address blocks ([`net::Cidr`]) and security-group rules.
 //! - `records.rs`: the typed records stored in the pool's metadata key space
 //!   ([`records::PoolRecord`], [`records::NodeRecord`]) and the key layout.
 //!
@@ -9,6 +11,7 @@
 //! numbers, and parse back from exactly that form.
 
 pub mod auth;
+pub mod net;
 pub mod records;
 
 use std::fmt;
@@ -59,61 +62,64 @@ impl FromStr for NodeId {
     }
 }
 
-/// A VM's identity, made when it is created.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct VmId(pub u64);
+/// A random 64-bit identity printed as 16 hex digits (zero is never valid).
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub u64);
 
-impl VmId {
-    pub fn random() -> Self {
-        VmId(NodeId::random().0)
-    }
+        impl $name {
+            pub fn random() -> Self {
+                $name(NodeId::random().0)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:016x}", self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdParseError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                parse_hex(s, $kind, 16)
+                    .and_then(|v| u64::try_from(v).ok())
+                    .filter(|v| *v != 0)
+                    .map($name)
+                    .ok_or_else(|| IdParseError::Format { kind: $kind, input: s.to_owned(), digits: 16 })
+            }
+        }
+    };
 }
 
-impl fmt::Display for VmId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
-
-impl FromStr for VmId {
-    type Err = IdParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_hex(s, "vm", 16)
-            .and_then(|v| u64::try_from(v).ok())
-            .filter(|v| *v != 0)
-            .map(VmId)
-            .ok_or_else(|| IdParseError::Format { kind: "vm", input: s.to_owned(), digits: 16 })
-    }
-}
-
-/// A volume's identity, made when it is created.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct VolumeId(pub u64);
-
-impl VolumeId {
-    pub fn random() -> Self {
-        VolumeId(NodeId::random().0)
-    }
-}
-
-impl fmt::Display for VolumeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
-
-impl FromStr for VolumeId {
-    type Err = IdParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_hex(s, "volume", 16)
-            .and_then(|v| u64::try_from(v).ok())
-            .filter(|v| *v != 0)
-            .map(VolumeId)
-            .ok_or_else(|| IdParseError::Format { kind: "volume", input: s.to_owned(), digits: 16 })
-    }
-}
+id_type!(
+    /// A VM's identity, made when it is created.
+    VmId,
+    "vm"
+);
+id_type!(
+    /// A volume's identity, made when it is created.
+    VolumeId,
+    "volume"
+);
+id_type!(
+    /// A tenant network's identity, made when it is created.
+    NetworkId,
+    "network"
+);
+id_type!(
+    /// A switch port's identity (a VM NIC or a tap on one node), made when it is created.
+    PortId,
+    "port"
+);
+id_type!(
+    /// A security group's identity, made when it is created.
+    SecurityGroupId,
+    "security group"
+);
 
 /// A pool's identity: made once, when the pool's first leader initialises it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

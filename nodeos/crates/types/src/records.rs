@@ -11,11 +11,20 @@
 //! | `vm-names/<name>` | the VM id holding that name (names are unique in a pool) |
 //! | `volumes/<volume id>` | [`VolumeRecord`] |
 //! | `volume-names/<name>` | the volume id holding that name |
+//! | `networks/<network id>` | [`NetworkRecord`] |
+//! | `network-names/<name>`, `network-vnis/<vni>` | the network id holding that name or VNI |
+//! | `ports/<port id>` | [`PortRecord`] |
+//! | `ipam/<network id>/<ipv4>` | the port id holding that address |
+//! | `security-groups/<id>` | [`SecurityGroupRecord`] |
+//! | `security-group-names/<name>` | the security group id holding that name |
 //! | `custom/<anything>` | operator bytes, never interpreted |
 
 use serde::{Deserialize, Serialize};
 
-use crate::{NodeId, PoolId, VmId, VolumeId};
+use std::net::Ipv4Addr;
+
+use crate::net::{Cidr, MacAddr, SecurityRule};
+use crate::{NetworkId, NodeId, PoolId, PortId, SecurityGroupId, VmId, VolumeId};
 
 /// Key of the single [`PoolRecord`].
 pub const POOL_KEY: &str = "pool";
@@ -48,6 +57,49 @@ pub fn volume_key(id: VolumeId) -> String {
 
 pub fn volume_name_key(name: &str) -> String {
     format!("{VOLUME_NAMES_PREFIX}{name}")
+}
+
+/// Prefix of [`NetworkRecord`] keys.
+pub const NETWORKS_PREFIX: &str = "networks/";
+/// Prefix of the network name index.
+pub const NETWORK_NAMES_PREFIX: &str = "network-names/";
+/// Prefix of the network VNI index (one network per VNI).
+pub const NETWORK_VNIS_PREFIX: &str = "network-vnis/";
+/// Prefix of [`PortRecord`] keys.
+pub const PORTS_PREFIX: &str = "ports/";
+/// Prefix of the address leases: `ipam/<network id>/<ipv4>`.
+pub const IPAM_PREFIX: &str = "ipam/";
+/// Prefix of [`SecurityGroupRecord`] keys.
+pub const SECURITY_GROUPS_PREFIX: &str = "security-groups/";
+/// Prefix of the security group name index.
+pub const SECURITY_GROUP_NAMES_PREFIX: &str = "security-group-names/";
+
+pub fn network_key(id: NetworkId) -> String {
+    format!("{NETWORKS_PREFIX}{id}")
+}
+
+pub fn network_name_key(name: &str) -> String {
+    format!("{NETWORK_NAMES_PREFIX}{name}")
+}
+
+pub fn network_vni_key(vni: u32) -> String {
+    format!("{NETWORK_VNIS_PREFIX}{vni}")
+}
+
+pub fn port_key(id: PortId) -> String {
+    format!("{PORTS_PREFIX}{id}")
+}
+
+pub fn ipam_key(network: NetworkId, ip: Ipv4Addr) -> String {
+    format!("{IPAM_PREFIX}{network}/{ip}")
+}
+
+pub fn security_group_key(id: SecurityGroupId) -> String {
+    format!("{SECURITY_GROUPS_PREFIX}{id}")
+}
+
+pub fn security_group_name_key(name: &str) -> String {
+    format!("{SECURITY_GROUP_NAMES_PREFIX}{name}")
 }
 
 /// Key of a node's record.
@@ -86,6 +138,10 @@ pub struct NodeRecord {
     /// system plus what it already holds), as last reported.
     #[serde(default)]
     pub block_capacity: u64,
+    /// Address its switch receives VXLAN tunnel traffic on (ip:port); empty
+    /// on nodes without a switch.
+    #[serde(default)]
+    pub vxlan_address: String,
 }
 
 /// What a VM is made of. Paths are on the node that runs it.
@@ -117,12 +173,17 @@ pub struct DiskSpec {
     pub read_only: bool,
 }
 
+/// A VM NIC: attached to a host tap device, or to a port of a pool network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicSpec {
     /// `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
-    /// Host tap device the node attaches the NIC to.
+    /// Host tap device the node attaches the NIC to; empty when `port` is set.
+    #[serde(default)]
     pub tap: String,
+    /// Switch port of a pool network the NIC plugs into.
+    #[serde(default)]
+    pub port: Option<PortId>,
 }
 
 /// Where a VM is in its life.
@@ -236,6 +297,89 @@ pub struct VolumeRecord {
     pub updated_at_ms: u64,
 }
 
+/// Default MTU offered to a network's ports: a 1500-byte fabric less the
+/// 50 bytes of VXLAN over IPv4.
+pub const DEFAULT_NETWORK_MTU: u16 = 1450;
+
+/// A tenant L2 network of the pool, carried between nodes in VXLAN with its VNI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub id: NetworkId,
+    pub name: String,
+    /// VXLAN network identifier, unique in the pool (1..=16777215).
+    pub vni: u32,
+    /// The IPv4 block its ports get addresses from.
+    pub cidr: Cidr,
+    /// Router handed out by DHCP; with no uplink the switch answers ARP for it.
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
+    /// MTU handed out by DHCP.
+    pub mtu: u16,
+    /// DNS servers handed out by DHCP.
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+    /// DHCP lease time in seconds.
+    pub lease_secs: u32,
+    /// Host interface (a Linux bridge) on one node that the network is bridged to.
+    #[serde(default)]
+    pub uplink: Option<Uplink>,
+    /// VTEPs outside the pool (ip:port, e.g. a Linux host's vxlan device)
+    /// that receive the network's flooded frames and may send into it.
+    #[serde(default)]
+    pub external_vteps: Vec<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// A network's bridge to the outside world: one node, one host bridge. One
+/// node only, so the fabric and the outside network never form a loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uplink {
+    pub node: NodeId,
+    pub bridge: String,
+}
+
+/// What a switch port connects to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PortKind {
+    /// A host tap device the node creates with this name (host access, tests).
+    Tap { ifname: String },
+    /// NIC `nic` of a VM: the port is live while the VM runs.
+    Vm { vm: VmId, nic: u8 },
+}
+
+/// A port of a network: where it lives, its addresses and its filters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRecord {
+    pub id: PortId,
+    pub network: NetworkId,
+    /// The node whose switch holds the port.
+    pub node: NodeId,
+    pub kind: PortKind,
+    pub mac: MacAddr,
+    /// The address leased to it (from `ipam/`); handed out by DHCP.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    /// Security groups applied to the port; with none, ingress is denied
+    /// except replies to the port's own traffic.
+    #[serde(default)]
+    pub security_groups: Vec<SecurityGroupId>,
+    /// Anti-spoofing and security groups; off only for trusted appliances.
+    pub port_security: bool,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// A named set of allow rules, applied to the ports that list it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityGroupRecord {
+    pub id: SecurityGroupId,
+    pub name: String,
+    pub rules: Vec<SecurityRule>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
 impl VolumeRecord {
     /// Index of the extent holding byte `offset`.
     pub fn extent_of(&self, offset: u64) -> usize {
@@ -261,6 +405,7 @@ mod tests {
             version: "0.1.0".into(),
             image_hash: String::new(),
             block_address: String::new(),
+            vxlan_address: String::new(),
             block_capacity: 0,
             joined_at_ms: 1,
         };
