@@ -128,6 +128,15 @@ impl Cluster {
         Ok(i)
     }
 
+    /// The test's network (for namespaces and hosts of the test's own).
+    pub fn net_mut(&mut self) -> &mut TestNet {
+        &mut self.net
+    }
+
+    pub fn net(&self) -> &TestNet {
+        &self.net
+    }
+
     /// Adds and starts `n` nodes with the same spec; their indices.
     pub fn add_nodes(&mut self, n: usize, spec: &NodeSpec) -> anyhow::Result<Vec<usize>> {
         (0..n).map(|_| self.add_node(spec)).collect()

@@ -131,6 +131,8 @@ pub struct TestNet {
     subnet: u8,
     bridge: String,
     slots: Vec<Slot>,
+    /// Namespaces with no link to the bridge (for a test's own devices).
+    bare: Vec<String>,
     _subnet_lock: Flock<File>,
 }
 
@@ -153,7 +155,14 @@ impl TestNet {
             }
         }
         let Some((subnet, lock)) = claimed else { bail!("no free 10.77.<k>.0/24 subnet (all 250 in use)") };
-        let net = TestNet { bridge: format!("{tag}b0"), tag, subnet, slots: Vec::new(), _subnet_lock: lock };
+        let net = TestNet {
+            bridge: format!("{tag}b0"),
+            tag,
+            subnet,
+            slots: Vec::new(),
+            bare: Vec::new(),
+            _subnet_lock: lock,
+        };
         // From here on, drop removes whatever exists.
         ip(&["link", "add", &net.bridge, "type", "bridge", "mcast_snooping", "0"])?;
         ip(&["addr", "add", &format!("{}/24", net.bridge_ip()), "dev", &net.bridge])?;
@@ -199,6 +208,20 @@ impl TestNet {
         self.slots.get(i).with_context(|| format!("no slot {i} on this test network"))
     }
 
+    /// Creates a namespace with only `lo` up and no link to the bridge (a
+    /// test moves its own devices in); removed on drop.
+    pub fn add_bare_namespace(&mut self) -> anyhow::Result<String> {
+        let j = self.bare.len();
+        if j >= 99 {
+            bail!("a test network holds at most 99 bare namespaces");
+        }
+        let ns = format!("{}n{}", self.tag, 100 + j);
+        self.bare.push(ns.clone());
+        ip(&["netns", "add", &ns])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
     /// Takes node `i` off the network (its veth's host end goes down).
     pub fn cut(&self, i: usize) -> anyhow::Result<()> {
         ip(&["link", "set", &self.slot(i)?.host_veth, "down"]).map(|_| ())
@@ -218,6 +241,12 @@ impl Drop for TestNet {
             let _ = ip(&["link", "del", &s.host_veth]);
             if let Err(e) = ip(&["netns", "del", &s.ns]) {
                 eprintln!("nodeos-tests: warning: removing namespace {}: {e:#}", s.ns);
+            }
+        }
+        for ns in &self.bare {
+            kill_all_in(ns);
+            if let Err(e) = ip(&["netns", "del", ns]) {
+                eprintln!("nodeos-tests: warning: removing namespace {ns}: {e:#}");
             }
         }
         if let Err(e) = ip(&["link", "del", &self.bridge]) {

@@ -12,9 +12,14 @@ use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 use nodeos_block::volumes::{VolumeError, Volumes};
 use nodeos_meta::command::{Compare, Op, Txn};
 use nodeos_meta::{Command, Consistency, MetaError, MetaHandle};
-use nodeos_types::VolumeId;
+use nodeos_network::Networks;
+use nodeos_network::networks::{NetworkError, NewPort};
+use nodeos_switch::switch::{SwitchError, SwitchHandle};
+use nodeos_types::net::MacAddr;
+use nodeos_types::{PortId, VolumeId};
 use nodeos_types::auth::PoolKey;
 use nodeos_types::records::{
+    PortKind,
     VMS_PREFIX, VmRecord, VmSpec, VmState, VolumeRecord, vm_key, vm_name_key, volume_key,
 };
 use nodeos_types::{NodeId, VmId, unix_millis};
@@ -29,6 +34,8 @@ use crate::tap::{self, TapError};
 
 /// How long a worker may take to build its VM and start vCPUs.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a VM start waits for the switch to learn of the VM's ports.
+const PORT_WAIT: Duration = Duration::from_secs(5);
 /// How long a control request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -60,6 +67,31 @@ pub enum ComputeError {
     Record(String),
     #[error("volume disk")]
     Volume(#[source] Box<VolumeError>),
+    #[error("network port")]
+    Network(#[source] Box<NetworkError>),
+    #[error("nics[{0}]: a NIC plugs into a network or a tap, once")]
+    NicNetwork(usize),
+    #[error("cannot plug a NIC into the switch")]
+    Switch(#[source] SwitchError),
+}
+
+impl From<NetworkError> for ComputeError {
+    fn from(e: NetworkError) -> Self {
+        ComputeError::Network(Box::new(e))
+    }
+}
+
+/// A NIC that plugs into a pool network: its port is made with the VM (on
+/// the VM's node, with the NIC's MAC) and deleted with it.
+#[derive(Debug, Clone)]
+pub struct NicNetwork {
+    /// Index into the spec's NICs.
+    pub nic: usize,
+    /// Network name or id.
+    pub network: String,
+    pub ip: Option<std::net::Ipv4Addr>,
+    pub security_groups: Vec<String>,
+    pub port_security: bool,
 }
 
 impl From<VolumeError> for ComputeError {
@@ -112,6 +144,8 @@ struct Inner {
     cfg: ComputeConfig,
     meta: MetaHandle,
     volumes: Volumes,
+    networks: Networks,
+    switch: SwitchHandle,
     live: Mutex<HashMap<VmId, Live>>,
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -139,9 +173,23 @@ fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
 impl Compute {
     /// Starts the supervisor. VMs recorded as running on this node have lost
     /// their workers with the previous node process: they are marked crashed.
-    pub fn new(cfg: ComputeConfig, meta: MetaHandle, volumes: Volumes) -> Self {
+    pub fn new(
+        cfg: ComputeConfig,
+        meta: MetaHandle,
+        volumes: Volumes,
+        networks: Networks,
+        switch: SwitchHandle,
+    ) -> Self {
         let c = Compute {
-            inner: Arc::new(Inner { cfg, meta, volumes, live: Mutex::default(), locks: Mutex::default() }),
+            inner: Arc::new(Inner {
+                cfg,
+                meta,
+                volumes,
+                networks,
+                switch,
+                live: Mutex::default(),
+                locks: Mutex::default(),
+            }),
         };
         tokio::spawn(c.clone().reconcile());
         c
@@ -234,11 +282,94 @@ impl Compute {
     }
 
     /// Records a new, stopped VM on this node. Names are unique in the pool.
-    pub async fn create(&self, name: &str, spec: VmSpec) -> Result<VmRecord, ComputeError> {
+    pub async fn create(&self, name: &str, mut spec: VmSpec, nets: Vec<NicNetwork>) -> Result<VmRecord, ComputeError> {
+        let id = VmId::random();
+        let mut seen = std::collections::BTreeSet::new();
+        for n in &nets {
+            let ok = spec.nics.get(n.nic).is_some_and(|s| s.tap.is_empty() && s.port.is_none());
+            if !ok || !seen.insert(n.nic) {
+                return Err(ComputeError::NicNetwork(n.nic));
+            }
+        }
+        // Ports are recorded only for a spec that passes every other check;
+        // mark those NICs as network NICs for the check.
+        for n in &nets {
+            spec.nics[n.nic].port = Some(PortId(0));
+        }
         spec::check(name, &spec)?;
+        let mut made = Vec::new();
+        for n in &nets {
+            let mac = spec.nics[n.nic].mac.parse::<MacAddr>().map_err(|_| SpecError::Mac {
+                index: n.nic,
+                mac: spec.nics[n.nic].mac.clone(),
+            })?;
+            let port = self
+                .inner
+                .networks
+                .create_port(NewPort {
+                    network: n.network.clone(),
+                    node: self.inner.cfg.node_id,
+                    kind: PortKind::Vm { vm: id, nic: u8::try_from(n.nic).unwrap_or(u8::MAX) },
+                    mac: Some(mac),
+                    ip: n.ip,
+                    security_groups: n.security_groups.clone(),
+                    port_security: n.port_security,
+                })
+                .await;
+            match port {
+                Ok(p) => {
+                    spec.nics[n.nic].port = Some(p.id);
+                    made.push(p.id);
+                }
+                Err(e) => {
+                    self.delete_ports(&made).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        let created = self.record_new(id, name, spec).await;
+        if created.is_err() {
+            self.delete_ports(&made).await;
+        }
+        created
+    }
+
+    /// Hands a NIC socket to the switch, waiting a moment for the switch to
+    /// learn of a port made just before.
+    async fn attach_port(&self, port: PortId, fd: OwnedFd) -> Result<(), ComputeError> {
+        let deadline = tokio::time::Instant::now() + PORT_WAIT;
+        let mut fd = Some(fd);
+        loop {
+            let Some(f) = fd.take() else { return Err(ComputeError::Switch(SwitchError::UnknownPort(port))) };
+            match self.inner.switch.attach(port, f) {
+                Ok(()) => return Ok(()),
+                Err((SwitchError::UnknownPort(_), back)) if tokio::time::Instant::now() < deadline => {
+                    fd = Some(back);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err((e, _)) => return Err(ComputeError::Switch(e)),
+            }
+        }
+    }
+
+    fn detach_ports(&self, ports: &[PortId]) {
+        for p in ports {
+            self.inner.switch.detach(*p);
+        }
+    }
+
+    async fn delete_ports(&self, ports: &[PortId]) {
+        for p in ports {
+            if let Err(e) = self.inner.networks.delete_port(&p.to_string()).await {
+                warn!(port = %p, error = %nodeos_types::error_chain(&e), "port left behind");
+            }
+        }
+    }
+
+    async fn record_new(&self, id: VmId, name: &str, spec: VmSpec) -> Result<VmRecord, ComputeError> {
         let now = unix_millis();
         let r = VmRecord {
-            id: VmId::random(),
+            id,
             name: name.to_owned(),
             spec,
             node: self.inner.cfg.node_id,
@@ -290,15 +421,24 @@ impl Compute {
         let mut nic_cfgs = Vec::new();
         let mut worker_fds: Vec<OwnedFd> = Vec::new();
         let mut relays = Vec::new();
+        let mut switch_ports = Vec::new();
         for (i, n) in r.spec.nics.iter().enumerate() {
             let mac = spec::parse_mac(&n.mac).ok_or(SpecError::Mac { index: i, mac: n.mac.clone() })?;
-            let tap_file = tap::open(&n.tap)?;
             let (node_end, worker_end) =
                 socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
                     .map_err(|e| io("cannot create a NIC socket")(e.into()))?;
             nic_cfgs.push(NicConfig { mac, fd_index: worker_fds.len() });
             worker_fds.push(worker_end);
-            relays.push((tap_file, node_end, n.tap.clone()));
+            match n.port {
+                Some(port) => {
+                    if let Err(e) = self.attach_port(port, node_end).await {
+                        self.detach_ports(&switch_ports);
+                        return Err(e);
+                    }
+                    switch_ports.push(port);
+                }
+                None => relays.push((tap::open(&n.tap)?, node_end, n.tap.clone())),
+            }
         }
         // Volume disks: take each volume's writer generation (fencing any
         // older writer, e.g. this VM's crashed worker) before the worker runs.
@@ -372,6 +512,7 @@ impl Compute {
             for t in relay_tasks {
                 t.abort();
             }
+            self.detach_ports(&switch_ports);
             let why = match &e {
                 ProcessError::Refused(msg) => msg.clone(),
                 other => format!("{other} ({})", describe_exit(&status)),
@@ -665,6 +806,8 @@ impl Compute {
             failure: vec![],
         };
         self.inner.meta.write(Command::Txn(txn)).await?;
+        let ports: Vec<PortId> = r.spec.nics.iter().filter_map(|n| n.port).collect();
+        self.delete_ports(&ports).await;
         let dir = self.vm_dir(r.id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io(format!("cannot remove {}", dir.display())))?;

@@ -123,7 +123,7 @@ pub fn check(name: &str, spec: &VmSpec) -> Result<(), SpecError> {
         if parse_mac(&n.mac).is_none() {
             return Err(SpecError::Mac { index, mac: n.mac.clone() });
         }
-        if !valid_tap(&n.tap) {
+        if n.port.is_none() && !valid_tap(&n.tap) {
             return Err(SpecError::Tap { index, tap: n.tap.clone() });
         }
     }

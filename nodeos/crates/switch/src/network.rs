@@ -15,29 +15,28 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use nodeos_types::NodeId;
+use std::net::SocketAddr;
 
 use crate::fdb::{DEFAULT_CAPACITY, DEFAULT_MAX_AGE, Fdb, Forward};
 use crate::frame;
 
-/// A port of this node's switch (a VM NIC, a tap, an uplink).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PortId(pub u64);
+pub use nodeos_types::PortId;
 
 /// Where a MAC lives, from this node's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Via {
     Port(PortId),
-    Node(NodeId),
+    /// A VTEP: another node's switch, or a VTEP outside the pool.
+    Vtep(SocketAddr),
 }
 
-/// One frame to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a frame goes: the caller sends the frame it handed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
     /// To a local port.
-    Port(PortId, Vec<u8>),
-    /// Into a VXLAN tunnel to another node.
-    Node(NodeId, Vec<u8>),
+    Port(PortId),
+    /// Into the VXLAN tunnel to a VTEP.
+    Vtep(SocketAddr),
 }
 
 /// Frame counters of one port or tunnel.
@@ -54,8 +53,9 @@ pub struct Network {
     pub vni: u32,
     fdb: Fdb<Via>,
     ports: BTreeMap<PortId, Counters>,
-    /// Other nodes with ports on this network (from the pool's records).
-    nodes: BTreeMap<NodeId, Counters>,
+    /// VTEPs of the other nodes with ports on this network (from the
+    /// pool's records), and of the network's VTEPs outside the pool.
+    vteps: BTreeMap<SocketAddr, Counters>,
 }
 
 impl Network {
@@ -64,7 +64,7 @@ impl Network {
             vni,
             fdb: Fdb::new(DEFAULT_MAX_AGE, DEFAULT_CAPACITY),
             ports: BTreeMap::new(),
-            nodes: BTreeMap::new(),
+            vteps: BTreeMap::new(),
         }
     }
 
@@ -77,24 +77,62 @@ impl Network {
         self.fdb.forget_port(Via::Port(p));
     }
 
-    /// Sets the nodes that have ports on this network.
-    pub fn set_nodes(&mut self, nodes: &BTreeSet<NodeId>) {
-        let gone: Vec<NodeId> = self.nodes.keys().filter(|n| !nodes.contains(n)).copied().collect();
-        for n in gone {
-            self.nodes.remove(&n);
-            self.fdb.forget_port(Via::Node(n));
+    /// Sets the VTEPs that receive this network's flooded frames and whose
+    /// frames it accepts.
+    pub fn set_vteps(&mut self, vteps: &BTreeSet<SocketAddr>) {
+        let gone: Vec<SocketAddr> = self.vteps.keys().filter(|v| !vteps.contains(v)).copied().collect();
+        for v in gone {
+            self.vteps.remove(&v);
+            self.fdb.forget_port(Via::Vtep(v));
         }
-        for n in nodes {
-            self.nodes.entry(*n).or_default();
+        for v in vteps {
+            self.vteps.entry(*v).or_default();
         }
+    }
+
+    /// The VTEP a tunnel packet from `src` belongs to: the VTEP at exactly
+    /// that address (another node sends from its listening port), else the
+    /// one VTEP with that IP (a Linux vxlan device sends from a port it picks
+    /// per flow).
+    pub fn vtep_for(&self, src: SocketAddr) -> Option<SocketAddr> {
+        if self.vteps.contains_key(&src) {
+            return Some(src);
+        }
+        let mut same_ip = self.vteps.keys().filter(|v| v.ip() == src.ip());
+        match (same_ip.next(), same_ip.next()) {
+            (Some(v), None) => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// Drops MACs not heard from within the table's maximum age.
+    pub fn expire(&mut self, now: Instant) {
+        self.fdb.expire(now);
+    }
+
+    pub fn vteps(&self) -> impl Iterator<Item = (SocketAddr, Counters)> + '_ {
+        self.vteps.iter().map(|(v, c)| (*v, *c))
+    }
+
+    pub fn ports(&self) -> impl Iterator<Item = PortId> + '_ {
+        self.ports.keys().copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+
+    /// MACs learned, and how many were refused because the table was full.
+    pub fn fdb_stats(&self) -> (usize, u64) {
+        (self.fdb.len(), self.fdb.refused)
     }
 
     pub fn port_counters(&self, p: PortId) -> Option<Counters> {
         self.ports.get(&p).copied()
     }
 
-    pub fn node_counters(&self, n: NodeId) -> Option<Counters> {
-        self.nodes.get(&n).copied()
+    pub fn vtep_counters(&self, v: SocketAddr) -> Option<Counters> {
+        self.vteps.get(&v).copied()
     }
 
     /// A frame a local port sent.
@@ -102,12 +140,12 @@ impl Network {
         let Some(h) = received(self.ports.get_mut(&from), f) else { return Vec::new() };
         self.fdb.learn(h.src, Via::Port(from), now);
         let out = match self.fdb.forward(h.dst, Via::Port(from), now) {
-            Forward::To(Via::Port(p)) if self.ports.contains_key(&p) => vec![Output::Port(p, f.to_vec())],
-            Forward::To(Via::Node(n)) if self.nodes.contains_key(&n) => vec![Output::Node(n, f.to_vec())],
+            Forward::To(Via::Port(p)) if self.ports.contains_key(&p) => vec![Output::Port(p)],
+            Forward::To(Via::Vtep(v)) if self.vteps.contains_key(&v) => vec![Output::Vtep(v)],
             Forward::To(_) | Forward::Flood => {
-                let ports = self.ports.keys().filter(|p| **p != from).map(|p| Output::Port(*p, f.to_vec()));
-                let nodes = self.nodes.keys().map(|n| Output::Node(*n, f.to_vec()));
-                ports.chain(nodes).collect()
+                let ports = self.ports.keys().filter(|p| **p != from).map(|p| Output::Port(*p));
+                let vteps = self.vteps.keys().map(|v| Output::Vtep(*v));
+                ports.chain(vteps).collect()
             }
             Forward::Drop => Vec::new(),
         };
@@ -115,14 +153,14 @@ impl Network {
         out
     }
 
-    /// A frame that arrived in the tunnel from node `from`.
-    pub fn from_node(&mut self, from: NodeId, f: &[u8], now: Instant) -> Vec<Output> {
-        let Some(h) = received(self.nodes.get_mut(&from), f) else { return Vec::new() };
-        self.fdb.learn(h.src, Via::Node(from), now);
-        let out = match self.fdb.forward(h.dst, Via::Node(from), now) {
-            Forward::To(Via::Port(p)) if self.ports.contains_key(&p) => vec![Output::Port(p, f.to_vec())],
+    /// A frame that arrived in the tunnel from VTEP `from` (see [`Network::vtep_for`]).
+    pub fn from_vtep(&mut self, from: SocketAddr, f: &[u8], now: Instant) -> Vec<Output> {
+        let Some(h) = received(self.vteps.get_mut(&from), f) else { return Vec::new() };
+        self.fdb.learn(h.src, Via::Vtep(from), now);
+        let out = match self.fdb.forward(h.dst, Via::Vtep(from), now) {
+            Forward::To(Via::Port(p)) if self.ports.contains_key(&p) => vec![Output::Port(p)],
             Forward::To(_) | Forward::Flood => {
-                self.ports.keys().map(|p| Output::Port(*p, f.to_vec())).collect()
+                self.ports.keys().map(|p| Output::Port(*p)).collect()
             }
             Forward::Drop => Vec::new(),
         };
@@ -133,8 +171,8 @@ impl Network {
     fn count_tx(&mut self, out: &[Output]) {
         for o in out {
             let c = match o {
-                Output::Port(p, _) => self.ports.get_mut(p),
-                Output::Node(n, _) => self.nodes.get_mut(n),
+                Output::Port(p) => self.ports.get_mut(p),
+                Output::Vtep(v) => self.vteps.get_mut(v),
             };
             if let Some(c) = c {
                 c.tx += 1;
@@ -176,19 +214,23 @@ mod tests {
         let mut v: Vec<String> = out
             .iter()
             .map(|o| match o {
-                Output::Port(p, _) => format!("port {}", p.0),
-                Output::Node(n, _) => format!("node {}", n.0),
+                Output::Port(p) => format!("port {}", p.0),
+                Output::Vtep(v) => format!("node {}", v.port()),
             })
             .collect();
         v.sort();
         v
     }
 
+    fn vtep(n: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], n))
+    }
+
     fn net() -> Network {
         let mut n = Network::new(100);
         n.add_port(PortId(1));
         n.add_port(PortId(2));
-        n.set_nodes(&BTreeSet::from([NodeId(7), NodeId(8)]));
+        n.set_vteps(&BTreeSet::from([vtep(7), vtep(8)]));
         n
     }
 
@@ -199,7 +241,7 @@ mod tests {
         let out = n.from_port(PortId(1), &frame(0xff, 1), t);
         assert_eq!(targets(&out), ["node 7", "node 8", "port 2"]);
         // Nodes without ports on the network get nothing.
-        n.set_nodes(&BTreeSet::from([NodeId(7)]));
+        n.set_vteps(&BTreeSet::from([vtep(7)]));
         assert_eq!(targets(&n.from_port(PortId(1), &frame(0x33, 1), t)), ["node 7", "port 2"]);
     }
 
@@ -207,7 +249,7 @@ mod tests {
     fn learned_destinations_get_the_frame_alone() {
         let t = Instant::now();
         let mut n = net();
-        n.from_node(NodeId(8), &frame(0xff, 0x80), t);
+        n.from_vtep(vtep(8), &frame(0xff, 0x80), t);
         n.from_port(PortId(2), &frame(0xff, 2), t);
         assert_eq!(targets(&n.from_port(PortId(1), &frame(0x80, 1), t)), ["node 8"]);
         assert_eq!(targets(&n.from_port(PortId(1), &frame(2, 1), t)), ["port 2"]);
@@ -218,13 +260,13 @@ mod tests {
     fn tunnel_frames_never_go_back_into_the_fabric() {
         let t = Instant::now();
         let mut n = net();
-        let out = n.from_node(NodeId(7), &frame(0xff, 0x70), t);
+        let out = n.from_vtep(vtep(7), &frame(0xff, 0x70), t);
         assert_eq!(targets(&out), ["port 1", "port 2"]);
         // A frame from node 7 for a MAC learned on node 8 is not relayed.
-        n.from_node(NodeId(8), &frame(0xff, 0x80), t);
-        assert_eq!(targets(&n.from_node(NodeId(7), &frame(0x80, 0x70), t)), ["port 1", "port 2"]);
+        n.from_vtep(vtep(8), &frame(0xff, 0x80), t);
+        assert_eq!(targets(&n.from_vtep(vtep(7), &frame(0x80, 0x70), t)), ["port 1", "port 2"]);
         // Frames from nodes that are not members are ignored.
-        assert!(n.from_node(NodeId(9), &frame(0xff, 0x90), t).is_empty());
+        assert!(n.from_vtep(vtep(9), &frame(0xff, 0x90), t).is_empty());
     }
 
     #[test]
@@ -234,9 +276,9 @@ mod tests {
         assert!(n.from_port(PortId(1), &[0; 10], t).is_empty());
         let mut group_src = frame(1, 3);
         group_src[6] = 0x01;
-        assert!(n.from_node(NodeId(7), &group_src, t).is_empty(), "group source address");
+        assert!(n.from_vtep(vtep(7), &group_src, t).is_empty(), "group source address");
         assert_eq!(n.port_counters(PortId(1)).map(|c| c.dropped), Some(1));
-        assert_eq!(n.node_counters(NodeId(7)).map(|c| c.dropped), Some(1));
+        assert_eq!(n.vtep_counters(vtep(7)).map(|c| c.dropped), Some(1));
         n.from_port(PortId(1), &frame(0xff, 1), t);
         assert_eq!(n.port_counters(PortId(2)).map(|c| c.tx), Some(1));
     }

@@ -1,0 +1,295 @@
+//! [`Agent`]: keeps this node's switch in step with the pool's records.
+//!
+//! The agent reads networks, ports, security groups and nodes (local reads:
+//! the switch follows this node's copy of meta, which trails the leader by
+//! at most a round trip), derives the [`Desired`] switch configuration with
+//! [`desired`] (pure, unit-tested), and applies it. It runs again on every
+//! watch event under those prefixes and every 30 s regardless.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::StreamExt;
+use nodeos_meta::{Consistency, MetaHandle};
+use nodeos_switch::frame::Mac;
+use nodeos_switch::switch::{Attachment, Desired, NetworkConfig, PortConfig, SwitchHandle};
+use nodeos_types::records::{
+    NETWORKS_PREFIX, NODES_PREFIX, NetworkRecord, NodeRecord, PORTS_PREFIX, PortKind, PortRecord,
+    SECURITY_GROUPS_PREFIX, SecurityGroupRecord,
+};
+use nodeos_types::{NodeId, PortId, SecurityGroupId};
+use tracing::{debug, warn};
+
+/// Re-applies the configuration this often even without events.
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
+/// Events closer together than this are applied once.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// The pool's network records, as the agent reads them.
+#[derive(Debug, Default)]
+pub struct Records {
+    pub networks: Vec<NetworkRecord>,
+    pub ports: Vec<PortRecord>,
+    pub groups: Vec<SecurityGroupRecord>,
+    pub nodes: Vec<NodeRecord>,
+}
+
+/// The uplink port of a network: a fixed id per network, so that re-deriving
+/// the configuration finds the same port.
+pub fn uplink_port_id(n: &NetworkRecord) -> PortId {
+    PortId(n.id.0 ^ 0x7570_6c69_6e6b_0000)
+}
+
+/// Interface name of a network's uplink tap (`nsu` + the VNI in hex).
+pub fn uplink_ifname(vni: u32) -> String {
+    format!("nsu{vni:x}")
+}
+
+/// The switch configuration node `me` should have.
+pub fn desired(me: NodeId, r: &Records) -> Desired {
+    let vteps_of: HashMap<NodeId, SocketAddr> =
+        r.nodes.iter().filter_map(|n| Some((n.id, n.vxlan_address.parse().ok()?))).collect();
+    let groups: HashMap<SecurityGroupId, &SecurityGroupRecord> = r.groups.iter().map(|g| (g.id, g)).collect();
+    let mut members: BTreeMap<_, BTreeSet<NodeId>> = BTreeMap::new();
+    for p in &r.ports {
+        members.entry(p.network).or_default().insert(p.node);
+    }
+    let mut out = Desired::default();
+    for n in &r.networks {
+        let mut nodes = members.get(&n.id).cloned().unwrap_or_default();
+        if let Some(u) = &n.uplink {
+            nodes.insert(u.node);
+        }
+        if !nodes.contains(&me) {
+            continue;
+        }
+        let mut vteps: BTreeSet<SocketAddr> =
+            nodes.iter().filter(|id| **id != me).filter_map(|id| vteps_of.get(id).copied()).collect();
+        vteps.extend(n.external_vteps.iter().filter_map(|v| v.parse::<SocketAddr>().ok()));
+        out.networks.push(NetworkConfig {
+            vni: n.vni,
+            cidr: n.cidr,
+            gateway: n.gateway,
+            answer_gateway: n.uplink.is_none(),
+            mtu: n.mtu,
+            dns: n.dns.clone(),
+            lease_secs: n.lease_secs,
+            vteps,
+        });
+        if let Some(u) = &n.uplink
+            && u.node == me
+        {
+            let id = uplink_port_id(n);
+            out.ports.push(PortConfig {
+                id,
+                vni: n.vni,
+                mac: nodeos_switch::switch::gateway_mac(n.vni),
+                ip: None,
+                port_security: false,
+                rules: Vec::new(),
+                attachment: Attachment::Uplink { ifname: uplink_ifname(n.vni), bridge: u.bridge.clone() },
+                hostname: None,
+            });
+        }
+    }
+    let vnis: HashMap<_, u32> = r.networks.iter().map(|n| (n.id, n.vni)).collect();
+    for p in r.ports.iter().filter(|p| p.node == me) {
+        let Some(vni) = vnis.get(&p.network) else { continue };
+        let rules = p
+            .security_groups
+            .iter()
+            .filter_map(|g| groups.get(g))
+            .flat_map(|g| g.rules.iter().copied())
+            .collect();
+        out.ports.push(PortConfig {
+            id: p.id,
+            vni: *vni,
+            mac: Mac(p.mac.0),
+            ip: p.ip,
+            port_security: p.port_security,
+            rules,
+            attachment: match &p.kind {
+                PortKind::Tap { ifname } => Attachment::Tap { ifname: ifname.clone() },
+                PortKind::Vm { .. } => Attachment::Vm,
+            },
+            hostname: None,
+        });
+    }
+    out
+}
+
+/// One per node: see the module docs.
+#[derive(Debug)]
+pub struct Agent {
+    meta: MetaHandle,
+    switch: SwitchHandle,
+}
+
+impl Agent {
+    pub fn new(meta: MetaHandle, switch: SwitchHandle) -> Self {
+        Agent { meta, switch }
+    }
+
+    async fn read(&self) -> Option<(Records, u64)> {
+        async fn all<T: serde::de::DeserializeOwned>(meta: &MetaHandle, prefix: &str) -> Option<(Vec<T>, u64)> {
+            let (kvs, rev) = meta.range(prefix, 0, Consistency::Local).await.ok()?;
+            let v = kvs
+                .iter()
+                .filter_map(|kv| match serde_json::from_slice(&kv.value) {
+                    Ok(r) => Some(r),
+                    Err(_) => {
+                        warn!(key = %kv.key, "record does not decode: ignored");
+                        None
+                    }
+                })
+                .collect();
+            Some((v, rev))
+        }
+        let (networks, r1) = all(&self.meta, NETWORKS_PREFIX).await?;
+        let (ports, r2) = all(&self.meta, PORTS_PREFIX).await?;
+        let (groups, r3) = all(&self.meta, SECURITY_GROUPS_PREFIX).await?;
+        let (nodes, r4) = all(&self.meta, NODES_PREFIX).await?;
+        Some((Records { networks, ports, groups, nodes }, r1.min(r2).min(r3).min(r4)))
+    }
+
+    /// Applies the current records once.
+    pub async fn sync(&self) -> u64 {
+        let Some((records, rev)) = self.read().await else { return 0 };
+        let want = desired(self.meta.node_id(), &records);
+        for (port, e) in self.switch.apply(want).await {
+            warn!(port = %port, error = %nodeos_types::error_chain(&e), "port not set up on the switch");
+        }
+        rev
+    }
+
+    /// Runs until `stop` resolves.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            let rev = self.sync().await;
+            let from = if rev == 0 { 0 } else { rev + 1 };
+            let mut events = futures::stream::select_all(
+                [NETWORKS_PREFIX, PORTS_PREFIX, SECURITY_GROUPS_PREFIX, NODES_PREFIX]
+                    .map(|p| self.meta.watch(from, p.to_owned()).boxed()),
+            );
+            let resync = tokio::time::sleep(RESYNC_EVERY);
+            tokio::pin!(resync);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = &mut resync => break,
+                    ev = events.next() => match ev {
+                        Some(Ok(_)) => {
+                            tokio::time::sleep(DEBOUNCE).await;
+                            break;
+                        }
+                        Some(Err(e)) => {
+                            debug!(error = %e, "watch ended; reading again");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            break;
+                        }
+                        None => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodeos_types::net::MacAddr;
+    use nodeos_types::records::Uplink;
+    use nodeos_types::{NetworkId, VmId};
+
+    fn node(id: u64, vxlan: &str) -> NodeRecord {
+        NodeRecord {
+            id: NodeId(id),
+            address: String::new(),
+            hostname: String::new(),
+            version: String::new(),
+            image_hash: String::new(),
+            joined_at_ms: 0,
+            block_address: String::new(),
+            block_capacity: 0,
+            vxlan_address: vxlan.into(),
+        }
+    }
+
+    fn net(id: u64, vni: u32) -> NetworkRecord {
+        NetworkRecord {
+            id: NetworkId(id),
+            name: format!("n{id}"),
+            vni,
+            cidr: "10.0.0.0/24".parse().unwrap(),
+            gateway: Some("10.0.0.1".parse().unwrap()),
+            mtu: 1450,
+            dns: vec![],
+            lease_secs: 3600,
+            uplink: None,
+            external_vteps: vec!["192.0.2.9".into()],
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    fn port(id: u64, network: u64, node: u64) -> PortRecord {
+        PortRecord {
+            id: PortId(id),
+            network: NetworkId(network),
+            node: NodeId(node),
+            kind: PortKind::Vm { vm: VmId(id), nic: 0 },
+            mac: MacAddr([2, 0, 0, 0, 0, id as u8]),
+            ip: None,
+            security_groups: vec![SecurityGroupId(5)],
+            port_security: true,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_node_gets_its_networks_with_the_vteps_of_the_other_members_only() {
+        let r = Records {
+            networks: vec![net(1, 100), net(2, 200)],
+            ports: vec![port(10, 1, 1), port(11, 1, 2), port(12, 2, 3)],
+            groups: vec![SecurityGroupRecord {
+                id: SecurityGroupId(5),
+                name: "g".into(),
+                rules: vec!["ingress tcp 22".parse().unwrap()],
+                created_at_ms: 0,
+                updated_at_ms: 0,
+            }],
+            nodes: vec![node(1, "10.1.0.1:4789"), node(2, "10.1.0.2:4789"), node(3, "10.1.0.3:4789")],
+        };
+        let d = desired(NodeId(1), &r);
+        assert_eq!(d.networks.len(), 1, "network 2 has no port here");
+        let vteps: Vec<String> = d.networks[0].vteps.iter().map(|v| v.to_string()).collect();
+        assert_eq!(vteps, ["10.1.0.2:4789", "192.0.2.9:4789"].map(String::from));
+        assert_eq!(d.ports.len(), 1);
+        assert_eq!(d.ports[0].rules.len(), 1, "rules of the port's groups");
+        assert!(desired(NodeId(4), &r).networks.is_empty());
+    }
+
+    #[test]
+    fn the_uplink_node_holds_the_network_and_its_uplink_port() {
+        let mut n = net(1, 100);
+        n.uplink = Some(Uplink { node: NodeId(3), bridge: "br0".into() });
+        let r = Records {
+            networks: vec![n],
+            ports: vec![port(10, 1, 1)],
+            groups: vec![],
+            nodes: vec![node(1, "10.1.0.1:4789"), node(3, "10.1.0.3:4789")],
+        };
+        let d = desired(NodeId(3), &r);
+        assert_eq!(d.networks.len(), 1);
+        assert!(!d.networks[0].answer_gateway, "a real router sits behind the uplink");
+        assert!(matches!(&d.ports[0].attachment, Attachment::Uplink { bridge, .. } if bridge == "br0"));
+        assert!(desired(NodeId(1), &r).networks[0].vteps.contains(&"10.1.0.3:4789".parse().unwrap()));
+    }
+}
