@@ -280,3 +280,96 @@ async fn a_linux_vxlan_device_joins_a_network_as_a_remote_vtep() -> anyhow::Resu
     c.finish();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_guest_net_check_passes_through_the_switch_on_a_vm_port() -> anyhow::Result<()> {
+    use nodeos_proto::v1 as pb;
+    use nodeos_proto::v1::vm_service_client::VmServiceClient;
+    let test = "the_test_guest_net_check_passes_through_the_switch_on_a_vm_port";
+    let Some(env) = require(test)? else { return Ok(()) };
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED: {test}: no /dev/kvm");
+        return Ok(());
+    }
+    let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
+    ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
+    let mut c = Cluster::new(&env, test)?;
+    let i = c.add_node(&NodeSpec { bootstrap_expect: Some(1), beacons: false, ..c.spec() })?;
+    let cref = &c;
+    wait_until("a one-node pool", FORM, || async move {
+        let s = cref.status(i).await?;
+        ensure!(!s.pool_id.is_empty() && !s.leader_id.is_empty(), "not formed yet");
+        Ok(())
+    })
+    .await?;
+    let id = c.id(i).await?;
+    c.cli(i, &["network", "create", "vmnet", "--cidr", "10.71.0.0/24"]).await?;
+    // The host side of the check: a trusted tap port (its peer sends from
+    // its own MAC, so port security is off for it).
+    c.cli(i, &["port", "create", "--network", "vmnet", "--node", &id, "--tap", "vmpeer0", "--no-port-security"])
+        .await?;
+    let ns = c.node(i)?.ns.clone();
+    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(i)?.addr)).await?;
+    let spec = pb::VmSpec {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: guest.display().to_string(),
+        cmdline: "mode=net net_frames=2 net_expect=2 net_wait_ms=120000".into(),
+        nics: vec![pb::NicSpec { mac: "52:54:00:12:34:57".into(), network: "vmnet".into(), ..Default::default() }],
+        ..Default::default()
+    };
+    let vm = vms.create(pb::CreateVmRequest { name: "netvm".into(), spec: Some(spec) }).await?.into_inner();
+    let port = vm.spec.as_ref().and_then(|s| s.nics.first()).map(|n| n.port.clone()).unwrap_or_default();
+    ensure!(!port.is_empty(), "the VM's NIC got no port: {vm:?}");
+    wait_until("tap vmpeer0 on the node", Duration::from_secs(15), || {
+        let ns = ns.clone();
+        async move { ip(&["-n", &ns, "link", "show", "vmpeer0"]).map(|_| ()) }
+    })
+    .await?;
+    let peer = tokio::spawn(
+        tokio::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "python3"])
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/tap_peer.py"))
+            .args(["vmpeer0", "--frames", "2", "--timeout", "170"])
+            .output(),
+    );
+    vms.start(pb::VmRef { vm: "netvm".into() }).await?;
+    let first = pb::ConsoleInput { vm: "netvm".into(), from_start: true, data: vec![] };
+    let mut out = vms.console(futures::stream::iter(vec![first])).await?.into_inner();
+    let mut console = String::new();
+    let read = async {
+        use futures::StreamExt;
+        while let Some(chunk) = out.next().await {
+            console.push_str(&String::from_utf8_lossy(&chunk?.data));
+            if console.contains("NODEOS-GUEST: done") {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(180), read).await.context("guest did not finish")??;
+    let peer = peer.await??;
+    let peer_out = String::from_utf8_lossy(&peer.stdout).into_owned();
+    ensure!(console.contains("NODEOS-GUEST: net ok"), "net check failed:\n{console}\npeer: {peer_out}");
+    ensure!(
+        peer.status.success() && peer_out.contains("TAP-PEER: ok guest_mac=52:54:00:12:34:57"),
+        "tap peer: {peer_out}"
+    );
+    let stats = port_stats(&c, &port).await?;
+    ensure!(stats["rx"] >= 2 && stats["tx"] >= 2, "VM port counters: {stats:?}");
+    // Deleting the VM deletes its port.
+    vms.stop(pb::StopVmRequest { vm: "netvm".into(), force: true, ..Default::default() }).await?;
+    wait_until("the VM stopped", Duration::from_secs(30), || {
+        let mut vms = vms.clone();
+        async move {
+            let v = vms.get(pb::VmRef { vm: "netvm".into() }).await?.into_inner();
+            ensure!(v.state == "stopped", "{}", v.state);
+            Ok(())
+        }
+    })
+    .await?;
+    vms.delete(pb::VmRef { vm: "netvm".into() }).await?;
+    ensure!(c.cli(i, &["port", "show", &port]).await.is_err(), "the VM's port outlived the VM");
+    c.finish();
+    Ok(())
+}

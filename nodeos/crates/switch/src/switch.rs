@@ -68,7 +68,7 @@ pub enum SwitchError {
     #[error(transparent)]
     Tap(#[from] TapError),
     #[error(transparent)]
-    Uplink(#[from] uplink::UplinkError),
+    Uplink(#[from] Box<uplink::UplinkError>),
 }
 
 /// One network as this node's switch needs it.
@@ -251,7 +251,7 @@ impl SwitchHandle {
         let mut failed = self.apply_locked(want, &mut uplinks);
         for (id, ifname, bridge) in uplinks {
             if let Err(e) = uplink::enslave(&ifname, &bridge).await {
-                failed.push((id, e.into()));
+                failed.push((id, Box::new(e).into()));
             }
         }
         failed
@@ -430,7 +430,7 @@ impl Inner {
     }
 
     /// A frame port `id` sent.
-    fn from_port(&self, id: PortId, f: &[u8]) {
+    fn port_frame(&self, id: PortId, f: &[u8]) {
         let now = Instant::now();
         let mut sends = Vec::new();
         {
@@ -439,13 +439,13 @@ impl Inner {
             let Some(port) = ports.get_mut(&id) else { return };
             let Some(net) = nets.get_mut(&port.cfg.vni) else { return };
             let pkt = packet::parse(f);
-            if !egress_allowed(net, port, f, &pkt, now, &mut sends) {
-                return;
-            }
-            for o in net.fwd.from_port(id, f, now) {
-                match o {
-                    Output::Port(to) => deliver(ports, to, f, &pkt, now, &mut sends),
-                    Output::Vtep(v) => sends.push(Send::Vtep(v, encapsulate(net.cfg.vni, f))),
+            // Answers (DHCP, ARP) are queued even when the frame goes no further.
+            if egress_allowed(net, port, f, &pkt, now, &mut sends) {
+                for o in net.fwd.from_port(id, f, now) {
+                    match o {
+                        Output::Port(to) => deliver(ports, to, f, &pkt, now, &mut sends),
+                        Output::Vtep(v) => sends.push(Send::Vtep(v, encapsulate(net.cfg.vni, f))),
+                    }
                 }
             }
         }
@@ -453,7 +453,7 @@ impl Inner {
     }
 
     /// A datagram the VXLAN socket received from `src`.
-    fn from_tunnel(&self, src: SocketAddr, datagram: &[u8]) {
+    fn tunnel_datagram(&self, src: SocketAddr, datagram: &[u8]) {
         let now = Instant::now();
         let mut sends = Vec::new();
         {
@@ -710,7 +710,7 @@ async fn port_reader(inner: std::sync::Weak<Inner>, id: PortId, fd: PortFd, seq:
                         p.stats.malformed += 1;
                     }
                 }
-                Ok(n) => inner.from_port(id, &buf[..n]),
+                Ok(n) => inner.port_frame(id, &buf[..n]),
                 Err(nix::errno::Errno::EAGAIN) => {
                     guard.clear_ready();
                     break;
@@ -742,7 +742,7 @@ async fn tunnel_reader(inner: std::sync::Weak<Inner>) {
             }
         };
         let Some(inner) = inner.upgrade() else { return };
-        inner.from_tunnel(src, &buf[..n]);
+        inner.tunnel_datagram(src, &buf[..n]);
     }
 }
 
