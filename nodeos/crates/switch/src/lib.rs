@@ -7,13 +7,29 @@
 //! - `fdb.rs`: [`fdb::Fdb`], one network's MAC learning table with aging and
 //!   the forwarding decision (known port, or flood).
 //! - `network.rs`: [`network::Network`], one tenant network on one node: its
-//!   ports, the nodes with ports on it, and where each frame goes.
+//!   ports, the VTEPs of the nodes with ports on it, and where each frame goes.
+//! - `packet.rs`: the IP view of a frame (addresses, protocol, ports).
+//! - `arp.rs`: ARP parsing for port security, and answers for the gateway.
+//! - `dhcp.rs`: [`dhcp::handle`], the stateless DHCPv4 server that hands each
+//!   port its one lease.
+//! - `acl.rs`: [`acl::PortFilter`], one port's security groups: stateful
+//!   filtering with a bounded connection-tracking table.
+//! - `switch.rs`: [`switch::SwitchHandle`], the running switch: port and
+//!   VXLAN readers, port security, the frame pipeline, counters.
+//! - `tap.rs`: host tap devices (tap and uplink ports).
+//! - `uplink.rs`: enslaving an uplink tap to a host bridge over rtnetlink.
 //!
 //! The forwarding logic is sans-IO: it takes frames and the current time and
 //! answers where frames go, so it is tested without sockets or taps.
 
+pub mod acl;
+pub mod arp;
+pub mod dhcp;
 pub mod fdb;
 pub mod frame;
-pub mod packet;
 pub mod network;
+pub mod packet;
+pub mod switch;
+pub mod tap;
+pub mod uplink;
 pub mod vxlan;

@@ -620,7 +620,7 @@ fn egress_allowed(
                 port.stats.spoofed += 1;
                 return false;
             }
-            match port.filter.egress(p, now) {
+            match port.filter.egress_frame(f, p, now) {
                 Verdict::Allow => true,
                 Verdict::Deny => {
                     port.stats.denied_egress += 1;
@@ -663,7 +663,7 @@ fn deliver(
     let Some(p) = ports.get_mut(&to) else { return };
     if p.cfg.port_security {
         let allowed = match pkt {
-            Ok(Some(ip)) => p.filter.ingress(ip, now) == Verdict::Allow,
+            Ok(Some(ip)) => p.filter.ingress_frame(f, ip, now) == Verdict::Allow,
             Ok(None) => true,
             Err(_) => false,
         };
