@@ -263,6 +263,19 @@ async fn a_linux_vxlan_device_joins_a_network_as_a_remote_vtep() -> anyhow::Resu
     let sw = c.cli(1, &["switch", "show"]).await?;
     ensure!(sw.to_string().contains(&slot.ip.to_string()), "switch show does not list the kernel VTEP: {sw}");
 
+    // Uplink: a network bridged to a host bridge on node 0 reaches the
+    // router on that bridge from a port on node 1.
+    let ns0 = c.node(0)?.ns.clone();
+    ip(&["-n", &ns0, "link", "add", "brup", "type", "bridge"])?;
+    ip(&["-n", &ns0, "addr", "add", "10.72.0.1/24", "dev", "brup"])?;
+    ip(&["-n", &ns0, "link", "set", "brup", "up"])?;
+    let uplink = format!("{}:brup", ids[0]);
+    c.cli(0, &["network", "create", "outside", "--cidr", "10.72.0.0/24", "--uplink", &uplink]).await?;
+    let o = tap_client(&mut c, 1, &ids[1], "outside", "to1", &[]).await?;
+    ensure!(ping(&o, "10.72.0.1").await?, "the port cannot reach the router behind the uplink");
+    let (_, routes) = sh(&o.ns, "ip route", Duration::from_secs(5)).await?;
+    ensure!(routes.contains("default via 10.72.0.1"), "DHCP gave no default route: {routes}");
+
     // Frames from an unlisted VTEP are dropped and counted: drop the VTEP
     // from the network and ping again.
     c.cli(0, &["network", "set", "interop", "--no-vteps"]).await?;

@@ -18,6 +18,7 @@ use nodeos_types::records::{
     NETWORKS_PREFIX, NODES_PREFIX, NetworkRecord, NodeRecord, PORTS_PREFIX, PortKind, PortRecord,
     SECURITY_GROUPS_PREFIX, SecurityGroupRecord,
 };
+use nodeos_types::net::SecurityRule;
 use nodeos_types::{NodeId, PortId, SecurityGroupId};
 use tracing::{debug, warn};
 
@@ -66,7 +67,7 @@ pub fn desired(me: NodeId, r: &Records) -> Desired {
         }
         let mut vteps: BTreeSet<SocketAddr> =
             nodes.iter().filter(|id| **id != me).filter_map(|id| vteps_of.get(id).copied()).collect();
-        vteps.extend(n.external_vteps.iter().filter_map(|v| v.parse::<SocketAddr>().ok()));
+        vteps.extend(n.external_vteps.iter().filter_map(|v| crate::networks::parse_vtep(v).ok()));
         out.networks.push(NetworkConfig {
             vni: n.vni,
             cidr: n.cidr,
@@ -96,12 +97,12 @@ pub fn desired(me: NodeId, r: &Records) -> Desired {
     let vnis: HashMap<_, u32> = r.networks.iter().map(|n| (n.id, n.vni)).collect();
     for p in r.ports.iter().filter(|p| p.node == me) {
         let Some(vni) = vnis.get(&p.network) else { continue };
-        let rules = p
-            .security_groups
-            .iter()
-            .filter_map(|g| groups.get(g))
-            .flat_map(|g| g.rules.iter().copied())
-            .collect();
+        // A port without groups may start connections but accept none.
+        let rules = if p.security_groups.is_empty() {
+            default_rules()
+        } else {
+            p.security_groups.iter().filter_map(|g| groups.get(g)).flat_map(|g| g.rules.iter().copied()).collect()
+        };
         out.ports.push(PortConfig {
             id: p.id,
             vni: *vni,
@@ -117,6 +118,11 @@ pub fn desired(me: NodeId, r: &Records) -> Desired {
         });
     }
     out
+}
+
+/// Rules of a port with no security groups: all egress, no new ingress.
+fn default_rules() -> Vec<SecurityRule> {
+    ["egress any 0.0.0.0/0", "egress any ::/0"].iter().filter_map(|r| r.parse().ok()).collect()
 }
 
 /// One per node: see the module docs.

@@ -360,8 +360,8 @@ pub struct PortRecord {
     /// The address leased to it (from `ipam/`); handed out by DHCP.
     #[serde(default)]
     pub ip: Option<Ipv4Addr>,
-    /// Security groups applied to the port; with none, ingress is denied
-    /// except replies to the port's own traffic.
+    /// Security groups applied to the port; with none, the port may start
+    /// any connection and accepts only the replies.
     #[serde(default)]
     pub security_groups: Vec<SecurityGroupId>,
     /// Anti-spoofing and security groups; off only for trusted appliances.
