@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "nodeos/v1/peer.proto",
         "nodeos/v1/vm.proto",
         "nodeos/v1/volume.proto",
+        "nodeos/v1/network.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("nodeos_descriptor.bin"))

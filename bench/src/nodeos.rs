@@ -104,11 +104,13 @@ impl Nodeos {
             rand::rng().sample_iter(rand::distr::Alphanumeric).take(32).map(char::from).collect();
         let key_file = dir.path().join("pool.key");
         std::fs::write(&key_file, key).context("writing the pool key")?;
-        let ports = free_ports(3 * n)?;
+        let ports = free_ports(4 * n)?;
         let addr = |p: u16| format!("{LOOPBACK}:{p}");
         let addrs: Vec<String> = ports[..n].iter().copied().map(addr).collect();
         let block_addrs: Vec<String> = ports[n..2 * n].iter().copied().map(addr).collect();
-        let nbd_addrs: Vec<String> = ports[2 * n..].iter().copied().map(addr).collect();
+        let nbd_addrs: Vec<String> = ports[2 * n..3 * n].iter().copied().map(addr).collect();
+        // Every node on loopback: each its own VXLAN port.
+        let vxlan_addrs: Vec<String> = ports[3 * n..].iter().copied().map(addr).collect();
         let seeds = addrs.join(",");
         let expect = n.to_string();
         let mut children = Vec::new();
@@ -122,6 +124,7 @@ impl Nodeos {
                 .args(["--listen", addr, "--seeds", &seeds, "--bootstrap-expect", &expect])
                 .args(["--block-listen", &block_addrs[i]])
                 .args(["--nbd-listen", &nbd_addrs[i]])
+                .args(["--vxlan-listen", &vxlan_addrs[i]])
                 .args(&opts.extra_args);
             children.push(ChildGuard::spawn(format!("nodeos n{i}"), cmd, &node_log(dir.path(), i))?);
         }

@@ -40,6 +40,18 @@ enum Cmd {
     /// Replicated block volumes, their snapshots and clones; image import.
     #[command(subcommand)]
     Volume(cli::volume::VolumeCmd),
+    /// Tenant networks carried between nodes in VXLAN.
+    #[command(subcommand)]
+    Network(cli::network::NetworkCmd),
+    /// Ports of tenant networks, with their switch counters.
+    #[command(subcommand)]
+    Port(cli::network::PortCmd),
+    /// Security groups: allow rules applied to ports.
+    #[command(subcommand)]
+    SecurityGroup(cli::network::SecurityGroupCmd),
+    /// Each node's software switch.
+    #[command(subcommand)]
+    Switch(cli::network::SwitchCmd),
     /// The per-VM worker process; started by the node, never by hand.
     #[command(hide = true)]
     VmWorker {
@@ -68,6 +80,10 @@ fn main() -> ExitCode {
         Cmd::Meta(m) => cli::run(&args.global, |c| Box::pin(cli::meta::run(c, m))),
         Cmd::Vm(v) => cli::run(&args.global, |c| Box::pin(cli::vm::run(c, v))),
         Cmd::Volume(v) => cli::run(&v.global(&args.global), |c| Box::pin(cli::volume::run(c, v))),
+        Cmd::Network(n) => cli::run(&args.global, |c| Box::pin(cli::network::run_network(c, n))),
+        Cmd::Port(p) => cli::run(&args.global, |c| Box::pin(cli::network::run_port(c, p))),
+        Cmd::SecurityGroup(g) => cli::run(&args.global, |c| Box::pin(cli::network::run_security_group(c, g))),
+        Cmd::Switch(s) => cli::run(&args.global, |c| Box::pin(cli::network::run_switch(c, s))),
         Cmd::VmWorker { control_fd } => nodeos_vmm::worker::main(control_fd),
     }
 }

@@ -2,8 +2,8 @@
 //! becomes running subsystems wired through their handles.
 //!
 //! Start order: data dir (identity, lock) → metadata store → listeners (API,
-//! block replicas, NBD) → formation, replica server, NBD exports, volume
-//! controllers, API. Stop order (SIGTERM/SIGINT): all of those, then raft.
+//! block replicas, NBD, VXLAN) → formation, replica server, NBD exports,
+//! volume controllers, network agent, API. Stop order (SIGTERM/SIGINT): all of those, then raft.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,9 +26,11 @@ use nodeos_compute::Compute;
 use nodeos_compute::compute::ComputeConfig;
 use nodeos_meta::network::PeerClient;
 use nodeos_meta::{MetaConfig, MetaHandle};
+use nodeos_network::{Agent, Networks};
 use nodeos_pool::beacon::BEACON_PORT;
 use nodeos_pool::formation::CapacityProbe;
 use nodeos_pool::{Formation, FormationConfig};
+use nodeos_switch::switch::SwitchHandle;
 use nodeos_types::auth::PoolKey;
 use tokio::sync::watch;
 use tracing::info;
@@ -89,6 +91,11 @@ pub struct DaemonArgs {
     /// Hours between scrubs of every volume copy's checksums.
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
     pub scrub_every_hours: u64,
+    /// Address the switch receives VXLAN tunnel traffic on (the port is
+    /// advertised with --advertise's host when this is a wildcard). Linux
+    /// vxlan devices use port 4789 by default.
+    #[arg(long, default_value = "0.0.0.0:4789")]
+    pub vxlan_listen: SocketAddr,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -114,6 +121,9 @@ pub struct NodeConfig {
     pub block_advertise: SocketAddr,
     pub nbd_listen: SocketAddr,
     pub controller: ControllerConfig,
+    pub vxlan_listen: SocketAddr,
+    /// Where other nodes send this node's tunnel traffic.
+    pub vxlan_advertise: SocketAddr,
 }
 
 /// Pool names: what a hostname label allows.
@@ -165,7 +175,17 @@ impl TryFrom<DaemonArgs> for NodeConfig {
         if block_advertise.port() == 0 {
             bail!("--block-listen {} needs a concrete port", a.block_listen);
         }
+        let vxlan_advertise = if a.vxlan_listen.ip().is_unspecified() {
+            SocketAddr::new(advertise.ip(), a.vxlan_listen.port())
+        } else {
+            a.vxlan_listen
+        };
+        if vxlan_advertise.port() == 0 {
+            bail!("--vxlan-listen {} needs a concrete port", a.vxlan_listen);
+        }
         Ok(NodeConfig {
+            vxlan_listen: a.vxlan_listen,
+            vxlan_advertise,
             block_listen: a.block_listen,
             block_device: a.block_device.map(|d| (d, a.format_block_device)),
             block_advertise,
@@ -290,12 +310,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             discovery_iface: cfg.discovery_iface.clone(),
             beacon_port: cfg.discovery_port,
             block_address: cfg.block_advertise.to_string(),
-            vxlan_address: String::new(),
+            vxlan_address: cfg.vxlan_advertise.to_string(),
             block_capacity: capacity,
         },
         meta.clone(),
     );
     let volumes = Volumes::new(meta.clone(), TcpTransport::new(cfg.key.clone()));
+    let switch = SwitchHandle::start(cfg.vxlan_listen).await.context("starting the switch")?;
+    let networks = Networks::new(meta.clone());
     let exe = std::env::current_exe().context("cannot find this binary to run VM workers")?;
     let compute = Compute::new(
         ComputeConfig {
@@ -306,6 +328,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         },
         meta.clone(),
         volumes.clone(),
+        networks.clone(),
+        switch.clone(),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let formation_task = formation.spawn(stop_rx.clone());
@@ -329,6 +353,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let controller_task = tokio::spawn(
         Controller::new(volumes.clone(), cfg.controller.clone()).run(until_stop(stop_rx.clone())),
     );
+    let agent_task = tokio::spawn(Agent::new(meta.clone(), switch.clone()).run(until_stop(stop_rx.clone())));
     let mut api_stop = stop_rx.clone();
     let mut api = tokio::spawn(nodeos_api::serve(
         listener,
@@ -337,6 +362,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         formation,
         compute,
         volumes,
+        networks,
+        switch,
         async move {
             let _ = api_stop.wait_for(|s| *s).await;
         },
@@ -355,6 +382,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     };
     let _ = formation_task.await;
     let _ = controller_task.await;
+    let _ = agent_task.await;
     let _ = block_task.await;
     match nbd_task.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "NBD server ended with an error"),

@@ -70,7 +70,6 @@ struct Client {
     ns: String,
     tap: String,
     ip: String,
-    mac: String,
 }
 
 /// Makes a tap port on node `node` of `network`, moves its tap into a new
@@ -105,17 +104,18 @@ async fn tap_client(
     let script = std::env::temp_dir().join(format!("nodeos-udhcpc-{}.sh", std::process::id()));
     std::fs::write(&script, UDHCPC_SCRIPT)?;
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let out = sh_ok(
-        &ns,
-        &format!("busybox udhcpc -i {tap} -f -q -n -t 5 -T 1 -O mtu -s {}", script.display()),
-    )
-    .await
-    .context("udhcpc")?;
+    let out =
+        sh_ok(&ns, &format!("busybox udhcpc -i {tap} -f -q -n -t 5 -T 1 -O mtu -s {}", script.display()))
+            .await
+            .context("udhcpc")?;
     let lease = out.lines().find(|l| l.starts_with("LEASE")).with_context(|| format!("no lease: {out}"))?;
-    ensure!(lease.contains(&format!("ip={want_ip} ")), "leased another address than the port's {want_ip}: {lease}");
+    ensure!(
+        lease.contains(&format!("ip={want_ip} ")),
+        "leased another address than the port's {want_ip}: {lease}"
+    );
     ensure!(lease.contains("mtu=1450"), "MTU not reduced for VXLAN: {lease}");
     ensure!(lease.contains("mask=24"), "wrong netmask: {lease}");
-    Ok(Client { port, ns, tap: tap.to_owned(), ip: want_ip, mac })
+    Ok(Client { port, ns, tap: tap.to_owned(), ip: want_ip })
 }
 
 async fn port_stats(c: &Cluster, port: &str) -> anyhow::Result<BTreeMap<String, u64>> {
@@ -140,8 +140,9 @@ async fn tcp(from: &Client, to: &Client, port: u16) -> anyhow::Result<bool> {
         .spawn()
         .context("starting a listener")?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (ok, _) = sh(&from.ns, &format!("echo hello | busybox nc -w 3 {} {port}", to.ip), Duration::from_secs(15))
-        .await?;
+    let (ok, _) =
+        sh(&from.ns, &format!("echo hello | busybox nc -w 3 {} {port}", to.ip), Duration::from_secs(15))
+            .await?;
     drop(listen);
     Ok(ok)
 }
@@ -162,14 +163,19 @@ async fn dhcp_ping_tcp_isolation_and_security_groups_across_two_nodes() -> anyho
     let a1 = tap_client(&mut c, 1, &ids[1], "tenant-a", "ta1", &["web"]).await?;
     let b0 = tap_client(&mut c, 0, &ids[0], "tenant-b", "tb0", &["web"]).await?;
     let b1 = tap_client(&mut c, 1, &ids[1], "tenant-b", "tb1", &["web"]).await?;
-    ensure!(a1.ip == b1.ip && a0.ip == b0.ip, "overlapping blocks hand out the same addresses: {a0:?} {a1:?} {b0:?} {b1:?}");
+    ensure!(
+        a1.ip == b1.ip && a0.ip == b0.ip,
+        "overlapping blocks hand out the same addresses: {a0:?} {a1:?} {b0:?} {b1:?}"
+    );
 
     // Across nodes, through the tunnel.
     ensure!(ping(&a0, &a1.ip).await?, "ping {} -> {} across nodes failed", a0.ip, a1.ip);
     ensure!(tcp(&a0, &a1, 5001).await?, "TCP to an allowed port across nodes failed");
     ensure!(ping(&b1, &b0.ip).await?, "ping on tenant-b failed");
     // The gateway answers ARP (the switch does).
-    let (_, arp) = sh(&a0.ns, &format!("busybox arping -c 1 -w 2 -I {} 10.60.0.1", a0.tap), Duration::from_secs(10)).await?;
+    let (_, arp) =
+        sh(&a0.ns, &format!("busybox arping -c 1 -w 2 -I {} 10.60.0.1", a0.tap), Duration::from_secs(10))
+            .await?;
     ensure!(arp.contains("Received 1"), "no ARP answer for the gateway: {arp}");
 
     // Isolation: tenant-a traffic never reaches tenant-b's ports.
@@ -178,7 +184,8 @@ async fn dhcp_ping_tcp_isolation_and_security_groups_across_two_nodes() -> anyho
     for _ in 0..3 {
         ensure!(ping(&a0, &a1.ip).await?, "ping on tenant-a failed");
     }
-    sh(&a0.ns, &format!("busybox arping -b -c 3 -w 3 -I {} {}", a0.tap, a1.ip), Duration::from_secs(10)).await?;
+    sh(&a0.ns, &format!("busybox arping -b -c 3 -w 3 -I {} {}", a0.tap, a1.ip), Duration::from_secs(10))
+        .await?;
     let after0 = port_stats(&c, &b0.port).await?;
     let after1 = port_stats(&c, &b1.port).await?;
     ensure!(
@@ -208,7 +215,10 @@ async fn dhcp_ping_tcp_isolation_and_security_groups_across_two_nodes() -> anyho
     ip(&["-n", &a0.ns, "addr", "add", "10.60.0.99/24", "dev", &a0.tap])?;
     sh(&a0.ns, &format!("busybox ping -c 2 -W 1 -I 10.60.0.99 {}", a1.ip), Duration::from_secs(10)).await?;
     let spoofed_after = port_stats(&c, &a0.port).await?["spoofed"];
-    ensure!(spoofed_after > spoofed_before, "spoofed source not counted: {spoofed_before} -> {spoofed_after}");
+    ensure!(
+        spoofed_after > spoofed_before,
+        "spoofed source not counted: {spoofed_before} -> {spoofed_after}"
+    );
 
     // Bad input: clear errors, nothing changed.
     for (args, want) in [
@@ -220,7 +230,8 @@ async fn dhcp_ping_tcp_isolation_and_security_groups_across_two_nodes() -> anyho
         (vec!["network", "show", "nope"], "not found"),
         (vec!["security-group", "rule", "add", "web", "ingress tcp 0"], "port"),
     ] {
-        let err = c.cli(0, &args).await.err().with_context(|| format!("`{}` was accepted", args.join(" ")))?;
+        let err =
+            c.cli(0, &args).await.err().with_context(|| format!("`{}` was accepted", args.join(" ")))?;
         ensure!(format!("{err:#}").contains(want), "`{}`: {err:#} does not mention {want:?}", args.join(" "));
     }
     let nets = c.cli(0, &["network", "list"]).await?;
@@ -239,15 +250,55 @@ async fn a_linux_vxlan_device_joins_a_network_as_a_remote_vtep() -> anyhow::Resu
     let host = c.net_mut().add_slot()?;
     let slot = c.net().slot(host)?.clone();
     c.cli(0, &["security-group", "create", "ping", "--rule", "ingress icmp"]).await?;
-    c.cli(0, &["network", "create", "interop", "--cidr", "10.70.0.0/24", "--vni", "4242", "--vtep", &slot.ip.to_string()])
-        .await?;
+    c.cli(
+        0,
+        &[
+            "network",
+            "create",
+            "interop",
+            "--cidr",
+            "10.70.0.0/24",
+            "--vni",
+            "4242",
+            "--vtep",
+            &slot.ip.to_string(),
+        ],
+    )
+    .await?;
     let p = tap_client(&mut c, 1, &ids[1], "interop", "ti1", &["ping"]).await?;
     // The kernel's VTEP: flooded frames go to both nodes (head-end replication).
     let (n0, n1) = (c.net().ip_of(0).to_string(), c.net().ip_of(1).to_string());
-    ip(&["-n", &slot.ns, "link", "add", "vx0", "type", "vxlan", "id", "4242", "dstport", "4789", "local", &slot.ip.to_string(), "nolearning"])?;
+    ip(&[
+        "-n",
+        &slot.ns,
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        "4242",
+        "dstport",
+        "4789",
+        "local",
+        &slot.ip.to_string(),
+        "nolearning",
+    ])?;
     for n in [&n0, &n1] {
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &slot.ns, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vx0", "dst", n])
+            .args([
+                "netns",
+                "exec",
+                &slot.ns,
+                "bridge",
+                "fdb",
+                "append",
+                "00:00:00:00:00:00",
+                "dev",
+                "vx0",
+                "dst",
+                n,
+            ])
             .output()?;
         ensure!(out.status.success(), "bridge fdb append: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -280,7 +331,8 @@ async fn a_linux_vxlan_device_joins_a_network_as_a_remote_vtep() -> anyhow::Resu
     // from the network and ping again.
     c.cli(0, &["network", "set", "interop", "--no-vteps"]).await?;
     wait_until("the unlisted VTEP is refused", Duration::from_secs(10), || async {
-        let (ok, _) = sh(&slot.ns, &format!("busybox ping -c 1 -W 1 {}", p.ip), Duration::from_secs(10)).await?;
+        let (ok, _) =
+            sh(&slot.ns, &format!("busybox ping -c 1 -W 1 {}", p.ip), Duration::from_secs(10)).await?;
         ensure!(!ok, "still answered");
         let sw = c.cli(1, &["switch", "show"]).await?;
         let unknown = sw["tunnel"]["unknown_vtep"].as_u64().unwrap_or(0);
@@ -319,8 +371,11 @@ async fn the_test_guest_net_check_passes_through_the_switch_on_a_vm_port() -> an
     c.cli(i, &["network", "create", "vmnet", "--cidr", "10.71.0.0/24"]).await?;
     // The host side of the check: a trusted tap port (its peer sends from
     // its own MAC, so port security is off for it).
-    c.cli(i, &["port", "create", "--network", "vmnet", "--node", &id, "--tap", "vmpeer0", "--no-port-security"])
-        .await?;
+    c.cli(
+        i,
+        &["port", "create", "--network", "vmnet", "--node", &id, "--tap", "vmpeer0", "--no-port-security"],
+    )
+    .await?;
     let ns = c.node(i)?.ns.clone();
     let mut vms = VmServiceClient::connect(format!("http://{}", c.node(i)?.addr)).await?;
     let spec = pb::VmSpec {
@@ -328,7 +383,11 @@ async fn the_test_guest_net_check_passes_through_the_switch_on_a_vm_port() -> an
         memory_mib: 64,
         kernel: guest.display().to_string(),
         cmdline: "mode=net net_frames=2 net_expect=2 net_wait_ms=120000".into(),
-        nics: vec![pb::NicSpec { mac: "52:54:00:12:34:57".into(), network: "vmnet".into(), ..Default::default() }],
+        nics: vec![pb::NicSpec {
+            mac: "52:54:00:12:34:57".into(),
+            network: "vmnet".into(),
+            ..Default::default()
+        }],
         ..Default::default()
     };
     let vm = vms.create(pb::CreateVmRequest { name: "netvm".into(), spec: Some(spec) }).await?.into_inner();

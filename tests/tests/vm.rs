@@ -107,7 +107,7 @@ async fn test_guest_does_block_and_net_io_through_the_api() -> anyhow::Result<()
     std::fs::File::create(&disk)?.set_len(8 << 20)?;
     let mut s = spec(&guest_elf(), "mode=all net_frames=2 net_expect=2 net_wait_ms=120000 blk_seed=0x77", 64);
     s.disks.push(pb::DiskSpec { path: disk.display().to_string(), read_only: false, volume: String::new() });
-    s.nics.push(pb::NicSpec { mac: "52:54:00:12:34:56".into(), tap: "vmtap0".into() });
+    s.nics.push(pb::NicSpec { mac: "52:54:00:12:34:56".into(), tap: "vmtap0".into(), ..Default::default() });
     let vm = vms.create(pb::CreateVmRequest { name: "io".into(), spec: Some(s) }).await?.into_inner();
     ensure!(vm.state == "stopped", "a created VM is stopped, got {}", vm.state);
 

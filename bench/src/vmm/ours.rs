@@ -50,7 +50,7 @@ impl OurVmm {
             rand::rng().sample_iter(rand::distr::Alphanumeric).take(32).map(char::from).collect();
         let key_file = dir.path().join("pool.key");
         std::fs::write(&key_file, key).context("writing the pool key")?;
-        let ports = free_ports(3)?;
+        let ports = free_ports(4)?;
         let addr = format!("{LOOPBACK}:{}", ports[0]);
         let mut cmd = Command::new(bin);
         cmd.arg("node")
@@ -60,7 +60,8 @@ impl OurVmm {
             .arg(&key_file)
             .args(["--listen", &addr, "--bootstrap-expect", "1"])
             .args(["--block-listen", &format!("{LOOPBACK}:{}", ports[1])])
-            .args(["--nbd-listen", &format!("{LOOPBACK}:{}", ports[2])]);
+            .args(["--nbd-listen", &format!("{LOOPBACK}:{}", ports[2])])
+            .args(["--vxlan-listen", &format!("{LOOPBACK}:{}", ports[3])]);
         let mut node = ChildGuard::spawn("nodeos node", cmd, &dir.path().join("node.log"))?;
         wait_formed(&mut node, &addr).await?;
         let vms = VmServiceClient::new(channel(&addr).await?);

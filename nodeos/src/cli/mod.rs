@@ -4,8 +4,11 @@
 //! - `mod.rs`: global flags, connecting, the one-line error report.
 //! - `output.rs`: table and JSON rendering.
 //! - `pool.rs`, `node.rs`, `meta.rs`, `vm.rs`, `volume.rs`: one file per command group.
+//! - `network.rs`: `network`, `port`, `security-group` and `switch`, the groups of
+//!   the network service.
 
 pub mod meta;
+pub mod network;
 pub mod node;
 pub mod output;
 pub mod pool;

@@ -73,7 +73,8 @@ pub struct CreateArgs {
     /// append ",ro" for read-only. Repeatable.
     #[arg(long = "disk")]
     pub disks: Vec<String>,
-    /// A NIC attached to a host tap: TAP or TAP,MAC. Repeatable.
+    /// A NIC: on a host tap, TAP or TAP,MAC; or on a pool network,
+    /// network=NAME[,mac=MAC][,ip=IP][,sg=G1+G2][,no-port-security]. Repeatable.
     #[arg(long = "nic")]
     pub nics: Vec<String>,
 }
@@ -112,7 +113,7 @@ impl From<pb::Vm> for VmView {
                 .into_iter()
                 .map(|d| if d.read_only { format!("{},ro", d.path) } else { d.path })
                 .collect(),
-            nics: s.nics.into_iter().map(|n| format!("{},{}", n.tap, n.mac)).collect(),
+            nics: s.nics.into_iter().map(nic_text).collect(),
             worker_pid: v.worker_pid,
         }
     }
@@ -168,11 +169,61 @@ fn parse_disk(s: &str) -> pb::DiskSpec {
     }
 }
 
-fn parse_nic(s: &str) -> pb::NicSpec {
-    match s.split_once(',') {
-        Some((tap, mac)) => pb::NicSpec { tap: tap.to_owned(), mac: mac.to_owned() },
-        None => pb::NicSpec { tap: s.to_owned(), mac: String::new() },
+/// `TAP[,MAC]` for a NIC on a host tap, or `key=value` pairs: `network=NAME`
+/// (or `tap=TAP`), `mac=`, `ip=`, `sg=G1+G2` and the flag `no-port-security`.
+fn parse_nic(s: &str) -> Result<pb::NicSpec, String> {
+    if !s.contains('=') {
+        return Ok(match s.split_once(',') {
+            Some((tap, mac)) => {
+                pb::NicSpec { tap: tap.to_owned(), mac: mac.to_owned(), ..Default::default() }
+            }
+            None => pb::NicSpec { tap: s.to_owned(), ..Default::default() },
+        });
     }
+    let mut n = pb::NicSpec::default();
+    for part in s.split(',') {
+        let (key, value) = part.split_once('=').unwrap_or((part, ""));
+        let slot = match key {
+            "network" => &mut n.network,
+            "tap" => &mut n.tap,
+            "mac" => &mut n.mac,
+            "ip" => &mut n.ip,
+            "sg" => {
+                n.security_groups.extend(value.split('+').filter(|g| !g.is_empty()).map(str::to_owned));
+                continue;
+            }
+            "no-port-security" if value.is_empty() => {
+                n.no_port_security = true;
+                continue;
+            }
+            _ => {
+                return Err(format!(
+                    "--nic {s:?}: unknown part {part:?}; use network=, tap=, mac=, ip=, sg= and no-port-security"
+                ));
+            }
+        };
+        if value.is_empty() || !slot.is_empty() {
+            return Err(format!("--nic {s:?}: {key}= needs one value"));
+        }
+        *slot = value.to_owned();
+    }
+    match (n.network.is_empty(), n.tap.is_empty()) {
+        (true, true) => Err(format!("--nic {s:?}: give network=NAME or a tap")),
+        (false, false) => Err(format!("--nic {s:?}: a NIC plugs into a network or a tap, not both")),
+        (true, false) if !n.ip.is_empty() || !n.security_groups.is_empty() || n.no_port_security => {
+            Err(format!("--nic {s:?}: ip=, sg= and no-port-security need network="))
+        }
+        _ => Ok(n),
+    }
+}
+
+/// A NIC as `--nic` takes it, with its port once it has one.
+fn nic_text(n: pb::NicSpec) -> String {
+    if n.port.is_empty() && n.network.is_empty() {
+        return format!("{},{}", n.tap, n.mac);
+    }
+    let network = if n.network.is_empty() { "?" } else { n.network.as_str() };
+    format!("network={network},mac={},port={}", n.mac, n.port)
 }
 
 pub async fn run(ctx: Ctx, cmd: VmCmd) -> Result<(), CliError> {
@@ -187,7 +238,12 @@ pub async fn run(ctx: Ctx, cmd: VmCmd) -> Result<(), CliError> {
                 initrd: a.initrd,
                 cmdline: a.cmdline,
                 disks: a.disks.iter().map(|d| parse_disk(d)).collect(),
-                nics: a.nics.iter().map(|n| parse_nic(n)).collect(),
+                nics: a
+                    .nics
+                    .iter()
+                    .map(|n| parse_nic(n))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| CliError::Status(format!("invalid argument: {e}")))?,
             };
             show(
                 ctx.output,
@@ -252,6 +308,45 @@ pub async fn run(ctx: Ctx, cmd: VmCmd) -> Result<(), CliError> {
                 let _ = stdout.flush();
             }
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_nics_keep_their_old_form() {
+        let n = parse_nic("tap0").unwrap();
+        assert_eq!((n.tap.as_str(), n.mac.as_str(), n.network.as_str()), ("tap0", "", ""));
+        let n = parse_nic("tap0,52:54:00:12:34:56").unwrap();
+        assert_eq!((n.tap.as_str(), n.mac.as_str()), ("tap0", "52:54:00:12:34:56"));
+        let n = parse_nic("tap=tap1,mac=52:54:00:12:34:56").unwrap();
+        assert_eq!((n.tap.as_str(), n.mac.as_str()), ("tap1", "52:54:00:12:34:56"));
+    }
+
+    #[test]
+    fn network_nics_take_their_port_settings() {
+        let n = parse_nic("network=tenant-a").unwrap();
+        assert_eq!(n.network, "tenant-a");
+        assert!(n.tap.is_empty() && n.security_groups.is_empty() && !n.no_port_security);
+        let n = parse_nic("network=tenant-a,mac=52:54:00:12:34:56,ip=10.0.0.5,sg=web+ssh,no-port-security")
+            .unwrap();
+        assert_eq!(n.mac, "52:54:00:12:34:56");
+        assert_eq!(n.ip, "10.0.0.5");
+        assert_eq!(n.security_groups, ["web", "ssh"]);
+        assert!(n.no_port_security);
+        for bad in [
+            "network=a,tap=t0",
+            "network=",
+            "network=a,network=b",
+            "network=a,colour=blue",
+            "mac=52:54:00:12:34:56",
+            "tap=t0,ip=10.0.0.5",
+            "network=a,no-port-security=yes",
+        ] {
+            assert!(parse_nic(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -4,6 +4,7 @@ use nodeos_block::device::DeviceError;
 use nodeos_block::volumes::VolumeError;
 use nodeos_meta::MetaError;
 use nodeos_meta::WatchError;
+use nodeos_network::NetworkError;
 use tonic::Status;
 
 /// Maps a metadata store error to the status a client can act on.
@@ -40,6 +41,41 @@ pub fn volume_status(e: VolumeError) -> Status {
         VolumeError::Meta(m) => meta_status(*m),
         VolumeError::Device(d) => device_status(&d),
         _ => Status::internal(chain(&e)),
+    }
+}
+
+/// Maps a network, port or security group error to the status a client can act on.
+pub fn network_status(e: NetworkError) -> Status {
+    match e {
+        // No VNI left to hand out.
+        NetworkError::Full(_) | NetworkError::Vni(0) => Status::resource_exhausted(chain(&e)),
+        NetworkError::NoNetwork(_)
+        | NetworkError::NoPort(_)
+        | NetworkError::NoSecurityGroup(_)
+        | NetworkError::NoNode(_)
+        | NetworkError::NoRule { .. } => Status::not_found(chain(&e)),
+        NetworkError::NameTaken { .. }
+        | NetworkError::VniTaken(_)
+        | NetworkError::IfnameTaken { .. }
+        | NetworkError::MacTaken { .. }
+        | NetworkError::IpTaken { .. } => Status::already_exists(chain(&e)),
+        NetworkError::Name { .. }
+        | NetworkError::Vni(_)
+        | NetworkError::Cidr(_)
+        | NetworkError::NotInNetwork { .. }
+        | NetworkError::Mtu(_)
+        | NetworkError::Lease(_)
+        | NetworkError::Vtep(_)
+        | NetworkError::Ifname(_)
+        | NetworkError::Mac(_)
+        | NetworkError::TooManyGroups
+        | NetworkError::TooManyRules => Status::invalid_argument(chain(&e)),
+        NetworkError::HasPorts { .. } | NetworkError::GroupInUse { .. } => {
+            Status::failed_precondition(chain(&e))
+        }
+        NetworkError::Conflict => Status::aborted(chain(&e)),
+        NetworkError::Meta(m) => meta_status(*m),
+        NetworkError::Record(_) => Status::internal(chain(&e)),
     }
 }
 

@@ -5,17 +5,21 @@
 //! - `metadata.rs`: `MetadataService`, the operator's `custom/` key space, public.
 //! - `vm.rs`: `VmService`, VMs and their consoles, public.
 //! - `volume.rs`: `VolumeService`, block volumes, snapshots, clones and image import, public.
+//! - `network.rs`: `NetworkService`, tenant networks, ports, security groups and the
+//!   switch counters of each node, public.
 //! - `peer.rs`: `PeerService`, node to node, every message authenticated with the pool key.
 //! - `proxy.rs`: handing a request to another node's API, at most once.
 //! - `error.rs`: the one place where errors become gRPC `Status`es.
 //! - `server.rs`: [`serve`], one tonic server with every service, reflection and message limits.
 //!
 //! The services hold handles ([`nodeos_meta::MetaHandle`], [`nodeos_pool::Formation`],
-//! [`nodeos_block::volumes::Volumes`])
+//! [`nodeos_block::volumes::Volumes`], [`nodeos_network::Networks`],
+//! [`nodeos_switch::switch::SwitchHandle`])
 //! and never touch storage directly.
 
 pub mod error;
 pub mod metadata;
+pub mod network;
 pub mod peer;
 pub mod pool;
 pub mod proxy;

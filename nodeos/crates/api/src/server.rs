@@ -6,15 +6,19 @@ use nodeos_block::volumes::Volumes;
 use nodeos_compute::Compute;
 use nodeos_meta::MetaHandle;
 use nodeos_meta::network::MAX_PEER_MESSAGE;
+use nodeos_network::Networks;
 use nodeos_pool::Formation;
 use nodeos_proto::v1::metadata_service_server::MetadataServiceServer;
+use nodeos_proto::v1::network_service_server::NetworkServiceServer;
 use nodeos_proto::v1::peer_service_server::PeerServiceServer;
 use nodeos_proto::v1::pool_service_server::PoolServiceServer;
 use nodeos_proto::v1::vm_service_server::VmServiceServer;
 use nodeos_proto::v1::volume_service_server::VolumeServiceServer;
+use nodeos_switch::switch::SwitchHandle;
 use tokio::net::TcpListener;
 
 use crate::metadata::MetadataApi;
+use crate::network::NetworkApi;
 use crate::peer::PeerApi;
 use crate::pool::PoolApi;
 use crate::vm::VmApi;
@@ -37,6 +41,8 @@ pub enum ServeError {
 }
 
 /// Serves every service on an already bound listener until `shutdown` resolves.
+// One handle per subsystem, each passed in by the composition root.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     cfg: ApiConfig,
@@ -44,6 +50,8 @@ pub async fn serve(
     formation: Formation,
     compute: Compute,
     volumes: Volumes,
+    networks: Networks,
+    switch: SwitchHandle,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let reflection = tonic_reflection::server::Builder::configure()
@@ -56,12 +64,15 @@ pub async fn serve(
     let metadata = MetadataServiceServer::new(MetadataApi::new(meta.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE + 64 * 1024)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE * 4);
-    let vm = VmServiceServer::new(VmApi::new(compute, meta.clone()))
+    let vm = VmServiceServer::new(VmApi::new(compute, meta.clone(), networks.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE);
     // An import chunk is a whole message: room for its largest data plus framing.
     let volume = VolumeServiceServer::new(VolumeApi::new(volumes))
         .max_decoding_message_size(MAX_IMPORT_CHUNK + 64 * 1024)
+        .max_encoding_message_size(MAX_PUBLIC_MESSAGE * 4);
+    let network = NetworkServiceServer::new(NetworkApi::new(networks, switch, meta.clone()))
+        .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE * 4);
     let peer = PeerServiceServer::new(PeerApi::new(meta, formation))
         .max_decoding_message_size(MAX_PEER_MESSAGE)
@@ -77,6 +88,7 @@ pub async fn serve(
         .add_service(metadata)
         .add_service(vm)
         .add_service(volume)
+        .add_service(network)
         .add_service(peer)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -1,24 +1,29 @@
 //! `VmService`: VMs and their consoles.
 //!
 //! A VM lives on one node; a request for a VM of another node is handed to that
-//! node's API once (unary calls) and answered from there.
+//! node's API once (unary calls) and answered from there. NICs that name a
+//! pool network get a port made with the VM; answers name each NIC's port and
+//! its network.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use nodeos_compute::compute::NicNetwork;
 use nodeos_compute::{Compute, ComputeError};
 use nodeos_meta::MetaHandle;
+use nodeos_network::Networks;
 use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::vm_service_client::VmServiceClient;
 use nodeos_proto::v1::vm_service_server::VmService;
 use nodeos_types::records::{DiskSpec, NicSpec, VmRecord, VmSpec};
-use nodeos_types::{NodeId, VmId};
+use nodeos_types::{NodeId, PortId, VmId};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::error::{chain, meta_status};
+use crate::error::{chain, meta_status, network_status};
 use crate::proxy::{self, is_proxied as proxied, mark};
 
 const PROXY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -29,11 +34,37 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct VmApi {
     compute: Compute,
     meta: MetaHandle,
+    networks: Networks,
 }
 
 impl VmApi {
-    pub fn new(compute: Compute, meta: MetaHandle) -> Self {
-        VmApi { compute, meta }
+    pub fn new(compute: Compute, meta: MetaHandle, networks: Networks) -> Self {
+        VmApi { compute, meta, networks }
+    }
+
+    /// The network name of each port of `vms`' NICs. Best effort: an answer
+    /// about a VM is not refused because the network records cannot be read.
+    async fn port_networks<'a>(&self, vms: impl IntoIterator<Item = &'a VmRecord>) -> PortNetworks {
+        let wanted: Vec<PortId> =
+            vms.into_iter().flat_map(|v| v.spec.nics.iter().filter_map(|n| n.port)).collect();
+        if wanted.is_empty() {
+            return PortNetworks::new();
+        }
+        let (Ok(ports), Ok(nets)) = (self.networks.list_ports().await, self.networks.list_networks().await)
+        else {
+            return PortNetworks::new();
+        };
+        let names: BTreeMap<_, _> = nets.into_iter().map(|n| (n.id, n.name)).collect();
+        ports
+            .into_iter()
+            .filter(|p| wanted.contains(&p.id))
+            .map(|p| (p.id, names.get(&p.network).cloned().unwrap_or_else(|| p.network.to_string())))
+            .collect()
+    }
+
+    async fn answer(&self, r: VmRecord, pid: Option<u32>) -> pb::Vm {
+        let nets = self.port_networks([&r]).await;
+        to_pb(r, pid, &nets)
     }
 
     async fn client_for(&self, node: NodeId) -> Result<VmServiceClient<tonic::transport::Channel>, Status> {
@@ -59,14 +90,49 @@ pub fn compute_status(e: ComputeError) -> Status {
         ComputeError::Worker(_) | ComputeError::Tap(_) => Status::failed_precondition(chain(&e)),
         ComputeError::Io { .. } | ComputeError::Record(_) => Status::internal(chain(&e)),
         ComputeError::Volume(v) => crate::error::volume_status(*v),
+        ComputeError::Network(n) => network_status(*n),
+        ComputeError::NicNetwork(_) => Status::invalid_argument(e.to_string()),
+        ComputeError::Switch(_) => Status::failed_precondition(chain(&e)),
     }
 }
 
-fn spec_from_pb(s: Option<pb::VmSpec>) -> Result<VmSpec, Status> {
+/// The spec, and the NICs that plug into pool networks.
+fn spec_from_pb(s: Option<pb::VmSpec>) -> Result<(VmSpec, Vec<NicNetwork>), Status> {
     let s = s.ok_or_else(|| Status::invalid_argument("spec is required"))?;
     let vcpus = u8::try_from(s.vcpus)
         .map_err(|_| Status::invalid_argument(format!("vcpus must be 1..=64, got {}", s.vcpus)))?;
-    Ok(VmSpec {
+    let mut nets = Vec::new();
+    let mut nics = Vec::with_capacity(s.nics.len());
+    for (i, n) in s.nics.into_iter().enumerate() {
+        if n.network.is_empty() {
+            if !n.ip.is_empty() || !n.security_groups.is_empty() || n.no_port_security {
+                return Err(Status::invalid_argument(format!(
+                    "spec.nics[{i}]: ip, security_groups and no_port_security need a network"
+                )));
+            }
+        } else {
+            if !n.tap.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "spec.nics[{i}]: a NIC plugs into a network or a tap, not both"
+                )));
+            }
+            let ip = if n.ip.is_empty() {
+                None
+            } else {
+                Some(crate::network::parse_ip(&format!("spec.nics[{i}].ip"), &n.ip)?)
+            };
+            nets.push(NicNetwork {
+                nic: i,
+                network: n.network,
+                ip,
+                security_groups: n.security_groups,
+                port_security: !n.no_port_security,
+            });
+        }
+        let mac = if n.mac.is_empty() { random_mac() } else { n.mac };
+        nics.push(NicSpec { mac, tap: n.tap, port: None });
+    }
+    let spec = VmSpec {
         vcpus,
         memory_mib: s.memory_mib,
         kernel: s.kernel,
@@ -89,12 +155,9 @@ fn spec_from_pb(s: Option<pb::VmSpec>) -> Result<VmSpec, Status> {
                 Ok(DiskSpec { path: d.path, volume, read_only: d.read_only })
             })
             .collect::<Result<_, Status>>()?,
-        nics: s
-            .nics
-            .into_iter()
-            .map(|n| NicSpec { mac: if n.mac.is_empty() { random_mac() } else { n.mac }, tap: n.tap, port: None })
-            .collect(),
-    })
+        nics,
+    };
+    Ok((spec, nets))
 }
 
 /// A locally administered unicast MAC.
@@ -103,7 +166,10 @@ fn random_mac() -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", v[0], v[1], v[2])
 }
 
-fn to_pb(r: VmRecord, pid: Option<u32>) -> pb::Vm {
+/// Port id to the name of its network.
+type PortNetworks = BTreeMap<PortId, String>;
+
+fn to_pb(r: VmRecord, pid: Option<u32>, nets: &PortNetworks) -> pb::Vm {
     pb::Vm {
         id: r.id.to_string(),
         name: r.name,
@@ -123,7 +189,18 @@ fn to_pb(r: VmRecord, pid: Option<u32>) -> pb::Vm {
                     volume: d.volume.map(|v| v.to_string()).unwrap_or_default(),
                 })
                 .collect(),
-            nics: r.spec.nics.into_iter().map(|n| pb::NicSpec { mac: n.mac, tap: n.tap }).collect(),
+            nics: r
+                .spec
+                .nics
+                .into_iter()
+                .map(|n| pb::NicSpec {
+                    mac: n.mac,
+                    tap: n.tap,
+                    network: n.port.and_then(|p| nets.get(&p).cloned()).unwrap_or_default(),
+                    port: n.port.map(|p| p.to_string()).unwrap_or_default(),
+                    ..Default::default()
+                })
+                .collect(),
         }),
         node_id: r.node.to_string(),
         state: r.state.as_str().to_owned(),
@@ -147,7 +224,7 @@ macro_rules! on_owner {
         }
         let rec = $local.await.map_err(compute_status)?;
         let pid = $self.compute.worker_pid(rec.id);
-        Ok(Response::new(to_pb(rec, pid)))
+        Ok(Response::new($self.answer(rec, pid).await))
     }};
 }
 
@@ -155,9 +232,9 @@ macro_rules! on_owner {
 impl VmService for VmApi {
     async fn create(&self, req: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let r = req.into_inner();
-        let spec = spec_from_pb(r.spec)?;
-        let rec = self.compute.create(&r.name, spec).await.map_err(compute_status)?;
-        Ok(Response::new(to_pb(rec, None)))
+        let (spec, nets) = spec_from_pb(r.spec)?;
+        let rec = self.compute.create(&r.name, spec, nets).await.map_err(compute_status)?;
+        Ok(Response::new(self.answer(rec, None).await))
     }
 
     async fn start(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
@@ -197,17 +274,18 @@ impl VmService for VmApi {
         let vm = req.get_ref().vm.clone();
         let r = self.compute.resolve(&vm).await.map_err(compute_status)?;
         let pid = self.compute.worker_pid(r.id);
-        Ok(Response::new(to_pb(r, pid)))
+        Ok(Response::new(self.answer(r, pid).await))
     }
 
     async fn list(&self, _req: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
         let vms = self.compute.list().await.map_err(compute_status)?;
+        let nets = self.port_networks(&vms).await;
         Ok(Response::new(pb::ListVmsResponse {
             vms: vms
                 .into_iter()
                 .map(|r| {
                     let pid = self.compute.worker_pid(r.id);
-                    to_pb(r, pid)
+                    to_pb(r, pid, &nets)
                 })
                 .collect(),
         }))

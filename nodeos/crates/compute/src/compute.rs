@@ -15,14 +15,13 @@ use nodeos_meta::{Command, Consistency, MetaError, MetaHandle};
 use nodeos_network::Networks;
 use nodeos_network::networks::{NetworkError, NewPort};
 use nodeos_switch::switch::{SwitchError, SwitchHandle};
-use nodeos_types::net::MacAddr;
-use nodeos_types::{PortId, VolumeId};
 use nodeos_types::auth::PoolKey;
+use nodeos_types::net::MacAddr;
 use nodeos_types::records::{
-    PortKind,
-    VMS_PREFIX, VmRecord, VmSpec, VmState, VolumeRecord, vm_key, vm_name_key, volume_key,
+    PortKind, VMS_PREFIX, VmRecord, VmSpec, VmState, VolumeRecord, vm_key, vm_name_key, volume_key,
 };
 use nodeos_types::{NodeId, VmId, unix_millis};
+use nodeos_types::{PortId, VolumeId};
 use nodeos_vmm::config::{DiskConfig, NicConfig, VolumeDisk, WorkerConfig};
 use nodeos_vmm::control::{StopReason, ToWorker, WorkerEvent};
 use tokio::sync::watch;
@@ -282,7 +281,12 @@ impl Compute {
     }
 
     /// Records a new, stopped VM on this node. Names are unique in the pool.
-    pub async fn create(&self, name: &str, mut spec: VmSpec, nets: Vec<NicNetwork>) -> Result<VmRecord, ComputeError> {
+    pub async fn create(
+        &self,
+        name: &str,
+        mut spec: VmSpec,
+        nets: Vec<NicNetwork>,
+    ) -> Result<VmRecord, ComputeError> {
         let id = VmId::random();
         let mut seen = std::collections::BTreeSet::new();
         for n in &nets {
@@ -299,10 +303,10 @@ impl Compute {
         spec::check(name, &spec)?;
         let mut made = Vec::new();
         for n in &nets {
-            let mac = spec.nics[n.nic].mac.parse::<MacAddr>().map_err(|_| SpecError::Mac {
-                index: n.nic,
-                mac: spec.nics[n.nic].mac.clone(),
-            })?;
+            let mac = spec.nics[n.nic]
+                .mac
+                .parse::<MacAddr>()
+                .map_err(|_| SpecError::Mac { index: n.nic, mac: spec.nics[n.nic].mac.clone() })?;
             let port = self
                 .inner
                 .networks

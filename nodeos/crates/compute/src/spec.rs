@@ -183,11 +183,15 @@ mod tests {
             ..spec(&k)
         };
         assert!(matches!(check("vm1", &disk), Err(SpecError::File { field: "disk", .. })));
-        let nic =
-            VmSpec { nics: vec![NicSpec { mac: "01:00:00:00:00:01".into(), tap: "t0".into() }], ..spec(&k) };
+        let nic = VmSpec {
+            nics: vec![NicSpec { mac: "01:00:00:00:00:01".into(), tap: "t0".into(), port: None }],
+            ..spec(&k)
+        };
         assert!(matches!(check("vm1", &nic), Err(SpecError::Mac { .. })));
-        let nic =
-            VmSpec { nics: vec![NicSpec { mac: "52:54:00:00:00:01".into(), tap: "a/b".into() }], ..spec(&k) };
+        let nic = VmSpec {
+            nics: vec![NicSpec { mac: "52:54:00:00:00:01".into(), tap: "a/b".into(), port: None }],
+            ..spec(&k)
+        };
         assert!(matches!(check("vm1", &nic), Err(SpecError::Tap { .. })));
     }
 

@@ -14,11 +14,11 @@ use futures::StreamExt;
 use nodeos_meta::{Consistency, MetaHandle};
 use nodeos_switch::frame::Mac;
 use nodeos_switch::switch::{Attachment, Desired, NetworkConfig, PortConfig, SwitchHandle};
+use nodeos_types::net::SecurityRule;
 use nodeos_types::records::{
     NETWORKS_PREFIX, NODES_PREFIX, NetworkRecord, NodeRecord, PORTS_PREFIX, PortKind, PortRecord,
     SECURITY_GROUPS_PREFIX, SecurityGroupRecord,
 };
-use nodeos_types::net::SecurityRule;
 use nodeos_types::{NodeId, PortId, SecurityGroupId};
 use tracing::{debug, warn};
 
@@ -101,7 +101,11 @@ pub fn desired(me: NodeId, r: &Records) -> Desired {
         let rules = if p.security_groups.is_empty() {
             default_rules()
         } else {
-            p.security_groups.iter().filter_map(|g| groups.get(g)).flat_map(|g| g.rules.iter().copied()).collect()
+            p.security_groups
+                .iter()
+                .filter_map(|g| groups.get(g))
+                .flat_map(|g| g.rules.iter().copied())
+                .collect()
         };
         out.ports.push(PortConfig {
             id: p.id,
@@ -138,7 +142,10 @@ impl Agent {
     }
 
     async fn read(&self) -> Option<(Records, u64)> {
-        async fn all<T: serde::de::DeserializeOwned>(meta: &MetaHandle, prefix: &str) -> Option<(Vec<T>, u64)> {
+        async fn all<T: serde::de::DeserializeOwned>(
+            meta: &MetaHandle,
+            prefix: &str,
+        ) -> Option<(Vec<T>, u64)> {
             let (kvs, rev) = meta.range(prefix, 0, Consistency::Local).await.ok()?;
             let v = kvs
                 .iter()
@@ -179,28 +186,18 @@ impl Agent {
                 [NETWORKS_PREFIX, PORTS_PREFIX, SECURITY_GROUPS_PREFIX, NODES_PREFIX]
                     .map(|p| self.meta.watch(from, p.to_owned()).boxed()),
             );
-            let resync = tokio::time::sleep(RESYNC_EVERY);
-            tokio::pin!(resync);
-            loop {
-                tokio::select! {
-                    _ = &mut stop => return,
-                    _ = &mut resync => break,
-                    ev = events.next() => match ev {
-                        Some(Ok(_)) => {
-                            tokio::time::sleep(DEBOUNCE).await;
-                            break;
-                        }
-                        Some(Err(e)) => {
-                            debug!(error = %e, "watch ended; reading again");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            break;
-                        }
-                        None => {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            break;
-                        }
-                    },
-                }
+            // One event (or the timer) and the whole configuration is read again.
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(RESYNC_EVERY) => {}
+                ev = events.next() => match ev {
+                    Some(Ok(_)) => tokio::time::sleep(DEBOUNCE).await,
+                    Some(Err(e)) => {
+                        debug!(error = %e, "watch ended; reading again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(200)).await,
+                },
             }
         }
     }

@@ -197,7 +197,10 @@ impl Networks {
         Networks { meta }
     }
 
-    async fn range<T: serde::de::DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(T, u64)>, NetworkError> {
+    async fn range<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(T, u64)>, NetworkError> {
         let (kvs, _) = self.meta.range(prefix, 0, Consistency::Linearizable).await?;
         kvs.iter().map(|kv| Ok((decode(&kv.key, &kv.value)?, kv.mod_revision))).collect()
     }
@@ -246,7 +249,8 @@ impl Networks {
 
     pub async fn create_network(&self, req: NewNetwork) -> Result<NetworkRecord, NetworkError> {
         check_name("network", &req.name)?;
-        let cidr = req.cidr.ok_or(NetworkError::Cidr(Cidr::new(Ipv4Addr::UNSPECIFIED.into(), 0).expect("valid")))?;
+        let cidr =
+            req.cidr.ok_or(NetworkError::Cidr(Cidr::new(Ipv4Addr::UNSPECIFIED.into(), 0).expect("valid")))?;
         if !(8..=30).contains(&cidr.prefix()) || cidr.hosts_v4().is_none() {
             return Err(NetworkError::Cidr(cidr));
         }
@@ -332,7 +336,11 @@ impl Networks {
         kv.map(|_| ()).ok_or(NetworkError::NoNode(u.node))
     }
 
-    pub async fn update_network(&self, network: &str, u: NetworkUpdate) -> Result<NetworkRecord, NetworkError> {
+    pub async fn update_network(
+        &self,
+        network: &str,
+        u: NetworkUpdate,
+    ) -> Result<NetworkRecord, NetworkError> {
         if let Some(m) = u.mtu
             && !MTU_RANGE.contains(&m)
         {
@@ -365,7 +373,11 @@ impl Networks {
             r.updated_at_ms = unix_millis();
             let key = network_key(r.id);
             let ok = self
-                .txn(Txn { compares: vec![unchanged(&key, rev)], success: vec![put(key, encode(&r))], failure: vec![] })
+                .txn(Txn {
+                    compares: vec![unchanged(&key, rev)],
+                    success: vec![put(key, encode(&r))],
+                    failure: vec![],
+                })
                 .await?;
             if ok {
                 info!(network = %r.name, "network changed");
@@ -469,16 +481,19 @@ impl Networks {
             let ports = self.list_ports().await?;
             if let PortKind::Tap { ifname } = &req.kind {
                 check_ifname(ifname)?;
-                let taken = ports
-                    .iter()
-                    .any(|p| p.node == req.node && matches!(&p.kind, PortKind::Tap { ifname: i } if i == ifname));
+                let taken = ports.iter().any(|p| {
+                    p.node == req.node && matches!(&p.kind, PortKind::Tap { ifname: i } if i == ifname)
+                });
                 if taken {
                     return Err(NetworkError::IfnameTaken { node: req.node, ifname: ifname.clone() });
                 }
             }
-            let macs: BTreeSet<MacAddr> = ports.iter().filter(|p| p.network == net.id).map(|p| p.mac).collect();
+            let macs: BTreeSet<MacAddr> =
+                ports.iter().filter(|p| p.network == net.id).map(|p| p.mac).collect();
             let mac = match req.mac {
-                Some(m) if macs.contains(&m) => return Err(NetworkError::MacTaken { mac: m, network: net.name }),
+                Some(m) if macs.contains(&m) => {
+                    return Err(NetworkError::MacTaken { mac: m, network: net.name });
+                }
                 Some(m) => m,
                 None => loop {
                     let m = MacAddr::random();
@@ -557,7 +572,11 @@ impl Networks {
             p.updated_at_ms = unix_millis();
             let key = port_key(p.id);
             let ok = self
-                .txn(Txn { compares: vec![unchanged(&key, rev)], success: vec![put(key, encode(&p))], failure: vec![] })
+                .txn(Txn {
+                    compares: vec![unchanged(&key, rev)],
+                    success: vec![put(key, encode(&p))],
+                    failure: vec![],
+                })
                 .await?;
             if ok {
                 info!(port = %p.id, "port security changed");
@@ -629,7 +648,10 @@ impl Networks {
         let ok = self
             .txn(Txn {
                 compares: vec![absent(&name_key)],
-                success: vec![put(security_group_key(g.id), encode(&g)), put(name_key, g.id.to_string().into_bytes())],
+                success: vec![
+                    put(security_group_key(g.id), encode(&g)),
+                    put(name_key, g.id.to_string().into_bytes()),
+                ],
                 failure: vec![],
             })
             .await?;
@@ -667,7 +689,11 @@ impl Networks {
             g.updated_at_ms = unix_millis();
             let key = security_group_key(g.id);
             let ok = self
-                .txn(Txn { compares: vec![unchanged(&key, rev)], success: vec![put(key, encode(&g))], failure: vec![] })
+                .txn(Txn {
+                    compares: vec![unchanged(&key, rev)],
+                    success: vec![put(key, encode(&g))],
+                    failure: vec![],
+                })
                 .await?;
             if ok {
                 info!(group = %g.name, rules = g.rules.len(), "security group rules changed");

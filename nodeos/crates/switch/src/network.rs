@@ -159,9 +159,7 @@ impl Network {
         self.fdb.learn(h.src, Via::Vtep(from), now);
         let out = match self.fdb.forward(h.dst, Via::Vtep(from), now) {
             Forward::To(Via::Port(p)) if self.ports.contains_key(&p) => vec![Output::Port(p)],
-            Forward::To(_) | Forward::Flood => {
-                self.ports.keys().map(|p| Output::Port(*p)).collect()
-            }
+            Forward::To(_) | Forward::Flood => self.ports.keys().map(|p| Output::Port(*p)).collect(),
             Forward::Drop => Vec::new(),
         };
         self.count_tx(&out);

@@ -30,12 +30,25 @@ pub enum PacketError {
 /// The transport part of an IP packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { src_port: u16, dst_port: u16, flags: u8 },
-    Udp { src_port: u16, dst_port: u16 },
+    Tcp {
+        src_port: u16,
+        dst_port: u16,
+        flags: u8,
+    },
+    Udp {
+        src_port: u16,
+        dst_port: u16,
+    },
     /// ICMP or ICMPv6; `ident` is the echo identifier for echo requests and replies.
-    Icmp { ty: u8, code: u8, ident: Option<u16> },
+    Icmp {
+        ty: u8,
+        code: u8,
+        ident: Option<u16>,
+    },
     /// Another protocol, or a non-first fragment (no transport header).
-    Other { proto: u8 },
+    Other {
+        proto: u8,
+    },
 }
 
 /// An IPv4 or IPv6 packet inside a frame.
@@ -90,11 +103,8 @@ fn parse_v4(f: &[u8], at: usize) -> Result<IpPacket, PacketError> {
     let proto = ip[9];
     let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let l4 = if frag_offset != 0 {
-        L4::Other { proto }
-    } else {
-        transport(proto, &ip[ihl..total], PROTO_ICMP)?
-    };
+    let l4 =
+        if frag_offset != 0 { L4::Other { proto } } else { transport(proto, &ip[ihl..total], PROTO_ICMP)? };
     Ok(IpPacket { src: src.into(), dst: dst.into(), l4, ip_offset: at })
 }
 

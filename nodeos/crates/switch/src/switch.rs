@@ -227,7 +227,8 @@ impl SwitchHandle {
         let udp = UdpSocket::bind(vxlan_listen)
             .await
             .map_err(|source| SwitchError::Bind { addr: vxlan_listen, source })?;
-        let local_vtep = udp.local_addr().map_err(|source| SwitchError::Bind { addr: vxlan_listen, source })?;
+        let local_vtep =
+            udp.local_addr().map_err(|source| SwitchError::Bind { addr: vxlan_listen, source })?;
         let inner = Arc::new(Inner { state: Mutex::new(State::default()), udp: Arc::new(udp), local_vtep });
         let h = SwitchHandle { inner };
         tokio::spawn(tunnel_reader(Arc::downgrade(&h.inner)));
@@ -257,7 +258,11 @@ impl SwitchHandle {
         failed
     }
 
-    fn apply_locked(&self, want: Desired, uplinks: &mut Vec<(PortId, String, String)>) -> Vec<(PortId, SwitchError)> {
+    fn apply_locked(
+        &self,
+        want: Desired,
+        uplinks: &mut Vec<(PortId, String, String)>,
+    ) -> Vec<(PortId, SwitchError)> {
         let now = Instant::now();
         let mut failed = Vec::new();
         let mut st = self.inner.lock();
@@ -634,10 +639,8 @@ fn egress_allowed(
 fn lease_for(net: &Net, port: &Port) -> Option<Lease> {
     let ip = port.cfg.ip?;
     let netmask = net.cfg.cidr.netmask_v4()?;
-    let server_ip = net
-        .cfg
-        .gateway
-        .or_else(|| net.cfg.cidr.hosts_v4().map(|h| Ipv4Addr::from(*h.start())))?;
+    let server_ip =
+        net.cfg.gateway.or_else(|| net.cfg.cidr.hosts_v4().map(|h| Ipv4Addr::from(*h.start())))?;
     Some(Lease {
         ip,
         netmask,

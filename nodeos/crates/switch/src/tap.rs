@@ -79,7 +79,8 @@ pub fn open_with(name: &str, mac: Option<Mac>, mtu: Option<u16>) -> Result<File,
         }
         req.ifr_ifru.ifru_hwaddr = hw;
         // SAFETY: SIOCSIFHWADDR reads the ifreq, valid for the call.
-        unsafe { siocsifhwaddr(sock.as_raw_fd(), &req) }.map_err(|e| cfg_err(name, "MAC address")(e.into()))?;
+        unsafe { siocsifhwaddr(sock.as_raw_fd(), &req) }
+            .map_err(|e| cfg_err(name, "MAC address")(e.into()))?;
     }
     if let Some(mtu) = mtu {
         let mut req = ifreq(name)?;

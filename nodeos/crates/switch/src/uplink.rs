@@ -33,17 +33,13 @@ pub async fn enslave(ifname: &str, bridge: &str) -> Result<(), UplinkError> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(UplinkError::Netlink)?;
     let conn = tokio::spawn(conn);
     let result = async {
-        let found = handle
-            .link()
-            .get()
-            .match_name(bridge.to_owned())
-            .execute()
-            .try_next()
-            .await;
+        let found = handle.link().get().match_name(bridge.to_owned()).execute().try_next().await;
         let link = match found {
             Ok(Some(l)) => l,
             // The kernel answers ENODEV for a name it does not know.
-            Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => return Err(UplinkError::NoBridge(bridge.to_owned())),
+            Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => {
+                return Err(UplinkError::NoBridge(bridge.to_owned()));
+            }
             Err(source) => return Err(UplinkError::Lookup { name: bridge.to_owned(), source }),
         };
         let is_bridge = link.attributes.iter().any(|a| {
@@ -58,7 +54,11 @@ pub async fn enslave(ifname: &str, bridge: &str) -> Result<(), UplinkError> {
             .set(LinkUnspec::new_with_name(ifname).controller(link.header.index).up().build())
             .execute()
             .await
-            .map_err(|source| UplinkError::Attach { ifname: ifname.to_owned(), bridge: bridge.to_owned(), source })
+            .map_err(|source| UplinkError::Attach {
+                ifname: ifname.to_owned(),
+                bridge: bridge.to_owned(),
+                source,
+            })
     }
     .await;
     conn.abort();

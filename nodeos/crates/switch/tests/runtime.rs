@@ -54,8 +54,8 @@ fn port(n: u8, rules: &[&str]) -> PortConfig {
 
 /// A VM's end of a NIC socket whose other end is attached to `sw` as `port`.
 fn plug(sw: &SwitchHandle, port: u8) -> OwnedFd {
-    let (node, vm) =
-        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).expect("socketpair");
+    let (node, vm) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .expect("socketpair");
     sw.attach(PortId(u64::from(port)), node).map_err(|(e, _)| e).expect("attach");
     vm
 }
@@ -97,7 +97,9 @@ async fn next_frame(fd: &OwnedFd, wait: Duration) -> Option<Vec<u8>> {
     loop {
         match recv(std::os::fd::AsRawFd::as_raw_fd(fd), &mut buf, MsgFlags::MSG_DONTWAIT) {
             Ok(n) => return Some(buf[..n].to_vec()),
-            Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
             Err(_) => return None,
         }
     }
@@ -120,7 +122,9 @@ async fn frames_cross_the_tunnel_and_groups_decide_what_is_delivered() {
     let out = ["egress any"];
     assert!(a.apply(Desired { networks: vec![network(&[vb])], ports: vec![port(2, &out)] }).await.is_empty());
     let rules = ["ingress tcp 22 10.0.0.0/24"];
-    assert!(b.apply(Desired { networks: vec![network(&[va])], ports: vec![port(3, &rules)] }).await.is_empty());
+    assert!(
+        b.apply(Desired { networks: vec![network(&[va])], ports: vec![port(3, &rules)] }).await.is_empty()
+    );
     let (p2, p3) = (plug(&a, 2), plug(&b, 3));
 
     // Broadcast from port 2 reaches port 3 on the other switch.
@@ -147,7 +151,9 @@ async fn frames_cross_the_tunnel_and_groups_decide_what_is_delivered() {
 
     // Rules change live: port 23 is allowed once a rule says so.
     let rules = ["ingress tcp 22 10.0.0.0/24", "ingress tcp 23"];
-    assert!(b.apply(Desired { networks: vec![network(&[va])], ports: vec![port(3, &rules)] }).await.is_empty());
+    assert!(
+        b.apply(Desired { networks: vec![network(&[va])], ports: vec![port(3, &rules)] }).await.is_empty()
+    );
     put(&p2, &tcp_syn(2, 3, 23));
     assert!(next_frame(&p3, Duration::from_secs(2)).await.is_some(), "SYN to 23 refused after the rule");
 }
@@ -175,7 +181,11 @@ async fn tunnel_traffic_from_strangers_or_for_unknown_networks_is_dropped() {
     // A node gone from the network's VTEPs is no longer heard either.
     let (vb_sock, _) = (vb, ());
     assert!(a.apply(Desired { networks: vec![network(&[])], ports: vec![port(2, &[])] }).await.is_empty());
-    assert!(b.apply(Desired { networks: vec![network(&[a.local_vtep()])], ports: vec![port(3, &[])] }).await.is_empty());
+    assert!(
+        b.apply(Desired { networks: vec![network(&[a.local_vtep()])], ports: vec![port(3, &[])] })
+            .await
+            .is_empty()
+    );
     let p3 = plug(&b, 3);
     put(&p3, &raw(Mac::BROADCAST, mac(3)));
     assert!(next_frame(&p2, Duration::from_millis(500)).await.is_none(), "frame from {vb_sock} delivered");
