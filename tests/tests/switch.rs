@@ -188,9 +188,14 @@ async fn dhcp_ping_tcp_isolation_and_security_groups_across_two_nodes() -> anyho
         .await?;
     let after0 = port_stats(&c, &b0.port).await?;
     let after1 = port_stats(&c, &b1.port).await?;
+    // Every frame delivered to a tenant-b port came from the other one (the
+    // two may refresh their own ARP entries meanwhile); a leak from tenant-a
+    // would deliver the pings and ARP requests above without either sending.
+    let d = |a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>, k: &str| b[k] - a[k];
     ensure!(
-        before0["tx"] == after0["tx"] && before1["tx"] == after1["tx"],
-        "tenant-b ports saw frames while only tenant-a talked: b0 {before0:?} -> {after0:?}, b1 {before1:?} -> {after1:?}"
+        d(&before1, &after1, "tx") <= d(&before0, &after0, "rx")
+            && d(&before0, &after0, "tx") <= d(&before1, &after1, "rx"),
+        "tenant-b ports saw frames tenant-b did not send: b0 {before0:?} -> {after0:?}, b1 {before1:?} -> {after1:?}"
     );
 
     // Security groups: port 5002 is not allowed, until a rule says so.
@@ -371,11 +376,25 @@ async fn the_test_guest_net_check_passes_through_the_switch_on_a_vm_port() -> an
     c.cli(i, &["network", "create", "vmnet", "--cidr", "10.71.0.0/24"]).await?;
     // The host side of the check: a trusted tap port (its peer sends from
     // its own MAC, so port security is off for it).
-    c.cli(
-        i,
-        &["port", "create", "--network", "vmnet", "--node", &id, "--tap", "vmpeer0", "--no-port-security"],
-    )
-    .await?;
+    let peer_port = c
+        .cli(
+            i,
+            &[
+                "port",
+                "create",
+                "--network",
+                "vmnet",
+                "--node",
+                &id,
+                "--tap",
+                "vmpeer0",
+                "--no-port-security",
+            ],
+        )
+        .await?["id"]
+        .as_str()
+        .context("port id")?
+        .to_owned();
     let ns = c.node(i)?.ns.clone();
     let mut vms = VmServiceClient::connect(format!("http://{}", c.node(i)?.addr)).await?;
     let spec = pb::VmSpec {
@@ -405,6 +424,15 @@ async fn the_test_guest_net_check_passes_through_the_switch_on_a_vm_port() -> an
             .args(["vmpeer0", "--frames", "2", "--timeout", "170"])
             .output(),
     );
+    // The guest announces itself once, at boot: start it when the peer listens
+    // (its first frames reach the switch).
+    let cref = &c;
+    let pp = peer_port.as_str();
+    wait_until("the tap peer is up", Duration::from_secs(30), || async move {
+        ensure!(port_stats(cref, pp).await?["rx"] > 0, "no frame from the peer yet");
+        Ok(())
+    })
+    .await?;
     vms.start(pb::VmRef { vm: "netvm".into() }).await?;
     let first = pb::ConsoleInput { vm: "netvm".into(), from_start: true, data: vec![] };
     let mut out = vms.console(futures::stream::iter(vec![first])).await?.into_inner();
@@ -429,8 +457,7 @@ async fn the_test_guest_net_check_passes_through_the_switch_on_a_vm_port() -> an
     );
     let stats = port_stats(&c, &port).await?;
     ensure!(stats["rx"] >= 2 && stats["tx"] >= 2, "VM port counters: {stats:?}");
-    // Deleting the VM deletes its port.
-    vms.stop(pb::StopVmRequest { vm: "netvm".into(), force: true, ..Default::default() }).await?;
+    // The guest powers off when done; deleting the VM deletes its port.
     wait_until("the VM stopped", Duration::from_secs(30), || {
         let mut vms = vms.clone();
         async move {
