@@ -68,6 +68,23 @@ impl NetworkApi {
         })
     }
 
+    /// Ports (of one network, or all) by network name, address and id.
+    async fn sorted_ports(&self, only: Option<NetworkId>, names: &Names) -> Result<Vec<PortRecord>, Status> {
+        let mut ports: Vec<PortRecord> = self
+            .networks
+            .list_ports()
+            .await
+            .map_err(network_status)?
+            .into_iter()
+            .filter(|p| only.is_none_or(|n| p.network == n))
+            .collect();
+        ports.sort_by(|a, b| {
+            let key = |p: &PortRecord| (names.networks.get(&p.network).cloned(), p.ip, p.id);
+            key(a).cmp(&key(b))
+        });
+        Ok(ports)
+    }
+
     /// A port of this node with its switch's counters.
     fn with_local_stats(&self, mut out: pb::Port, p: &PortRecord) -> pb::Port {
         if p.node != self.node_id() {
@@ -345,15 +362,7 @@ impl NetworkService for NetworkApi {
     async fn get_network(&self, req: Request<pb::NetworkRef>) -> Result<Response<pb::NetworkDetail>, Status> {
         let (n, _) = self.networks.network(&req.get_ref().network).await.map_err(network_status)?;
         let names = self.names().await?;
-        let mut ports: Vec<PortRecord> = self
-            .networks
-            .list_ports()
-            .await
-            .map_err(network_status)?
-            .into_iter()
-            .filter(|p| p.network == n.id)
-            .collect();
-        ports.sort_by_key(|p| (p.ip, p.id));
+        let ports = self.sorted_ports(Some(n.id), &names).await?;
         Ok(Response::new(pb::NetworkDetail {
             ports: ports.iter().map(|p| port_to_pb(p, &names)).collect(),
             network: Some(network_to_pb(n)),
@@ -430,18 +439,7 @@ impl NetworkService for NetworkApi {
             Some(self.networks.network(network).await.map_err(network_status)?.0.id)
         };
         let names = self.names().await?;
-        let mut ports: Vec<PortRecord> = self
-            .networks
-            .list_ports()
-            .await
-            .map_err(network_status)?
-            .into_iter()
-            .filter(|p| only.is_none_or(|n| p.network == n))
-            .collect();
-        ports.sort_by(|a, b| {
-            let key = |p: &PortRecord| (names.networks.get(&p.network).cloned(), p.ip, p.id);
-            key(a).cmp(&key(b))
-        });
+        let ports = self.sorted_ports(only, &names).await?;
         Ok(Response::new(pb::ListPortsResponse {
             ports: ports.iter().map(|p| port_to_pb(p, &names)).collect(),
         }))
