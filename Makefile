@@ -9,7 +9,7 @@ PROTOC := $(shell scripts/protoc-path.sh)
 endif
 export PROTOC
 
-.PHONY: build release test lint verify fmt bench bench-meta bench-vmm bench-block demo demo-stop deps-check clean guest guest-test
+.PHONY: build release test lint verify fmt bench bench-meta bench-vmm bench-block bench-switch demo demo-stop deps-check clean guest guest-test
 
 build:
 	$(CARGO) build --workspace --bins
@@ -34,7 +34,7 @@ fmt:
 deps-check:
 	python3 scripts/deps-check.py
 
-bench: bench-meta bench-vmm bench-block
+bench: bench-meta bench-vmm bench-block bench-switch
 
 # Metadata store against a 3-member etcd on loopback, same load generator.
 bench-meta: release
@@ -52,6 +52,13 @@ bench-vmm: release guest
 bench-block: release
 	$(CARGO) build --release -p nodeos-bench --bin bench-block
 	NODEOS_BIN=$(CURDIR)/$(RELEASE_BIN) target/release/bench-block
+
+# The switch (two nodes, tap ports, VXLAN between them) against a Linux
+# bridge + vxlan device per node, in network namespaces; iperf3 TCP, 64-byte
+# UDP and ping between the two clients of each side. Needs root.
+bench-switch: release
+	$(CARGO) build --release -p nodeos-bench --bin bench-switch
+	NODEOS_BIN=$(CURDIR)/$(RELEASE_BIN) target/release/bench-switch
 
 # A local 3-node pool on loopback, state under ./.demo/.
 demo: guest
