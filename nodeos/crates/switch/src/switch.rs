@@ -44,11 +44,17 @@ use crate::{arp, uplink, vxlan};
 
 /// Largest frame a port may hand over (a 9000-byte jumbo plus headers).
 const MAX_PORT_FRAME: usize = frame::MAX_FRAME;
+/// Socket buffer asked for the VXLAN socket (the kernel caps it at
+/// `net.core.rmem_max`/`wmem_max`): the default 208 KiB overflows within a
+/// millisecond of a TCP burst from a VM, and every overflow is a lost segment.
+const TUNNEL_SOCKET_BUFFER: usize = 8 << 20;
 /// How often MAC tables and connection tables are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {
+    #[error("cannot start the switch's thread")]
+    Thread(#[source] std::io::Error),
     #[error("cannot bind the VXLAN socket to {addr}")]
     Bind {
         addr: SocketAddr,
@@ -194,6 +200,10 @@ struct Inner {
     state: Mutex<State>,
     udp: Arc<UdpSocket>,
     local_vtep: SocketAddr,
+    /// The switch's own runtime (one thread, "switch"): frame readers run
+    /// there, so a flood of tenant traffic cannot starve the node's raft and
+    /// API tasks, and those cannot delay frames.
+    rt: tokio::runtime::Handle,
 }
 
 /// The cloneable front of this node's switch.
@@ -222,17 +232,22 @@ pub fn gateway_mac(vni: u32) -> Mac {
 }
 
 impl SwitchHandle {
-    /// Binds the VXLAN socket and starts the tunnel reader and the sweeper.
+    /// Starts the switch's thread, binds the VXLAN socket and starts the
+    /// tunnel reader and the sweeper.
     pub async fn start(vxlan_listen: SocketAddr) -> Result<Self, SwitchError> {
-        let udp = UdpSocket::bind(vxlan_listen)
-            .await
-            .map_err(|source| SwitchError::Bind { addr: vxlan_listen, source })?;
-        let local_vtep =
-            udp.local_addr().map_err(|source| SwitchError::Bind { addr: vxlan_listen, source })?;
-        let inner = Arc::new(Inner { state: Mutex::new(State::default()), udp: Arc::new(udp), local_vtep });
+        let rt = switch_runtime()?;
+        let bind = |source| SwitchError::Bind { addr: vxlan_listen, source };
+        let sock = tunnel_socket(vxlan_listen).map_err(bind)?;
+        let udp = {
+            // Registered with the switch's runtime, where its reader runs.
+            let _in = rt.enter();
+            UdpSocket::from_std(sock).map_err(bind)?
+        };
+        let local_vtep = udp.local_addr().map_err(bind)?;
+        let inner = Arc::new(Inner { state: Mutex::new(State::default()), udp: Arc::new(udp), local_vtep, rt });
         let h = SwitchHandle { inner };
-        tokio::spawn(tunnel_reader(Arc::downgrade(&h.inner)));
-        tokio::spawn(sweeper(Arc::downgrade(&h.inner)));
+        h.inner.rt.spawn(tunnel_reader(Arc::downgrade(&h.inner)));
+        h.inner.rt.spawn(sweeper(Arc::downgrade(&h.inner)));
         info!(listen = %local_vtep, "switch listening for VXLAN");
         Ok(h)
     }
@@ -373,6 +388,7 @@ impl SwitchHandle {
 
     fn start_reader(&self, port: &mut Port, fd: OwnedFd, seq: u64) {
         let id = port.cfg.id;
+        let _in = self.inner.rt.enter();
         // SAFETY: the AsyncFd takes ownership of `fd`, which stays open and
         // unchanged until the AsyncFd (the last Arc of it) drops.
         let fd = match unsafe { AsyncFd::register(fd) } {
@@ -387,7 +403,7 @@ impl SwitchHandle {
         }
         port.io = Some(fd.clone());
         port.attach_seq = seq;
-        port.reader = Some(tokio::spawn(port_reader(Arc::downgrade(&self.inner), id, fd, seq)));
+        port.reader = Some(self.inner.rt.spawn(port_reader(Arc::downgrade(&self.inner), id, fd, seq)));
     }
 
     pub fn port_stats(&self, id: PortId) -> Option<PortStats> {
@@ -532,6 +548,36 @@ impl Inner {
             info!(port = %id, "port detached: its descriptor closed");
         }
     }
+}
+
+/// Starts the switch's runtime on a thread of its own; the thread lives as
+/// long as the process.
+fn switch_runtime() -> Result<tokio::runtime::Handle, SwitchError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SwitchError::Thread)?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("switch".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .map_err(SwitchError::Thread)?;
+    Ok(handle)
+}
+
+/// The VXLAN socket: non-blocking, with large buffers.
+fn tunnel_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    for (what, r) in [
+        ("receive", s.set_recv_buffer_size(TUNNEL_SOCKET_BUFFER)),
+        ("send", s.set_send_buffer_size(TUNNEL_SOCKET_BUFFER)),
+    ] {
+        if let Err(e) = r {
+            warn!(error = %e, "cannot enlarge the VXLAN socket's {what} buffer");
+        }
+    }
+    s.set_nonblocking(true)?;
+    s.set_cloexec(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
 }
 
 fn encapsulate(vni: u32, f: &[u8]) -> Vec<u8> {
