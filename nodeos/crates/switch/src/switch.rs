@@ -244,7 +244,8 @@ impl SwitchHandle {
             UdpSocket::from_std(sock).map_err(bind)?
         };
         let local_vtep = udp.local_addr().map_err(bind)?;
-        let inner = Arc::new(Inner { state: Mutex::new(State::default()), udp: Arc::new(udp), local_vtep, rt });
+        let inner =
+            Arc::new(Inner { state: Mutex::new(State::default()), udp: Arc::new(udp), local_vtep, rt });
         let h = SwitchHandle { inner };
         h.inner.rt.spawn(tunnel_reader(Arc::downgrade(&h.inner)));
         h.inner.rt.spawn(sweeper(Arc::downgrade(&h.inner)));
@@ -553,7 +554,8 @@ impl Inner {
 /// Starts the switch's runtime on a thread of its own; the thread lives as
 /// long as the process.
 fn switch_runtime() -> Result<tokio::runtime::Handle, SwitchError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SwitchError::Thread)?;
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(SwitchError::Thread)?;
     let handle = rt.handle().clone();
     std::thread::Builder::new()
         .name("switch".into())
