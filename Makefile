@@ -9,7 +9,7 @@ PROTOC := $(shell scripts/protoc-path.sh)
 endif
 export PROTOC
 
-.PHONY: build release test lint verify fmt bench bench-meta bench-vmm bench-block bench-switch demo demo-stop deps-check clean guest guest-test
+.PHONY: build release test lint verify fmt bench bench-meta bench-vmm bench-block bench-switch demo demo-stop deps-check clean guest guest-test image
 
 build:
 	$(CARGO) build --workspace --bins
@@ -75,6 +75,21 @@ guest:
 # Boots the test guest under QEMU (KVM and TCG) with virtio-blk and virtio-net.
 guest-test: guest
 	tests/guest/run-qemu.sh
+
+# The node image in target/image/ (vmlinuz, initramfs.img, boot.ipxe, manifest.json):
+# nodeos linked statically against glibc (the explicit --target keeps build scripts and
+# proc-macros dynamic) as /init, the host's Debian kernel (or KERNEL=path) and the modules
+# in initramfs/modules.txt. Same inputs, same image hash. IMAGE_ARGS: more image-builder flags.
+# Debug info is stripped (symbols stay, for backtraces): the initramfs stays in every node's
+# RAM, and line tables would make it about four times bigger.
+IMAGE_TARGET := x86_64-unknown-linux-gnu
+IMAGE_NODEOS := target/$(IMAGE_TARGET)/release/nodeos
+image:
+	RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=debuginfo \
+		$(CARGO) build --release --target $(IMAGE_TARGET) -p nodeos
+	$(CARGO) build --release -p image-builder
+	target/release/image-builder --nodeos $(IMAGE_NODEOS) --out target/image \
+		$(if $(KERNEL),--kernel $(KERNEL)) $(IMAGE_ARGS)
 
 clean:
 	$(MAKE) -C tests/guest clean

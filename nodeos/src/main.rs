@@ -2,13 +2,16 @@
 //! command line of a nodeos pool.
 //!
 //! # Layout
-//! - `main.rs`: argument parsing and dispatch.
+//! - `main.rs`: argument parsing and dispatch; as PID 1, straight to `init`.
+//! - `init/`: PID 1 of the node image: mounts, modules, data disk, network,
+//!   the node daemon as a supervised child, zombies, power-off and reboot.
 //! - `node.rs`: the composition root of the node daemon: config → running subsystems.
 //! - `datadir.rs`: the node's data dir: identity file, lock, layout.
 //! - `cli/`: one file per command group, all clients of the gRPC API.
 
 mod cli;
 mod datadir;
+mod init;
 mod node;
 
 use std::process::ExitCode;
@@ -52,6 +55,8 @@ enum Cmd {
     /// Each node's software switch.
     #[command(subcommand)]
     Switch(cli::network::SwitchCmd),
+    /// PID 1 of the node image; anywhere else, `--dry-run` checks a boot configuration.
+    Init(init::InitArgs),
     /// The per-VM worker process; started by the node, never by hand.
     #[command(hide = true)]
     VmWorker {
@@ -62,6 +67,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // The kernel starts the image's /init without arguments: as PID 1 this
+    // binary is the node OS, and never returns.
+    if std::process::id() == 1 {
+        init::main();
+    }
     let args = Args::parse();
     if !matches!(&args.cmd, Cmd::Node(n) if n.action.is_none()) && !matches!(args.cmd, Cmd::VmWorker { .. }) {
         // A command piped into `head` should end quietly, like other Unix tools.
@@ -84,6 +94,7 @@ fn main() -> ExitCode {
         Cmd::Port(p) => cli::run(&args.global, |c| Box::pin(cli::network::run_port(c, p))),
         Cmd::SecurityGroup(g) => cli::run(&args.global, |c| Box::pin(cli::network::run_security_group(c, g))),
         Cmd::Switch(s) => cli::run(&args.global, |c| Box::pin(cli::network::run_switch(c, s))),
+        Cmd::Init(a) => init::cli(a),
         Cmd::VmWorker { control_fd } => nodeos_vmm::worker::main(control_fd),
     }
 }

@@ -99,6 +99,9 @@ pub struct DaemonArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
+    /// Hash of the node image this node booted, reported in its node record.
+    #[arg(long)]
+    pub image_hash: Option<String>,
 }
 
 /// A validated daemon configuration.
@@ -124,6 +127,7 @@ pub struct NodeConfig {
     pub vxlan_listen: SocketAddr,
     /// Where other nodes send this node's tunnel traffic.
     pub vxlan_advertise: SocketAddr,
+    pub image_hash: String,
 }
 
 /// Pool names: what a hostname label allows.
@@ -184,6 +188,7 @@ impl TryFrom<DaemonArgs> for NodeConfig {
             bail!("--vxlan-listen {} needs a concrete port", a.vxlan_listen);
         }
         Ok(NodeConfig {
+            image_hash: a.image_hash.unwrap_or_default(),
             vxlan_listen: a.vxlan_listen,
             vxlan_advertise,
             block_listen: a.block_listen,
@@ -304,7 +309,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             address: cfg.advertise.to_string(),
             hostname: hostname(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            image_hash: String::new(),
+            image_hash: cfg.image_hash.clone(),
             seeds: cfg.seeds.clone(),
             bootstrap_expect: cfg.bootstrap_expect,
             discovery_iface: cfg.discovery_iface.clone(),

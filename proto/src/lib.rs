@@ -7,6 +7,7 @@
 //! - `nodeos/v1/volume.proto`: `VolumeService`, replicated volumes, snapshots, clones, import.
 //! - `nodeos/v1/network.proto`: `NetworkService`, tenant networks, their ports, security
 //!   groups and each node's switch.
+//! - `nodeos/v1/node.proto`: `NodeService`, power-off and reboot of one node.
 //! - `nodeos/v1/peer.proto`: `PeerService`, the authenticated node-to-node API
 //!   (raft RPCs, discovery hello, join, request forwarding).
 //!

@@ -170,6 +170,17 @@ impl TestNet {
         Ok(net)
     }
 
+    /// The bridge's name (in the host namespace).
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    /// A name for the test's own host-side link `i` (a QEMU tap): the
+    /// stale-run cleanup recognises it.
+    pub fn link_name(&self, i: usize) -> String {
+        format!("{}h{}", self.tag, 100 + i)
+    }
+
     /// The bridge's (host side) address.
     pub fn bridge_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 77, self.subnet, 254)

@@ -1,7 +1,8 @@
-//! `nodeos node list|show` (and the daemon's flags, see `crate::node`).
+//! `nodeos node list|show|poweroff|reboot` (and the daemon's flags, see `crate::node`).
 
 use clap::{Args, Subcommand};
 use nodeos_proto::v1 as pb;
+use nodeos_proto::v1::node_service_client::NodeServiceClient;
 use nodeos_proto::v1::pool_service_client::PoolServiceClient;
 use serde::Serialize;
 
@@ -24,6 +25,35 @@ pub enum NodeAction {
     List,
     /// One node by id.
     Show { id: String },
+    /// Power off a node that runs the node image: its daemon stops cleanly first.
+    Poweroff {
+        /// Node id (default: the node at --endpoint).
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Reboot a node that runs the node image: its daemon stops cleanly first.
+    Reboot {
+        /// Node id (default: the node at --endpoint).
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+#[derive(Debug, Serialize)]
+pub struct PowerView {
+    pub node_id: String,
+    pub action: String,
+}
+
+async fn power(ctx: Ctx, node: Option<String>, action: pb::PowerAction) -> Result<(), CliError> {
+    let r = NodeServiceClient::new(ctx.channel.clone())
+        .power(pb::PowerRequest { node_id: node.unwrap_or_default(), action: action.into() })
+        .await?
+        .into_inner();
+    let view = PowerView { node_id: r.node_id, action: trim_enum(action.as_str_name(), "POWER_ACTION_") };
+    let doing = if action == pb::PowerAction::Reboot { "rebooting" } else { "powering off" };
+    let rows = vec![vec![view.node_id.clone(), doing.to_owned()]];
+    output::print(ctx.output, &view, &["NODE", "ACTION"], rows)
 }
 
 #[derive(Debug, Serialize)]
@@ -83,6 +113,8 @@ pub fn node_rows(nodes: &[NodeView]) -> Vec<Vec<String>> {
 pub async fn run(ctx: Ctx, action: NodeAction) -> Result<(), CliError> {
     let mut client = PoolServiceClient::new(ctx.channel.clone());
     match action {
+        NodeAction::Poweroff { node } => power(ctx, node, pb::PowerAction::Poweroff).await,
+        NodeAction::Reboot { node } => power(ctx, node, pb::PowerAction::Reboot).await,
         NodeAction::List => {
             let nodes: Vec<NodeView> = client
                 .list_nodes(pb::ListNodesRequest {})

@@ -7,6 +7,7 @@
 //! - `volume.rs`: `VolumeService`, block volumes, snapshots, clones and image import, public.
 //! - `network.rs`: `NetworkService`, tenant networks, ports, security groups and the
 //!   switch counters of each node, public.
+//! - `node.rs`: `NodeService`, power-off and reboot of a node under the image's PID 1, public.
 //! - `peer.rs`: `PeerService`, node to node, every message authenticated with the pool key.
 //! - `proxy.rs`: handing a request to another node's API, at most once.
 //! - `error.rs`: the one place where errors become gRPC `Status`es.
@@ -20,6 +21,7 @@
 pub mod error;
 pub mod metadata;
 pub mod network;
+pub mod node;
 pub mod peer;
 pub mod pool;
 pub mod proxy;

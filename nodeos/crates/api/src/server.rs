@@ -10,6 +10,7 @@ use nodeos_network::Networks;
 use nodeos_pool::Formation;
 use nodeos_proto::v1::metadata_service_server::MetadataServiceServer;
 use nodeos_proto::v1::network_service_server::NetworkServiceServer;
+use nodeos_proto::v1::node_service_server::NodeServiceServer;
 use nodeos_proto::v1::peer_service_server::PeerServiceServer;
 use nodeos_proto::v1::pool_service_server::PoolServiceServer;
 use nodeos_proto::v1::vm_service_server::VmServiceServer;
@@ -19,6 +20,7 @@ use tokio::net::TcpListener;
 
 use crate::metadata::MetadataApi;
 use crate::network::NetworkApi;
+use crate::node::NodeApi;
 use crate::peer::PeerApi;
 use crate::pool::PoolApi;
 use crate::vm::VmApi;
@@ -74,6 +76,9 @@ pub async fn serve(
     let network = NetworkServiceServer::new(NetworkApi::new(networks, switch, meta.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE * 4);
+    let node = NodeServiceServer::new(NodeApi::new(meta.clone()))
+        .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
+        .max_encoding_message_size(MAX_PUBLIC_MESSAGE);
     let peer = PeerServiceServer::new(PeerApi::new(meta, formation))
         .max_decoding_message_size(MAX_PEER_MESSAGE)
         .max_encoding_message_size(MAX_PEER_MESSAGE);
@@ -89,6 +94,7 @@ pub async fn serve(
         .add_service(vm)
         .add_service(volume)
         .add_service(network)
+        .add_service(node)
         .add_service(peer)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -1,0 +1,118 @@
+//! `NodeService`: power-off and reboot of one node.
+//!
+//! Only a node that runs as the node image's PID 1 can do it: its daemon is
+//! a child of PID 1, started with `NODEOS_INIT=1`, and asks PID 1 with the
+//! init signals (SIGUSR2 powers off, SIGTERM reboots). PID 1 then stops the
+//! daemon cleanly, unmounts the data disk and calls `reboot(2)`. The signal
+//! is sent a moment after the answer, so the caller hears it. A request for
+//! another node is handed to that node once.
+
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use nodeos_meta::MetaHandle;
+use nodeos_proto::v1 as pb;
+use nodeos_proto::v1::node_service_client::NodeServiceClient;
+use nodeos_proto::v1::node_service_server::NodeService;
+use nodeos_types::NodeId;
+use tonic::{Request, Response, Status};
+use tracing::{error, info};
+
+use crate::proxy::{self, is_proxied, mark};
+
+const PROXY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time for the answer to leave before PID 1 starts stopping the daemon.
+const SIGNAL_DELAY: Duration = Duration::from_millis(200);
+/// Set by the image's PID 1 in the environment of the daemon it starts.
+pub const INIT_ENV: &str = "NODEOS_INIT";
+/// The signals PID 1 takes (busybox and sysvinit use the same).
+const POWEROFF_SIGNAL: Signal = Signal::SIGUSR2;
+const REBOOT_SIGNAL: Signal = Signal::SIGTERM;
+const NOT_INIT: &str = "this node does not run as the image's PID 1; stop it with its service manager";
+
+#[derive(Debug, Clone)]
+pub struct NodeApi {
+    meta: MetaHandle,
+}
+
+impl NodeApi {
+    pub fn new(meta: MetaHandle) -> Self {
+        NodeApi { meta }
+    }
+}
+
+/// Whether this daemon was started by the image's PID 1.
+fn under_init() -> bool {
+    std::os::unix::process::parent_id() == 1 && std::env::var_os(INIT_ENV).is_some_and(|v| v == "1")
+}
+
+fn signal_for(action: pb::PowerAction) -> Result<Signal, Status> {
+    match action {
+        pb::PowerAction::Poweroff => Ok(POWEROFF_SIGNAL),
+        pb::PowerAction::Reboot => Ok(REBOOT_SIGNAL),
+        pb::PowerAction::Unspecified => Err(Status::invalid_argument("action must be POWEROFF or REBOOT")),
+    }
+}
+
+#[tonic::async_trait]
+impl NodeService for NodeApi {
+    async fn power(&self, req: Request<pb::PowerRequest>) -> Result<Response<pb::PowerResponse>, Status> {
+        let handed_over = is_proxied(&req);
+        let r = req.into_inner();
+        let action = pb::PowerAction::try_from(r.action).map_err(|_| {
+            Status::invalid_argument(format!("action {} is not POWEROFF or REBOOT", r.action))
+        })?;
+        let sig = signal_for(action)?;
+        let me = self.meta.node_id();
+        let target = if r.node_id.is_empty() {
+            me
+        } else {
+            r.node_id.parse::<NodeId>().map_err(|e| Status::invalid_argument(format!("node_id: {e}")))?
+        };
+        if target != me {
+            if handed_over {
+                return Err(Status::failed_precondition(format!(
+                    "handed over for node {target}, but this is node {me}"
+                )));
+            }
+            let addr = self
+                .meta
+                .node_address(target)
+                .ok_or_else(|| Status::not_found(format!("node {target} is not a pool member")))?;
+            let ch = proxy::connect(&addr, PROXY_TIMEOUT)
+                .await
+                .map_err(|e| Status::unavailable(format!("node {target} at {addr} does not answer: {e}")))?;
+            return NodeServiceClient::new(ch).power(mark(r)).await;
+        }
+        if !under_init() {
+            return Err(Status::failed_precondition(format!("node {me}: {NOT_INIT}")));
+        }
+        let init = Pid::from_raw(1);
+        // Signal 0 checks the permission now, so the answer is not a false yes.
+        kill(init, None).map_err(|e| Status::internal(format!("cannot signal PID 1: {e}")))?;
+        info!(action = action.as_str_name(), "power request accepted; asking PID 1");
+        tokio::spawn(async move {
+            tokio::time::sleep(SIGNAL_DELAY).await;
+            if let Err(e) = kill(init, sig) {
+                error!(error = %e, signal = %sig, "cannot signal PID 1");
+            }
+        });
+        Ok(Response::new(pb::PowerResponse { node_id: me.to_string(), action: action.into() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_map_to_the_init_signals() {
+        assert_eq!(signal_for(pb::PowerAction::Poweroff).ok(), Some(Signal::SIGUSR2));
+        assert_eq!(signal_for(pb::PowerAction::Reboot).ok(), Some(Signal::SIGTERM));
+        assert_eq!(
+            signal_for(pb::PowerAction::Unspecified).err().map(|s| s.code()),
+            Some(tonic::Code::InvalidArgument)
+        );
+    }
+}

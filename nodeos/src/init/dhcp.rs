@@ -1,0 +1,819 @@
+//! A DHCPv4 client (RFC 2131, options from RFC 2132) for the management
+//! address, sans-IO: [`Client`] takes the time and received datagrams and
+//! answers with [`Action`]s (datagrams to send, a lease to apply or drop); the
+//! caller owns the socket, the clock and the address configuration.
+//!
+//! States: `Init` → DISCOVER (broadcast) → `Selecting` until an OFFER →
+//! REQUEST (broadcast) → `Requesting` until ACK (bound) or NAK/no answer
+//! (back to `Init`) → `Bound` until T1 → `Renewing` (REQUEST unicast to the
+//! server) until T2 → `Rebinding` (REQUEST broadcast) until the lease ends →
+//! the address is dropped and discovery starts again. A NAK while renewing or
+//! rebinding drops the address at once.
+//!
+//! DISCOVER is resent after 4, 8, 16, 32, then every 64 seconds, each with up
+//! to a second of jitter, forever: a node with no network keeps asking. Every
+//! request sets the BROADCAST flag, so servers broadcast their answers and a
+//! plain UDP socket on port 68 hears them before the address is configured.
+//!
+//! Server messages are untrusted: every field is bounds-checked; a message
+//! that is not an answer to this client's transaction is ignored.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+pub const SERVER_PORT: u16 = 67;
+pub const CLIENT_PORT: u16 = 68;
+
+const BOOTREQUEST: u8 = 1;
+const BOOTREPLY: u8 = 2;
+const HTYPE_ETHERNET: u8 = 1;
+const MAGIC: [u8; 4] = [99, 130, 83, 99];
+const OPTIONS_AT: usize = 240;
+/// BOOTP's fixed message size (RFC 1542): servers may ignore shorter ones.
+const MIN_MESSAGE: usize = 300;
+const BROADCAST_FLAG: u16 = 0x8000;
+
+const DISCOVER: u8 = 1;
+const OFFER: u8 = 2;
+const REQUEST: u8 = 3;
+const ACK: u8 = 5;
+const NAK: u8 = 6;
+
+const OPT_PAD: u8 = 0;
+const OPT_SUBNET_MASK: u8 = 1;
+const OPT_ROUTER: u8 = 3;
+const OPT_DNS: u8 = 6;
+const OPT_HOSTNAME: u8 = 12;
+const OPT_REQUESTED_IP: u8 = 50;
+const OPT_LEASE_TIME: u8 = 51;
+const OPT_OVERLOAD: u8 = 52;
+const OPT_MESSAGE_TYPE: u8 = 53;
+const OPT_SERVER_ID: u8 = 54;
+const OPT_PARAMETERS: u8 = 55;
+const OPT_MAX_SIZE: u8 = 57;
+const OPT_RENEWAL_TIME: u8 = 58;
+const OPT_REBINDING_TIME: u8 = 59;
+const OPT_CLIENT_ID: u8 = 61;
+const OPT_END: u8 = 255;
+
+/// Retransmission backoff of DISCOVER and REQUEST (RFC 2131 section 4.1).
+const FIRST_RETRY: Duration = Duration::from_secs(4);
+const MAX_RETRY: Duration = Duration::from_secs(64);
+/// REQUESTs sent for one offer before discovery starts again.
+const REQUEST_TRIES: u32 = 4;
+/// Shortest wait between renewals (RFC 2131 section 4.4.5).
+const MIN_RENEW_RETRY: Duration = Duration::from_secs(60);
+/// Shortest lease taken, so a broken server cannot make the client spin.
+const MIN_LEASE: Duration = Duration::from_secs(30);
+/// An "infinite" lease is renewed this often anyway.
+const MAX_LEASE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A lease: what the server gave this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+    pub router: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    pub server: Ipv4Addr,
+    pub lease: Duration,
+    pub t1: Duration,
+    pub t2: Duration,
+}
+
+/// Where a datagram goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dest {
+    /// 255.255.255.255:67 out of the client's interface.
+    Broadcast,
+    /// A server's address, port 67.
+    Unicast(Ipv4Addr),
+}
+
+/// What the caller must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Send {
+        dest: Dest,
+        payload: Vec<u8>,
+    },
+    /// Configure this lease (new, or renewed with possibly new options).
+    Apply(Lease),
+    /// Remove this lease's address: it ended or the server refused it.
+    Drop(Lease),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Init,
+    Selecting,
+    Requesting { offer: Lease, tries: u32 },
+    Bound { lease: Lease, at: Instant },
+    Renewing { lease: Lease, at: Instant },
+    Rebinding { lease: Lease, at: Instant },
+}
+
+/// What the client is doing, for console messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Asking for offers; `discovers` sent so far without one.
+    Discovering {
+        discovers: u32,
+    },
+    Requesting,
+    Bound,
+    Renewing,
+    Rebinding,
+}
+
+/// The client of one interface.
+#[derive(Debug)]
+pub struct Client {
+    mac: [u8; 6],
+    hostname: Option<String>,
+    state: State,
+    xid: u32,
+    deadline: Instant,
+    /// Current retransmission wait.
+    backoff: Duration,
+    /// DISCOVERs since the last offer.
+    discovers: u32,
+    /// When this exchange started, for the `secs` field.
+    started: Instant,
+    rng: u64,
+}
+
+impl Client {
+    /// A client that will send its first DISCOVER at the first
+    /// [`Client::on_timeout`]. `seed` makes transaction ids and jitter.
+    pub fn new(mac: [u8; 6], hostname: Option<String>, seed: u64, now: Instant) -> Self {
+        let mut c = Client {
+            mac,
+            hostname,
+            state: State::Init,
+            xid: 0,
+            deadline: now,
+            backoff: FIRST_RETRY,
+            discovers: 0,
+            started: now,
+            rng: seed | 1,
+        };
+        c.xid = c.random() as u32;
+        c
+    }
+
+    /// When [`Client::on_timeout`] wants to run next.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.state {
+            State::Init | State::Selecting => Phase::Discovering { discovers: self.discovers },
+            State::Requesting { .. } => Phase::Requesting,
+            State::Bound { .. } => Phase::Bound,
+            State::Renewing { .. } => Phase::Renewing,
+            State::Rebinding { .. } => Phase::Rebinding,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64: jitter and transaction ids need no more.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn jitter(&mut self) -> Duration {
+        Duration::from_millis(self.random() % 1000)
+    }
+
+    fn next_backoff(&mut self) -> Duration {
+        let wait = self.backoff + self.jitter();
+        self.backoff = (self.backoff * 2).min(MAX_RETRY);
+        wait
+    }
+
+    /// Runs whatever is due at `now`.
+    pub fn on_timeout(&mut self, now: Instant) -> Vec<Action> {
+        if now < self.deadline {
+            return Vec::new();
+        }
+        match self.state.clone() {
+            State::Init => {
+                self.xid = self.random() as u32;
+                self.started = now;
+                self.backoff = FIRST_RETRY;
+                self.discovers = 0;
+                self.state = State::Selecting;
+                self.discover(now)
+            }
+            State::Selecting => self.discover(now),
+            State::Requesting { offer, tries } => {
+                if tries >= REQUEST_TRIES {
+                    self.restart(now, Duration::ZERO);
+                    return self.on_timeout(now);
+                }
+                self.state = State::Requesting { offer: offer.clone(), tries: tries + 1 };
+                self.deadline = now + self.next_backoff();
+                vec![self.send(now, REQUEST, Dest::Broadcast, Some(&offer), None)]
+            }
+            State::Bound { lease, at } => {
+                if now >= at + lease.t2 {
+                    self.state = State::Rebinding { lease, at };
+                } else {
+                    self.state = State::Renewing { lease, at };
+                }
+                self.xid = self.random() as u32;
+                self.started = now;
+                self.on_timeout(now)
+            }
+            State::Renewing { lease, at } => {
+                if now >= at + lease.t2 {
+                    self.state = State::Rebinding { lease, at };
+                    return self.on_timeout(now);
+                }
+                self.deadline = now + half_until(now, at + lease.t2);
+                vec![self.send(now, REQUEST, Dest::Unicast(lease.server), None, Some(lease.addr))]
+            }
+            State::Rebinding { lease, at } => {
+                if now >= at + lease.lease {
+                    self.restart(now, Duration::ZERO);
+                    let mut out = vec![Action::Drop(lease)];
+                    out.extend(self.on_timeout(now));
+                    return out;
+                }
+                self.deadline = now + half_until(now, at + lease.lease);
+                vec![self.send(now, REQUEST, Dest::Broadcast, None, Some(lease.addr))]
+            }
+        }
+    }
+
+    fn discover(&mut self, now: Instant) -> Vec<Action> {
+        self.discovers = self.discovers.saturating_add(1);
+        self.deadline = now + self.next_backoff();
+        vec![self.send(now, DISCOVER, Dest::Broadcast, None, None)]
+    }
+
+    fn restart(&mut self, now: Instant, after: Duration) {
+        self.state = State::Init;
+        self.deadline = now + after;
+    }
+
+    /// Handles a datagram received on port 68.
+    pub fn on_message(&mut self, now: Instant, bytes: &[u8]) -> Vec<Action> {
+        let Some(reply) = Reply::parse(bytes) else { return Vec::new() };
+        if reply.xid != self.xid || reply.chaddr != self.mac {
+            return Vec::new();
+        }
+        match (self.state.clone(), reply.kind) {
+            (State::Selecting, OFFER) => {
+                let Some(offer) = reply.lease() else { return Vec::new() };
+                self.state = State::Requesting { offer: offer.clone(), tries: 1 };
+                self.backoff = FIRST_RETRY;
+                self.deadline = now + self.next_backoff();
+                vec![self.send(now, REQUEST, Dest::Broadcast, Some(&offer), None)]
+            }
+            (State::Requesting { offer, .. }, ACK) => {
+                let Some(lease) = reply.lease() else { return Vec::new() };
+                if lease.server != offer.server || lease.addr != offer.addr {
+                    return Vec::new();
+                }
+                self.bind(now, lease, None)
+            }
+            (State::Requesting { offer, .. }, NAK) => {
+                if reply.server.is_some_and(|s| s != offer.server) {
+                    return Vec::new();
+                }
+                // RFC 2131 section 3.1: start again, after a pause so a
+                // confused server cannot make the client spin.
+                self.restart(now, FIRST_RETRY);
+                Vec::new()
+            }
+            (State::Renewing { lease: old, .. } | State::Rebinding { lease: old, .. }, ACK) => {
+                let Some(lease) = reply.lease() else { return Vec::new() };
+                self.bind(now, lease, Some(old))
+            }
+            (State::Renewing { lease: old, .. } | State::Rebinding { lease: old, .. }, NAK) => {
+                self.restart(now, Duration::ZERO);
+                vec![Action::Drop(old)]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn bind(&mut self, now: Instant, lease: Lease, old: Option<Lease>) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(old) = old
+            && (old.addr != lease.addr || old.prefix != lease.prefix)
+        {
+            out.push(Action::Drop(old));
+        }
+        self.deadline = now + lease.t1;
+        self.discovers = 0;
+        self.backoff = FIRST_RETRY;
+        self.state = State::Bound { lease: lease.clone(), at: now };
+        out.push(Action::Apply(lease));
+        out
+    }
+
+    /// Builds one client message. `offer` names the offered address and its
+    /// server (REQUEST while selecting); `ciaddr` is the bound address
+    /// (REQUEST while renewing or rebinding).
+    fn send(
+        &self,
+        now: Instant,
+        kind: u8,
+        dest: Dest,
+        offer: Option<&Lease>,
+        ciaddr: Option<Ipv4Addr>,
+    ) -> Action {
+        let secs = u16::try_from(now.saturating_duration_since(self.started).as_secs()).unwrap_or(u16::MAX);
+        let mut m = vec![0u8; OPTIONS_AT];
+        m[0] = BOOTREQUEST;
+        m[1] = HTYPE_ETHERNET;
+        m[2] = 6;
+        m[4..8].copy_from_slice(&self.xid.to_be_bytes());
+        m[8..10].copy_from_slice(&secs.to_be_bytes());
+        // A renewing client can hear unicast; everyone else asks for broadcast.
+        let flags = if ciaddr.is_some() && dest != Dest::Broadcast { 0 } else { BROADCAST_FLAG };
+        m[10..12].copy_from_slice(&flags.to_be_bytes());
+        if let Some(c) = ciaddr {
+            m[12..16].copy_from_slice(&c.octets());
+        }
+        m[28..34].copy_from_slice(&self.mac);
+        m[236..240].copy_from_slice(&MAGIC);
+        let mut opt = |code: u8, data: &[u8]| {
+            m.push(code);
+            m.push(data.len() as u8);
+            m.extend_from_slice(data);
+        };
+        opt(OPT_MESSAGE_TYPE, &[kind]);
+        let mut client_id = vec![HTYPE_ETHERNET];
+        client_id.extend_from_slice(&self.mac);
+        opt(OPT_CLIENT_ID, &client_id);
+        if let Some(o) = offer {
+            opt(OPT_REQUESTED_IP, &o.addr.octets());
+            opt(OPT_SERVER_ID, &o.server.octets());
+        }
+        opt(OPT_MAX_SIZE, &576u16.to_be_bytes());
+        opt(
+            OPT_PARAMETERS,
+            &[
+                OPT_SUBNET_MASK,
+                OPT_ROUTER,
+                OPT_DNS,
+                OPT_LEASE_TIME,
+                OPT_SERVER_ID,
+                OPT_RENEWAL_TIME,
+                OPT_REBINDING_TIME,
+            ],
+        );
+        if let Some(h) = &self.hostname {
+            let h = &h.as_bytes()[..h.len().min(255)];
+            opt(OPT_HOSTNAME, h);
+        }
+        m.push(OPT_END);
+        if m.len() < MIN_MESSAGE {
+            m.resize(MIN_MESSAGE, OPT_PAD);
+        }
+        Action::Send { dest, payload: m }
+    }
+}
+
+/// Half the time left until `end`, but at least a minute and never past `end`
+/// (RFC 2131 section 4.4.5).
+fn half_until(now: Instant, end: Instant) -> Duration {
+    let left = end.saturating_duration_since(now);
+    (left / 2).max(MIN_RENEW_RETRY).min(left).max(Duration::from_secs(1))
+}
+
+/// A server message, checked.
+#[derive(Debug)]
+struct Reply {
+    kind: u8,
+    xid: u32,
+    chaddr: [u8; 6],
+    yiaddr: Ipv4Addr,
+    mask: Option<Ipv4Addr>,
+    router: Option<Ipv4Addr>,
+    dns: Vec<Ipv4Addr>,
+    server: Option<Ipv4Addr>,
+    lease: Option<u32>,
+    t1: Option<u32>,
+    t2: Option<u32>,
+}
+
+fn ipv4(b: &[u8]) -> Option<Ipv4Addr> {
+    <[u8; 4]>::try_from(b).ok().map(Ipv4Addr::from)
+}
+
+fn be32(b: &[u8]) -> Option<u32> {
+    <[u8; 4]>::try_from(b).ok().map(u32::from_be_bytes)
+}
+
+impl Reply {
+    fn parse(b: &[u8]) -> Option<Reply> {
+        if b.len() < OPTIONS_AT
+            || b[0] != BOOTREPLY
+            || b[1] != HTYPE_ETHERNET
+            || b[2] != 6
+            || b[236..240] != MAGIC
+        {
+            return None;
+        }
+        let mut r = Reply {
+            kind: 0,
+            xid: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            chaddr: [0; 6],
+            yiaddr: ipv4(&b[16..20])?,
+            mask: None,
+            router: None,
+            dns: Vec::new(),
+            server: None,
+            lease: None,
+            t1: None,
+            t2: None,
+        };
+        r.chaddr.copy_from_slice(&b[28..34]);
+        let mut i = OPTIONS_AT;
+        loop {
+            // A message without its END option was cut short.
+            let code = *b.get(i)?;
+            if code == OPT_END {
+                break;
+            }
+            if code == OPT_PAD {
+                i += 1;
+                continue;
+            }
+            let len = usize::from(*b.get(i + 1)?);
+            let data = b.get(i + 2..i + 2 + len)?;
+            match code {
+                OPT_MESSAGE_TYPE => r.kind = *data.first()?,
+                OPT_SUBNET_MASK => r.mask = ipv4(data),
+                OPT_ROUTER => r.router = data.get(..4).and_then(ipv4),
+                OPT_DNS => r.dns = data.chunks_exact(4).filter_map(ipv4).collect(),
+                OPT_SERVER_ID => r.server = ipv4(data),
+                OPT_LEASE_TIME => r.lease = be32(data),
+                OPT_RENEWAL_TIME => r.t1 = be32(data),
+                OPT_REBINDING_TIME => r.t2 = be32(data),
+                // Options in the sname/file fields are not read: what a node
+                // needs fits the options field.
+                OPT_OVERLOAD => {}
+                _ => {}
+            }
+            i += 2 + len;
+        }
+        (r.kind != 0).then_some(r)
+    }
+
+    /// The lease an OFFER or ACK describes, when it is usable.
+    fn lease(&self) -> Option<Lease> {
+        let a = self.yiaddr;
+        if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+            return None;
+        }
+        let server = self.server?;
+        let prefix = match self.mask {
+            Some(m) => mask_prefix(m)?,
+            // RFC 2131 leaves it to the client: the class of the address.
+            None => match a.octets()[0] {
+                0..=127 => 8,
+                128..=191 => 16,
+                _ => 24,
+            },
+        };
+        if prefix == 0 {
+            return None;
+        }
+        let lease = match self.lease {
+            Some(u32::MAX) | None => MAX_LEASE,
+            Some(s) => Duration::from_secs(s.into()).clamp(MIN_LEASE, MAX_LEASE),
+        };
+        let t2_default = lease * 7 / 8;
+        let t2 = self.t2.map(|s| Duration::from_secs(s.into())).filter(|t| *t <= lease).unwrap_or(t2_default);
+        let t1 =
+            self.t1.map(|s| Duration::from_secs(s.into())).filter(|t| *t <= t2).unwrap_or(lease / 2).min(t2);
+        let router = self.router.filter(|r| !r.is_unspecified() && *r != a);
+        Some(Lease { addr: a, prefix, router, dns: self.dns.clone(), server, lease, t1, t2 })
+    }
+}
+
+/// The prefix length of a contiguous netmask.
+pub fn mask_prefix(m: Ipv4Addr) -> Option<u8> {
+    let v = u32::from(m);
+    let ones = v.leading_ones();
+    (v.checked_shl(ones).unwrap_or(0) == 0).then_some(ones as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
+
+    /// A server reply to `req` (a client message), as a fake server makes it.
+    fn reply(req: &[u8], kind: u8, yiaddr: Ipv4Addr, lease_s: u32, extra: &[(u8, &[u8])]) -> Vec<u8> {
+        let mut m = vec![0u8; OPTIONS_AT];
+        m[0] = BOOTREPLY;
+        m[1] = HTYPE_ETHERNET;
+        m[2] = 6;
+        m[4..8].copy_from_slice(&req[4..8]);
+        m[16..20].copy_from_slice(&yiaddr.octets());
+        m[28..34].copy_from_slice(&req[28..34]);
+        m[236..240].copy_from_slice(&MAGIC);
+        let mut opt = |c: u8, d: &[u8]| {
+            m.push(c);
+            m.push(d.len() as u8);
+            m.extend_from_slice(d);
+        };
+        opt(OPT_MESSAGE_TYPE, &[kind]);
+        opt(OPT_SERVER_ID, &SERVER.octets());
+        opt(OPT_SUBNET_MASK, &[255, 255, 255, 0]);
+        opt(OPT_ROUTER, &SERVER.octets());
+        opt(OPT_DNS, &[10, 0, 0, 53, 10, 0, 0, 54]);
+        opt(OPT_LEASE_TIME, &lease_s.to_be_bytes());
+        for (c, d) in extra {
+            opt(*c, d);
+        }
+        m.push(OPT_END);
+        m
+    }
+
+    fn sent(actions: &[Action]) -> (Dest, Vec<u8>) {
+        for a in actions {
+            if let Action::Send { dest, payload } = a {
+                return (*dest, payload.clone());
+            }
+        }
+        panic!("nothing sent: {actions:?}");
+    }
+
+    /// Option `code` of a client message.
+    fn option(m: &[u8], code: u8) -> Option<Vec<u8>> {
+        let mut i = OPTIONS_AT;
+        while i < m.len() && m[i] != OPT_END {
+            if m[i] == OPT_PAD {
+                i += 1;
+                continue;
+            }
+            let len = m[i + 1] as usize;
+            if m[i] == code {
+                return Some(m[i + 2..i + 2 + len].to_vec());
+            }
+            i += 2 + len;
+        }
+        None
+    }
+
+    fn bound(t0: Instant, lease_s: u32) -> Client {
+        let mut c = Client::new(MAC, Some("n1".into()), 42, t0);
+        let (_, disc) = sent(&c.on_timeout(t0));
+        let (_, req) = sent(&c.on_message(t0, &reply(&disc, OFFER, ADDR, lease_s, &[])));
+        let out = c.on_message(t0, &reply(&req, ACK, ADDR, lease_s, &[]));
+        assert!(matches!(out.as_slice(), [Action::Apply(_)]), "{out:?}");
+        c
+    }
+
+    #[test]
+    fn discover_offer_request_ack() {
+        let t0 = Instant::now();
+        let mut c = Client::new(MAC, Some("n1".into()), 42, t0);
+        assert_eq!(c.deadline(), t0);
+        let (dest, disc) = sent(&c.on_timeout(t0));
+        assert_eq!(dest, Dest::Broadcast);
+        assert_eq!(disc.len(), MIN_MESSAGE);
+        assert_eq!(disc[0], BOOTREQUEST);
+        assert_eq!(&disc[28..34], &MAC);
+        assert_eq!(u16::from_be_bytes([disc[10], disc[11]]), BROADCAST_FLAG);
+        assert_eq!(option(&disc, OPT_MESSAGE_TYPE), Some(vec![DISCOVER]));
+        assert_eq!(option(&disc, OPT_HOSTNAME), Some(b"n1".to_vec()));
+        assert_eq!(option(&disc, OPT_CLIENT_ID), Some([&[1u8][..], &MAC].concat()));
+        assert_eq!(c.phase(), Phase::Discovering { discovers: 1 });
+
+        let out = c.on_message(t0, &reply(&disc, OFFER, ADDR, 3600, &[]));
+        let (dest, req) = sent(&out);
+        assert_eq!(dest, Dest::Broadcast);
+        assert_eq!(req[4..8], disc[4..8], "same transaction");
+        assert_eq!(option(&req, OPT_MESSAGE_TYPE), Some(vec![REQUEST]));
+        assert_eq!(option(&req, OPT_REQUESTED_IP), Some(ADDR.octets().to_vec()));
+        assert_eq!(option(&req, OPT_SERVER_ID), Some(SERVER.octets().to_vec()));
+        assert_eq!(c.phase(), Phase::Requesting);
+
+        let out = c.on_message(t0, &reply(&req, ACK, ADDR, 3600, &[]));
+        let want = Lease {
+            addr: ADDR,
+            prefix: 24,
+            router: Some(SERVER),
+            dns: vec![Ipv4Addr::new(10, 0, 0, 53), Ipv4Addr::new(10, 0, 0, 54)],
+            server: SERVER,
+            lease: Duration::from_secs(3600),
+            t1: Duration::from_secs(1800),
+            t2: Duration::from_secs(3150),
+        };
+        assert_eq!(out, vec![Action::Apply(want.clone())]);
+        assert_eq!(c.phase(), Phase::Bound);
+        assert_eq!(c.deadline(), t0 + Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn discover_backs_off_and_never_gives_up() {
+        let t0 = Instant::now();
+        let mut c = Client::new(MAC, None, 7, t0);
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let out = c.on_timeout(now);
+            assert_eq!(option(&sent(&out).1, OPT_MESSAGE_TYPE), Some(vec![DISCOVER]));
+            waits.push((c.deadline() - now).as_secs());
+            now = c.deadline();
+            // Nothing is due before the deadline.
+            assert!(c.on_timeout(now - Duration::from_millis(1)).is_empty());
+        }
+        assert_eq!(waits, vec![4, 8, 16, 32, 64, 64, 64, 64, 64, 64]);
+        assert_eq!(c.phase(), Phase::Discovering { discovers: 10 });
+    }
+
+    #[test]
+    fn foreign_and_malformed_replies_are_ignored() {
+        let t0 = Instant::now();
+        let mut c = Client::new(MAC, None, 1, t0);
+        let (_, disc) = sent(&c.on_timeout(t0));
+        let mut other_xid = reply(&disc, OFFER, ADDR, 3600, &[]);
+        other_xid[4] ^= 0xff;
+        assert!(c.on_message(t0, &other_xid).is_empty());
+        let mut other_mac = reply(&disc, OFFER, ADDR, 3600, &[]);
+        other_mac[33] ^= 0xff;
+        assert!(c.on_message(t0, &other_mac).is_empty());
+        // An ACK while selecting, a request echoed back, truncated bytes.
+        assert!(c.on_message(t0, &reply(&disc, ACK, ADDR, 3600, &[])).is_empty());
+        assert!(c.on_message(t0, &disc).is_empty());
+        let good = reply(&disc, OFFER, ADDR, 3600, &[]);
+        for n in 0..good.len() - 1 {
+            let _ = c.on_message(t0, &good[..n]);
+        }
+        // An option running past the end.
+        let mut bad = good.clone();
+        bad.truncate(bad.len() - 1);
+        bad.extend_from_slice(&[OPT_DNS, 200, 1, 2]);
+        let _ = c.on_message(t0, &bad);
+        // A broadcast or missing address is not a lease.
+        assert!(c.on_message(t0, &reply(&disc, OFFER, Ipv4Addr::BROADCAST, 3600, &[])).is_empty());
+        assert!(c.on_message(t0, &reply(&disc, OFFER, Ipv4Addr::UNSPECIFIED, 3600, &[])).is_empty());
+        assert_eq!(c.phase(), Phase::Discovering { discovers: 1 });
+        assert!(matches!(c.on_message(t0, &good).as_slice(), [Action::Send { .. }]));
+    }
+
+    #[test]
+    fn unanswered_requests_restart_discovery() {
+        let t0 = Instant::now();
+        let mut c = Client::new(MAC, None, 3, t0);
+        let (_, disc) = sent(&c.on_timeout(t0));
+        let _ = c.on_message(t0, &reply(&disc, OFFER, ADDR, 3600, &[]));
+        for _ in 1..REQUEST_TRIES {
+            let out = c.on_timeout(c.deadline());
+            assert_eq!(option(&sent(&out).1, OPT_MESSAGE_TYPE), Some(vec![REQUEST]));
+        }
+        let out = c.on_timeout(c.deadline());
+        let (_, m) = sent(&out);
+        assert_eq!(option(&m, OPT_MESSAGE_TYPE), Some(vec![DISCOVER]));
+        assert_ne!(m[4..8], disc[4..8], "a new transaction");
+    }
+
+    #[test]
+    fn a_nak_while_requesting_restarts_after_a_pause() {
+        let t0 = Instant::now();
+        let mut c = Client::new(MAC, None, 3, t0);
+        let (_, disc) = sent(&c.on_timeout(t0));
+        let (_, req) = sent(&c.on_message(t0, &reply(&disc, OFFER, ADDR, 3600, &[])));
+        assert!(c.on_message(t0, &reply(&req, NAK, Ipv4Addr::UNSPECIFIED, 0, &[])).is_empty());
+        assert_eq!(c.deadline(), t0 + FIRST_RETRY);
+        assert!(c.on_timeout(t0).is_empty());
+        let (_, m) = sent(&c.on_timeout(c.deadline()));
+        assert_eq!(option(&m, OPT_MESSAGE_TYPE), Some(vec![DISCOVER]));
+    }
+
+    #[test]
+    fn renew_at_t1_unicast_then_rebind_at_t2_then_expire() {
+        let t0 = Instant::now();
+        let mut c = bound(t0, 1000);
+        // T1 = 500 s: a unicast REQUEST with ciaddr, no requested-ip option.
+        let t1 = t0 + Duration::from_secs(500);
+        assert!(c.on_timeout(t1 - Duration::from_secs(1)).is_empty());
+        let (dest, m) = sent(&c.on_timeout(t1));
+        assert_eq!(dest, Dest::Unicast(SERVER));
+        assert_eq!(m[12..16], ADDR.octets());
+        assert_eq!(u16::from_be_bytes([m[10], m[11]]), 0);
+        assert_eq!(option(&m, OPT_REQUESTED_IP), None);
+        assert_eq!(c.phase(), Phase::Renewing);
+        // Retries until T2 = 875 s: half the time left, at least a minute.
+        assert_eq!(c.deadline(), t1 + Duration::from_millis(187_500));
+        let (dest, _) = sent(&c.on_timeout(c.deadline()));
+        assert_eq!(dest, Dest::Unicast(SERVER));
+        let mut now = c.deadline();
+        while c.phase() == Phase::Renewing {
+            now = c.deadline();
+            let _ = c.on_timeout(now);
+        }
+        assert_eq!(c.phase(), Phase::Rebinding);
+        assert_eq!(now, t0 + Duration::from_secs(875), "rebinding starts at T2");
+        // Rebinding broadcasts until the lease ends, then drops it and discovers.
+        let mut dropped = None;
+        for _ in 0..20 {
+            for a in c.on_timeout(c.deadline()) {
+                match a {
+                    Action::Drop(l) => dropped = Some(l),
+                    Action::Send { dest, payload } if dropped.is_none() => {
+                        assert_eq!(dest, Dest::Broadcast);
+                        assert_eq!(option(&payload, OPT_MESSAGE_TYPE), Some(vec![REQUEST]));
+                    }
+                    _ => {}
+                }
+            }
+            if dropped.is_some() {
+                break;
+            }
+        }
+        assert_eq!(dropped.map(|l| l.addr), Some(ADDR));
+        assert!(c.deadline() >= t0 + Duration::from_secs(1000));
+        assert_eq!(c.phase(), Phase::Discovering { discovers: 1 });
+    }
+
+    #[test]
+    fn a_renewal_ack_extends_and_a_new_address_drops_the_old() {
+        let t0 = Instant::now();
+        let mut c = bound(t0, 1000);
+        let t1 = t0 + Duration::from_secs(500);
+        let (_, m) = sent(&c.on_timeout(t1));
+        let out = c.on_message(t1, &reply(&m, ACK, ADDR, 1000, &[]));
+        assert!(matches!(out.as_slice(), [Action::Apply(l)] if l.addr == ADDR));
+        assert_eq!(c.deadline(), t1 + Duration::from_secs(500));
+        assert_eq!(c.phase(), Phase::Bound);
+        let t1 = c.deadline();
+        let (_, m) = sent(&c.on_timeout(t1));
+        let other = Ipv4Addr::new(10, 0, 0, 77);
+        let out = c.on_message(t1, &reply(&m, ACK, other, 1000, &[]));
+        assert!(
+            matches!(out.as_slice(), [Action::Drop(old), Action::Apply(new)] if old.addr == ADDR && new.addr == other),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_nak_while_renewing_drops_the_address() {
+        let t0 = Instant::now();
+        let mut c = bound(t0, 1000);
+        let t1 = t0 + Duration::from_secs(500);
+        let (_, m) = sent(&c.on_timeout(t1));
+        let out = c.on_message(t1, &reply(&m, NAK, Ipv4Addr::UNSPECIFIED, 0, &[]));
+        assert!(matches!(out.as_slice(), [Action::Drop(l)] if l.addr == ADDR));
+        let (_, m) = sent(&c.on_timeout(t1));
+        assert_eq!(option(&m, OPT_MESSAGE_TYPE), Some(vec![DISCOVER]));
+    }
+
+    #[test]
+    fn lease_times_are_sane() {
+        let t0 = Instant::now();
+        let mut c = Client::new(MAC, None, 9, t0);
+        let (_, d) = sent(&c.on_timeout(t0));
+        // Server-given T1/T2 are used; an infinite lease is capped; tiny ones raised.
+        let r = Reply::parse(&reply(
+            &d,
+            ACK,
+            ADDR,
+            1000,
+            &[(OPT_RENEWAL_TIME, &[0, 0, 0, 100]), (OPT_REBINDING_TIME, &[0, 0, 0, 200])],
+        ))
+        .and_then(|r| r.lease())
+        .expect("lease");
+        assert_eq!((r.t1.as_secs(), r.t2.as_secs(), r.lease.as_secs()), (100, 200, 1000));
+        let r = Reply::parse(&reply(&d, ACK, ADDR, u32::MAX, &[])).and_then(|r| r.lease()).expect("lease");
+        assert_eq!(r.lease, MAX_LEASE);
+        let r = Reply::parse(&reply(&d, ACK, ADDR, 1, &[])).and_then(|r| r.lease()).expect("lease");
+        assert_eq!(r.lease, MIN_LEASE);
+        // T1 past T2 falls back to the defaults.
+        let r = Reply::parse(&reply(
+            &d,
+            ACK,
+            ADDR,
+            1000,
+            &[(OPT_RENEWAL_TIME, &[0, 0, 3, 0]), (OPT_REBINDING_TIME, &[0, 0, 1, 0])],
+        ))
+        .and_then(|r| r.lease())
+        .expect("lease");
+        assert!(r.t1 <= r.t2 && r.t2 <= r.lease);
+    }
+
+    #[test]
+    fn netmasks() {
+        assert_eq!(mask_prefix(Ipv4Addr::new(255, 255, 255, 0)), Some(24));
+        assert_eq!(mask_prefix(Ipv4Addr::new(255, 255, 255, 255)), Some(32));
+        assert_eq!(mask_prefix(Ipv4Addr::new(255, 255, 240, 0)), Some(20));
+        assert_eq!(mask_prefix(Ipv4Addr::new(0, 0, 0, 0)), Some(0));
+        assert_eq!(mask_prefix(Ipv4Addr::new(255, 0, 255, 0)), None);
+    }
+}
