@@ -19,7 +19,7 @@ release:
 
 # Unit, conformance, in-process and process-level tests. Process-level pool
 # tests need root (network namespaces); without it they print a loud SKIPPED line.
-test: build guest
+test: build guest image
 	NODEOS_BIN=$(CURDIR)/$(BIN) $(CARGO) test --workspace --all-targets -- --test-threads=$${TEST_THREADS:-2}
 
 lint: deps-check
