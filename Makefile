@@ -85,7 +85,7 @@ guest-test: guest
 IMAGE_TARGET := x86_64-unknown-linux-gnu
 IMAGE_NODEOS := target/$(IMAGE_TARGET)/release/nodeos
 image:
-	RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_STRIP=debuginfo \
+	RUSTFLAGS="-C target-feature=+crt-static --remap-path-prefix=$(CURDIR)=/nodeos" CARGO_PROFILE_RELEASE_STRIP=debuginfo \
 		$(CARGO) build --release --target $(IMAGE_TARGET) -p nodeos
 	$(CARGO) build --release -p image-builder
 	target/release/image-builder --nodeos $(IMAGE_NODEOS) --out target/image \
