@@ -58,16 +58,7 @@ use self::supervisor::Supervisor;
 pub const KEY_FILE: &str = "/run/nodeos/pool.key";
 
 /// The error and its causes, on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use nodeos_types::error_chain as chain;
 
 /// Lets a repeated console message through when it changed or once per period.
 #[derive(Debug)]
