@@ -13,3 +13,15 @@ pub mod proc;
 pub mod switch;
 pub mod system;
 pub mod vmm;
+
+/// A ratio as the `ratio <metric> <ours/peer>` lines print it: two decimals,
+/// four below 0.1, `n/a` when a side measured nothing.
+pub fn fmt_ratio(r: f64) -> String {
+    if !r.is_finite() {
+        "n/a".into()
+    } else if r.abs() >= 0.1 {
+        format!("{r:.2}")
+    } else {
+        format!("{r:.4}")
+    }
+}

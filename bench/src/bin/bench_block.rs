@@ -40,6 +40,7 @@ use nodeos_bench::block::fio::{self, FioJob, FioResult};
 use nodeos_bench::block::peer::{self, QemuNbd};
 use nodeos_bench::block::volume::{self, Volumes, all_in_sync, filled_per_extent, state_counts};
 use nodeos_bench::block::{mib, problems};
+use nodeos_bench::fmt_ratio;
 use nodeos_bench::nodeos::{Nodeos, NodeosCluster, PoolOptions};
 use nodeos_bench::system::Cluster;
 use nodeos_bench::vmm::find_program;
@@ -102,16 +103,6 @@ struct Row {
 impl Row {
     fn ratio(&self) -> f64 {
         self.ours / self.peer
-    }
-}
-
-fn fmt_ratio(r: f64) -> String {
-    if !r.is_finite() {
-        "n/a".into()
-    } else if r.abs() >= 0.1 {
-        format!("{r:.2}")
-    } else {
-        format!("{r:.4}")
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use nodeos_bench::etcd::Etcd;
+use nodeos_bench::fmt_ratio;
 use nodeos_bench::load::{Phase, PhaseResult, VALUE_LEN, first_commit, run_phase};
 use nodeos_bench::nodeos::Nodeos;
 use nodeos_bench::system::{Cluster, System};
@@ -97,10 +98,6 @@ fn median(xs: &[Duration]) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn fmt_ratio(r: f64) -> String {
-    if r.abs() >= 0.1 { format!("{r:.2}") } else { format!("{r:.4}") }
 }
 
 async fn run(etcd: Etcd) -> anyhow::Result<()> {

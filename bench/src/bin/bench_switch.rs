@@ -36,7 +36,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nodeos_bench::block::peer::version_of;
 use nodeos_bench::block::problems;
-use nodeos_bench::switch::kernel::KernelSide;
+use nodeos_bench::fmt_ratio;
+use nodeos_bench::switch::kernel::{KernelSide, add_vxlan};
 use nodeos_bench::switch::measure::{self, CpuUse, CpuWatch, PingTool, median};
 use nodeos_bench::switch::ours::{self, OurSide};
 use nodeos_bench::switch::topo::{self, Netns};
@@ -113,16 +114,6 @@ struct Row {
     lower_is_better: bool,
     ours: f64,
     peer: f64,
-}
-
-fn fmt_ratio(r: f64) -> String {
-    if !r.is_finite() {
-        "n/a".into()
-    } else if r.abs() >= 0.1 {
-        format!("{r:.2}")
-    } else {
-        format!("{r:.4}")
-    }
 }
 
 fn cpu_text(cpu: &CpuUse) -> String {
@@ -436,23 +427,7 @@ fn probe_kernel() -> anyhow::Result<()> {
     let ns = Netns::create(topo::name('p', 'n', 0)).context("network namespaces")?;
     let n = ns.name();
     ip(&["-n", n, "link", "add", "br0", "type", "bridge"]).context("Linux bridges")?;
-    ip(&[
-        "-n",
-        n,
-        "link",
-        "add",
-        "vx0",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "dstport",
-        "4789",
-        "local",
-        "10.88.0.1",
-        "nolearning",
-    ])
-    .context("vxlan devices")?;
+    add_vxlan(n, "1", "10.88.0.1").context("vxlan devices")?;
     ip(&["-n", n, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]).context("veth pairs")?;
     ip(&["-n", n, "tuntap", "add", "t0", "mode", "tap"]).context("tap devices")?;
     Ok(())

@@ -36,6 +36,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use nodeos_bench::fmt_ratio;
 use nodeos_bench::vmm::ours::OurVmm;
 use nodeos_bench::vmm::qemu::QemuVmm;
 use nodeos_bench::vmm::{
@@ -84,16 +85,6 @@ impl Metric {
 
     fn ratio(&self) -> f64 {
         median(&self.ours) / median(&self.qemu)
-    }
-}
-
-fn fmt_ratio(r: f64) -> String {
-    if !r.is_finite() {
-        "n/a".into()
-    } else if r.abs() >= 0.1 {
-        format!("{r:.2}")
-    } else {
-        format!("{r:.4}")
     }
 }
 

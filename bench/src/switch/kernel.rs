@@ -14,6 +14,28 @@ pub const CLIENT_IPS: [&str; 2] = ["10.89.0.1", "10.89.0.2"];
 /// The tenant MTU on both sides.
 pub const MTU: &str = "1450";
 
+/// Adds vxlan device `vx0` with `vni` on UDP 4789 to namespace `ns`, sending
+/// from `local`, with learning off (forwarding comes from FDB entries).
+pub fn add_vxlan(ns: &str, vni: &str, local: &str) -> anyhow::Result<()> {
+    ip(&[
+        "-n",
+        ns,
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        vni,
+        "dstport",
+        "4789",
+        "local",
+        local,
+        "nolearning",
+    ])
+    .map(|_| ())
+}
+
 /// The kernel side, torn down on drop.
 #[derive(Debug)]
 pub struct KernelSide {
@@ -27,22 +49,7 @@ impl KernelSide {
         for i in 0..2 {
             let (n, c) = (topo.node(i), topo.client(i));
             ip(&["-n", n, "link", "add", "br0", "type", "bridge"])?;
-            ip(&[
-                "-n",
-                n,
-                "link",
-                "add",
-                "vx0",
-                "type",
-                "vxlan",
-                "id",
-                "100",
-                "dstport",
-                "4789",
-                "local",
-                FABRIC_IPS[i],
-                "nolearning",
-            ])?;
+            add_vxlan(n, "100", FABRIC_IPS[i])?;
             run(
                 "ip",
                 &[

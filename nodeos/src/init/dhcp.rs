@@ -21,40 +21,13 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-pub const SERVER_PORT: u16 = 67;
-pub const CLIENT_PORT: u16 = 68;
-
-const BOOTREQUEST: u8 = 1;
-const BOOTREPLY: u8 = 2;
-const HTYPE_ETHERNET: u8 = 1;
-const MAGIC: [u8; 4] = [99, 130, 83, 99];
-const OPTIONS_AT: usize = 240;
-/// BOOTP's fixed message size (RFC 1542): servers may ignore shorter ones.
-const MIN_MESSAGE: usize = 300;
-const BROADCAST_FLAG: u16 = 0x8000;
-
-const DISCOVER: u8 = 1;
-const OFFER: u8 = 2;
-const REQUEST: u8 = 3;
-const ACK: u8 = 5;
-const NAK: u8 = 6;
-
-const OPT_PAD: u8 = 0;
-const OPT_SUBNET_MASK: u8 = 1;
-const OPT_ROUTER: u8 = 3;
-const OPT_DNS: u8 = 6;
-const OPT_HOSTNAME: u8 = 12;
-const OPT_REQUESTED_IP: u8 = 50;
-const OPT_LEASE_TIME: u8 = 51;
-const OPT_OVERLOAD: u8 = 52;
-const OPT_MESSAGE_TYPE: u8 = 53;
-const OPT_SERVER_ID: u8 = 54;
-const OPT_PARAMETERS: u8 = 55;
-const OPT_MAX_SIZE: u8 = 57;
-const OPT_RENEWAL_TIME: u8 = 58;
-const OPT_REBINDING_TIME: u8 = 59;
-const OPT_CLIENT_ID: u8 = 61;
-const OPT_END: u8 = 255;
+use nodeos_switch::dhcp::{
+    ACK, BOOTREPLY, BOOTREQUEST, BROADCAST_FLAG, DISCOVER, HTYPE_ETHERNET, MAGIC, MIN_MESSAGE, NAK, OFFER,
+    OPT_CLIENT_ID, OPT_DNS, OPT_END, OPT_HOSTNAME, OPT_LEASE_TIME, OPT_MAX_SIZE, OPT_MESSAGE_TYPE,
+    OPT_OVERLOAD, OPT_PAD, OPT_PARAMETERS, OPT_REBINDING_TIME, OPT_RENEWAL_TIME, OPT_REQUESTED_IP,
+    OPT_ROUTER, OPT_SERVER_ID, OPT_SUBNET_MASK, OPTIONS_AT, REQUEST,
+};
+pub use nodeos_switch::dhcp::{CLIENT_PORT, SERVER_PORT};
 
 /// Retransmission backoff of DISCOVER and REQUEST (RFC 2131 section 4.1).
 const FIRST_RETRY: Duration = Duration::from_secs(4);

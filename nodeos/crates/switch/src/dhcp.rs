@@ -28,46 +28,50 @@ pub const SERVER_PORT: u16 = 67;
 /// The UDP port clients listen on.
 pub const CLIENT_PORT: u16 = 68;
 
-const BOOTREQUEST: u8 = 1;
-const BOOTREPLY: u8 = 2;
-const HTYPE_ETHERNET: u8 = 1;
-const MAGIC: [u8; 4] = [99, 130, 83, 99];
+pub const BOOTREQUEST: u8 = 1;
+pub const BOOTREPLY: u8 = 2;
+pub const HTYPE_ETHERNET: u8 = 1;
+pub const MAGIC: [u8; 4] = [99, 130, 83, 99];
 /// Offset of the magic cookie; the options follow it.
-const MAGIC_AT: usize = 236;
-const OPTIONS_AT: usize = MAGIC_AT + MAGIC.len();
+pub const MAGIC_AT: usize = 236;
+pub const OPTIONS_AT: usize = MAGIC_AT + MAGIC.len();
 /// Largest reply: 576 bytes of IP less the IP and UDP headers.
 const MAX_MESSAGE: usize = 576 - 20 - 8;
 /// Smallest reply: the fixed size of a BOOTP message (RFC 1542).
-const MIN_MESSAGE: usize = 300;
-const BROADCAST_FLAG: u16 = 0x8000;
+pub const MIN_MESSAGE: usize = 300;
+pub const BROADCAST_FLAG: u16 = 0x8000;
 /// Smallest MTU option 26 may carry (RFC 2132 section 5.1).
 const MIN_MTU: u16 = 68;
 
-// Message types (option 53).
-const DISCOVER: u8 = 1;
-const OFFER: u8 = 2;
-const REQUEST: u8 = 3;
-const DECLINE: u8 = 4;
-const ACK: u8 = 5;
-const NAK: u8 = 6;
-const RELEASE: u8 = 7;
-const INFORM: u8 = 8;
+// Message types (option 53). The wire constants are public: the node's
+// own DHCP client (PID 1) speaks the same format.
+pub const DISCOVER: u8 = 1;
+pub const OFFER: u8 = 2;
+pub const REQUEST: u8 = 3;
+pub const DECLINE: u8 = 4;
+pub const ACK: u8 = 5;
+pub const NAK: u8 = 6;
+pub const RELEASE: u8 = 7;
+pub const INFORM: u8 = 8;
 
 // Options.
-const OPT_PAD: u8 = 0;
-const OPT_SUBNET_MASK: u8 = 1;
-const OPT_ROUTER: u8 = 3;
-const OPT_DNS: u8 = 6;
-const OPT_HOSTNAME: u8 = 12;
-const OPT_MTU: u8 = 26;
-const OPT_REQUESTED_IP: u8 = 50;
-const OPT_LEASE_TIME: u8 = 51;
-const OPT_MESSAGE_TYPE: u8 = 53;
-const OPT_SERVER_ID: u8 = 54;
-const OPT_RENEWAL_TIME: u8 = 58;
-const OPT_REBINDING_TIME: u8 = 59;
-const OPT_CLIENT_ID: u8 = 61;
-const OPT_END: u8 = 255;
+pub const OPT_PAD: u8 = 0;
+pub const OPT_SUBNET_MASK: u8 = 1;
+pub const OPT_ROUTER: u8 = 3;
+pub const OPT_DNS: u8 = 6;
+pub const OPT_HOSTNAME: u8 = 12;
+pub const OPT_MTU: u8 = 26;
+pub const OPT_REQUESTED_IP: u8 = 50;
+pub const OPT_LEASE_TIME: u8 = 51;
+pub const OPT_OVERLOAD: u8 = 52;
+pub const OPT_MESSAGE_TYPE: u8 = 53;
+pub const OPT_SERVER_ID: u8 = 54;
+pub const OPT_PARAMETERS: u8 = 55;
+pub const OPT_MAX_SIZE: u8 = 57;
+pub const OPT_RENEWAL_TIME: u8 = 58;
+pub const OPT_REBINDING_TIME: u8 = 59;
+pub const OPT_CLIENT_ID: u8 = 61;
+pub const OPT_END: u8 = 255;
 
 /// Why a DHCP client message was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

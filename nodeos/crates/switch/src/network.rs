@@ -118,10 +118,6 @@ impl Network {
         self.ports.keys().copied()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.ports.is_empty()
-    }
-
     /// MACs learned, and how many were refused because the table was full.
     pub fn fdb_stats(&self) -> (usize, u64) {
         (self.fdb.len(), self.fdb.refused)

@@ -38,7 +38,7 @@ use crate::acl::{PortFilter, Verdict};
 use crate::dhcp::{self, Lease, Outcome};
 use crate::frame::{self, Mac};
 use crate::network::{Counters, Network, Output};
-use crate::packet::{self, IpPacket};
+use crate::packet::{self, IpPacket, L4};
 use crate::tap::{self, TapError};
 use crate::{arp, uplink, vxlan};
 
@@ -416,7 +416,7 @@ impl SwitchHandle {
         if let Some(c) = st.nets.get(&p.cfg.vni).and_then(|n| n.fwd.port_counters(id)) {
             s.rx = c.rx;
             s.tx = c.tx;
-            s.malformed = c.dropped;
+            s.malformed += c.dropped;
         }
         Some(s)
     }
@@ -639,8 +639,16 @@ fn egress_allowed(
             return false;
         }
     }
-    let lease = lease_for(net, port);
-    match dhcp::handle(f, port.cfg.mac, lease.as_ref()) {
+    // Only frames to the DHCP server port can be DHCP: the lease (which
+    // allocates) is made for those alone, not for every frame.
+    let to_dhcp_server =
+        matches!(pkt, Ok(Some(IpPacket { l4: L4::Udp { dst_port: dhcp::SERVER_PORT, .. }, .. })));
+    let outcome = if to_dhcp_server {
+        dhcp::handle(f, port.cfg.mac, lease_for(net, port).as_ref())
+    } else {
+        Outcome::NotDhcp
+    };
+    match outcome {
         Outcome::NotDhcp => {}
         Outcome::Answered(frames) => {
             port.stats.dhcp_answered += frames.len() as u64;
