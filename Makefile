@@ -89,7 +89,7 @@ image:
 		$(CARGO) build --release --target $(IMAGE_TARGET) -p nodeos
 	$(CARGO) build --release -p image-builder
 	target/release/image-builder --nodeos $(IMAGE_NODEOS) --out target/image \
-		$(if $(KERNEL),--kernel $(KERNEL)) $(IMAGE_ARGS)
+		$(if $(KERNEL),--kernel $(KERNEL)) $(if $(IPXE_DIR),--ipxe-dir $(IPXE_DIR)) $(IMAGE_ARGS)
 
 clean:
 	$(MAKE) -C tests/guest clean

@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "nodeos/v1/volume.proto",
         "nodeos/v1/network.proto",
         "nodeos/v1/node.proto",
+        "nodeos/v1/pxe.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("nodeos_descriptor.bin"))

@@ -23,11 +23,16 @@ ALLOWED = {
     "nodeos-network": {"nodeos-types", "nodeos-meta", "nodeos-switch"},
     "nodeos-compute": {"nodeos-types", "nodeos-meta", "nodeos-vmm", "nodeos-block",
                        "nodeos-network", "nodeos-switch"},
+    # The image format, shared by image-builder and the node that serves its own image.
+    "nodeos-image": set(),
+    # The PXE server (its DHCP wire constants are the switch's) and the agent over meta.
+    "nodeos-pxe": {"nodeos-types", "nodeos-meta", "nodeos-switch", "nodeos-image"},
     "nodeos-api": {"nodeos-types", "nodeos-proto", "nodeos-meta", "nodeos-pool",
-                   "nodeos-compute", "nodeos-block", "nodeos-switch", "nodeos-network"},
+                   "nodeos-compute", "nodeos-block", "nodeos-switch", "nodeos-network",
+                   "nodeos-pxe"},
     "nodeos-tests": {"nodeos-types", "nodeos-proto"},
     "nodeos-bench": {"nodeos-types", "nodeos-proto"},
-    "image-builder": {"nodeos-types"},
+    "image-builder": {"nodeos-types", "nodeos-image"},
     # The binary is the composition root: it may wire everything.
     "nodeos": None,
 }

@@ -1,49 +1,19 @@
-//! What the image is: the initramfs layout, the identity file inside it, the image hash, the
-//! iPXE script and the manifest beside it.
-//!
-//! # Initramfs layout (format 1)
-//! ```text
-//! /init                             nodeos, 0755: the kernel runs it as PID 1
-//! /sbin/nodeos -> /init             so `nodeos ...` works from the console
-//! /dev/console                      c 5 1, 0600: the kernel opens it before devtmpfs is mounted
-//! /dev /proc /sys /run /var /etc    mount points and runtime dirs, 0755
-//! /tmp                              1777
-//! /etc/nodeos/image.json            identity: versions and the build inputs' sha256
-//! /etc/nodeos/cmdline.default       the default kernel command line
-//! /lib/modules/<ver>/load.order     module paths (relative to /lib/modules/<ver>), load order
-//! /lib/modules/<ver>/kernel/...     the modules, as named in modules.dep
-//! ```
-//!
-//! # Image hash (format 1)
-//! The sha256 of this text, each line ending in `\n` (hex is lowercase, sizes are decimal bytes):
-//! ```text
-//! nodeos-image v1
-//! vmlinuz <sha256 of the kernel> <size>
-//! initramfs.img <sha256 of the initramfs> <size>
-//! cmdline <the default command line>
-//! ```
-//! so `printf` and `sha256sum` can check it. The initramfs cannot hold its own hash; boot.ipxe
-//! passes it to the node as `nodeos.image=<hash>`, after the hashed command line.
+//! What image-builder adds around the shared image format (`nodeos_image`): the checked
+//! inputs, the identity file inside the image, and the manifest beside it. The layout, the
+//! archive writer and the image hash live in `nodeos_image`, which a node also uses to rebuild
+//! and serve its own image.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
+use nodeos_image::layout::{ImageFiles, Module};
+use nodeos_image::{FORMAT, FileDigest, sha256_hex};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::kernel::Kernel;
 use crate::modules::ModuleFile;
-use crate::newc::{Archive, ArchiveError};
-
-/// Version of the layout, identity file and hash text above; bump when any of them changes.
-pub const FORMAT: u32 = 1;
-
-pub const KERNEL_FILE: &str = "vmlinuz";
-pub const INITRAMFS_FILE: &str = "initramfs.img";
-pub const IPXE_FILE: &str = "boot.ipxe";
-pub const MANIFEST_FILE: &str = "manifest.json";
 
 /// x86's COMMAND_LINE_SIZE is 2048 with the NUL; leave room for what boot.ipxe appends
 /// (` nodeos.image=<64 hex>` and ` initrd=initramfs.img`) and for the operator's `nodeos.*=`.
@@ -122,10 +92,6 @@ pub fn check_static(nodeos: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
 /// Everything the image is made of, read and checked.
 #[derive(Debug)]
 pub struct Contents {
@@ -136,6 +102,29 @@ pub struct Contents {
     /// Listed modules the kernel has built in, for the manifest.
     pub builtin_modules: Vec<String>,
     pub cmdline: String,
+    /// iPXE builds for vendor PXE ROMs, by file name.
+    pub chainloaders: Vec<ModuleFile>,
+}
+
+/// The iPXE chainloaders found in `dir` (see `nodeos_image::layout::CHAINLOADERS`).
+pub fn read_chainloaders(dir: &Path) -> anyhow::Result<Vec<ModuleFile>> {
+    let mut found = Vec::new();
+    for name in nodeos_image::layout::CHAINLOADERS {
+        let path = dir.join(name);
+        match fs::read(&path) {
+            Ok(data) => found.push(ModuleFile { path: name.to_owned(), data }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {}", path.display()))),
+        }
+    }
+    if found.is_empty() {
+        anyhow::bail!(
+            "--ipxe-dir {}: none of {} is there (Debian's `ipxe` package puts them in /usr/lib/ipxe)",
+            dir.display(),
+            nodeos_image::layout::CHAINLOADERS.join(", ")
+        );
+    }
+    Ok(found)
 }
 
 /// `/etc/nodeos/image.json`: who this image is, from inside it.
@@ -162,10 +151,6 @@ struct ModuleDigest<'a> {
 }
 
 impl Contents {
-    fn modules_dir(&self) -> String {
-        format!("lib/modules/{}", self.kernel.version)
-    }
-
     pub fn identity_json(&self) -> String {
         let identity = Identity {
             format: FORMAT,
@@ -191,68 +176,26 @@ impl Contents {
         json
     }
 
-    pub fn load_order(&self) -> String {
-        self.modules.iter().map(|m| format!("{}\n", m.path)).collect()
-    }
-
-    /// The initramfs tree, laid out as in the module docs.
-    pub fn initramfs(&self) -> Result<Archive, ArchiveError> {
-        let mut a = Archive::new();
-        for dir in ["dev", "proc", "sys", "run", "var", "etc/nodeos", "sbin"] {
-            a.dir(dir, 0o755)?;
+    /// The parts of the initramfs, in the shared layout.
+    pub fn files(&self) -> ImageFiles {
+        ImageFiles {
+            nodeos: self.nodeos.clone(),
+            kernel: self.kernel.bytes.clone(),
+            kernel_version: self.kernel.version.clone(),
+            identity_json: self.identity_json().into_bytes(),
+            cmdline: self.cmdline.clone(),
+            modules: self
+                .modules
+                .iter()
+                .map(|m| Module { path: m.path.clone(), data: m.data.clone() })
+                .collect(),
+            chainloaders: self
+                .chainloaders
+                .iter()
+                .map(|m| Module { path: m.path.clone(), data: m.data.clone() })
+                .collect(),
         }
-        a.dir("tmp", 0o1777)?;
-        a.char_dev("dev/console", 0o600, 5, 1)?;
-        a.file("init", 0o755, self.nodeos.clone())?;
-        a.symlink("sbin/nodeos", "/init")?;
-        a.file("etc/nodeos/image.json", 0o644, self.identity_json().into_bytes())?;
-        a.file("etc/nodeos/cmdline.default", 0o644, format!("{}\n", self.cmdline).into_bytes())?;
-        let modules_dir = self.modules_dir();
-        a.dir(&modules_dir, 0o755)?;
-        a.file(&format!("{modules_dir}/load.order"), 0o644, self.load_order().into_bytes())?;
-        for m in &self.modules {
-            a.file(&format!("{modules_dir}/{}", m.path), 0o644, m.data.clone())?;
-        }
-        Ok(a)
     }
-}
-
-/// A published file's name, sha256 and size.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FileDigest {
-    pub name: String,
-    pub sha256: String,
-    pub size: u64,
-}
-
-impl FileDigest {
-    pub fn of(name: &str, bytes: &[u8]) -> Self {
-        FileDigest { name: name.to_owned(), sha256: sha256_hex(bytes), size: bytes.len() as u64 }
-    }
-}
-
-/// The text the image hash is taken over (see the module docs).
-pub fn image_hash_text(kernel: &FileDigest, initramfs: &FileDigest, cmdline: &str) -> String {
-    format!(
-        "nodeos-image v{FORMAT}\n{KERNEL_FILE} {} {}\n{INITRAMFS_FILE} {} {}\ncmdline {cmdline}\n",
-        kernel.sha256, kernel.size, initramfs.sha256, initramfs.size
-    )
-}
-
-pub fn image_hash(kernel: &FileDigest, initramfs: &FileDigest, cmdline: &str) -> String {
-    sha256_hex(image_hash_text(kernel, initramfs, cmdline).as_bytes())
-}
-
-/// An iPXE script with names relative to itself, so the bundle works from any TFTP or HTTP root.
-pub fn boot_ipxe(cmdline: &str, image_hash: &str) -> String {
-    let args = [cmdline, &format!("nodeos.image={image_hash}"), &format!("initrd={INITRAMFS_FILE}")]
-        .into_iter()
-        .filter(|s| !s.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ");
-    format!(
-        "#!ipxe\n# nodeos image {image_hash}\nkernel {KERNEL_FILE} {args}\ninitrd {INITRAMFS_FILE}\nboot\n"
-    )
 }
 
 /// `manifest.json`, next to the image files.
@@ -286,38 +229,6 @@ impl Manifest {
     }
 }
 
-/// A writer that hashes and counts what passes through it.
-#[derive(Debug)]
-pub struct HashingWriter<W> {
-    inner: W,
-    hasher: Sha256,
-    size: u64,
-}
-
-impl<W: Write> HashingWriter<W> {
-    pub fn new(inner: W) -> Self {
-        HashingWriter { inner, hasher: Sha256::new(), size: 0 }
-    }
-
-    /// The inner writer, the sha256 (hex) and the byte count.
-    pub fn finish(self) -> (W, String, u64) {
-        (self.inner, hex::encode(self.hasher.finalize()), self.size)
-    }
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,44 +249,33 @@ mod tests {
             ],
             builtin_modules: vec!["af_packet".into()],
             cmdline: "console=ttyS0,115200 quiet".into(),
+            chainloaders: vec![],
         }
     }
 
     #[test]
-    fn the_initramfs_has_the_documented_layout() {
-        let archive = contents().initramfs().unwrap();
-        let paths: Vec<&str> = archive.paths().collect();
-        assert_eq!(
-            paths,
-            [
-                "dev",
-                "dev/console",
-                "etc",
-                "etc/nodeos",
-                "etc/nodeos/cmdline.default",
-                "etc/nodeos/image.json",
-                "init",
-                "lib",
-                "lib/modules",
-                "lib/modules/6.1.0-9-amd64",
-                "lib/modules/6.1.0-9-amd64/kernel",
-                "lib/modules/6.1.0-9-amd64/kernel/virtio.ko",
-                "lib/modules/6.1.0-9-amd64/kernel/virtio_ring.ko",
-                "lib/modules/6.1.0-9-amd64/load.order",
-                "proc",
-                "run",
-                "sbin",
-                "sbin/nodeos",
-                "sys",
-                "tmp",
-                "var",
-            ]
-        );
-        assert_eq!(contents().load_order(), "kernel/virtio_ring.ko\nkernel/virtio.ko\n");
+    fn the_identity_names_every_input() {
         let identity: serde_json::Value = serde_json::from_str(&contents().identity_json()).unwrap();
+        assert_eq!(identity["format"], FORMAT);
         assert_eq!(identity["nodeos"]["sha256"], sha256_hex(b"nodeos binary"));
         assert_eq!(identity["kernel"]["version"], "6.1.0-9-amd64");
         assert_eq!(identity["modules"][1]["path"], "kernel/virtio.ko");
+        let files = contents().files();
+        assert_eq!(files.load_order(), "kernel/virtio_ring.ko\nkernel/virtio.ko\n");
+        // What a node reads back to find its modules.
+        assert_eq!(files.modules_dir(), "lib/modules/6.1.0-9-amd64");
+    }
+
+    #[test]
+    fn chainloaders_are_taken_from_the_ipxe_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_chainloaders(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("none of undionly.kpxe, ipxe.efi, snponly.efi"), "{err}");
+        fs::write(dir.path().join("undionly.kpxe"), b"bios").unwrap();
+        fs::write(dir.path().join("other.lkrn"), b"ignored").unwrap();
+        let found = read_chainloaders(dir.path()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].path.as_str(), found[0].data.as_slice()), ("undionly.kpxe", &b"bios"[..]));
     }
 
     #[test]
@@ -397,31 +297,6 @@ mod tests {
         if let Ok(sh) = fs::read("/bin/sh") {
             assert!(check_static(&sh).is_err(), "/bin/sh is dynamic on Debian");
         }
-    }
-
-    #[test]
-    fn the_image_hash_is_over_the_documented_text() {
-        let k = FileDigest::of("vmlinuz", b"kernel");
-        let i = FileDigest::of("initramfs.img", b"initramfs");
-        let text = image_hash_text(&k, &i, "quiet");
-        assert_eq!(
-            text,
-            format!("nodeos-image v1\nvmlinuz {} 6\ninitramfs.img {} 9\ncmdline quiet\n", k.sha256, i.sha256)
-        );
-        assert_eq!(image_hash(&k, &i, "quiet"), sha256_hex(text.as_bytes()));
-        assert_ne!(image_hash(&k, &i, "quiet"), image_hash(&k, &i, "quiet panic=10"));
-    }
-
-    #[test]
-    fn boot_ipxe_uses_relative_names() {
-        let script = boot_ipxe("console=ttyS0 quiet", "ab12");
-        assert_eq!(
-            script,
-            "#!ipxe\n# nodeos image ab12\n\
-             kernel vmlinuz console=ttyS0 quiet nodeos.image=ab12 initrd=initramfs.img\n\
-             initrd initramfs.img\nboot\n"
-        );
-        assert!(boot_ipxe("", "ab").contains("kernel vmlinuz nodeos.image=ab initrd=initramfs.img\n"));
     }
 
     #[test]

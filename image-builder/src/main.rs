@@ -10,24 +10,26 @@
 //! - `main.rs`: the command line, the build steps in order, the summary.
 //! - `kernel.rs`: finding the kernel, the bzImage check, its version and config.
 //! - `modules.rs`: the module list resolved through modules.dep into a load order.
-//! - `newc.rs`: the deterministic newc archive and the fixed-header gzip stream.
-//! - `image.rs`: the initramfs layout, image.json, the image hash, boot.ipxe, the manifest.
+//! - `image.rs`: the checked inputs, image.json and the manifest; the layout, archive writer and
+//!   image hash are `nodeos_image`'s, shared with the node that serves its own image.
 //! - `output.rs`: the staging directory and the swap into place.
 
 mod image;
 mod kernel;
 mod modules;
-mod newc;
 mod output;
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 
-use crate::image::{Contents, FileDigest, HashingWriter, InitramfsInfo, Manifest};
+use nodeos_image::hash::{INITRAMFS_FILE, IPXE_FILE, KERNEL_FILE, MANIFEST_FILE};
+use nodeos_image::{FileDigest, boot_ipxe};
+
+use crate::image::{Contents, InitramfsInfo, Manifest};
 use crate::kernel::{Kernel, KernelConfig};
 use crate::modules::ModuleIndex;
 use crate::output::Staging;
@@ -65,6 +67,11 @@ struct Args {
     /// Default kernel command line file, `#` comment lines.
     #[arg(long, default_value = "initramfs/cmdline.txt")]
     cmdline: PathBuf,
+    /// A directory of iPXE builds (`/usr/lib/ipxe` from Debian's `ipxe` package) whose
+    /// undionly.kpxe, ipxe.efi and snponly.efi the image carries, so its nodes can chainload
+    /// machines with vendor PXE ROMs; at least one must be there.
+    #[arg(long)]
+    ipxe_dir: Option<PathBuf>,
     /// Output directory, replaced whole when the image is complete.
     #[arg(long)]
     out: PathBuf,
@@ -124,7 +131,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let config = KernelConfig::find(&config_candidates(args, &kernel))?;
     let module_files = modules::read_modules(&modules_dir, &resolution.load_order, &kernel.version, &config)?;
 
+    let chainloaders = match &args.ipxe_dir {
+        Some(dir) => image::read_chainloaders(dir)?,
+        None => Vec::new(),
+    };
+
     let contents = Contents {
+        chainloaders,
         nodeos,
         nodeos_version,
         kernel,
@@ -132,43 +145,27 @@ fn run(args: &Args) -> anyhow::Result<()> {
         builtin_modules: resolution.builtin,
         cmdline,
     };
-    let archive = contents.initramfs()?;
-
-    // The initramfs streams through gzip into the staging file, hashed on the way.
-    let (file, path) = staging.create(image::INITRAMFS_FILE)?;
-    let written = (|| {
-        let counted = HashingWriter::new(newc::gzip(HashingWriter::new(BufWriter::new(file))));
-        let (gz, _, uncompressed_size) = archive.write(counted)?.finish();
-        let (buffered, sha256, size) = gz.finish()?.finish();
-        let file = buffered.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        Ok::<_, std::io::Error>((sha256, size, uncompressed_size))
-    })();
-    let (sha256, size, uncompressed_size) = written.with_context(|| format!("writing {}", path.display()))?;
-    let initramfs = FileDigest { name: image::INITRAMFS_FILE.into(), sha256, size };
-
-    staging.write(image::KERNEL_FILE, &contents.kernel.bytes)?;
-    let kernel_digest = FileDigest::of(image::KERNEL_FILE, &contents.kernel.bytes);
-    let image_hash = image::image_hash(&kernel_digest, &initramfs, &contents.cmdline);
-    let ipxe = image::boot_ipxe(&contents.cmdline, &image_hash);
-    staging.write(image::IPXE_FILE, ipxe.as_bytes())?;
+    let built = contents.files().build()?;
+    staging.write(INITRAMFS_FILE, &built.initramfs_bytes)?;
+    staging.write(KERNEL_FILE, &contents.kernel.bytes)?;
+    let image_hash = built.image_hash.clone();
+    let ipxe = boot_ipxe(&contents.cmdline, &image_hash, "");
+    staging.write(IPXE_FILE, ipxe.as_bytes())?;
+    let (kernel_digest, initramfs, uncompressed_size) =
+        (built.kernel, built.initramfs, built.uncompressed_size);
 
     let manifest = Manifest {
-        format: image::FORMAT,
+        format: nodeos_image::FORMAT,
         image_hash: image_hash.clone(),
         nodeos_version: contents.nodeos_version.clone(),
         kernel_version: contents.kernel.version.clone(),
         cmdline: contents.cmdline.clone(),
-        files: vec![
-            kernel_digest.clone(),
-            initramfs.clone(),
-            FileDigest::of(image::IPXE_FILE, ipxe.as_bytes()),
-        ],
+        files: vec![kernel_digest.clone(), initramfs.clone(), FileDigest::of(IPXE_FILE, ipxe.as_bytes())],
         modules: contents.modules.iter().map(|m| m.path.clone()).collect(),
         builtin_modules: contents.builtin_modules.clone(),
-        initramfs: InitramfsInfo { compression: "gzip", entries: archive.len(), uncompressed_size },
+        initramfs: InitramfsInfo { compression: "gzip", entries: built.entries, uncompressed_size },
     };
-    staging.write(image::MANIFEST_FILE, manifest.to_json().as_bytes())?;
+    staging.write(MANIFEST_FILE, manifest.to_json().as_bytes())?;
     let out = staging.publish()?;
 
     let mut stdout = std::io::stdout().lock();

@@ -55,6 +55,9 @@ enum Cmd {
     /// Each node's software switch.
     #[command(subcommand)]
     Switch(cli::network::SwitchCmd),
+    /// The pool boots new machines from its own image over PXE.
+    #[command(subcommand)]
+    Pxe(cli::pxe::PxeCmd),
     /// PID 1 of the node image; anywhere else, `--dry-run` checks a boot configuration.
     Init(init::InitArgs),
     /// The per-VM worker process; started by the node, never by hand.
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
         Cmd::Port(p) => cli::run(&args.global, |c| Box::pin(cli::network::run_port(c, p))),
         Cmd::SecurityGroup(g) => cli::run(&args.global, |c| Box::pin(cli::network::run_security_group(c, g))),
         Cmd::Switch(s) => cli::run(&args.global, |c| Box::pin(cli::network::run_switch(c, s))),
+        Cmd::Pxe(p) => cli::run(&args.global, |c| Box::pin(cli::pxe::run(c, p))),
         Cmd::Init(a) => init::cli(a),
         Cmd::VmWorker { control_fd } => nodeos_vmm::worker::main(control_fd),
     }

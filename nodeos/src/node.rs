@@ -3,7 +3,7 @@
 //!
 //! Start order: data dir (identity, lock) → metadata store → listeners (API,
 //! block replicas, NBD, VXLAN) → formation, replica server, NBD exports,
-//! volume controllers, network agent, API. Stop order (SIGTERM/SIGINT): all of those, then raft.
+//! volume controllers, network agent, PXE agent, API. Stop order (SIGTERM/SIGINT): all of those, then raft.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +30,8 @@ use nodeos_network::{Agent, Networks};
 use nodeos_pool::beacon::BEACON_PORT;
 use nodeos_pool::formation::CapacityProbe;
 use nodeos_pool::{Formation, FormationConfig};
+use nodeos_pxe::agent::{PxeAgent, PxeAgentConfig, cmdline_safe_key};
+use nodeos_pxe::source::ImageSource;
 use nodeos_switch::switch::SwitchHandle;
 use nodeos_types::auth::PoolKey;
 use tokio::sync::watch;
@@ -102,6 +104,10 @@ pub struct DaemonArgs {
     /// Hash of the node image this node booted, reported in its node record.
     #[arg(long)]
     pub image_hash: Option<String>,
+    /// An image bundle directory (`make image`'s output) to serve over PXE when the pool's PXE
+    /// settings say so. Nodes running the node image serve the image they run instead.
+    #[arg(long)]
+    pub pxe_bundle: Option<PathBuf>,
 }
 
 /// A validated daemon configuration.
@@ -128,6 +134,28 @@ pub struct NodeConfig {
     /// Where other nodes send this node's tunnel traffic.
     pub vxlan_advertise: SocketAddr,
     pub image_hash: String,
+    /// The pool key's text when a kernel command line can carry it (for PXE-booted machines).
+    pub key_text: Option<String>,
+    pub pxe_source: ImageSource,
+}
+
+/// Where the image served over PXE comes from: the image this node runs (its daemon is the
+/// image PID 1's child and the image's identity file is in place), else `--pxe-bundle`.
+fn pxe_source(bundle: Option<PathBuf>, image_hash: &str, data_dir: &std::path::Path) -> ImageSource {
+    let root = std::path::Path::new("/");
+    let under_image = nodeos_api::node::under_init() && root.join(nodeos_image::layout::IDENTITY).is_file();
+    match bundle {
+        Some(dir) => ImageSource::Bundle { dir },
+        None if under_image => ImageSource::Running {
+            root: root.to_owned(),
+            booted_hash: image_hash.to_owned(),
+            cache_dir: Some(data_dir.join("pxe")),
+        },
+        None => ImageSource::Unavailable(
+            "this node does not run the node image; start it with --pxe-bundle DIR (`make image` output) to serve one"
+                .into(),
+        ),
+    }
 }
 
 /// Pool names: what a hostname label allows.
@@ -149,6 +177,7 @@ impl TryFrom<DaemonArgs> for NodeConfig {
         }
         let Some(key_file) = a.pool_key_file else { bail!("--pool-key-file is required to run a node") };
         let key = PoolKey::from_file(&key_file).context("--pool-key-file")?;
+        let key_text = std::fs::read_to_string(&key_file).ok().and_then(|t| cmdline_safe_key(&t));
         for s in &a.seeds {
             if s.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
                 bail!("--seeds entry {s:?} is not host:port");
@@ -188,6 +217,8 @@ impl TryFrom<DaemonArgs> for NodeConfig {
             bail!("--vxlan-listen {} needs a concrete port", a.vxlan_listen);
         }
         Ok(NodeConfig {
+            pxe_source: pxe_source(a.pxe_bundle, a.image_hash.as_deref().unwrap_or_default(), &data_dir),
+            key_text,
             image_hash: a.image_hash.unwrap_or_default(),
             vxlan_listen: a.vxlan_listen,
             vxlan_advertise,
@@ -359,6 +390,17 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         Controller::new(volumes.clone(), cfg.controller.clone()).run(until_stop(stop_rx.clone())),
     );
     let agent_task = tokio::spawn(Agent::new(meta.clone(), switch.clone()).run(until_stop(stop_rx.clone())));
+    let (pxe_agent, pxe) = PxeAgent::new(
+        PxeAgentConfig {
+            node_id: me,
+            pool_name: cfg.pool.clone(),
+            pool_key: cfg.key_text.clone(),
+            advertise: cfg.advertise,
+            source: cfg.pxe_source.clone(),
+        },
+        meta.clone(),
+    );
+    let pxe_task = tokio::spawn(pxe_agent.run(until_stop(stop_rx.clone())));
     let mut api_stop = stop_rx.clone();
     let mut api = tokio::spawn(nodeos_api::serve(
         listener,
@@ -369,6 +411,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         volumes,
         networks,
         switch,
+        pxe,
         async move {
             let _ = api_stop.wait_for(|s| *s).await;
         },
@@ -388,6 +431,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let _ = formation_task.await;
     let _ = controller_task.await;
     let _ = agent_task.await;
+    let _ = pxe_task.await;
     let _ = block_task.await;
     match nbd_task.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "NBD server ended with an error"),

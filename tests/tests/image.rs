@@ -3,7 +3,10 @@
 //! data disk (ext4 labelled `nodeos-data`) and a virtio NIC on a tap
 //! enslaved to the test's bridge, so the host CLI reaches every node. The
 //! nodes form a pool with no manual step; one is killed and the pool keeps
-//! serving; it boots again and rejoins with its data.
+//! serving; it boots again and rejoins with its data. A diskless machine boots from the
+//! network through QEMU's iPXE ROM and a TFTP server holding the bundle; then node 0 serves PXE
+//! itself and a fifth machine boots the pool's own image from it and joins. Machines with a
+//! wrong pool key or no network say so on their consoles.
 //!
 //! QEMU uses KVM only on hosts with hardware virtualization (a loaded
 //! kvm_intel or kvm_amd module), TCG otherwise.
@@ -160,23 +163,21 @@ impl Lab {
     /// bundle over TFTP on a first NIC; the second NIC is on the fabric.
     async fn boot_pxe(&self, m: &mut Machine) -> anyhow::Result<()> {
         let root = self.tftp_root(m)?;
-        let console = std::fs::OpenOptions::new().create(true).append(true).open(&m.console)?;
-        let cpu = if accel() == "kvm" { "host" } else { "max" };
-        let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", accel(), "-cpu", cpu, "-m", "1024", "-smp", "1", "-nographic", "-no-reboot"])
-            .args(["-nodefaults", "-device", "virtio-rng-pci", "-serial", "stdio", "-boot", "n"])
-            .args(["-netdev", &format!("user,id=pxe,tftp={},bootfile=boot.ipxe", root.display())])
-            .args(["-device", "virtio-net-pci,netdev=pxe,bootindex=1"])
-            .args(["-netdev", &format!("tap,id=fabric,ifname={},script=no,downscript=no", m.tap)])
-            .args([
-                "-device",
-                &format!("virtio-net-pci,netdev=fabric,mac=52:54:00:4e:4f:{:02x},romfile=", m.index),
-            ])
-            .stdin(Stdio::null())
-            .stdout(console.try_clone()?)
-            .stderr(console)
-            .kill_on_drop(true);
-        m.child = Some(cmd.spawn().context("starting qemu-system-x86_64")?);
+        let args: Vec<String> = [
+            "-boot",
+            "n",
+            "-netdev",
+            &format!("user,id=pxe,tftp={},bootfile=boot.ipxe", root.display()),
+            "-device",
+            "virtio-net-pci,netdev=pxe,bootindex=1",
+            "-netdev",
+            &format!("tap,id=fabric,ifname={},script=no,downscript=no", m.tap),
+            "-device",
+            &format!("virtio-net-pci,netdev=fabric,mac=52:54:00:4e:4f:{:02x},romfile=", m.index),
+        ]
+        .map(str::to_owned)
+        .into();
+        self.spawn(m, &args)?;
         self.attach_tap(m).await
     }
 
@@ -192,31 +193,112 @@ impl Lab {
         Ok(())
     }
 
-    /// Boots (or boots again) machine `m` on its disk.
-    async fn boot(&self, m: &mut Machine) -> anyhow::Result<()> {
-        let mac = format!("52:54:00:4e:4f:{:02x}", m.index);
+    /// Starts QEMU for machine `m` with the common flags plus `args`.
+    fn spawn(&self, m: &mut Machine, args: &[String]) -> anyhow::Result<()> {
         let console = std::fs::OpenOptions::new().create(true).append(true).open(&m.console)?;
-        let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
-        // A CPU with RDRAND (`max` under TCG): without an entropy source the
-        // kernel's CRNG is not ready for minutes and the daemon's first
-        // getrandom() waits for it.
         let cpu = if accel() == "kvm" { "host" } else { "max" };
+        let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
         cmd.args(["-accel", accel(), "-cpu", cpu, "-m", "1024", "-smp", "1", "-nographic", "-no-reboot"])
-            .args(["-nodefaults", "-device", "virtio-rng-pci"])
-            .args(["-serial", "stdio"])
-            .arg("-kernel")
-            .arg(self.image.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(self.image.join("initramfs.img"))
-            .args(["-append", &self.cmdline(m)])
-            .args(["-drive", &format!("file={},format=raw,if=virtio", m.disk.display())])
-            .args(["-netdev", &format!("tap,id=fabric,ifname={},script=no,downscript=no", m.tap)])
-            .args(["-device", &format!("virtio-net-pci,netdev=fabric,mac={mac}")])
+            .args(["-nodefaults", "-device", "virtio-rng-pci", "-serial", "stdio"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(console.try_clone()?)
             .stderr(console)
             .kill_on_drop(true);
         m.child = Some(cmd.spawn().context("starting qemu-system-x86_64")?);
+        Ok(())
+    }
+
+    /// Boots machine `m` from its fabric NIC only, through QEMU's iPXE ROM: the addresses come
+    /// from the test's DHCP server on the bridge, the boot file from a pool node's proxy DHCP.
+    async fn boot_from_pool(&self, m: &mut Machine) -> anyhow::Result<()> {
+        let args: Vec<String> = [
+            "-boot",
+            "n",
+            "-netdev",
+            &format!("tap,id=fabric,ifname={},script=no,downscript=no", m.tap),
+            "-device",
+            &format!("virtio-net-pci,netdev=fabric,mac=52:54:00:4e:4f:{:02x},bootindex=1", m.index),
+        ]
+        .map(str::to_owned)
+        .into();
+        self.spawn(m, &args)?;
+        self.attach_tap(m).await
+    }
+
+    /// Boots machine `m` from the image files with the kernel arguments `cmdline`, with no
+    /// disk, and with a fabric NIC only if `nic`.
+    async fn boot_direct(&self, m: &mut Machine, cmdline: &str, nic: bool) -> anyhow::Result<()> {
+        let mut args: Vec<String> = vec![
+            "-kernel".into(),
+            self.image.join("vmlinuz").display().to_string(),
+            "-initrd".into(),
+            self.image.join("initramfs.img").display().to_string(),
+            "-append".into(),
+            cmdline.into(),
+        ];
+        if nic {
+            args.extend([
+                "-netdev".into(),
+                format!("tap,id=fabric,ifname={},script=no,downscript=no", m.tap),
+                "-device".into(),
+                format!("virtio-net-pci,netdev=fabric,mac=52:54:00:4e:4f:{:02x}", m.index),
+            ]);
+        }
+        self.spawn(m, &args)?;
+        if nic { self.attach_tap(m).await } else { Ok(()) }
+    }
+
+    /// A DHCP server on the bridge (busybox udhcpd) for machines that boot from the network:
+    /// addresses only, no boot file, as on a fabric where a pool node answers the PXE part.
+    fn dhcp_server(&self) -> anyhow::Result<tokio::process::Child> {
+        let ip = self.net.bridge_ip().octets();
+        let conf = self.dir.path().join("udhcpd.conf");
+        let leases = self.dir.path().join("udhcpd.leases");
+        std::fs::write(&leases, "")?;
+        std::fs::write(
+            &conf,
+            format!(
+                "start {a}.{b}.{c}.100\nend {a}.{b}.{c}.150\ninterface {br}\nlease_file {l}\n\
+                 option subnet 255.255.255.0\noption lease 3600\n",
+                a = ip[0],
+                b = ip[1],
+                c = ip[2],
+                br = self.net.bridge(),
+                l = leases.display()
+            ),
+        )?;
+        let log = std::fs::File::create(self.dir.path().join("udhcpd.log"))?;
+        tokio::process::Command::new("busybox")
+            .args(["udhcpd", "-f"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting busybox udhcpd (busybox-static)")
+    }
+
+    /// Boots (or boots again) machine `m` on its disk.
+    async fn boot(&self, m: &mut Machine) -> anyhow::Result<()> {
+        // A CPU with RDRAND (`max` under TCG, see `spawn`): without an entropy source the
+        // kernel's CRNG is not ready for minutes and the daemon's first getrandom() waits.
+        let args: Vec<String> = vec![
+            "-kernel".into(),
+            self.image.join("vmlinuz").display().to_string(),
+            "-initrd".into(),
+            self.image.join("initramfs.img").display().to_string(),
+            "-append".into(),
+            self.cmdline(m),
+            "-drive".into(),
+            format!("file={},format=raw,if=virtio", m.disk.display()),
+            "-netdev".into(),
+            format!("tap,id=fabric,ifname={},script=no,downscript=no", m.tap),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=fabric,mac=52:54:00:4e:4f:{:02x}", m.index),
+        ];
+        self.spawn(m, &args)?;
         self.attach_tap(m).await
     }
 
@@ -301,6 +383,16 @@ async fn three_machines_boot_the_image_form_a_pool_and_survive_a_node_loss() -> 
     );
     lab.cli(&ms[0], &["meta", "put", "survives", "yes"]).await?;
 
+    // Node 0 starts serving PXE now: it rebuilds its image from its root file system (minutes
+    // under TCG) while the rest of the test goes on.
+    let id0 = lab.cli(&ms[0], &["pool", "status"]).await?["answered_by"]
+        .as_str()
+        .and_then(|s| s.split_whitespace().next())
+        .context("answered_by")?
+        .to_owned();
+    lab.cli(&ms[0], &["pxe", "enable", "--nodes", &id0]).await?;
+    let t_pxe_enabled = Instant::now();
+
     // Kill machine 2: the pool keeps serving.
     // `answered_by` is the node asked, then "(via <leader>)" when handed over.
     let victim_id = lab.cli(&ms[2], &["pool", "status"]).await?["answered_by"]
@@ -347,5 +439,84 @@ async fn three_machines_boot_the_image_form_a_pool_and_survive_a_node_loss() -> 
     let console = pxe.console();
     ensure!(console.contains("iPXE"), "the machine did not boot through iPXE:\n{console}");
     ensure!(console.contains("NO DATA DISK"), "a diskless node must say its state lives in RAM:\n{console}");
+    pxe.kill();
+    lab.healthy(&ms[0], 3, Duration::from_secs(90)).await?;
+
+    // The pool grows itself: a fifth machine boots from node 0's PXE server (its address from
+    // the fabric's DHCP server) and joins.
+    let pxe_ready = wait_until("node 0 serving PXE", BOOT * 2, || async {
+        let s = lab.cli(&ms[0], &["pxe", "status", "--node", &id0]).await?;
+        let n = &s["nodes"][0];
+        ensure!(n["state"] == "serving", "{n}");
+        ensure!(n["image_hash"] == lab.image_hash.as_str(), "node 0 serves another image: {n}");
+        Ok(())
+    })
+    .await
+    .with_context(|| format!("node 0 console:\n{}", ms[0].console()));
+    pxe_ready?;
+    eprintln!(
+        "nodeos-tests: {test}: node 0 serving its own image over PXE {:.1} s after `pxe enable`",
+        t_pxe_enabled.elapsed().as_secs_f64()
+    );
+    let _dhcp = lab.dhcp_server()?;
+    let mut grown = lab.machine(4, PathBuf::new());
+    let t_grow = Instant::now();
+    lab.boot_from_pool(&mut grown).await?;
+
+    // Meanwhile, bad boots say why on the console: a wrong pool key, and no network at all.
+    let mut stranger = lab.machine(5, PathBuf::new());
+    let wrong_key: String = (0..32).map(|_| format!("{:x}", rand::random::<u8>() & 0xf)).collect();
+    let stranger_cmdline = format!(
+        "console=ttyS0,115200 panic=-1 nodeos.pool={POOL_NAME} nodeos.key={wrong_key} nodeos.ip={}/24 \
+         nodeos.seeds={} nodeos.data=ram",
+        stranger.ip,
+        ms[0].api()
+    );
+    lab.boot_direct(&mut stranger, &stranger_cmdline, true).await?;
+    let mut offline = lab.machine(6, PathBuf::new());
+    let offline_cmdline = format!(
+        "console=ttyS0,115200 panic=-1 nodeos.pool={POOL_NAME} nodeos.key={} nodeos.data=ram",
+        lab.key
+    );
+    lab.boot_direct(&mut offline, &offline_cmdline, false).await?;
+    wait_until("the wrong key's refusal on the console", BOOT, || async {
+        let c = stranger.console();
+        ensure!(c.contains("pool key mismatch"), "not yet");
+        Ok(())
+    })
+    .await
+    .with_context(|| format!("wrong-key console:\n{}", stranger.console()))?;
+    wait_until("no network on the console", BOOT, || async {
+        ensure!(offline.console().contains("no network yet"), "not yet");
+        Ok(())
+    })
+    .await
+    .with_context(|| format!("no-network console:\n{}", offline.console()))?;
+    stranger.kill();
+    offline.kill();
+
+    let all = lab
+        .healthy(&ms[0], 4, BOOT)
+        .await
+        .with_context(|| format!("pool-booted console:\n{}", grown.console()))?;
+    eprintln!(
+        "nodeos-tests: {test}: machine booted by the pool joined {:.1} s after power-on ({} healthy)",
+        t_grow.elapsed().as_secs_f64(),
+        all.len()
+    );
+    let console = grown.console();
+    ensure!(console.contains("iPXE"), "the machine did not boot through iPXE:\n{console}");
+    let s = lab.cli(&ms[0], &["pxe", "status", "--node", &id0]).await?;
+    let n = &s["nodes"][0];
+    ensure!(n["offers"].as_u64() >= Some(1) && n["http_requests"].as_u64() >= Some(3), "{n}");
+    let status = lab.cli(&ms[0], &["pool", "status"]).await?;
+    for m in status["members"].as_array().context("members")? {
+        ensure!(m["image_hash"] == lab.image_hash.as_str(), "member reports another image: {m}");
+    }
+    let strangers = status["members"].as_array().context("members")?.len();
+    ensure!(
+        strangers == 5,
+        "the pool has {strangers} members; the wrong-key machine must not be one: {status}"
+    );
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! # Layout
 //! - `mod.rs`: global flags, connecting, the one-line error report.
 //! - `output.rs`: table and JSON rendering.
-//! - `pool.rs`, `node.rs`, `meta.rs`, `vm.rs`, `volume.rs`: one file per command group.
+//! - `pool.rs`, `node.rs`, `meta.rs`, `vm.rs`, `volume.rs`, `pxe.rs`: one file per command group.
 //! - `network.rs`: `network`, `port`, `security-group` and `switch`, the groups of
 //!   the network service.
 
@@ -12,6 +12,7 @@ pub mod network;
 pub mod node;
 pub mod output;
 pub mod pool;
+pub mod pxe;
 pub mod vm;
 pub mod volume;
 

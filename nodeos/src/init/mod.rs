@@ -311,6 +311,7 @@ fn boot(signals: supervisor::SigSet) -> ! {
         name
     })
     .unwrap_or_else(|| "nodeos".to_owned());
+    duty("random pool", watch_entropy);
     let data = duty("data disk", || disk::prepare(&cfg.data)).unwrap_or(DataDisk::Ram);
     let key_file = cfg.key.as_ref().and_then(|k| {
         duty("pool key", || match write_key(k) {
@@ -330,6 +331,43 @@ fn boot(signals: supervisor::SigSet) -> ! {
         resolv_conf: PathBuf::from(net::RESOLV_CONF),
     };
     Supervisor::new(cfg, signals, key_file, data, net).run()
+}
+
+/// Whether the kernel's random pool can serve `getrandom()` without blocking.
+fn crng_ready() -> bool {
+    let mut byte = [0u8; 1];
+    // SAFETY: the buffer is valid for writes of its length for the whole call.
+    let n = unsafe { libc::getrandom(byte.as_mut_ptr().cast(), byte.len(), libc::GRND_NONBLOCK) };
+    n == 1
+}
+
+/// The daemon's first `getrandom()` blocks until the kernel's random pool is ready, which on
+/// a machine with no RDRAND and no hardware RNG can take minutes: say so on the console while
+/// it lasts, instead of a node that looks hung.
+fn watch_entropy() {
+    if crng_ready() {
+        return;
+    }
+    warn!(
+        "THE KERNEL'S RANDOM POOL IS NOT READY: the node daemon waits for it before it starts. \
+         Give the machine an entropy source (a CPU with RDRAND, a hardware RNG, QEMU's -device virtio-rng-pci)."
+    );
+    let started = Instant::now();
+    let spawned = std::thread::Builder::new().name("entropy".into()).spawn(move || {
+        while !crng_ready() {
+            std::thread::sleep(Duration::from_secs(10));
+            if !crng_ready() {
+                warn!(
+                    waited_s = started.elapsed().as_secs(),
+                    "random pool still not ready; the node daemon waits"
+                );
+            }
+        }
+        info!(waited_s = started.elapsed().as_secs(), "random pool ready");
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot watch the random pool");
+    }
 }
 
 /// `nodeos init`: outside PID 1, only `--dry-run`.

@@ -8,6 +8,7 @@
 //! - `network.rs`: `NetworkService`, tenant networks, ports, security groups and the
 //!   switch counters of each node, public.
 //! - `node.rs`: `NodeService`, power-off and reboot of a node under the image's PID 1, public.
+//! - `pxe.rs`: `PxeService`, the pool's PXE settings and each node's serving state, public.
 //! - `peer.rs`: `PeerService`, node to node, every message authenticated with the pool key.
 //! - `proxy.rs`: handing a request to another node's API, at most once.
 //! - `error.rs`: the one place where errors become gRPC `Status`es.
@@ -25,6 +26,7 @@ pub mod node;
 pub mod peer;
 pub mod pool;
 pub mod proxy;
+pub mod pxe;
 pub mod server;
 pub mod vm;
 pub mod volume;

@@ -43,7 +43,7 @@ impl NodeApi {
 }
 
 /// Whether this daemon was started by the image's PID 1.
-fn under_init() -> bool {
+pub fn under_init() -> bool {
     std::os::unix::process::parent_id() == 1 && std::env::var_os(INIT_ENV).is_some_and(|v| v == "1")
 }
 

@@ -13,8 +13,10 @@ use nodeos_proto::v1::network_service_server::NetworkServiceServer;
 use nodeos_proto::v1::node_service_server::NodeServiceServer;
 use nodeos_proto::v1::peer_service_server::PeerServiceServer;
 use nodeos_proto::v1::pool_service_server::PoolServiceServer;
+use nodeos_proto::v1::pxe_service_server::PxeServiceServer;
 use nodeos_proto::v1::vm_service_server::VmServiceServer;
 use nodeos_proto::v1::volume_service_server::VolumeServiceServer;
+use nodeos_pxe::agent::PxeHandle;
 use nodeos_switch::switch::SwitchHandle;
 use tokio::net::TcpListener;
 
@@ -23,6 +25,7 @@ use crate::network::NetworkApi;
 use crate::node::NodeApi;
 use crate::peer::PeerApi;
 use crate::pool::PoolApi;
+use crate::pxe::PxeApi;
 use crate::vm::VmApi;
 use crate::volume::{MAX_IMPORT_CHUNK, VolumeApi};
 
@@ -54,6 +57,7 @@ pub async fn serve(
     volumes: Volumes,
     networks: Networks,
     switch: SwitchHandle,
+    pxe: PxeHandle,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let reflection = tonic_reflection::server::Builder::configure()
@@ -79,6 +83,9 @@ pub async fn serve(
     let node = NodeServiceServer::new(NodeApi::new(meta.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE);
+    let pxe = PxeServiceServer::new(PxeApi::new(meta.clone(), pxe))
+        .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
+        .max_encoding_message_size(MAX_PUBLIC_MESSAGE);
     let peer = PeerServiceServer::new(PeerApi::new(meta, formation))
         .max_decoding_message_size(MAX_PEER_MESSAGE)
         .max_encoding_message_size(MAX_PEER_MESSAGE);
@@ -95,6 +102,7 @@ pub async fn serve(
         .add_service(volume)
         .add_service(network)
         .add_service(node)
+        .add_service(pxe)
         .add_service(peer)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

@@ -17,6 +17,7 @@
 //! | `ipam/<network id>/<ipv4>` | the port id holding that address |
 //! | `security-groups/<id>` | [`SecurityGroupRecord`] |
 //! | `security-group-names/<name>` | the security group id holding that name |
+//! | `pxe` | [`PxeSettingsRecord`] (one key) |
 //! | `custom/<anything>` | operator bytes, never interpreted |
 
 use serde::{Deserialize, Serialize};
@@ -392,6 +393,78 @@ impl VolumeRecord {
     }
 }
 
+/// Key of the single [`PxeSettingsRecord`].
+pub const PXE_KEY: &str = "pxe";
+/// HTTP port of the built-in PXE server when the settings give none.
+pub const DEFAULT_PXE_HTTP_PORT: u16 = 7780;
+/// Longest `append` of the PXE settings: the kernel command line is 2048 bytes on x86, and the
+/// image's own arguments and the pool's come first.
+pub const MAX_PXE_APPEND: usize = 512;
+
+/// Which nodes serve PXE, where, and what the machines they boot are told.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PxeSettingsRecord {
+    pub enabled: bool,
+    /// Interface to serve on; empty: the one holding the node's advertised address.
+    #[serde(default)]
+    pub interface: String,
+    /// Nodes that serve; empty: every node.
+    #[serde(default)]
+    pub nodes: Vec<NodeId>,
+    /// Extra kernel arguments for the machines booted.
+    #[serde(default)]
+    pub append: String,
+    #[serde(default)]
+    pub http_port: u16,
+}
+
+impl PxeSettingsRecord {
+    pub fn serves(&self, node: NodeId) -> bool {
+        self.enabled && (self.nodes.is_empty() || self.nodes.contains(&node))
+    }
+
+    pub fn http_port(&self) -> u16 {
+        if self.http_port == 0 { DEFAULT_PXE_HTTP_PORT } else { self.http_port }
+    }
+
+    /// Checks operator input; the error names the field and what it allows.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.interface.is_empty()
+            && (self.interface.len() > 15
+                || !self.interface.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b)))
+        {
+            return Err(format!(
+                "interface {:?} is not an interface name (1..=15 of [A-Za-z0-9-_.@])",
+                self.interface
+            ));
+        }
+        if self.append.len() > MAX_PXE_APPEND {
+            return Err(format!("append is {} bytes; at most {MAX_PXE_APPEND}", self.append.len()));
+        }
+        if let Some(c) = self.append.chars().find(|c| !(c.is_ascii_graphic() || *c == ' ') || *c == '$') {
+            return Err(format!(
+                "append holds {c:?}; kernel arguments here are printable ASCII without `$` (iPXE would expand it)"
+            ));
+        }
+        if let Some(w) = self.append.split_whitespace().find(|w| {
+            ["initrd=", "nodeos.image=", "nodeos.pool=", "nodeos.key=", "nodeos.seeds="]
+                .iter()
+                .any(|p| w.starts_with(p))
+        }) {
+            return Err(format!(
+                "append word `{w}`: the PXE server sets the image, pool, key, seeds and initrd itself"
+            ));
+        }
+        if self.http_port != 0 && self.http_port < 1024 && self.http_port != 80 {
+            return Err(format!(
+                "http_port {} is reserved; use 80 or 1024..=65535 (0 = {DEFAULT_PXE_HTTP_PORT})",
+                self.http_port
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,5 +485,27 @@ mod tests {
         let j = serde_json::to_vec(&r).expect("serializable");
         assert_eq!(serde_json::from_slice::<NodeRecord>(&j).expect("parses"), r);
         assert_eq!(node_key(NodeId(7)), "nodes/0000000000000007");
+    }
+
+    #[test]
+    fn pxe_settings_are_checked_field_by_field() {
+        let ok =
+            PxeSettingsRecord { enabled: true, append: "nodeos.dns=10.0.0.53".into(), ..Default::default() };
+        assert_eq!(ok.validate(), Ok(()));
+        assert_eq!(ok.http_port(), DEFAULT_PXE_HTTP_PORT);
+        let me = NodeId(7);
+        assert!(ok.serves(me));
+        assert!(!PxeSettingsRecord { nodes: vec![NodeId(8)], ..ok.clone() }.serves(me));
+        assert!(!PxeSettingsRecord { enabled: false, ..ok.clone() }.serves(me));
+        for (bad, why) in [
+            (PxeSettingsRecord { interface: "eth0/1".into(), ..ok.clone() }, "not an interface name"),
+            (PxeSettingsRecord { append: "a=${x}".into(), ..ok.clone() }, "without `$`"),
+            (PxeSettingsRecord { append: "nodeos.key=x".into(), ..ok.clone() }, "sets the image, pool, key"),
+            (PxeSettingsRecord { append: "x".repeat(MAX_PXE_APPEND + 1), ..ok.clone() }, "at most 512"),
+            (PxeSettingsRecord { http_port: 22, ..ok.clone() }, "reserved"),
+        ] {
+            let err = bad.validate().unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
     }
 }

@@ -19,8 +19,10 @@ use thiserror::Error;
 /// The gzip header's OS byte: 3 (Unix), what `gzip -n` writes; fixed so the host never leaks in.
 pub const GZIP_OS_UNIX: u8 = 3;
 
-/// Best compression: the image is built once and fetched over TFTP/HTTP by every node.
-const GZIP_LEVEL: u32 = 9;
+/// zlib's default level: 0.5% larger than 9 on the image but about four times faster, which
+/// matters because every node that serves PXE compresses its image again (under QEMU TCG, at a
+/// tenth of the host's speed).
+const GZIP_LEVEL: u32 = 6;
 
 #[derive(Debug, Error)]
 pub enum ArchiveError {
@@ -111,8 +113,11 @@ impl Archive {
         self.entries.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Paths in archive order.
-    #[cfg(test)]
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
     }
@@ -310,7 +315,7 @@ mod tests {
         // ID1 ID2 CM FLG MTIME(4) XFL OS: deflate, no flags (so no name or comment), mtime 0.
         assert_eq!(&out[..4], &[0x1f, 0x8b, 8, 0]);
         assert_eq!(&out[4..8], &[0, 0, 0, 0]);
-        assert_eq!(out[8], 2, "XFL: maximum compression");
+        assert_eq!(out[8], 0, "XFL: neither the fastest nor the best level");
         assert_eq!(out[9], GZIP_OS_UNIX);
         let mut again = gzip(Vec::new());
         again.write_all(b"same input").unwrap();
