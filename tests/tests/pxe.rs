@@ -45,7 +45,9 @@ fn pxe_message(kind: u8, xid: u32, mac: [u8; 6]) -> Vec<u8> {
     uuid[1..].copy_from_slice(&[0x5a; 16]);
     opt(97, &uuid);
     m.push(255);
-    m.resize(300, 0);
+    // BOOTP's minimum message; longer ones stay whole.
+    let len = m.len().max(300);
+    m.resize(len, 0);
     m
 }
 
