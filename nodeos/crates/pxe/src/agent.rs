@@ -237,6 +237,10 @@ impl PxeAgent {
             if self.preparing.is_some() {
                 return;
             }
+            if let ImageSource::Unavailable(why) = &self.cfg.source {
+                let why = why.clone();
+                return self.set_state(ServeState::Failed(why));
+            }
             if let Some((why, at)) = &self.prepare_failed
                 && at.elapsed() < PREPARE_RETRY
             {

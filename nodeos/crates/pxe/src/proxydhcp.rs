@@ -503,24 +503,10 @@ impl<'a> Request<'a> {
     }
 }
 
-/// Splits an options area into (code, value) pairs, appending to `out`. An
-/// area may end without the end option; an option longer than what is left
-/// is an error.
-fn parse_options<'a>(mut b: &'a [u8], out: &mut Vec<(u8, &'a [u8])>) -> Result<(), ProxyDhcpError> {
-    loop {
-        match b {
-            [] | [OPT_END, ..] => return Ok(()),
-            [OPT_PAD, rest @ ..] => b = rest,
-            [code, len, rest @ ..] => {
-                let Some((value, rest)) = rest.split_at_checked(usize::from(*len)) else {
-                    return Err(ProxyDhcpError::OptionOverrun { code: *code });
-                };
-                out.push((*code, value));
-                b = rest;
-            }
-            [code] => return Err(ProxyDhcpError::OptionOverrun { code: *code }),
-        }
-    }
+/// Splits an options area into (code, value) pairs, appending to `out`
+/// (the switch's reader: the end option may be missing, an overrun is refused).
+fn parse_options<'a>(b: &'a [u8], out: &mut Vec<(u8, &'a [u8])>) -> Result<(), ProxyDhcpError> {
+    nodeos_switch::dhcp::split_options(b, out).map_err(|code| ProxyDhcpError::OptionOverrun { code })
 }
 
 /// Remembers which clients were already reported as unsupported, so a

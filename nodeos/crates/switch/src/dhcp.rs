@@ -294,20 +294,29 @@ impl<'a> Message<'a> {
 /// Splits an options field into (code, value) pairs. A field that ends
 /// without the end option is accepted; an option longer than what is left
 /// is not.
-fn parse_options(mut b: &[u8]) -> Result<Vec<(u8, &[u8])>, DhcpError> {
+fn parse_options(b: &[u8]) -> Result<Vec<(u8, &[u8])>, DhcpError> {
     let mut options = Vec::new();
+    split_options(b, &mut options).map_err(|code| DhcpError::OptionOverrun { code })?;
+    Ok(options)
+}
+
+/// Splits an options area (RFC 2132) into (code, value) pairs, appended to
+/// `out`: pads are skipped, the end option or the area's end stops. An
+/// option longer than what is left is refused with its code. Shared by every
+/// DHCP reader of the node (this server, the PXE proxy).
+pub fn split_options<'a>(mut b: &'a [u8], out: &mut Vec<(u8, &'a [u8])>) -> Result<(), u8> {
     loop {
         match b {
-            [] | [OPT_END, ..] => return Ok(options),
+            [] | [OPT_END, ..] => return Ok(()),
             [OPT_PAD, rest @ ..] => b = rest,
             [code, len, rest @ ..] => {
                 let Some((value, rest)) = rest.split_at_checked(usize::from(*len)) else {
-                    return Err(DhcpError::OptionOverrun { code: *code });
+                    return Err(*code);
                 };
-                options.push((*code, value));
+                out.push((*code, value));
                 b = rest;
             }
-            [code] => return Err(DhcpError::OptionOverrun { code: *code }),
+            [code] => return Err(*code),
         }
     }
 }
