@@ -512,11 +512,19 @@ async fn three_machines_boot_the_image_form_a_pool_and_survive_a_node_loss() -> 
     let s = lab.cli(&ms[0], &["pxe", "status", "--node", &id0]).await?;
     let n = &s["nodes"][0];
     ensure!(n["offers"].as_u64() >= Some(1) && n["http_requests"].as_u64() >= Some(3), "{n}");
-    let status = lab.cli(&ms[0], &["pool", "status"]).await?;
-    // The machine killed above is still a member, unreachable; the healthy ones run the image.
-    for m in status["members"].as_array().context("members")?.iter().filter(|m| m["health"] == "healthy") {
-        ensure!(m["image_hash"] == lab.image_hash.as_str(), "member reports another image: {m}");
-    }
+    // The machine killed above is still a member, unreachable; the healthy ones run the image
+    // (a new member's record follows its membership by a moment).
+    let status =
+        wait_until("every healthy member reports the image hash", Duration::from_secs(60), || async {
+            let status = lab.cli(&ms[0], &["pool", "status"]).await?;
+            for m in
+                status["members"].as_array().context("members")?.iter().filter(|m| m["health"] == "healthy")
+            {
+                ensure!(m["image_hash"] == lab.image_hash.as_str(), "member reports another image: {m}");
+            }
+            Ok(status)
+        })
+        .await?;
     let strangers = status["members"].as_array().context("members")?.len();
     ensure!(
         strangers == 5,
