@@ -27,6 +27,31 @@ pub const LOCK_DIR: &str = "/run/nodeos-tests";
 /// Prefix of every test's temporary directory (followed by `<pid>-`).
 pub const TMP_PREFIX: &str = "nodeos-tests-";
 
+/// The node image `make image` built, with its manifest.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    /// `NODEOS_IMAGE_DIR`, else `target/image` of this checkout.
+    pub dir: PathBuf,
+    pub manifest: serde_json::Value,
+    /// The manifest's `image_hash`.
+    pub hash: String,
+}
+
+/// The image under test. `make test` builds it (`make image`), so a missing file is a broken
+/// setup and an error, not a reason to skip.
+pub fn built_image() -> anyhow::Result<BuiltImage> {
+    let dir = std::env::var_os("NODEOS_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/image"));
+    for f in ["vmlinuz", "initramfs.img", "manifest.json"] {
+        anyhow::ensure!(dir.join(f).is_file(), "{} is missing: run `make image`", dir.join(f).display());
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("manifest.json"))?)
+        .with_context(|| format!("{}/manifest.json", dir.display()))?;
+    let hash = manifest["image_hash"].as_str().context("the manifest has no image_hash")?.to_owned();
+    Ok(BuiltImage { dir, manifest, hash })
+}
+
 /// What a test that may run needs: the binary under test.
 #[derive(Debug, Clone)]
 pub struct Env {

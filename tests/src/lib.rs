@@ -27,5 +27,5 @@ pub mod tracker;
 
 pub use client::{Client, Violation, wait_until};
 pub use cluster::{Cluster, Expect, Writer};
-pub use env::{Env, require};
+pub use env::{BuiltImage, Env, built_image, require};
 pub use node::NodeSpec;

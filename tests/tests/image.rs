@@ -17,21 +17,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use nodeos_tests::netns::{TestNet, ip};
-use nodeos_tests::{require, wait_until};
+use nodeos_tests::{BuiltImage, built_image, require, wait_until};
 
 /// Boot to a serving API under TCG on a slow shared host.
 const BOOT: Duration = Duration::from_secs(240);
 const POOL_NAME: &str = "qemupool";
 
-fn image_dir() -> PathBuf {
-    std::env::var_os("NODEOS_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/image"))
-}
-
 /// The image, or a loud skip line when the machine cannot run the test.
-fn image_or_skip(test: &str) -> anyhow::Result<Option<PathBuf>> {
-    let dir = image_dir();
+fn image_or_skip(test: &str) -> anyhow::Result<Option<BuiltImage>> {
     let skip = |why: &str| {
         use std::io::Write;
         let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {why}");
@@ -44,12 +37,7 @@ fn image_or_skip(test: &str) -> anyhow::Result<Option<PathBuf>> {
         skip("mkfs.ext4 is not installed (e2fsprogs)");
         return Ok(None);
     }
-    for f in ["vmlinuz", "initramfs.img", "manifest.json"] {
-        // The image is built by `make test` (which runs `make image`): a
-        // missing one is a broken setup, not a reason to skip.
-        ensure!(dir.join(f).is_file(), "{} is missing: run `make image`", dir.join(f).display());
-    }
-    Ok(Some(dir))
+    built_image().map(Some)
 }
 
 fn which(cmd: &str) -> Option<PathBuf> {
@@ -104,10 +92,8 @@ struct Lab {
 }
 
 impl Lab {
-    fn new(image: PathBuf, bin: PathBuf) -> anyhow::Result<Self> {
-        let manifest: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(image.join("manifest.json"))?)?;
-        let image_hash = manifest["image_hash"].as_str().context("manifest has no image_hash")?.to_owned();
+    fn new(built: BuiltImage, bin: PathBuf) -> anyhow::Result<Self> {
+        let (image, image_hash) = (built.dir, built.hash);
         let key: String = (0..32).map(|_| format!("{:x}", rand::random::<u8>() & 0xf)).collect();
         Ok(Lab { net: TestNet::new()?, dir: tempfile::tempdir()?, image, key, bin, image_hash })
     }
@@ -322,6 +308,20 @@ impl Lab {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// Waits until every healthy member, as `via` sees them, reports this image's hash (a
+    /// member's record follows its membership by a moment); the pool status.
+    async fn healthy_run_the_image(&self, via: &Machine) -> anyhow::Result<serde_json::Value> {
+        wait_until("every healthy member reports the image hash", Duration::from_secs(60), || async {
+            let status = self.cli(via, &["pool", "status"]).await?;
+            let members = status["members"].as_array().context("members")?;
+            for m in members.iter().filter(|m| m["health"] == "healthy") {
+                ensure!(m["image_hash"] == self.image_hash.as_str(), "member reports another image: {m}");
+            }
+            Ok(status)
+        })
+        .await
+    }
+
     /// Waits until `via` reports `n` healthy members; their ids.
     async fn healthy(&self, via: &Machine, n: usize, within: Duration) -> anyhow::Result<Vec<String>> {
         wait_until(&format!("{n} healthy members via node {}", via.index), within, || async {
@@ -367,15 +367,8 @@ async fn three_machines_boot_the_image_form_a_pool_and_survive_a_node_loss() -> 
         serving.as_secs_f64(),
         formed.as_secs_f64()
     );
-    // Each node reports the image it booted (its record follows membership).
-    wait_until("every member reports the image hash", Duration::from_secs(60), || async {
-        let status = lab.cli(&ms[1], &["pool", "status"]).await?;
-        for m in status["members"].as_array().context("members")? {
-            ensure!(m["image_hash"] == lab.image_hash.as_str(), "member reports another image: {m}");
-        }
-        Ok(())
-    })
-    .await?;
+    // Each node reports the image it booted.
+    lab.healthy_run_the_image(&ms[1]).await?;
     ensure!(
         ms[0].console().contains("data disk"),
         "node 0 did not report its data disk:\n{}",
@@ -512,23 +505,9 @@ async fn three_machines_boot_the_image_form_a_pool_and_survive_a_node_loss() -> 
     let s = lab.cli(&ms[0], &["pxe", "status", "--node", &id0]).await?;
     let n = &s["nodes"][0];
     ensure!(n["offers"].as_u64() >= Some(1) && n["http_requests"].as_u64() >= Some(3), "{n}");
-    // The machine killed above is still a member, unreachable; the healthy ones run the image
-    // (a new member's record follows its membership by a moment).
-    let status =
-        wait_until("every healthy member reports the image hash", Duration::from_secs(60), || async {
-            let status = lab.cli(&ms[0], &["pool", "status"]).await?;
-            for m in
-                status["members"].as_array().context("members")?.iter().filter(|m| m["health"] == "healthy")
-            {
-                ensure!(m["image_hash"] == lab.image_hash.as_str(), "member reports another image: {m}");
-            }
-            Ok(status)
-        })
-        .await?;
-    let strangers = status["members"].as_array().context("members")?.len();
-    ensure!(
-        strangers == 5,
-        "the pool has {strangers} members; the wrong-key machine must not be one: {status}"
-    );
+    // The machine killed above is still a member, unreachable; the healthy ones run the image.
+    let status = lab.healthy_run_the_image(&ms[0]).await?;
+    let members = status["members"].as_array().context("members")?.len();
+    ensure!(members == 5, "the pool has {members} members; the wrong-key machine must not be one: {status}");
     Ok(())
 }

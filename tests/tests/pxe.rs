@@ -5,22 +5,15 @@
 //! initramfs checked against the manifest. The real boot through iPXE is in `image.rs`.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use nodeos_tests::cluster::{Cluster, POOL_NAME};
-use nodeos_tests::{NodeSpec, require, wait_until};
+use nodeos_tests::{BuiltImage, NodeSpec, built_image, require, wait_until};
 use sha2::{Digest, Sha256};
 
 const FORM: Duration = Duration::from_secs(60);
 const HTTP_PORT: u16 = 7780;
-
-fn image_dir() -> PathBuf {
-    std::env::var_os("NODEOS_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/image"))
-}
 
 /// A PXE client's DHCP message as iPXE sends it (BIOS, UNDI), `kind` 1 (discover) or 3 (request).
 fn pxe_message(kind: u8, xid: u32, mac: [u8; 6]) -> Vec<u8> {
@@ -121,12 +114,7 @@ fn node_state<'a>(status: &'a serde_json::Value, id: &str) -> anyhow::Result<&'a
 async fn a_node_serves_its_image_over_proxy_dhcp_tftp_and_http() -> anyhow::Result<()> {
     let test = "a_node_serves_its_image_over_proxy_dhcp_tftp_and_http";
     let Some(env) = require(test)? else { return Ok(()) };
-    let image = image_dir();
-    for f in ["vmlinuz", "initramfs.img", "manifest.json"] {
-        ensure!(image.join(f).is_file(), "{} is missing: run `make image`", image.join(f).display());
-    }
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(image.join("manifest.json"))?)?;
-    let image_hash = manifest["image_hash"].as_str().context("image_hash")?.to_owned();
+    let BuiltImage { dir: image, manifest, hash: image_hash } = built_image()?;
 
     let mut c = Cluster::new(&env, test)?;
     let base = NodeSpec { bootstrap_expect: Some(2), ..c.spec() };
