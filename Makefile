@@ -9,7 +9,7 @@ PROTOC := $(shell scripts/protoc-path.sh)
 endif
 export PROTOC
 
-.PHONY: build release test lint verify fmt bench bench-meta bench-vmm bench-block bench-switch demo demo-stop deps-check clean guest guest-test image
+.PHONY: test-deps build release test lint verify fmt bench bench-meta bench-vmm bench-block bench-switch demo demo-stop deps-check clean guest guest-test image
 
 build:
 	$(CARGO) build --workspace --bins
@@ -17,9 +17,15 @@ build:
 release:
 	$(CARGO) build --release --bin nodeos
 
-# Unit, conformance, in-process and process-level tests. Process-level pool
-# tests need root (network namespaces); without it they print a loud SKIPPED line.
-test: build guest image
+# What the tests need from the machine (scripts/test-deps.sh holds the one list): as root,
+# installs what is missing; otherwise stops at once with the `apt-get install` line to run.
+test-deps:
+	scripts/test-deps.sh
+
+# Unit, conformance, in-process and process-level tests, and the image booted in QEMU.
+# Process-level pool tests need root (network namespaces); without it they print a loud
+# SKIPPED line. Under CI=true a skip is a failure.
+test: test-deps build guest image
 	NODEOS_BIN=$(CURDIR)/$(BIN) $(CARGO) test --workspace --all-targets -- --test-threads=$${TEST_THREADS:-2}
 
 lint: deps-check

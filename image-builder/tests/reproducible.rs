@@ -63,7 +63,7 @@ fn inputs(test: &str) -> Inputs {
     let (kernel, kernel_version) = match host_kernel() {
         Some(found) => found,
         None => {
-            eprintln!("SKIPPED: {test}: no kernel in /boot; using a fake bzImage instead");
+            nodeos_types::testing::skip(test, "no kernel in /boot; using a fake bzImage instead");
             let path = root.join("vmlinuz-6.1.0-0-fake");
             fs::write(&path, fake_bzimage("6.1.0-0-fake")).unwrap();
             (path, "6.1.0-0-fake".to_owned())

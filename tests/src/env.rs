@@ -63,9 +63,7 @@ pub struct Env {
 /// loud `SKIPPED` line is already printed). Errors are harness failures.
 pub fn require(test: &str) -> anyhow::Result<Option<Env>> {
     if let Err(reason) = prerequisites() {
-        // Straight to the process's stderr: the test harness captures
-        // `eprintln!` of passing tests, and a skip must never be silent.
-        let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {reason}");
+        nodeos_types::testing::skip(test, &reason);
         return Ok(None);
     }
     let bin = nodeos_bin();

@@ -332,7 +332,7 @@ async fn corruption_is_detected_and_repaired_and_images_convert_over_nbd() -> an
     let have_qemu_img =
         std::process::Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success());
     if !have_qemu_img {
-        eprintln!("SKIPPED: {test}: qemu-img part: qemu-img not installed (apt install qemu-utils)");
+        nodeos_types::testing::skip(test, "qemu-img part: qemu-img not installed (apt install qemu-utils)");
     } else {
         c.cli(0, &["volume", "create", "image", "--size", "32M"]).await?;
         let src = dir.path().join("src.qcow2");
@@ -486,7 +486,7 @@ async fn volume_copies_on_raw_devices_survive_a_node_restart() -> anyhow::Result
 /// The in-repo test guest, or `None` (after a loud SKIPPED line) without KVM.
 fn guest_or_skip(test: &str) -> anyhow::Result<Option<PathBuf>> {
     if !Path::new("/dev/kvm").exists() {
-        eprintln!("SKIPPED: {test}: no /dev/kvm");
+        nodeos_types::testing::skip(test, "no /dev/kvm");
         return Ok(None);
     }
     let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");

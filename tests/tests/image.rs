@@ -25,10 +25,7 @@ const POOL_NAME: &str = "qemupool";
 
 /// The image, or a loud skip line when the machine cannot run the test.
 fn image_or_skip(test: &str) -> anyhow::Result<Option<BuiltImage>> {
-    let skip = |why: &str| {
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {why}");
-    };
+    let skip = |why: &str| nodeos_types::testing::skip(test, why);
     if which("qemu-system-x86_64").is_none() {
         skip("qemu-system-x86_64 is not installed");
         return Ok(None);

@@ -358,7 +358,7 @@ async fn the_test_guest_net_check_passes_through_the_switch_on_a_vm_port() -> an
     let test = "the_test_guest_net_check_passes_through_the_switch_on_a_vm_port";
     let Some(env) = require(test)? else { return Ok(()) };
     if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("SKIPPED: {test}: no /dev/kvm");
+        nodeos_types::testing::skip(test, "no /dev/kvm");
         return Ok(());
     }
     let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");

@@ -27,8 +27,7 @@ fn kvm_or_skip(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: no /dev/kvm");
+    nodeos_types::testing::skip(test, "no /dev/kvm");
     false
 }
 

@@ -255,7 +255,7 @@ mod tests {
         match made {
             Ok(s) if s.success() => {}
             _ => {
-                eprintln!("SKIPPED: mkfs.ext4 is not available");
+                nodeos_types::testing::skip("data disk label", "mkfs.ext4 is not available");
                 return;
             }
         }

@@ -130,8 +130,7 @@ impl Server {
 fn have(tool: &str, test: &str) -> bool {
     let found = std::process::Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
     if !found {
-        // Straight to the process's stderr so the harness cannot swallow it.
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {tool} not installed");
+        nodeos_types::testing::skip(test, &format!("{tool} not installed"));
     }
     found
 }

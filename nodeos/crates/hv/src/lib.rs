@@ -225,8 +225,7 @@ pub mod testing {
         match Hypervisor::new() {
             Ok(hv) => Some(hv),
             Err(e) => {
-                eprintln!("SKIPPED: {test}: no /dev/kvm");
-                eprintln!("         ({e})");
+                nodeos_types::testing::skip(test, &format!("no /dev/kvm ({e})"));
                 None
             }
         }

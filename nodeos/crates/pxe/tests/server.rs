@@ -328,7 +328,7 @@ async fn tftp_retransmits_and_ignores_strangers() {
 async fn tftp_with_busybox() {
     let busybox = std::path::Path::new("/usr/bin/busybox");
     if !busybox.exists() {
-        eprintln!("SKIPPED: tftp_with_busybox: busybox not installed");
+        nodeos_types::testing::skip("tftp_with_busybox", "busybox not installed");
         return;
     }
     let srv = server(68).await;

@@ -6,6 +6,7 @@
 //! - `net.rs`: address blocks ([`net::Cidr`]) and security-group rules.
 //! - `records.rs`: the typed records stored in the pool's metadata key space
 //!   ([`records::PoolRecord`], [`records::NodeRecord`]) and the key layout.
+//! - `testing.rs`: [`testing::skip`], the loud skip of a test this machine cannot run.
 //!
 //! Ids print as fixed-width lowercase hex so they sort the same as text and as
 //! numbers, and parse back from exactly that form.
@@ -13,6 +14,7 @@
 pub mod auth;
 pub mod net;
 pub mod records;
+pub mod testing;
 
 use std::fmt;
 use std::str::FromStr;

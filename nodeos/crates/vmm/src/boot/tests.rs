@@ -504,7 +504,7 @@ fn test_guest_boots_via_pvh() {
     let elf_path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../tests/guest/build/nodeos-test-guest.elf");
     if !elf_path.is_file() {
-        eprintln!("SKIPPED: {test}: test guest not built (make -C tests/guest)");
+        nodeos_types::testing::skip(test, "test guest not built (make -C tests/guest)");
         return;
     }
     let cfg = config(&elf_path, None, "mode=boot", 64);
