@@ -14,16 +14,14 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use nodeos_api::ApiConfig;
-use nodeos_block::controller::{Controller, ControllerConfig};
-use nodeos_block::exports::VolumeExports;
 use nodeos_block::replica::Replica;
 use nodeos_block::store::ExtentStore;
 use nodeos_block::store::device::DeviceStore;
 use nodeos_block::store::file::FileStore;
 use nodeos_block::transport::TcpTransport;
-use nodeos_block::volumes::Volumes;
 use nodeos_compute::Compute;
-use nodeos_compute::compute::ComputeConfig;
+use nodeos_compute::ComputeConfig;
+use nodeos_compute::process::ExecLauncher;
 use nodeos_meta::network::PeerClient;
 use nodeos_meta::{MetaConfig, MetaHandle};
 use nodeos_network::{Agent, Networks};
@@ -34,6 +32,8 @@ use nodeos_pxe::agent::{PxeAgent, PxeAgentConfig, cmdline_safe_key};
 use nodeos_pxe::source::ImageSource;
 use nodeos_switch::switch::SwitchHandle;
 use nodeos_types::auth::PoolKey;
+use nodeos_volumes::exports::VolumeExports;
+use nodeos_volumes::{Controller, ControllerConfig, Volumes};
 use tokio::sync::watch;
 use tracing::info;
 
@@ -356,16 +356,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let networks = Networks::new(meta.clone());
     let exe = std::env::current_exe().context("cannot find this binary to run VM workers")?;
     let compute = Compute::new(
-        ComputeConfig {
-            node_id: me,
-            state_dir: dir.path.join("vms"),
-            worker_exe: exe,
-            pool_key: cfg.key.clone(),
-        },
+        ComputeConfig { node_id: me, state_dir: dir.path.join("vms"), pool_key: cfg.key.clone() },
         meta.clone(),
         volumes.clone(),
         networks.clone(),
         switch.clone(),
+        Arc::new(ExecLauncher { exe }),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let formation_task = formation.spawn(stop_rx.clone());

@@ -10,9 +10,14 @@
 //! - `nodeos/v1/node.proto`: `NodeService`, power-off and reboot of one node.
 //! - `nodeos/v1/peer.proto`: `PeerService`, the authenticated node-to-node API
 //!   (raft RPCs, discovery hello, join, request forwarding).
+//! - `nodeos/v1/pxe.proto`: `PxeService`, the pool booting new machines from its image.
+//! - `text.rs`: how messages read as text: enum fields by name, bytes as UTF-8;
+//!   the public messages derive `serde::Serialize` with these (see `build.rs`).
 //!
-//! Only generated code lives here; conversions to domain types live at the edge
-//! (the `api` crate and the CLI).
+//! Only generated code lives here, and the serializers it names; conversions to
+//! domain types live at the edge (the `api` crate and the CLI).
+
+pub mod text;
 
 #[allow(missing_debug_implementations, clippy::all)]
 pub mod v1 {

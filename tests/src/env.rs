@@ -12,7 +12,6 @@
 //! is held by the test network using `10.77.<k>.0/24`.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};

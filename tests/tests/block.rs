@@ -63,7 +63,7 @@ async fn wait_in_sync(
                     copy["state"] == "in-sync",
                     "extent {}: copy {} is {}",
                     e["index"],
-                    copy["node"],
+                    copy["node_id"],
                     copy["state"]
                 );
             }
@@ -71,6 +71,12 @@ async fn wait_in_sync(
         Ok(v)
     })
     .await
+}
+
+/// Node ids of each extent's copies, from `volume show` JSON.
+fn extent_nodes(v: &serde_json::Value) -> anyhow::Result<Vec<Vec<String>>> {
+    let extents = v["volume"]["placement"].as_array().with_context(|| format!("no placement in {v}"))?;
+    extents.iter().map(|e| Ok(serde_json::from_value(e["node_ids"].clone())?)).collect()
 }
 
 async fn open_retry(addr: SocketAddr, export: &str) -> anyhow::Result<NbdClient> {
@@ -205,7 +211,7 @@ async fn a_lost_node_copies_are_rebuilt_elsewhere() -> anyhow::Result<()> {
     nbd.flush().await?.map_err(|e| anyhow::anyhow!("{e}"))?;
     nbd.close().await?;
     let v = wait_in_sync(&c, 0, "rebuild", Duration::from_secs(30)).await?;
-    let placement: Vec<Vec<String>> = serde_json::from_value(v["placement"].clone())?;
+    let placement = extent_nodes(&v)?;
     // A node holding a copy of extent 0, other than node 0.
     let victim_id = placement[0].iter().find(|n| **n != ids[0]).context("no other copy")?.clone();
     let victim = ids.iter().position(|i| *i == victim_id).context("victim index")?;
@@ -213,7 +219,7 @@ async fn a_lost_node_copies_are_rebuilt_elsewhere() -> anyhow::Result<()> {
     c.kill9(victim)?;
     let v = wait_until("copies rebuilt away from the lost node", Duration::from_secs(120), || async {
         let v = wait_in_sync(&c, 0, "rebuild", Duration::from_secs(5)).await?;
-        let placement: Vec<Vec<String>> = serde_json::from_value(v["placement"].clone())?;
+        let placement = extent_nodes(&v)?;
         ensure!(
             placement.iter().all(|set| set.len() == 3 && !set.contains(&victim_id)),
             "placement {placement:?}"
@@ -221,7 +227,7 @@ async fn a_lost_node_copies_are_rebuilt_elsewhere() -> anyhow::Result<()> {
         Ok(v)
     })
     .await?;
-    eprintln!("placement after rebuild: {}", v["placement"]);
+    eprintln!("placement after rebuild: {}", v["volume"]["placement"]);
     let reader = (0..4).find(|&i| i != victim && i != 0).context("a reader node")?;
     let mut check = open_retry(nbd_addr(&c, reader)?, "rebuild").await?;
     verify(&mut check, &model).await?;

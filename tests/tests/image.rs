@@ -500,7 +500,7 @@ async fn three_machines_boot_the_image_form_a_pool_and_survive_a_node_loss() -> 
         eprintln!("nodeos-tests: {test}: pool-booted console: {}", line.trim());
     }
     let s = lab.cli(&ms[0], &["pxe", "status", "--node", &id0]).await?;
-    let n = &s["nodes"][0];
+    let n = &s["nodes"][0]["counters"];
     ensure!(n["offers"].as_u64() >= Some(1) && n["http_requests"].as_u64() >= Some(3), "{n}");
     // The machine killed above is still a member, unreachable; the healthy ones run the image.
     let status = lab.healthy_run_the_image(&ms[0]).await?;

@@ -241,7 +241,7 @@ async fn a_node_serves_its_image_over_proxy_dhcp_tftp_and_http() -> anyhow::Resu
     ensure!(std::fs::read_to_string(&local)? == script, "TFTP and HTTP serve different boot scripts");
 
     let s = c.cli(n0, &["pxe", "status", "--node", &id0]).await?;
-    let a = node_state(&s, &id0)?;
+    let a = &node_state(&s, &id0)?["counters"];
     ensure!(a["offers"].as_u64() >= Some(1) && a["acks"].as_u64() >= Some(1), "{a}");
     ensure!(a["http_requests"].as_u64() >= Some(3) && a["tftp_transfers"].as_u64() >= Some(1), "{a}");
     ensure!(a["bytes_sent"].as_u64() > Some(initramfs.len() as u64), "{a}");

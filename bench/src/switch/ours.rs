@@ -237,7 +237,7 @@ impl OurSide {
 /// Both node ids (by node index, matched on their API addresses) if `s`
 /// (`pool status` JSON) shows a leader and both nodes healthy and joined.
 fn formed(s: &Value) -> Option<[String; 2]> {
-    if s["leader"].as_str().unwrap_or_default().is_empty() {
+    if s["leader_id"].as_str().unwrap_or_default().is_empty() {
         return None;
     }
     let members = s["members"].as_array()?;
@@ -262,7 +262,7 @@ mod tests {
     fn a_pool_is_formed_once_both_nodes_are_healthy_and_joined() {
         let member = |id: &str, i: usize, health: &str, joined: u64| serde_json::json!({"id": id, "address": api(i), "health": health, "joined_at_ms": joined});
         let status =
-            |leader: &str, members: Vec<Value>| serde_json::json!({"leader": leader, "members": members});
+            |leader: &str, members: Vec<Value>| serde_json::json!({"leader_id": leader, "members": members});
         let both = vec![member("b", 1, "healthy", 5), member("a", 0, "healthy", 7)];
         assert_eq!(formed(&status("a", both.clone())), Some(["a".to_owned(), "b".to_owned()]));
         assert_eq!(formed(&status("", both)), None);

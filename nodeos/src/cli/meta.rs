@@ -2,9 +2,9 @@
 
 use clap::Subcommand;
 use futures::StreamExt;
+use nodeos_proto::text::bytes_text;
 use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::metadata_service_client::MetadataServiceClient;
-use serde::Serialize;
 
 use super::output;
 use super::{CliError, Ctx, Format};
@@ -51,31 +51,10 @@ pub enum MetaCmd {
     },
 }
 
-#[derive(Debug, Serialize)]
-struct KvView {
-    key: String,
-    value: String,
-    create_revision: u64,
-    mod_revision: u64,
-    version: u64,
-}
-
-impl From<pb::KeyValue> for KvView {
-    fn from(kv: pb::KeyValue) -> Self {
-        KvView {
-            key: kv.key,
-            value: String::from_utf8_lossy(&kv.value).into_owned(),
-            create_revision: kv.create_revision,
-            mod_revision: kv.mod_revision,
-            version: kv.version,
-        }
-    }
-}
-
 const KV_HEADERS: &[&str] = &["KEY", "MOD_REV", "VERSION", "VALUE"];
 
-fn kv_row(k: &KvView) -> Vec<String> {
-    vec![k.key.clone(), k.mod_revision.to_string(), k.version.to_string(), k.value.clone()]
+fn kv_row(k: &pb::KeyValue) -> Vec<String> {
+    vec![k.key.clone(), k.mod_revision.to_string(), k.version.to_string(), bytes_text(&k.value).into_owned()]
 }
 
 pub async fn run(ctx: Ctx, cmd: MetaCmd) -> Result<(), CliError> {
@@ -105,32 +84,26 @@ pub async fn run(ctx: Ctx, cmd: MetaCmd) -> Result<(), CliError> {
                     expect_revision.unwrap_or(0)
                 )));
             }
-            output::print(
-                ctx.output,
-                &serde_json::json!({"revision": r.revision}),
-                &["REVISION"],
-                vec![vec![r.revision.to_string()]],
-            )
+            let rows = vec![vec![r.revision.to_string()]];
+            output::print(ctx.output, &r, &["REVISION"], rows)
         }
         MetaCmd::Get { key, stale } => {
             let r = c.get(pb::GetRequest { key: key.clone(), stale_ok: stale }).await?.into_inner();
             let Some(kv) = r.kv else {
                 return Err(CliError::Status(format!("not found: key {key:?}")));
             };
-            let v = KvView::from(kv);
             match ctx.output {
                 Format::Table => {
-                    println!("{}", v.value);
+                    println!("{}", bytes_text(&kv.value));
                     Ok(())
                 }
-                Format::Json => output::print(ctx.output, &v, &[], vec![]),
+                Format::Json => output::print(ctx.output, &kv, &[], vec![]),
             }
         }
         MetaCmd::List { prefix, limit } => {
             let r = c.list(pb::ListRequest { prefix, limit }).await?.into_inner();
-            let kvs: Vec<KvView> = r.kvs.into_iter().map(KvView::from).collect();
-            let rows = kvs.iter().map(kv_row).collect();
-            output::print(ctx.output, &kvs, KV_HEADERS, rows)
+            let rows = r.kvs.iter().map(kv_row).collect();
+            output::print(ctx.output, &r.kvs, KV_HEADERS, rows)
         }
         MetaCmd::Delete { key, expect_revision } => {
             let r = c
@@ -140,12 +113,8 @@ pub async fn run(ctx: Ctx, cmd: MetaCmd) -> Result<(), CliError> {
             if !r.succeeded {
                 return Err(CliError::Status(format!("compare failed for key {key:?}")));
             }
-            output::print(
-                ctx.output,
-                &serde_json::json!({"revision": r.revision, "existed": r.existed}),
-                &["REVISION", "EXISTED"],
-                vec![vec![r.revision.to_string(), r.existed.to_string()]],
-            )
+            let rows = vec![vec![r.revision.to_string(), r.existed.to_string()]];
+            output::print(ctx.output, &r, &["REVISION", "EXISTED"], rows)
         }
         MetaCmd::Watch { prefix, from_revision } => {
             let mut s = c
@@ -154,14 +123,15 @@ pub async fn run(ctx: Ctx, cmd: MetaCmd) -> Result<(), CliError> {
                 .into_inner();
             while let Some(ev) = s.next().await {
                 let ev = ev?;
-                let kind = if ev.deleted { "delete" } else { "put" };
-                let kv = ev.kv.map(KvView::from);
                 match ctx.output {
-                    Format::Json => {
-                        println!("{}", serde_json::json!({"revision": ev.revision, "kind": kind, "kv": kv}))
-                    }
+                    Format::Json => output::print_line(&ev)?,
                     Format::Table => {
-                        let (k, v) = kv.map(|k| (k.key, k.value)).unwrap_or_default();
+                        let kind = if ev.deleted { "delete" } else { "put" };
+                        let (k, v) = ev
+                            .kv
+                            .as_ref()
+                            .map(|k| (k.key.as_str(), bytes_text(&k.value)))
+                            .unwrap_or_default();
                         println!("{:>8}  {:<6}  {}  {}", ev.revision, kind, k, v);
                     }
                 }

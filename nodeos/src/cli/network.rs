@@ -210,337 +210,98 @@ fn arg_error(e: String) -> CliError {
     CliError::Status(format!("invalid argument: {e}"))
 }
 
-#[derive(Debug, Serialize)]
-struct UplinkView {
-    node: String,
-    bridge: String,
+fn uplink_text(n: &pb::Network) -> String {
+    n.uplink.as_ref().map(|u| format!("{}:{}", u.node_id, u.bridge)).unwrap_or_default()
 }
 
-#[derive(Debug, Serialize)]
-struct NetworkView {
-    id: String,
-    name: String,
-    vni: u32,
-    cidr: String,
-    /// Empty for none.
-    gateway: String,
-    mtu: u32,
-    dns: Vec<String>,
-    lease_secs: u32,
-    uplink: Option<UplinkView>,
-    external_vteps: Vec<String>,
-    created_at_ms: u64,
-    updated_at_ms: u64,
+fn network_rows(n: &pb::Network) -> Vec<Vec<String>> {
+    vec![
+        vec!["id".into(), n.id.clone()],
+        vec!["name".into(), n.name.clone()],
+        vec!["vni".into(), n.vni.to_string()],
+        vec!["cidr".into(), n.cidr.clone()],
+        vec!["gateway".into(), n.gateway.clone()],
+        vec!["mtu".into(), n.mtu.to_string()],
+        vec!["dns".into(), n.dns.join(", ")],
+        vec!["lease".into(), format!("{} s", n.lease_secs)],
+        vec!["uplink".into(), uplink_text(n)],
+        vec!["external vteps".into(), n.external_vteps.join(", ")],
+        vec!["created (unix ms)".into(), n.created_at_ms.to_string()],
+    ]
 }
 
-impl From<pb::Network> for NetworkView {
-    fn from(n: pb::Network) -> Self {
-        NetworkView {
-            id: n.id,
-            name: n.name,
-            vni: n.vni,
-            cidr: n.cidr,
-            gateway: n.gateway,
-            mtu: n.mtu,
-            dns: n.dns,
-            lease_secs: n.lease_secs,
-            uplink: n.uplink.map(|u| UplinkView { node: u.node_id, bridge: u.bridge }),
-            external_vteps: n.external_vteps,
-            created_at_ms: n.created_at_ms,
-            updated_at_ms: n.updated_at_ms,
+/// The port's network by name, or by id once the network record is gone.
+fn port_network(p: &pb::Port) -> &str {
+    if p.network.is_empty() { &p.network_id } else { &p.network }
+}
+
+/// What the port connects to: its tap, or its VM's NIC.
+fn attachment(p: &pb::Port) -> String {
+    if p.kind == "vm" { format!("vm {} nic {}", p.vm_id, p.nic) } else { format!("tap {}", p.tap) }
+}
+
+fn security_text(p: &pb::Port) -> String {
+    if p.port_security { p.security_groups.join(",") } else { "off".into() }
+}
+
+fn port_rows(p: &pb::Port) -> Vec<Vec<String>> {
+    let mut rows = vec![
+        vec!["id".into(), p.id.clone()],
+        vec!["network".into(), format!("{} ({})", port_network(p), p.network_id)],
+        vec!["node".into(), p.node_id.clone()],
+        vec!["attachment".into(), attachment(p)],
+        vec!["mac".into(), p.mac.clone()],
+        vec!["ip".into(), p.ip.clone()],
+        vec!["security groups".into(), p.security_groups.join(", ")],
+        vec!["port security".into(), if p.port_security { "on" } else { "off" }.into()],
+    ];
+    match p.stats {
+        Some(s) => {
+            let n = |a: u64, b: u64| format!("{a} / {b}");
+            rows.extend([
+                vec!["attached".into(), s.attached.to_string()],
+                vec!["frames rx / tx".into(), n(s.rx, s.tx)],
+                vec!["malformed / spoofed".into(), n(s.malformed, s.spoofed)],
+                vec!["denied ingress / egress".into(), n(s.denied_ingress, s.denied_egress)],
+                vec!["dhcp answered / dropped".into(), n(s.dhcp_answered, s.dhcp_dropped)],
+                vec!["arp answered".into(), s.arp_answered.to_string()],
+                vec!["tx dropped".into(), s.tx_dropped.to_string()],
+                vec!["flows".into(), s.flows.to_string()],
+            ]);
         }
-    }
-}
-
-impl NetworkView {
-    fn uplink_text(&self) -> String {
-        self.uplink.as_ref().map(|u| format!("{}:{}", u.node, u.bridge)).unwrap_or_default()
-    }
-
-    fn field_rows(&self) -> Vec<Vec<String>> {
-        vec![
-            vec!["id".into(), self.id.clone()],
-            vec!["name".into(), self.name.clone()],
-            vec!["vni".into(), self.vni.to_string()],
-            vec!["cidr".into(), self.cidr.clone()],
-            vec!["gateway".into(), self.gateway.clone()],
-            vec!["mtu".into(), self.mtu.to_string()],
-            vec!["dns".into(), self.dns.join(", ")],
-            vec!["lease".into(), format!("{} s", self.lease_secs)],
-            vec!["uplink".into(), self.uplink_text()],
-            vec!["external vteps".into(), self.external_vteps.join(", ")],
-            vec!["created (unix ms)".into(), self.created_at_ms.to_string()],
-        ]
-    }
-}
-
-#[derive(Debug, Serialize)]
-struct StatsView {
-    attached: bool,
-    rx: u64,
-    tx: u64,
-    malformed: u64,
-    spoofed: u64,
-    denied_ingress: u64,
-    denied_egress: u64,
-    dhcp_answered: u64,
-    dhcp_dropped: u64,
-    arp_answered: u64,
-    tx_dropped: u64,
-    flows: u64,
-}
-
-impl From<pb::PortStats> for StatsView {
-    fn from(s: pb::PortStats) -> Self {
-        StatsView {
-            attached: s.attached,
-            rx: s.rx,
-            tx: s.tx,
-            malformed: s.malformed,
-            spoofed: s.spoofed,
-            denied_ingress: s.denied_ingress,
-            denied_egress: s.denied_egress,
-            dhcp_answered: s.dhcp_answered,
-            dhcp_dropped: s.dhcp_dropped,
-            arp_answered: s.arp_answered,
-            tx_dropped: s.tx_dropped,
-            flows: s.flows,
+        None if !p.stats_unavailable.is_empty() => {
+            rows.push(vec!["counters".into(), format!("unavailable: {}", p.stats_unavailable)]);
         }
+        None => {}
     }
-}
-
-#[derive(Debug, Serialize)]
-struct PortView {
-    id: String,
-    network: String,
-    network_id: String,
-    node: String,
-    /// tap, vm
-    kind: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    tap: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    vm: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    nic: Option<u32>,
-    mac: String,
-    ip: String,
-    /// Names (ids for groups that are gone).
-    security_groups: Vec<String>,
-    port_security: bool,
-    /// Live counters of the port's switch (`port show` only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stats: Option<StatsView>,
-    /// Why `stats` is missing from a `port show`.
-    #[serde(skip_serializing_if = "String::is_empty")]
-    stats_unavailable: String,
-    created_at_ms: u64,
-    updated_at_ms: u64,
-}
-
-impl From<pb::Port> for PortView {
-    fn from(p: pb::Port) -> Self {
-        let vm_port = p.kind == "vm";
-        PortView {
-            id: p.id,
-            network: if p.network.is_empty() { p.network_id.clone() } else { p.network },
-            network_id: p.network_id,
-            node: p.node_id,
-            kind: p.kind,
-            tap: p.tap,
-            vm: p.vm_id,
-            nic: vm_port.then_some(p.nic),
-            mac: p.mac,
-            ip: p.ip,
-            security_groups: p.security_groups,
-            port_security: p.port_security,
-            stats: p.stats.filter(|_| p.stats_from_node).map(StatsView::from),
-            stats_unavailable: p.stats_unavailable,
-            created_at_ms: p.created_at_ms,
-            updated_at_ms: p.updated_at_ms,
-        }
-    }
-}
-
-impl PortView {
-    /// What the port connects to: its tap, or its VM's NIC.
-    fn attachment(&self) -> String {
-        match self.nic {
-            Some(nic) => format!("vm {} nic {nic}", self.vm),
-            None => format!("tap {}", self.tap),
-        }
-    }
-
-    fn security_text(&self) -> String {
-        let groups = self.security_groups.join(",");
-        if self.port_security { groups } else { "off".into() }
-    }
-
-    fn field_rows(&self) -> Vec<Vec<String>> {
-        let mut rows = vec![
-            vec!["id".into(), self.id.clone()],
-            vec!["network".into(), format!("{} ({})", self.network, self.network_id)],
-            vec!["node".into(), self.node.clone()],
-            vec!["attachment".into(), self.attachment()],
-            vec!["mac".into(), self.mac.clone()],
-            vec!["ip".into(), self.ip.clone()],
-            vec!["security groups".into(), self.security_groups.join(", ")],
-            vec!["port security".into(), if self.port_security { "on" } else { "off" }.into()],
-        ];
-        match &self.stats {
-            Some(s) => {
-                let n = |a: u64, b: u64| format!("{a} / {b}");
-                rows.extend([
-                    vec!["attached".into(), s.attached.to_string()],
-                    vec!["frames rx / tx".into(), n(s.rx, s.tx)],
-                    vec!["malformed / spoofed".into(), n(s.malformed, s.spoofed)],
-                    vec!["denied ingress / egress".into(), n(s.denied_ingress, s.denied_egress)],
-                    vec!["dhcp answered / dropped".into(), n(s.dhcp_answered, s.dhcp_dropped)],
-                    vec!["arp answered".into(), s.arp_answered.to_string()],
-                    vec!["tx dropped".into(), s.tx_dropped.to_string()],
-                    vec!["flows".into(), s.flows.to_string()],
-                ]);
-            }
-            None if !self.stats_unavailable.is_empty() => {
-                rows.push(vec!["counters".into(), format!("unavailable: {}", self.stats_unavailable)]);
-            }
-            None => {}
-        }
-        rows
-    }
+    rows
 }
 
 const PORT_HEADERS: &[&str] = &["ID", "NETWORK", "NODE", "ATTACHMENT", "MAC", "IP", "SECURITY"];
 
-fn port_row(p: &PortView) -> Vec<String> {
+fn port_row(p: &pb::Port) -> Vec<String> {
     vec![
         p.id.clone(),
-        p.network.clone(),
-        p.node.clone(),
-        p.attachment(),
+        port_network(p).to_owned(),
+        p.node_id.clone(),
+        attachment(p),
         p.mac.clone(),
         p.ip.clone(),
-        p.security_text(),
+        security_text(p),
     ]
 }
 
-#[derive(Debug, Serialize)]
-struct NetworkDetailView {
-    #[serde(flatten)]
-    network: NetworkView,
-    ports: Vec<PortView>,
-}
-
-#[derive(Debug, Serialize)]
-struct GroupView {
-    id: String,
-    name: String,
-    rules: Vec<String>,
-    /// Ports using the group.
-    ports: u32,
-    created_at_ms: u64,
-    updated_at_ms: u64,
-}
-
-impl From<pb::SecurityGroup> for GroupView {
-    fn from(g: pb::SecurityGroup) -> Self {
-        GroupView {
-            id: g.id,
-            name: g.name,
-            rules: g.rules,
-            ports: g.ports,
-            created_at_ms: g.created_at_ms,
-            updated_at_ms: g.updated_at_ms,
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
-struct TunnelView {
-    rx: u64,
-    tx: u64,
-    bad_header: u64,
-    unknown_vni: u64,
-    unknown_vtep: u64,
-    send_failed: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct VtepView {
-    address: String,
-    rx: u64,
-    tx: u64,
-    dropped: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct SwitchNetworkView {
-    vni: u32,
-    network: String,
-    network_id: String,
-    ports: u32,
-    macs: u32,
-    macs_refused: u64,
-    vteps: Vec<VtepView>,
-}
-
-#[derive(Debug, Serialize)]
-struct SwitchView {
-    node: String,
-    vxlan_address: String,
-    tunnel: TunnelView,
-    networks: Vec<SwitchNetworkView>,
-}
-
-impl From<pb::Switch> for SwitchView {
-    fn from(s: pb::Switch) -> Self {
-        let t = s.tunnel.unwrap_or_default();
-        SwitchView {
-            node: s.node_id,
-            vxlan_address: s.vxlan_address,
-            tunnel: TunnelView {
-                rx: t.rx,
-                tx: t.tx,
-                bad_header: t.bad_header,
-                unknown_vni: t.unknown_vni,
-                unknown_vtep: t.unknown_vtep,
-                send_failed: t.send_failed,
-            },
-            networks: s
-                .networks
-                .into_iter()
-                .map(|n| SwitchNetworkView {
-                    vni: n.vni,
-                    network: n.network,
-                    network_id: n.network_id,
-                    ports: n.ports,
-                    macs: n.macs,
-                    macs_refused: n.macs_refused,
-                    vteps: n
-                        .vteps
-                        .into_iter()
-                        .map(|v| VtepView { address: v.address, rx: v.rx, tx: v.tx, dropped: v.dropped })
-                        .collect(),
-                })
-                .collect(),
-        }
-    }
-}
-
 fn print_network(format: Format, n: pb::Network) -> Result<(), CliError> {
-    let n = NetworkView::from(n);
-    let rows = n.field_rows();
+    let rows = network_rows(&n);
     output::print(format, &n, &["FIELD", "VALUE"], rows)
 }
 
 fn print_port(format: Format, p: pb::Port) -> Result<(), CliError> {
-    let p = PortView::from(p);
-    let rows = p.field_rows();
+    let rows = port_rows(&p);
     output::print(format, &p, &["FIELD", "VALUE"], rows)
 }
 
 fn print_group(format: Format, g: pb::SecurityGroup) -> Result<(), CliError> {
-    let g = GroupView::from(g);
     match format {
         Format::Json => output::print(format, &g, &[], vec![]),
         Format::Table => {
@@ -589,14 +350,7 @@ pub async fn run_network(ctx: Ctx, cmd: NetworkCmd) -> Result<(), CliError> {
             print_network(ctx.output, c.create_network(req).await?.into_inner())
         }
         NetworkCmd::List => {
-            let nets: Vec<NetworkView> = c
-                .list_networks(pb::ListNetworksRequest {})
-                .await?
-                .into_inner()
-                .networks
-                .into_iter()
-                .map(NetworkView::from)
-                .collect();
+            let nets = c.list_networks(pb::ListNetworksRequest {}).await?.into_inner().networks;
             let rows = nets
                 .iter()
                 .map(|n| {
@@ -607,7 +361,7 @@ pub async fn run_network(ctx: Ctx, cmd: NetworkCmd) -> Result<(), CliError> {
                         n.cidr.clone(),
                         n.gateway.clone(),
                         n.mtu.to_string(),
-                        n.uplink_text(),
+                        uplink_text(n),
                         n.external_vteps.join(","),
                     ]
                 })
@@ -617,16 +371,13 @@ pub async fn run_network(ctx: Ctx, cmd: NetworkCmd) -> Result<(), CliError> {
         }
         NetworkCmd::Show { network } => {
             let d = c.get_network(nref(network)).await?.into_inner();
-            let detail = NetworkDetailView {
-                network: NetworkView::from(d.network.unwrap_or_default()),
-                ports: d.ports.into_iter().map(PortView::from).collect(),
-            };
             match ctx.output {
-                Format::Json => output::print(ctx.output, &detail, &[], vec![]),
+                Format::Json => output::print(ctx.output, &d, &[], vec![]),
                 Format::Table => {
-                    print!("{}", output::table(&["FIELD", "VALUE"], &detail.network.field_rows()));
+                    let network = d.network.unwrap_or_default();
+                    print!("{}", output::table(&["FIELD", "VALUE"], &network_rows(&network)));
                     println!();
-                    let rows: Vec<Vec<String>> = detail.ports.iter().map(port_row).collect();
+                    let rows: Vec<Vec<String>> = d.ports.iter().map(port_row).collect();
                     print!("{}", output::table(PORT_HEADERS, &rows));
                     Ok(())
                 }
@@ -656,7 +407,7 @@ pub async fn run_network(ctx: Ctx, cmd: NetworkCmd) -> Result<(), CliError> {
             print_network(ctx.output, c.update_network(req).await?.into_inner())
         }
         NetworkCmd::Delete { network } => {
-            let n = NetworkView::from(c.delete_network(nref(network)).await?.into_inner());
+            let n = c.delete_network(nref(network)).await?.into_inner();
             let what = format!("network {} ({})", n.name, n.id);
             print_deleted(ctx.output, &n, what)
         }
@@ -681,8 +432,7 @@ pub async fn run_port(ctx: Ctx, cmd: PortCmd) -> Result<(), CliError> {
         }
         PortCmd::List { network } => {
             let req = pb::ListPortsRequest { network: network.unwrap_or_default() };
-            let ports: Vec<PortView> =
-                c.list_ports(req).await?.into_inner().ports.into_iter().map(PortView::from).collect();
+            let ports = c.list_ports(req).await?.into_inner().ports;
             let rows = ports.iter().map(port_row).collect();
             output::print(ctx.output, &ports, PORT_HEADERS, rows)
         }
@@ -704,8 +454,8 @@ pub async fn run_port(ctx: Ctx, cmd: PortCmd) -> Result<(), CliError> {
             print_port(ctx.output, c.set_port_security(req).await?.into_inner())
         }
         PortCmd::Delete { port } => {
-            let p = PortView::from(c.delete_port(pref(port)).await?.into_inner());
-            let what = format!("port {} ({} on {})", p.id, p.ip, p.network);
+            let p = c.delete_port(pref(port)).await?.into_inner();
+            let what = format!("port {} ({} on {})", p.id, p.ip, port_network(&p));
             print_deleted(ctx.output, &p, what)
         }
     }
@@ -721,14 +471,7 @@ pub async fn run_security_group(ctx: Ctx, cmd: SecurityGroupCmd) -> Result<(), C
             print_group(ctx.output, c.create_security_group(req).await?.into_inner())
         }
         SecurityGroupCmd::List => {
-            let groups: Vec<GroupView> = c
-                .list_security_groups(pb::ListSecurityGroupsRequest {})
-                .await?
-                .into_inner()
-                .groups
-                .into_iter()
-                .map(GroupView::from)
-                .collect();
+            let groups = c.list_security_groups(pb::ListSecurityGroupsRequest {}).await?.into_inner().groups;
             let rows = groups
                 .iter()
                 .map(|g| vec![g.id.clone(), g.name.clone(), g.rules.len().to_string(), g.ports.to_string()])
@@ -749,7 +492,7 @@ pub async fn run_security_group(ctx: Ctx, cmd: SecurityGroupCmd) -> Result<(), C
             print_group(ctx.output, c.change_rules(req).await?.into_inner())
         }
         SecurityGroupCmd::Delete { group } => {
-            let g = GroupView::from(c.delete_security_group(gref(group)).await?.into_inner());
+            let g = c.delete_security_group(gref(group)).await?.into_inner();
             let what = format!("security group {} ({})", g.name, g.id);
             print_deleted(ctx.output, &g, what)
         }
@@ -761,13 +504,13 @@ pub async fn run_switch(ctx: Ctx, cmd: SwitchCmd) -> Result<(), CliError> {
     match cmd {
         SwitchCmd::Show { node } => {
             let req = pb::GetSwitchRequest { node_id: node.unwrap_or_default() };
-            let s = SwitchView::from(c.get_switch(req).await?.into_inner());
+            let s = c.get_switch(req).await?.into_inner();
             match ctx.output {
                 Format::Json => output::print(ctx.output, &s, &[], vec![]),
                 Format::Table => {
-                    let t = &s.tunnel;
+                    let t = s.tunnel.unwrap_or_default();
                     let rows = vec![
-                        vec!["node".into(), s.node.clone()],
+                        vec!["node".into(), s.node_id.clone()],
                         vec!["vxlan address".into(), s.vxlan_address.clone()],
                         vec!["tunnel rx / tx".into(), format!("{} / {}", t.rx, t.tx)],
                         vec![

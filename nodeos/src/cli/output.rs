@@ -21,6 +21,13 @@ pub fn print<T: Serialize>(
     Ok(())
 }
 
+/// One value as a line of compact JSON, for streams read line by line.
+pub fn print_line<T: Serialize>(json: &T) -> Result<(), CliError> {
+    let s = serde_json::to_string(json).map_err(|e| CliError::Output(e.to_string()))?;
+    println!("{s}");
+    Ok(())
+}
+
 /// An aligned text table with a header line.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();

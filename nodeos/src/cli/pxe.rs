@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::pxe_service_client::PxeServiceClient;
-use serde::Serialize;
+use nodeos_types::records::DEFAULT_PXE_HTTP_PORT;
 
 use super::output;
 use super::{CliError, Ctx, Format};
@@ -37,75 +37,9 @@ pub enum PxeCmd {
     },
 }
 
-#[derive(Debug, Serialize)]
-struct SettingsView {
-    enabled: bool,
-    interface: String,
-    nodes: Vec<String>,
-    append: String,
-    http_port: u32,
-}
-
-impl From<pb::PxeSettings> for SettingsView {
-    fn from(s: pb::PxeSettings) -> Self {
-        SettingsView {
-            enabled: s.enabled,
-            interface: s.interface,
-            nodes: s.node_ids,
-            append: s.append,
-            http_port: if s.http_port == 0 { 7780 } else { s.http_port },
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
-struct NodeView {
-    node_id: String,
-    state: String,
-    detail: String,
-    interface: String,
-    address: String,
-    image_hash: String,
-    offers: u64,
-    acks: u64,
-    ignored: u64,
-    malformed: u64,
-    unsupported_clients: u64,
-    tftp_transfers: u64,
-    tftp_errors: u64,
-    http_requests: u64,
-    http_errors: u64,
-    bytes_sent: u64,
-}
-
-impl From<pb::PxeNodeStatus> for NodeView {
-    fn from(n: pb::PxeNodeStatus) -> Self {
-        let c = n.counters.unwrap_or_default();
-        NodeView {
-            node_id: n.node_id,
-            state: n.state,
-            detail: n.detail,
-            interface: n.interface,
-            address: n.address,
-            image_hash: n.image_hash,
-            offers: c.offers,
-            acks: c.acks,
-            ignored: c.ignored,
-            malformed: c.malformed,
-            unsupported_clients: c.unsupported_clients,
-            tftp_transfers: c.tftp_transfers,
-            tftp_errors: c.tftp_errors,
-            http_requests: c.http_requests,
-            http_errors: c.http_errors,
-            bytes_sent: c.bytes_sent,
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
-struct StatusView {
-    settings: SettingsView,
-    nodes: Vec<NodeView>,
+/// The HTTP port PXE serves on: the settings keep 0 for the default.
+fn http_port(s: &pb::PxeSettings) -> u32 {
+    if s.http_port == 0 { u32::from(DEFAULT_PXE_HTTP_PORT) } else { s.http_port }
 }
 
 fn short(hash: &str) -> String {
@@ -113,13 +47,12 @@ fn short(hash: &str) -> String {
 }
 
 async fn configure(ctx: &Ctx, s: pb::PxeSettings) -> Result<(), CliError> {
-    let stored =
-        SettingsView::from(PxeServiceClient::new(ctx.channel.clone()).configure(s).await?.into_inner());
+    let stored = PxeServiceClient::new(ctx.channel.clone()).configure(s).await?.into_inner();
     let rows = vec![vec![
         if stored.enabled { "enabled" } else { "disabled" }.to_owned(),
         if stored.interface.is_empty() { "(advertised address's)".into() } else { stored.interface.clone() },
-        if stored.nodes.is_empty() { "all".into() } else { stored.nodes.join(",") },
-        stored.http_port.to_string(),
+        if stored.node_ids.is_empty() { "all".into() } else { stored.node_ids.join(",") },
+        http_port(&stored).to_string(),
         stored.append.clone(),
     ]];
     output::print(ctx.output, &stored, &["PXE", "INTERFACE", "NODES", "HTTP", "APPEND"], rows)
@@ -143,12 +76,8 @@ pub async fn run(ctx: Ctx, cmd: PxeCmd) -> Result<(), CliError> {
                 .status(pb::PxeStatusRequest { node_id: node.unwrap_or_default() })
                 .await?
                 .into_inner();
-            let view = StatusView {
-                settings: r.settings.unwrap_or_default().into(),
-                nodes: r.nodes.into_iter().map(NodeView::from).collect(),
-            };
             if ctx.output == Format::Table {
-                let s = &view.settings;
+                let s = r.settings.clone().unwrap_or_default();
                 println!(
                     "PXE {}{}",
                     if s.enabled { "enabled" } else { "disabled" },
@@ -160,8 +89,8 @@ pub async fn run(ctx: Ctx, cmd: PxeCmd) -> Result<(), CliError> {
                             } else {
                                 &s.interface
                             },
-                            if s.nodes.is_empty() { "all".to_owned() } else { s.nodes.join(",") },
-                            s.http_port,
+                            if s.node_ids.is_empty() { "all".to_owned() } else { s.node_ids.join(",") },
+                            http_port(&s),
                             if s.append.is_empty() {
                                 String::new()
                             } else {
@@ -173,27 +102,28 @@ pub async fn run(ctx: Ctx, cmd: PxeCmd) -> Result<(), CliError> {
                     }
                 );
             }
-            let rows = view
+            let rows = r
                 .nodes
                 .iter()
                 .map(|n| {
+                    let c = n.counters.unwrap_or_default();
                     vec![
                         n.node_id.clone(),
                         n.state.clone(),
                         n.interface.clone(),
                         n.address.clone(),
                         short(&n.image_hash),
-                        format!("{}/{}", n.offers, n.acks),
-                        n.tftp_transfers.to_string(),
-                        n.http_requests.to_string(),
-                        n.bytes_sent.to_string(),
+                        format!("{}/{}", c.offers, c.acks),
+                        c.tftp_transfers.to_string(),
+                        c.http_requests.to_string(),
+                        c.bytes_sent.to_string(),
                         n.detail.clone(),
                     ]
                 })
                 .collect();
             output::print(
                 ctx.output,
-                &view,
+                &r,
                 &[
                     "NODE",
                     "STATE",

@@ -6,7 +6,6 @@ use clap::{Args, Subcommand};
 use futures::StreamExt;
 use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::vm_service_client::VmServiceClient;
-use serde::Serialize;
 
 use super::output;
 use super::{CliError, Ctx, Format};
@@ -79,82 +78,38 @@ pub struct CreateArgs {
     pub nics: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct VmView {
-    id: String,
-    name: String,
-    state: String,
-    reason: String,
-    node: String,
-    vcpus: u32,
-    memory_mib: u64,
-    kernel: String,
-    cmdline: String,
-    disks: Vec<String>,
-    nics: Vec<String>,
-    worker_pid: u32,
-}
-
-impl From<pb::Vm> for VmView {
-    fn from(v: pb::Vm) -> Self {
-        let s = v.spec.unwrap_or_default();
-        VmView {
-            id: v.id,
-            name: v.name,
-            state: v.state,
-            reason: v.reason,
-            node: v.node_id,
-            vcpus: s.vcpus,
-            memory_mib: s.memory_mib,
-            kernel: s.kernel,
-            cmdline: s.cmdline,
-            disks: s
-                .disks
-                .into_iter()
-                .map(|d| if d.read_only { format!("{},ro", d.path) } else { d.path })
-                .collect(),
-            nics: s.nics.into_iter().map(nic_text).collect(),
-            worker_pid: v.worker_pid,
-        }
-    }
-}
-
 const HEADERS: &[&str] = &["ID", "NAME", "STATE", "NODE", "VCPUS", "MEMORY", "REASON"];
 
-fn row(v: &VmView) -> Vec<String> {
+fn row(v: &pb::Vm) -> Vec<String> {
+    let (vcpus, memory_mib) = v.spec.as_ref().map_or((0, 0), |s| (s.vcpus, s.memory_mib));
     vec![
         v.id.clone(),
         v.name.clone(),
         v.state.clone(),
-        v.node.clone(),
-        v.vcpus.to_string(),
-        format!("{} MiB", v.memory_mib),
+        v.node_id.clone(),
+        vcpus.to_string(),
+        format!("{memory_mib} MiB"),
         v.reason.clone(),
     ]
 }
 
 fn show(format: Format, v: pb::Vm) -> Result<(), CliError> {
-    let v = VmView::from(v);
-    match format {
-        Format::Json => output::print(format, &v, &[], vec![]),
-        Format::Table => {
-            let rows = vec![
-                vec!["id".into(), v.id.clone()],
-                vec!["name".into(), v.name.clone()],
-                vec!["state".into(), v.state.clone()],
-                vec!["reason".into(), v.reason.clone()],
-                vec!["node".into(), v.node.clone()],
-                vec!["vcpus".into(), v.vcpus.to_string()],
-                vec!["memory".into(), format!("{} MiB", v.memory_mib)],
-                vec!["kernel".into(), v.kernel.clone()],
-                vec!["cmdline".into(), v.cmdline.clone()],
-                vec!["disks".into(), v.disks.join(" ")],
-                vec!["nics".into(), v.nics.join(" ")],
-                vec!["worker pid".into(), v.worker_pid.to_string()],
-            ];
-            output::print(format, &v, &["FIELD", "VALUE"], rows)
-        }
-    }
+    let s = v.spec.clone().unwrap_or_default();
+    let rows = vec![
+        vec!["id".into(), v.id.clone()],
+        vec!["name".into(), v.name.clone()],
+        vec!["state".into(), v.state.clone()],
+        vec!["reason".into(), v.reason.clone()],
+        vec!["node".into(), v.node_id.clone()],
+        vec!["vcpus".into(), s.vcpus.to_string()],
+        vec!["memory".into(), format!("{} MiB", s.memory_mib)],
+        vec!["kernel".into(), s.kernel],
+        vec!["cmdline".into(), s.cmdline],
+        vec!["disks".into(), s.disks.iter().map(disk_text).collect::<Vec<_>>().join(" ")],
+        vec!["nics".into(), s.nics.iter().map(nic_text).collect::<Vec<_>>().join(" ")],
+        vec!["worker pid".into(), v.worker_pid.to_string()],
+    ];
+    output::print(format, &v, &["FIELD", "VALUE"], rows)
 }
 
 /// `PATH[,ro]` or `volume:ID[,ro]`.
@@ -217,8 +172,14 @@ fn parse_nic(s: &str) -> Result<pb::NicSpec, String> {
     }
 }
 
+/// A disk as `--disk` takes it.
+fn disk_text(d: &pb::DiskSpec) -> String {
+    let source = if d.volume.is_empty() { d.path.clone() } else { format!("volume:{}", d.volume) };
+    if d.read_only { format!("{source},ro") } else { source }
+}
+
 /// A NIC as `--nic` takes it, with its port once it has one.
-fn nic_text(n: pb::NicSpec) -> String {
+fn nic_text(n: &pb::NicSpec) -> String {
     if n.port.is_empty() && n.network.is_empty() {
         return format!("{},{}", n.tap, n.mac);
     }
@@ -264,8 +225,7 @@ pub async fn run(ctx: Ctx, cmd: VmCmd) -> Result<(), CliError> {
         }
         VmCmd::Show { vm: v } => show(ctx.output, c.get(vm(v)).await?.into_inner()),
         VmCmd::List => {
-            let vms: Vec<VmView> =
-                c.list(pb::ListVmsRequest {}).await?.into_inner().vms.into_iter().map(VmView::from).collect();
+            let vms = c.list(pb::ListVmsRequest {}).await?.into_inner().vms;
             let rows = vms.iter().map(row).collect();
             output::print(ctx.output, &vms, HEADERS, rows)
         }

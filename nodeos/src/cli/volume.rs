@@ -152,110 +152,28 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-#[derive(Debug, Serialize)]
-struct WriterView {
-    node: String,
-    holder: String,
-    since_ms: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct SnapshotView {
-    name: String,
-    created_at_ms: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct VolumeView {
-    id: String,
-    name: String,
-    state: String,
-    size_bytes: u64,
-    extent_size_bytes: u64,
-    replicas: u32,
-    generation: u64,
-    writer: Option<WriterView>,
-    origin: String,
-    warning: String,
-    snapshots: Vec<SnapshotView>,
-    /// Node ids of each extent's copies; empty in lists.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    placement: Vec<Vec<String>>,
-    created_at_ms: u64,
-    updated_at_ms: u64,
-}
-
-impl From<pb::Volume> for VolumeView {
-    fn from(v: pb::Volume) -> Self {
-        VolumeView {
-            id: v.id,
-            name: v.name,
-            state: v.state,
-            size_bytes: v.size_bytes,
-            extent_size_bytes: v.extent_size_bytes,
-            replicas: v.replicas,
-            generation: v.generation,
-            writer: v.writer.map(|w| WriterView { node: w.node_id, holder: w.holder, since_ms: w.since_ms }),
-            origin: v.origin,
-            warning: v.warning,
-            snapshots: v.snapshots.into_iter().map(snapshot_view).collect(),
-            placement: v.placement.into_iter().map(|p| p.node_ids).collect(),
-            created_at_ms: v.created_at_ms,
-            updated_at_ms: v.updated_at_ms,
-        }
-    }
-}
-
-fn snapshot_view(s: pb::Snapshot) -> SnapshotView {
-    SnapshotView { name: s.name, created_at_ms: s.created_at_ms }
-}
-
-impl VolumeView {
-    fn writer_text(&self) -> String {
-        self.writer.as_ref().map(|w| format!("{} on {}", w.holder, w.node)).unwrap_or_default()
-    }
-}
-
-#[derive(Debug, Serialize)]
-struct CopyView {
-    node: String,
-    address: String,
-    state: String,
-    written_blocks: u64,
-}
-
-#[derive(Debug, Serialize)]
-struct ExtentView {
-    index: u32,
-    copies: Vec<CopyView>,
-}
-
-#[derive(Debug, Serialize)]
-struct DetailView {
-    #[serde(flatten)]
-    volume: VolumeView,
-    /// Health of the inspected extents (the first 256 of larger volumes).
-    extents: Vec<ExtentView>,
+fn writer_text(v: &pb::Volume) -> String {
+    v.writer.as_ref().map(|w| format!("{} on {}", w.holder, w.node_id)).unwrap_or_default()
 }
 
 const LIST_HEADERS: &[&str] = &["ID", "NAME", "SIZE", "REPLICAS", "STATE", "WRITER", "SNAPSHOTS", "WARNING"];
 
-fn list_row(v: &VolumeView) -> Vec<String> {
+fn list_row(v: &pb::Volume) -> Vec<String> {
     vec![
         v.id.clone(),
         v.name.clone(),
         human(v.size_bytes),
         v.replicas.to_string(),
         v.state.clone(),
-        v.writer_text(),
+        writer_text(v),
         v.snapshots.len().to_string(),
         v.warning.clone(),
     ]
 }
 
 /// A volume's fields as FIELD/VALUE rows.
-fn field_rows(v: &VolumeView) -> Vec<Vec<String>> {
-    let mut nodes: Vec<&String> = v.placement.iter().flatten().collect();
+fn field_rows(v: &pb::Volume) -> Vec<Vec<String>> {
+    let mut nodes: Vec<&String> = v.placement.iter().flat_map(|p| &p.node_ids).collect();
     nodes.sort();
     nodes.dedup();
     let placement = format!(
@@ -274,7 +192,7 @@ fn field_rows(v: &VolumeView) -> Vec<Vec<String>> {
         vec!["replicas".into(), v.replicas.to_string()],
         vec!["placement".into(), placement],
         vec!["generation".into(), v.generation.to_string()],
-        vec!["writer".into(), v.writer_text()],
+        vec!["writer".into(), writer_text(v)],
         vec!["origin".into(), v.origin.clone()],
         vec!["warning".into(), v.warning.clone()],
         vec!["snapshots".into(), snapshots],
@@ -284,43 +202,24 @@ fn field_rows(v: &VolumeView) -> Vec<Vec<String>> {
 
 /// One volume after a change: its fields, or its JSON.
 fn print_volume(format: Format, v: pb::Volume) -> Result<(), CliError> {
-    let v = VolumeView::from(v);
     let rows = field_rows(&v);
     output::print(format, &v, &["FIELD", "VALUE"], rows)
 }
 
 fn print_detail(format: Format, d: pb::VolumeDetail) -> Result<(), CliError> {
-    let volume = VolumeView::from(d.volume.unwrap_or_default());
-    let extents: Vec<ExtentView> = d
-        .extents
-        .into_iter()
-        .map(|e| ExtentView {
-            index: e.index,
-            copies: e
-                .copies
-                .into_iter()
-                .map(|c| CopyView {
-                    node: c.node_id,
-                    address: c.address,
-                    state: c.state,
-                    written_blocks: c.written_blocks,
-                })
-                .collect(),
-        })
-        .collect();
-    let detail = DetailView { volume, extents };
     match format {
-        Format::Json => output::print(format, &detail, &[], vec![]),
+        Format::Json => output::print(format, &d, &[], vec![]),
         Format::Table => {
-            print!("{}", output::table(&["FIELD", "VALUE"], &field_rows(&detail.volume)));
-            let rows: Vec<Vec<String>> = detail
+            let volume = d.volume.unwrap_or_default();
+            print!("{}", output::table(&["FIELD", "VALUE"], &field_rows(&volume)));
+            let rows: Vec<Vec<String>> = d
                 .extents
                 .iter()
                 .flat_map(|e| {
                     e.copies.iter().map(move |c| {
                         vec![
                             e.index.to_string(),
-                            c.node.clone(),
+                            c.node_id.clone(),
                             c.address.clone(),
                             c.state.clone(),
                             c.written_blocks.to_string(),
@@ -330,12 +229,8 @@ fn print_detail(format: Format, d: pb::VolumeDetail) -> Result<(), CliError> {
                 .collect();
             println!();
             print!("{}", output::table(&["EXTENT", "NODE", "ADDRESS", "COPY", "BLOCKS"], &rows));
-            if detail.extents.len() < detail.volume.placement.len() {
-                println!(
-                    "(health of the first {} of {} extents)",
-                    detail.extents.len(),
-                    detail.volume.placement.len()
-                );
+            if d.extents.len() < volume.placement.len() {
+                println!("(health of the first {} of {} extents)", d.extents.len(), volume.placement.len());
             }
             Ok(())
         }
@@ -343,7 +238,6 @@ fn print_detail(format: Format, d: pb::VolumeDetail) -> Result<(), CliError> {
 }
 
 fn print_snapshots(format: Format, snaps: Vec<pb::Snapshot>) -> Result<(), CliError> {
-    let snaps: Vec<SnapshotView> = snaps.into_iter().map(snapshot_view).collect();
     let rows = snaps.iter().map(|s| vec![s.name.clone(), s.created_at_ms.to_string()]).collect();
     output::print(format, &snaps, &["NAME", "CREATED (UNIX MS)"], rows)
 }
@@ -357,14 +251,7 @@ pub async fn run(ctx: Ctx, cmd: VolumeCmd) -> Result<(), CliError> {
             print_volume(ctx.output, c.create(req).await?.into_inner())
         }
         VolumeCmd::List => {
-            let vols: Vec<VolumeView> = c
-                .list(pb::ListVolumesRequest {})
-                .await?
-                .into_inner()
-                .volumes
-                .into_iter()
-                .map(VolumeView::from)
-                .collect();
+            let vols = c.list(pb::ListVolumesRequest {}).await?.into_inner().volumes;
             let rows = vols.iter().map(list_row).collect();
             output::print(ctx.output, &vols, LIST_HEADERS, rows)
         }
@@ -411,13 +298,7 @@ pub async fn run(ctx: Ctx, cmd: VolumeCmd) -> Result<(), CliError> {
                 r.repaired_blocks.to_string(),
                 r.unreachable_node_ids.join(", "),
             ];
-            let json = serde_json::json!({
-                "extents": r.extents,
-                "corrupt": r.corrupt,
-                "repaired_blocks": r.repaired_blocks,
-                "unreachable": r.unreachable_node_ids,
-            });
-            output::print(ctx.output, &json, &["EXTENTS", "CORRUPT", "REPAIRED", "UNREACHABLE"], vec![row])
+            output::print(ctx.output, &r, &["EXTENTS", "CORRUPT", "REPAIRED", "UNREACHABLE"], vec![row])
         }
         VolumeCmd::Import(a) => import(&mut c, ctx.output, a).await,
     }
@@ -477,6 +358,15 @@ async fn import_target(
     }
 }
 
+/// An import's answer with the volume it went into, which the answer itself
+/// does not name.
+#[derive(Debug, Serialize)]
+struct Imported {
+    volume: String,
+    #[serde(flatten)]
+    response: pb::ImportResponse,
+}
+
 async fn import(c: &mut VolumeServiceClient<Channel>, format: Format, a: ImportArgs) -> Result<(), CliError> {
     let mut file = std::fs::File::open(&a.file).map_err(|e| read_error(&a.file, e))?;
     // Seeking finds the size of block devices too, whose metadata says 0.
@@ -524,14 +414,9 @@ async fn import(c: &mut VolumeServiceClient<Channel>, format: Format, a: ImportA
         Err(e) => return Err(CliError::Status(format!("reading {} failed: {e}", a.file.display()))),
     }
     let r = result?.into_inner();
-    let json = serde_json::json!({
-        "volume": volume,
-        "bytes_written": r.bytes_written,
-        "bytes_skipped": r.bytes_skipped,
-        "generation": r.generation,
-    });
     let row = vec![volume.clone(), human(r.bytes_written), human(r.bytes_skipped), r.generation.to_string()];
-    output::print(format, &json, &["VOLUME", "WRITTEN", "SKIPPED (ZERO)", "GENERATION"], vec![row])
+    let imported = Imported { volume, response: r };
+    output::print(format, &imported, &["VOLUME", "WRITTEN", "SKIPPED (ZERO)", "GENERATION"], vec![row])
 }
 
 #[cfg(test)]

@@ -16,18 +16,19 @@
 //! plain UDP socket on port 68 hears them before the address is configured.
 //!
 //! Server messages are untrusted: every field is bounds-checked; a message
-//! that is not an answer to this client's transaction is ignored.
+//! that is not an answer to this client's transaction, or whose options
+//! cannot be read, is ignored. The message format is `nodeos_dhcp`'s.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use nodeos_switch::dhcp::{
-    ACK, BOOTREPLY, BOOTREQUEST, BROADCAST_FLAG, DISCOVER, HTYPE_ETHERNET, MAGIC, MIN_MESSAGE, NAK, OFFER,
-    OPT_CLIENT_ID, OPT_DNS, OPT_END, OPT_HOSTNAME, OPT_LEASE_TIME, OPT_MAX_SIZE, OPT_MESSAGE_TYPE,
-    OPT_OVERLOAD, OPT_PAD, OPT_PARAMETERS, OPT_REBINDING_TIME, OPT_RENEWAL_TIME, OPT_REQUESTED_IP,
-    OPT_ROUTER, OPT_SERVER_ID, OPT_SUBNET_MASK, OPTIONS_AT, REQUEST,
+use nodeos_dhcp::{
+    ACK, BOOTREPLY, BOOTREQUEST, BROADCAST_FLAG, DISCOVER, HTYPE_ETHERNET, Header, MessageBuilder, NAK,
+    OFFER, OPT_CLIENT_ID, OPT_DNS, OPT_HOSTNAME, OPT_LEASE_TIME, OPT_MAX_SIZE, OPT_MESSAGE_TYPE,
+    OPT_PARAMETERS, OPT_REBINDING_TIME, OPT_RENEWAL_TIME, OPT_REQUESTED_IP, OPT_ROUTER, OPT_SERVER_ID,
+    OPT_SUBNET_MASK, Options, REQUEST,
 };
-pub use nodeos_switch::dhcp::{CLIENT_PORT, SERVER_PORT};
+pub use nodeos_dhcp::{CLIENT_PORT, SERVER_PORT};
 
 /// Retransmission backoff of DISCOVER and REQUEST (RFC 2131 section 4.1).
 const FIRST_RETRY: Duration = Duration::from_secs(4);
@@ -302,36 +303,25 @@ impl Client {
         offer: Option<&Lease>,
         ciaddr: Option<Ipv4Addr>,
     ) -> Action {
-        let secs = u16::try_from(now.saturating_duration_since(self.started).as_secs()).unwrap_or(u16::MAX);
-        let mut m = vec![0u8; OPTIONS_AT];
-        m[0] = BOOTREQUEST;
-        m[1] = HTYPE_ETHERNET;
-        m[2] = 6;
-        m[4..8].copy_from_slice(&self.xid.to_be_bytes());
-        m[8..10].copy_from_slice(&secs.to_be_bytes());
+        let mut header = Header::new(BOOTREQUEST, self.xid, self.mac);
+        header.secs =
+            u16::try_from(now.saturating_duration_since(self.started).as_secs()).unwrap_or(u16::MAX);
         // A renewing client can hear unicast; everyone else asks for broadcast.
-        let flags = if ciaddr.is_some() && dest != Dest::Broadcast { 0 } else { BROADCAST_FLAG };
-        m[10..12].copy_from_slice(&flags.to_be_bytes());
+        header.flags = if ciaddr.is_some() && dest != Dest::Broadcast { 0 } else { BROADCAST_FLAG };
         if let Some(c) = ciaddr {
-            m[12..16].copy_from_slice(&c.octets());
+            header.ciaddr = c;
         }
-        m[28..34].copy_from_slice(&self.mac);
-        m[236..240].copy_from_slice(&MAGIC);
-        let mut opt = |code: u8, data: &[u8]| {
-            m.push(code);
-            m.push(data.len() as u8);
-            m.extend_from_slice(data);
-        };
-        opt(OPT_MESSAGE_TYPE, &[kind]);
+        let mut m = MessageBuilder::new(&header);
+        m.push(OPT_MESSAGE_TYPE, &[kind]);
         let mut client_id = vec![HTYPE_ETHERNET];
         client_id.extend_from_slice(&self.mac);
-        opt(OPT_CLIENT_ID, &client_id);
+        m.push(OPT_CLIENT_ID, &client_id);
         if let Some(o) = offer {
-            opt(OPT_REQUESTED_IP, &o.addr.octets());
-            opt(OPT_SERVER_ID, &o.server.octets());
+            m.push(OPT_REQUESTED_IP, &o.addr.octets());
+            m.push(OPT_SERVER_ID, &o.server.octets());
         }
-        opt(OPT_MAX_SIZE, &576u16.to_be_bytes());
-        opt(
+        m.push(OPT_MAX_SIZE, &576u16.to_be_bytes());
+        m.push(
             OPT_PARAMETERS,
             &[
                 OPT_SUBNET_MASK,
@@ -344,14 +334,12 @@ impl Client {
             ],
         );
         if let Some(h) = &self.hostname {
-            let h = &h.as_bytes()[..h.len().min(255)];
-            opt(OPT_HOSTNAME, h);
+            // A name longer than the room left is cut rather than left out:
+            // servers that register names get its start.
+            let h = h.as_bytes();
+            m.push(OPT_HOSTNAME, h.get(..m.room()).unwrap_or(h));
         }
-        m.push(OPT_END);
-        if m.len() < MIN_MESSAGE {
-            m.resize(MIN_MESSAGE, OPT_PAD);
-        }
-        Action::Send { dest, payload: m }
+        Action::Send { dest, payload: m.finish() }
     }
 }
 
@@ -378,68 +366,29 @@ struct Reply {
     t2: Option<u32>,
 }
 
-fn ipv4(b: &[u8]) -> Option<Ipv4Addr> {
-    <[u8; 4]>::try_from(b).ok().map(Ipv4Addr::from)
-}
-
-fn be32(b: &[u8]) -> Option<u32> {
-    <[u8; 4]>::try_from(b).ok().map(u32::from_be_bytes)
-}
-
 impl Reply {
+    /// The reply in `b`, or `None` when it is not a readable DHCP reply on
+    /// Ethernet. An option value of the wrong length is taken as absent:
+    /// [`Reply::lease`] decides whether what is left is usable.
     fn parse(b: &[u8]) -> Option<Reply> {
-        if b.len() < OPTIONS_AT
-            || b[0] != BOOTREPLY
-            || b[1] != HTYPE_ETHERNET
-            || b[2] != 6
-            || b[236..240] != MAGIC
-        {
+        let header = Header::parse(b).ok()?;
+        if header.op != BOOTREPLY || !header.is_ethernet() || !header.is_dhcp() {
             return None;
         }
-        let mut r = Reply {
-            kind: 0,
-            xid: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
-            chaddr: [0; 6],
-            yiaddr: ipv4(&b[16..20])?,
-            mask: None,
-            router: None,
-            dns: Vec::new(),
-            server: None,
-            lease: None,
-            t1: None,
-            t2: None,
-        };
-        r.chaddr.copy_from_slice(&b[28..34]);
-        let mut i = OPTIONS_AT;
-        loop {
-            // A message without its END option was cut short.
-            let code = *b.get(i)?;
-            if code == OPT_END {
-                break;
-            }
-            if code == OPT_PAD {
-                i += 1;
-                continue;
-            }
-            let len = usize::from(*b.get(i + 1)?);
-            let data = b.get(i + 2..i + 2 + len)?;
-            match code {
-                OPT_MESSAGE_TYPE => r.kind = *data.first()?,
-                OPT_SUBNET_MASK => r.mask = ipv4(data),
-                OPT_ROUTER => r.router = data.get(..4).and_then(ipv4),
-                OPT_DNS => r.dns = data.chunks_exact(4).filter_map(ipv4).collect(),
-                OPT_SERVER_ID => r.server = ipv4(data),
-                OPT_LEASE_TIME => r.lease = be32(data),
-                OPT_RENEWAL_TIME => r.t1 = be32(data),
-                OPT_REBINDING_TIME => r.t2 = be32(data),
-                // Options in the sname/file fields are not read: what a node
-                // needs fits the options field.
-                OPT_OVERLOAD => {}
-                _ => {}
-            }
-            i += 2 + len;
-        }
-        (r.kind != 0).then_some(r)
+        let options = Options::parse(b).ok()?;
+        Some(Reply {
+            kind: options.message_type().ok().flatten()?,
+            xid: header.xid,
+            chaddr: header.mac(),
+            yiaddr: header.yiaddr,
+            mask: options.address(OPT_SUBNET_MASK).ok().flatten(),
+            router: options.addresses(OPT_ROUTER).ok().and_then(|r| r.first().copied()),
+            dns: options.addresses(OPT_DNS).unwrap_or_default(),
+            server: options.address(OPT_SERVER_ID).ok().flatten(),
+            lease: options.u32(OPT_LEASE_TIME).ok().flatten(),
+            t1: options.u32(OPT_RENEWAL_TIME).ok().flatten(),
+            t2: options.u32(OPT_REBINDING_TIME).ok().flatten(),
+        })
     }
 
     /// The lease an OFFER or ACK describes, when it is usable.
@@ -483,6 +432,8 @@ pub fn mask_prefix(m: Ipv4Addr) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
+    use nodeos_dhcp::{MIN_MESSAGE, OPTIONS_AT};
+
     use super::*;
 
     const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
@@ -491,30 +442,19 @@ mod tests {
 
     /// A server reply to `req` (a client message), as a fake server makes it.
     fn reply(req: &[u8], kind: u8, yiaddr: Ipv4Addr, lease_s: u32, extra: &[(u8, &[u8])]) -> Vec<u8> {
-        let mut m = vec![0u8; OPTIONS_AT];
-        m[0] = BOOTREPLY;
-        m[1] = HTYPE_ETHERNET;
-        m[2] = 6;
-        m[4..8].copy_from_slice(&req[4..8]);
-        m[16..20].copy_from_slice(&yiaddr.octets());
-        m[28..34].copy_from_slice(&req[28..34]);
-        m[236..240].copy_from_slice(&MAGIC);
-        let mut opt = |c: u8, d: &[u8]| {
-            m.push(c);
-            m.push(d.len() as u8);
-            m.extend_from_slice(d);
-        };
-        opt(OPT_MESSAGE_TYPE, &[kind]);
-        opt(OPT_SERVER_ID, &SERVER.octets());
-        opt(OPT_SUBNET_MASK, &[255, 255, 255, 0]);
-        opt(OPT_ROUTER, &SERVER.octets());
-        opt(OPT_DNS, &[10, 0, 0, 53, 10, 0, 0, 54]);
-        opt(OPT_LEASE_TIME, &lease_s.to_be_bytes());
+        let mut h = Header::reply_to(&Header::parse(req).unwrap());
+        h.yiaddr = yiaddr;
+        let mut m = MessageBuilder::new(&h);
+        assert!(m.push(OPT_MESSAGE_TYPE, &[kind]));
+        assert!(m.push(OPT_SERVER_ID, &SERVER.octets()));
+        assert!(m.push(OPT_SUBNET_MASK, &[255, 255, 255, 0]));
+        assert!(m.push(OPT_ROUTER, &SERVER.octets()));
+        assert!(m.push(OPT_DNS, &[10, 0, 0, 53, 10, 0, 0, 54]));
+        assert!(m.push(OPT_LEASE_TIME, &lease_s.to_be_bytes()));
         for (c, d) in extra {
-            opt(*c, d);
+            assert!(m.push(*c, d));
         }
-        m.push(OPT_END);
-        m
+        m.finish()
     }
 
     fn sent(actions: &[Action]) -> (Dest, Vec<u8>) {
@@ -528,19 +468,7 @@ mod tests {
 
     /// Option `code` of a client message.
     fn option(m: &[u8], code: u8) -> Option<Vec<u8>> {
-        let mut i = OPTIONS_AT;
-        while i < m.len() && m[i] != OPT_END {
-            if m[i] == OPT_PAD {
-                i += 1;
-                continue;
-            }
-            let len = m[i + 1] as usize;
-            if m[i] == code {
-                return Some(m[i + 2..i + 2 + len].to_vec());
-            }
-            i += 2 + len;
-        }
-        None
+        Options::parse(m).unwrap().get(code).map(<[u8]>::to_vec)
     }
 
     fn bound(t0: Instant, lease_s: u32) -> Client {
@@ -622,23 +550,42 @@ mod tests {
         let mut other_mac = reply(&disc, OFFER, ADDR, 3600, &[]);
         other_mac[33] ^= 0xff;
         assert!(c.on_message(t0, &other_mac).is_empty());
-        // An ACK while selecting, a request echoed back, truncated bytes.
+        // An ACK while selecting, a request echoed back.
         assert!(c.on_message(t0, &reply(&disc, ACK, ADDR, 3600, &[])).is_empty());
         assert!(c.on_message(t0, &disc).is_empty());
         let good = reply(&disc, OFFER, ADDR, 3600, &[]);
-        for n in 0..good.len() - 1 {
-            let _ = c.on_message(t0, &good[..n]);
-        }
-        // An option running past the end.
-        let mut bad = good.clone();
-        bad.truncate(bad.len() - 1);
+        // An option running past the end: the server identifier is in, but
+        // the offer cannot be trusted.
+        let mut bad = good[..OPTIONS_AT + 9].to_vec();
         bad.extend_from_slice(&[OPT_DNS, 200, 1, 2]);
-        let _ = c.on_message(t0, &bad);
+        assert!(c.on_message(t0, &bad).is_empty());
         // A broadcast or missing address is not a lease.
         assert!(c.on_message(t0, &reply(&disc, OFFER, Ipv4Addr::BROADCAST, 3600, &[])).is_empty());
         assert!(c.on_message(t0, &reply(&disc, OFFER, Ipv4Addr::UNSPECIFIED, 3600, &[])).is_empty());
         assert_eq!(c.phase(), Phase::Discovering { discovers: 1 });
         assert!(matches!(c.on_message(t0, &good).as_slice(), [Action::Send { .. }]));
+    }
+
+    #[test]
+    fn cut_short_offers_are_read_as_far_as_they_go() {
+        let t0 = Instant::now();
+        let fresh = || {
+            let mut c = Client::new(MAC, None, 1, t0);
+            let (_, disc) = sent(&c.on_timeout(t0));
+            (c, disc)
+        };
+        let good = reply(&fresh().1, OFFER, ADDR, 3600, &[]);
+        let taken: Vec<usize> =
+            (0..=good.len()).filter(|&n| !fresh().0.on_message(t0, &good[..n]).is_empty()).collect();
+        // Options from OPTIONS_AT: type (3 bytes), server identifier (6),
+        // mask (6), router (6), name servers (10), lease time (6), end.
+        // Cut inside the header or an option: ignored. Cut between options
+        // once the server identifier is in: an offer, since UDP hands over
+        // whole datagrams and the end option is no proof of completeness.
+        let at = |n: usize| OPTIONS_AT + n;
+        let mut want = vec![at(9), at(15), at(21), at(31)];
+        want.extend(at(37)..=good.len());
+        assert_eq!(taken, want);
     }
 
     #[test]

@@ -449,7 +449,10 @@ mod tests {
         let have =
             |cmd: &str, arg: &str| Command::new(cmd).arg(arg).output().is_ok_and(|o| o.status.success());
         if !nix::unistd::geteuid().is_root() || !have("ip", "-V") || !have("busybox", "true") {
-            nodeos_types::testing::skip("init DHCP in a namespace", "needs root, ip and busybox (network namespaces, udhcpd)");
+            nodeos_types::testing::skip(
+                "init DHCP in a namespace",
+                "needs root, ip and busybox (network namespaces, udhcpd)",
+            );
             return false;
         }
         true

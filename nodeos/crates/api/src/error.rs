@@ -1,10 +1,11 @@
 //! Errors to gRPC `Status`: the only place this mapping lives.
 
 use nodeos_block::device::DeviceError;
-use nodeos_block::volumes::VolumeError;
 use nodeos_meta::MetaError;
 use nodeos_meta::WatchError;
 use nodeos_network::NetworkError;
+use nodeos_volumes::VolumeError;
+use nodeos_volumes::import::ImportError;
 use tonic::Status;
 
 /// Maps a metadata store error to the status a client can act on.
@@ -41,6 +42,16 @@ pub fn volume_status(e: VolumeError) -> Status {
         VolumeError::Meta(m) => meta_status(*m),
         VolumeError::Device(d) => device_status(&d),
         _ => Status::internal(chain(&e)),
+    }
+}
+
+/// Maps an import's error: the stream's own faults are the caller's.
+pub fn import_status(e: ImportError) -> Status {
+    match e {
+        ImportError::Invalid(msg) => Status::invalid_argument(msg),
+        ImportError::Volume(v) => volume_status(v),
+        ImportError::Write(d) => device_status(&d),
+        ImportError::Task(_) => Status::internal(chain(&e)),
     }
 }
 

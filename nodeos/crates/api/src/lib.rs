@@ -15,7 +15,7 @@
 //! - `server.rs`: [`serve`], one tonic server with every service, reflection and message limits.
 //!
 //! The services hold handles ([`nodeos_meta::MetaHandle`], [`nodeos_pool::Formation`],
-//! [`nodeos_block::volumes::Volumes`], [`nodeos_network::Networks`],
+//! [`nodeos_volumes::Volumes`], [`nodeos_network::Networks`],
 //! [`nodeos_switch::switch::SwitchHandle`])
 //! and never touch storage directly.
 

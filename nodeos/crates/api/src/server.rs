@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use nodeos_block::volumes::Volumes;
 use nodeos_compute::Compute;
 use nodeos_meta::MetaHandle;
 use nodeos_meta::network::MAX_PEER_MESSAGE;
@@ -18,6 +17,7 @@ use nodeos_proto::v1::vm_service_server::VmServiceServer;
 use nodeos_proto::v1::volume_service_server::VolumeServiceServer;
 use nodeos_pxe::agent::PxeHandle;
 use nodeos_switch::switch::SwitchHandle;
+use nodeos_volumes::Volumes;
 use tokio::net::TcpListener;
 
 use crate::metadata::MetadataApi;

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use nodeos_compute::compute::NicNetwork;
+use nodeos_compute::NicNetwork;
 use nodeos_compute::{Compute, ComputeError};
 use nodeos_meta::MetaHandle;
 use nodeos_network::Networks;

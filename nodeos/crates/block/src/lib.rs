@@ -1,5 +1,8 @@
-//! The distributed block layer: volumes whose extents are replicated across
-//! the pool's nodes, fenced by generation, checksummed per block.
+//! The data path of the distributed block layer: extents replicated across
+//! the pool's nodes, fenced by generation, checksummed per block. It knows
+//! nothing of the pool's metadata: whoever opens a volume hands the client
+//! its layout (the control plane, `nodeos-volumes`, reads it from meta), so a
+//! VM worker links this crate without the metadata store.
 //!
 //! # Layout
 //! - `device.rs`: [`device::BlockDevice`], what front ends (NBD, virtio-blk,
@@ -16,28 +19,21 @@
 //!   flush, reconnect and live repair.
 //! - `repair.rs`: bring the copies of one extent to the newest block of each.
 //! - `nbd.rs`: NBD export (fixed newstyle) of any [`device::BlockDevice`].
-//! - `volumes.rs`: volumes in the pool's metadata: create, placement,
-//!   open-for-write (fencing), resize, snapshots, delete.
-//! - `controller.rs`: leader-side loops: re-replication, repair, scrub,
-//!   space reclaim.
 //!
 //! # Safety model
 //! Opening a volume for writing takes a new generation by compare-and-swap in
-//! meta and records it on a quorum of every extent's replicas before the
-//! first write; replicas refuse older generations, so a stale writer can never
-//! change data. Every block carries `(generation, sequence)`: copies converge
+//! meta (`nodeos-volumes`), and the client records it on a quorum of every
+//! extent's replicas before the first write; replicas refuse older
+//! generations, so a stale writer can never change data. Every block carries `(generation, sequence)`: copies converge
 //! on the newest version of each block, whatever order writes and repairs
 //! arrive in.
 
 pub mod client;
-pub mod controller;
 pub mod device;
-pub mod exports;
 pub mod nbd;
 pub mod repair;
 pub mod replica;
 pub mod server;
 pub mod store;
 pub mod transport;
-pub mod volumes;
 pub mod wire;

@@ -113,7 +113,7 @@ async fn read_metas<T: Transport>(
     Ok(out)
 }
 
-pub(crate) fn answer_name(a: &Answer) -> &'static str {
+pub fn answer_name(a: &Answer) -> &'static str {
     match a {
         Answer::Done => "Done",
         Answer::Fenced { .. } => "Fenced",

@@ -3,21 +3,29 @@
 //! # Layout
 //! - `spec.rs`: checks a requested [`VmSpec`](nodeos_types::records::VmSpec) against
 //!   the host (kernel file, free memory, disks, MACs) before anything is recorded.
-//! - `process.rs`: [`process::WorkerProcess`], one `nodeos vm-worker` child: spawn with
-//!   its control socket and NIC sockets, requests with acks, events, exit.
+//! - `records.rs`: VM records in meta, and the sans-IO verdicts on them (how a
+//!   worker's end is recorded, which VMs lost their worker with the node).
+//! - `process.rs`: [`process::Launcher`] (how workers come to life) and
+//!   [`process::WorkerProcess`], one worker seen from the node: its control
+//!   socket, requests with acks, events, exit.
 //! - `tap.rs`: host tap devices and the frame relay between a NIC socket and a tap.
-//! - `compute.rs`: [`Compute`], the handle the API calls: create, start, stop,
+//! - `supervisor.rs`: [`Compute`], the handle the API calls: create, start, stop,
 //!   pause, resume, delete, console; it records every VM in meta and reports a
 //!   worker that dies unasked as crashed (never restarting it).
+//! - `error.rs`: [`ComputeError`].
 //!
 //! # Ownership
 //! `Compute` owns the live workers of this node. Each VM's operations are
-//! serialized by a per-VM lock; a worker's exit is observed by a waiter task
-//! that updates the VM record.
+//! serialized by a per-VM lock; a worker's exit is observed by a monitor task
+//! that gives back what the worker held (writer slots, relays) and updates the
+//! VM record.
 
-pub mod compute;
+pub mod error;
 pub mod process;
+pub mod records;
 pub mod spec;
+pub mod supervisor;
 pub mod tap;
 
-pub use compute::{Compute, ComputeError};
+pub use error::ComputeError;
+pub use supervisor::{Compute, ComputeConfig, NicNetwork};

@@ -1,15 +1,17 @@
 //! One `nodeos vm-worker` child process, seen from the node.
 //!
-//! The worker gets its end of a SOCK_SEQPACKET control socket as fd 3 and dies
-//! with the node (PR_SET_PDEATHSIG): a worker never outlives the node that
-//! supervises it. Requests carry a sequence number and are answered by exactly
+//! A [`Launcher`] brings the worker to life: [`ExecLauncher`] re-executes this
+//! binary as `nodeos vm-worker`, which gets its end of a SOCK_SEQPACKET
+//! control socket as fd 3 and dies with the node (PR_SET_PDEATHSIG): a worker
+//! never outlives the node that supervises it. Tests launch an in-process
+//! worker that speaks the same protocol instead. Requests carry a sequence number and are answered by exactly
 //! one ack or failure; events flow to the supervisor through a channel; the
 //! process's exit status arrives on its own channel.
 
 use std::collections::HashMap;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,13 +47,96 @@ pub enum ProcessError {
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>>;
 
-/// A running worker. Dropping it does not kill the process; call [`WorkerProcess::kill`].
-#[derive(Debug)]
+/// A launched worker, before the control protocol starts.
+pub struct Launched {
+    /// Its process id (shown to operators; 0 if it has none).
+    pub pid: u32,
+    /// Ends it at once (SIGKILL for a process); its exit follows on `exit`.
+    pub kill: Box<dyn Fn() + Send + Sync>,
+    /// Its exit status, once it ends.
+    pub exit: oneshot::Receiver<std::io::Result<ExitStatus>>,
+}
+
+impl std::fmt::Debug for Launched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launched").field("pid", &self.pid).finish_non_exhaustive()
+    }
+}
+
+/// How workers come to life.
+///
+/// Contract: the worker finds `control` as its control socket and speaks the
+/// protocol of `nodeos_vmm::control` on it; its output goes to `log`; `kill`
+/// ends it even if it ignores the protocol, and `exit` resolves once it has
+/// ended, whatever ended it.
+pub trait Launcher: Send + Sync + std::fmt::Debug + 'static {
+    fn launch(&self, control: OwnedFd, log: std::fs::File) -> Result<Launched, ProcessError>;
+}
+
+/// Launches workers as `<exe> vm-worker --control-fd 3` child processes.
+#[derive(Debug, Clone)]
+pub struct ExecLauncher {
+    /// The binary that runs `vm-worker` (this binary).
+    pub exe: PathBuf,
+}
+
+impl Launcher for ExecLauncher {
+    fn launch(&self, control: OwnedFd, log: std::fs::File) -> Result<Launched, ProcessError> {
+        let worker_raw = control.as_raw_fd();
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.arg("vm-worker")
+            .arg("--control-fd")
+            .arg(CONTROL_FD.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(ProcessError::Spawn)?)
+            .stderr(log)
+            .kill_on_drop(false);
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe calls (dup2, prctl) on values captured by copy.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(worker_raw, CONTROL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(ProcessError::Spawn)?;
+        // The child holds its own copy now.
+        drop(control);
+        let pid = child.id().unwrap_or(0);
+        let (exit_tx, exit) = oneshot::channel();
+        tokio::spawn(async move {
+            let _ = exit_tx.send(child.wait().await);
+        });
+        let kill = Box::new(move || {
+            if pid != 0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        });
+        Ok(Launched { pid, kill, exit })
+    }
+}
+
+/// A running worker. Dropping it does not end the worker; call [`WorkerProcess::kill`].
 pub struct WorkerProcess {
     pub pid: u32,
     ctl: Arc<AsyncFd<OwnedFd>>,
     seq: AtomicU64,
     pending: Pending,
+    kill: Box<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for WorkerProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerProcess").field("pid", &self.pid).finish_non_exhaustive()
+    }
 }
 
 /// What [`spawn`] hands back besides the process.
@@ -68,7 +153,7 @@ pub struct Spawned {
 /// The returned process has not acknowledged the start yet: await
 /// [`WorkerProcess::wait_started`].
 pub fn spawn(
-    exe: &Path,
+    launcher: &dyn Launcher,
     config: WorkerConfig,
     nic_fds: Vec<OwnedFd>,
     log: std::fs::File,
@@ -76,31 +161,7 @@ pub fn spawn(
     let (node_end, worker_end) =
         socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
             .map_err(ProcessError::Socket)?;
-    let worker_raw = worker_end.as_raw_fd();
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("vm-worker")
-        .arg("--control-fd")
-        .arg(CONTROL_FD.to_string())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(ProcessError::Spawn)?)
-        .stderr(log)
-        .kill_on_drop(false);
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe calls (dup2, prctl) on values captured by copy.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(worker_raw, CONTROL_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(ProcessError::Spawn)?;
-    drop(worker_end);
-    let pid = child.id().unwrap_or(0);
+    let Launched { pid, kill, exit } = launcher.launch(worker_end, log)?;
 
     let seq = 1;
     let start = control::encode(&ToWorker::Start { seq, version: PROTOCOL_VERSION, config })?;
@@ -120,12 +181,8 @@ pub fn spawn(
     pending.lock().unwrap_or_else(|p| p.into_inner()).insert(seq, start_tx);
     let (ev_tx, events) = mpsc::channel(64);
     tokio::spawn(read_loop(ctl.clone(), pending.clone(), ev_tx, pid));
-    let (exit_tx, exit) = oneshot::channel();
-    tokio::spawn(async move {
-        let _ = exit_tx.send(child.wait().await);
-    });
     let process =
-        Arc::new(WorkerProcess { pid, ctl, seq: AtomicU64::new(seq + 1), pending: pending.clone() });
+        Arc::new(WorkerProcess { pid, ctl, seq: AtomicU64::new(seq + 1), pending: pending.clone(), kill });
     Ok(Spawned { process, events, exit, started })
 }
 
@@ -216,14 +273,9 @@ impl WorkerProcess {
         Self::wait_reply(rx, timeout).await
     }
 
-    /// SIGKILL; the exit is reported on the exit channel.
+    /// Ends the worker at once (SIGKILL); the exit is reported on the exit channel.
     pub fn kill(&self) {
-        if self.pid != 0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        (self.kill)();
     }
 }
 

@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
+use futures::future::BoxFuture;
 use nodeos_types::NodeId;
 use nodeos_types::auth::PoolKey;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::network::RaftNetworkFactory;
 use openraft::{BasicNode, ChangeMembers, RaftMetrics, ServerState, SnapshotPolicy};
 
 use crate::command::CommandError;
@@ -21,7 +23,7 @@ use crate::network::{PeerClient, PeerError, PeerNetworkFactory};
 use crate::peer::{ForwardError, Forwarded, ForwardedReply, method};
 use crate::store::StoreError;
 use crate::watch::WatchError;
-use crate::{Command, Event, KeyValue, LogStore, Raft, Response, StateMachineStore};
+use crate::{Command, Event, KeyValue, LogStore, Raft, Response, StateMachineStore, TypeConfig};
 
 /// How long a write or read waits for a leader before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(10);
@@ -91,6 +93,33 @@ pub enum Consistency {
     Local,
 }
 
+/// How a follower hands a request to the leader.
+///
+/// Contract: an `Err` of [`PeerError::Address`], [`PeerError::KeyRefused`] or
+/// [`PeerError::Unreachable`] means nothing reached the leader, so the request
+/// may be retried; any other `Err` leaves its outcome unknown. `Ok` carries the
+/// leader's own answer, which may still be a refusal.
+pub trait Forwarder: Send + Sync + std::fmt::Debug + 'static {
+    fn forward<'a>(
+        &'a self,
+        leader: NodeId,
+        address: &'a str,
+        request: Forwarded,
+    ) -> BoxFuture<'a, Result<Result<ForwardedReply, ForwardError>, PeerError>>;
+}
+
+/// The pool's forwarder: the peer API over gRPC, sealed with the pool key.
+impl Forwarder for PeerClient {
+    fn forward<'a>(
+        &'a self,
+        _leader: NodeId,
+        address: &'a str,
+        request: Forwarded,
+    ) -> BoxFuture<'a, Result<Result<ForwardedReply, ForwardError>, PeerError>> {
+        Box::pin(async move { self.call(address, method::FORWARD, &request, FORWARD_TIMEOUT).await })
+    }
+}
+
 /// Cloneable handle to the running metadata store.
 #[derive(Clone)]
 pub struct MetaHandle {
@@ -102,6 +131,7 @@ struct Inner {
     raft: Raft,
     sm: StateMachineStore,
     peers: PeerClient,
+    forwarder: Arc<dyn Forwarder>,
 }
 
 impl std::fmt::Debug for MetaHandle {
@@ -111,9 +141,26 @@ impl std::fmt::Debug for MetaHandle {
 }
 
 impl MetaHandle {
-    /// Opens storage and starts raft. The node is not part of any pool until
-    /// [`MetaHandle::initialize`] runs here or a leader adds it.
+    /// Opens storage and starts raft over the peer API. The node is not part of
+    /// any pool until [`MetaHandle::initialize`] runs here or a leader adds it.
     pub async fn start(cfg: MetaConfig, peers: PeerClient) -> Result<Self, MetaError> {
+        let network = PeerNetworkFactory::new(peers.clone());
+        let forwarder: Arc<dyn Forwarder> = Arc::new(peers.clone());
+        Self::start_with(cfg, peers, network, forwarder).await
+    }
+
+    /// Opens storage and starts raft over any raft network and forwarder (the
+    /// in-process pools of [`crate::testing`] use in-memory ones). `peers`
+    /// stays the node's client for the other peer calls (discovery, join).
+    pub async fn start_with<N>(
+        cfg: MetaConfig,
+        peers: PeerClient,
+        network: N,
+        forwarder: Arc<dyn Forwarder>,
+    ) -> Result<Self, MetaError>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+    {
         std::fs::create_dir_all(&cfg.dir).map_err(|e| MetaError::Dir(cfg.dir.display().to_string(), e))?;
         let db = crate::store::open_db(&cfg.dir.join("sled"))?;
         let log = LogStore::new(&db)?;
@@ -131,16 +178,10 @@ impl MetaHandle {
         }
         .validate()
         .map_err(MetaError::Config)?;
-        let raft = Raft::new(
-            cfg.node_id,
-            Arc::new(raft_cfg),
-            PeerNetworkFactory::new(peers.clone()),
-            log,
-            sm.clone(),
-        )
-        .await
-        .map_err(|e| MetaError::Stopped(e.to_string()))?;
-        Ok(MetaHandle { inner: Arc::new(Inner { me: cfg.node_id, raft, sm, peers }) })
+        let raft = Raft::new(cfg.node_id, Arc::new(raft_cfg), network, log, sm.clone())
+            .await
+            .map_err(|e| MetaError::Stopped(e.to_string()))?;
+        Ok(MetaHandle { inner: Arc::new(Inner { me: cfg.node_id, raft, sm, peers, forwarder }) })
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -219,16 +260,16 @@ impl MetaHandle {
                     Err(RaftError::Fatal(f)) => return Err(MetaError::Stopped(f.to_string())),
                 }
             } else {
-                let reply: Result<ForwardedReply, ForwardError> = self
+                let reply = self
                     .inner
-                    .peers
-                    .call(&addr, method::FORWARD, &Forwarded::Write(cmd.clone()), FORWARD_TIMEOUT)
+                    .forwarder
+                    .forward(leader, &addr, Forwarded::Write(cmd.clone()))
                     .await
                     .map_err(|e| match e {
                         // Nothing was delivered: the leader never saw the write.
-                        PeerError::Address { .. } | PeerError::KeyRefused { .. } => {
-                            MetaError::LeaderUnreachable(e)
-                        }
+                        PeerError::Address { .. }
+                        | PeerError::KeyRefused { .. }
+                        | PeerError::Unreachable { .. } => MetaError::LeaderUnreachable(e),
                         _ => MetaError::Indeterminate(e),
                     })?;
                 match reply {
@@ -250,23 +291,7 @@ impl MetaHandle {
 
     /// Serves a write forwarded by a follower. Never forwards again.
     pub async fn serve_forwarded(&self, req: Forwarded) -> Result<ForwardedReply, ForwardError> {
-        match req {
-            Forwarded::Write(cmd) => {
-                cmd.validate().map_err(|e| ForwardError::Refused(e.to_string()))?;
-                match self.inner.raft.client_write(cmd).await {
-                    Ok(r) => Ok(ForwardedReply::Write(r.data)),
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                        Err(ForwardError::NotLeader(self.inner.me))
-                    }
-                    Err(e) => Err(ForwardError::Refused(e.to_string())),
-                }
-            }
-            Forwarded::ReadIndex => match self.inner.raft.get_read_log_id().await {
-                Ok((read, _applied)) => Ok(ForwardedReply::ReadIndex(read.map(|l| l.index).unwrap_or(0))),
-                Err(RaftError::APIError(_)) => Err(ForwardError::NotLeader(self.inner.me)),
-                Err(e) => Err(ForwardError::Refused(e.to_string())),
-            },
-        }
+        serve_forwarded(&self.inner.raft, self.inner.me, req).await
     }
 
     /// Waits until this node's state machine reflects every write committed
@@ -282,10 +307,10 @@ impl MetaHandle {
                     Err(RaftError::Fatal(f)) => return Err(MetaError::Stopped(f.to_string())),
                 }
             } else {
-                let reply: Result<ForwardedReply, ForwardError> = self
+                let reply = self
                     .inner
-                    .peers
-                    .call(&addr, method::FORWARD, &Forwarded::ReadIndex, FORWARD_TIMEOUT)
+                    .forwarder
+                    .forward(leader, &addr, Forwarded::ReadIndex)
                     .await
                     .map_err(MetaError::LeaderUnreachable)?;
                 match reply {
@@ -374,5 +399,31 @@ impl MetaHandle {
     /// Stops raft; the handle answers errors afterwards.
     pub async fn shutdown(&self) {
         let _ = self.inner.raft.shutdown().await;
+    }
+}
+
+/// The leader's side of [`Forwarder`]: applies a forwarded request on `raft`
+/// (node `me`), or says it no longer leads.
+pub async fn serve_forwarded(
+    raft: &Raft,
+    me: NodeId,
+    req: Forwarded,
+) -> Result<ForwardedReply, ForwardError> {
+    match req {
+        Forwarded::Write(cmd) => {
+            cmd.validate().map_err(|e| ForwardError::Refused(e.to_string()))?;
+            match raft.client_write(cmd).await {
+                Ok(r) => Ok(ForwardedReply::Write(r.data)),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    Err(ForwardError::NotLeader(me))
+                }
+                Err(e) => Err(ForwardError::Refused(e.to_string())),
+            }
+        }
+        Forwarded::ReadIndex => match raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(ForwardedReply::ReadIndex(read.map(|l| l.index).unwrap_or(0))),
+            Err(RaftError::APIError(_)) => Err(ForwardError::NotLeader(me)),
+            Err(e) => Err(ForwardError::Refused(e.to_string())),
+        },
     }
 }

@@ -9,7 +9,10 @@
 //! - `watch.rs`: the watch stream (history replay, then live events) and [`WatchError`].
 //! - `network.rs`: openraft's network over the `PeerService` gRPC API.
 //! - `handle.rs`: [`MetaHandle`], what the rest of the node uses: writes, linearizable
-//!   reads, watches, membership changes.
+//!   reads, watches, membership changes; [`handle::Forwarder`], how a follower
+//!   reaches the leader.
+//! - `testing.rs` (feature `testing`): in-process pools for tests, real raft and
+//!   sled over an in-memory network with fault knobs.
 //!
 //! # Durability
 //! The log store flushes sled before it reports any vote or log write complete;
@@ -23,10 +26,12 @@ pub mod network;
 pub mod peer;
 pub mod state_machine;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod watch;
 
 pub use command::{Command, Compare, Event, EventKind, KeyValue, Op, Response, Txn};
-pub use handle::{Consistency, MetaConfig, MetaError, MetaHandle};
+pub use handle::{Consistency, Forwarder, MetaConfig, MetaError, MetaHandle};
 pub use log_store::LogStore;
 pub use openraft::{self, BasicNode};
 pub use state_machine::StateMachineStore;

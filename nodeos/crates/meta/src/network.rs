@@ -48,6 +48,9 @@ pub enum PeerError {
     },
     #[error("peer at {address} refused {method}: pool key mismatch (it holds another pool key)")]
     KeyRefused { address: String, method: &'static str },
+    /// Nothing was delivered (the in-process pools of `testing`: a node down or cut off).
+    #[error("peer at {address} is unreachable; {method} was not delivered")]
+    Unreachable { address: String, method: &'static str },
     #[error("peer at {address} timed out on {method}")]
     Timeout { address: String, method: &'static str },
     #[error("answer from peer at {address} to {method} is not valid")]

@@ -6,7 +6,8 @@
 //! real server's carries an address (`yiaddr`), ours carries `yiaddr`
 //! 0.0.0.0, `siaddr` = us, option 60 "PXEClient" and the boot file name in
 //! the BOOTP `file` field. [`respond`] is a pure function from one received
-//! datagram to what to send back; the server owns the sockets.
+//! datagram to what to send back; the server owns the sockets, and
+//! `nodeos_dhcp` the message format.
 //!
 //! # What a client gets
 //! - iPXE (option 77 user class containing "iPXE", or option 175 present):
@@ -62,9 +63,9 @@
 use std::collections::{HashSet, VecDeque};
 use std::net::Ipv4Addr;
 
-use nodeos_switch::dhcp::{
-    ACK, BOOTREPLY, BOOTREQUEST, DISCOVER, HTYPE_ETHERNET, INFORM, MAGIC, MAGIC_AT, MIN_MESSAGE, OFFER,
-    OPT_END, OPT_MESSAGE_TYPE, OPT_OVERLOAD, OPT_PAD, OPT_SERVER_ID, OPTIONS_AT, REQUEST,
+use nodeos_dhcp::{
+    ACK, BOOTREQUEST, DISCOVER, FILE_LEN, Header, HeaderError, INFORM, MessageBuilder, OFFER, OPT_END,
+    OPT_MESSAGE_TYPE, OPT_SERVER_ID, OPT_VENDOR_CLASS, OPT_VENDOR_SPECIFIC, OptionError, Options, REQUEST,
 };
 use nodeos_types::net::MacAddr;
 
@@ -73,11 +74,8 @@ use crate::bundle::Bundle;
 /// Where ProxyDHCPREQUESTs go (PXE 2.1 specification).
 pub const PROXY_PORT: u16 = 4011;
 
-// PXE options (RFC 4578, PXE 2.1 specification, iPXE).
-/// Option 43: vendor-specific information, PXE sub-options inside.
-pub const OPT_VENDOR_SPECIFIC: u8 = 43;
-/// Option 60: vendor class identifier, "PXEClient..." from PXE clients.
-pub const OPT_VENDOR_CLASS: u8 = 60;
+// PXE options (RFC 4578, PXE 2.1 specification, iPXE); 43 (PXE sub-options
+// inside) and 60 ("PXEClient...") are RFC 2132's, from `nodeos_dhcp`.
 /// Option 77: user class; iPXE sends "iPXE".
 pub const OPT_USER_CLASS: u8 = 77;
 /// Option 93: client system architecture (RFC 4578 section 2.1).
@@ -108,11 +106,6 @@ pub const ARCH_X86_BIOS: u16 = 0;
 pub const ARCH_EFI_BC: u16 = 7;
 pub const ARCH_EFI_X64: u16 = 9;
 
-/// Size of the BOOTP `file` field.
-const FILE_FIELD: usize = 128;
-const SNAME_AT: usize = 44;
-const FILE_AT: usize = 108;
-
 /// A boot configuration that cannot be served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BootConfigError {
@@ -123,14 +116,10 @@ pub enum BootConfigError {
 /// Why a message on a DHCP socket could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyDhcpError {
-    #[error("BOOTP message of {0} bytes is shorter than the 240 of a DHCP message")]
-    Truncated(usize),
-    #[error("option {code} runs past the end of its field")]
-    OptionOverrun { code: u8 },
-    #[error("option {code} is {len} bytes long, expected {expected}")]
-    OptionLength { code: u8, len: usize, expected: &'static str },
-    #[error("option overload (52) value {0} is not 1, 2 or 3")]
-    Overload(u8),
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error(transparent)]
+    Options(#[from] OptionError),
 }
 
 /// Which socket a message arrived on.
@@ -155,7 +144,7 @@ impl BootConfig {
     /// the BOOTP `file` field with its terminating NUL.
     pub fn new(server_ip: Ipv4Addr, http_port: u16) -> Result<Self, BootConfigError> {
         let script_url = format!("http://{server_ip}:{http_port}/{BOOT_SCRIPT}");
-        if script_url.len() >= FILE_FIELD {
+        if script_url.len() >= FILE_LEN {
             return Err(BootConfigError::FileNameTooLong { len: script_url.len(), name: script_url });
         }
         Ok(Self { server_ip, script_url })
@@ -259,9 +248,9 @@ pub fn respond(msg: &[u8], via: Via, cfg: &BootConfig, bundle: &Bundle) -> Outco
 
 fn answer(req: &Request<'_>, via: Via, cfg: &BootConfig, bundle: &Bundle) -> Outcome {
     let ty = req.message_type;
-    let server_id = match req.address_option(OPT_SERVER_ID) {
+    let server_id = match req.options.address(OPT_SERVER_ID) {
         Ok(id) => id,
-        Err(e) => return Outcome::Malformed(e),
+        Err(e) => return Outcome::Malformed(e.into()),
     };
     let (kind, to) = match (via, ty) {
         (Via::Dhcp, DISCOVER) => (ReplyKind::Offer, broadcast_or_relay(req)),
@@ -291,7 +280,8 @@ fn answer(req: &Request<'_>, via: Via, cfg: &BootConfig, bundle: &Bundle) -> Out
 }
 
 fn broadcast_or_relay(req: &Request<'_>) -> Destination {
-    if req.giaddr.is_unspecified() { Destination::Broadcast } else { Destination::Relay(req.giaddr) }
+    let relay = req.header.giaddr;
+    if relay.is_unspecified() { Destination::Broadcast } else { Destination::Relay(relay) }
 }
 
 /// The boot file for the client, or why there is none.
@@ -321,179 +311,92 @@ fn boot_file(
     })
 }
 
-/// Builds the OFFER or ACK for `req`. `boot_file` is shorter than the
-/// `file` field (a bundle name, or the URL [`BootConfig::new`] checked).
+/// Builds the OFFER or ACK for `req`.
 fn build_reply(req: &Request<'_>, kind: ReplyKind, server_ip: Ipv4Addr, boot_file: &str) -> Vec<u8> {
-    let mut m = vec![0u8; OPTIONS_AT];
-    m[0] = BOOTREPLY;
-    m[1] = HTYPE_ETHERNET;
-    m[2] = 6;
-    m[4..8].copy_from_slice(&req.xid);
-    m[10..12].copy_from_slice(&req.flags);
+    let mut header = Header::reply_to(&req.header);
     // RFC 2131 table 3: an ACK echoes ciaddr, an OFFER leaves it zero.
     if kind == ReplyKind::Ack {
-        m[12..16].copy_from_slice(&req.ciaddr.octets());
+        header.ciaddr = req.header.ciaddr;
     }
-    m[20..24].copy_from_slice(&server_ip.octets());
-    m[24..28].copy_from_slice(&req.giaddr.octets());
-    m[28..44].copy_from_slice(&req.chaddr);
-    let file = boot_file.as_bytes();
-    let n = file.len().min(FILE_FIELD - 1);
-    m[FILE_AT..FILE_AT + n].copy_from_slice(&file[..n]);
-    m[MAGIC_AT..OPTIONS_AT].copy_from_slice(&MAGIC);
-
+    header.siaddr = server_ip;
+    header
+        .set_file_name(boot_file.as_bytes())
+        .expect("boot files are bundle loader names or the URL BootConfig::new checked against the field");
+    let mut m = MessageBuilder::new(&header);
     let ty = match kind {
         ReplyKind::Offer => OFFER,
         ReplyKind::Ack => ACK,
     };
-    push_option(&mut m, OPT_MESSAGE_TYPE, &[ty]);
-    push_option(&mut m, OPT_SERVER_ID, &server_ip.octets());
-    push_option(&mut m, OPT_VENDOR_CLASS, PXE_CLIENT);
+    // All of it fits the size limit: with the longest UUID a client can
+    // send, the message is 524 bytes.
+    m.push(OPT_MESSAGE_TYPE, &[ty]);
+    m.push(OPT_SERVER_ID, &server_ip.octets());
+    m.push(OPT_VENDOR_CLASS, PXE_CLIENT);
     // RFC 4578 section 2.3: the server must echo the client's UUID.
-    if let Some(uuid) = req.option(OPT_CLIENT_UUID) {
-        push_option(&mut m, OPT_CLIENT_UUID, uuid);
+    if let Some(uuid) = req.options.get(OPT_CLIENT_UUID) {
+        m.push(OPT_CLIENT_UUID, uuid);
     }
-    push_option(&mut m, OPT_VENDOR_SPECIFIC, &[PXE_DISCOVERY_CONTROL, 1, DISCOVERY_USE_FILE, OPT_END]);
-    m.push(OPT_END);
-    if m.len() < MIN_MESSAGE {
-        m.resize(MIN_MESSAGE, OPT_PAD);
-    }
-    m
-}
-
-/// Appends option `code`; values come from a parsed option or are ours,
-/// so they are at most 255 bytes.
-fn push_option(m: &mut Vec<u8>, code: u8, value: &[u8]) {
-    let len = u8::try_from(value.len()).expect("option values come from one-byte length fields");
-    m.push(code);
-    m.push(len);
-    m.extend_from_slice(value);
+    m.push(OPT_VENDOR_SPECIFIC, &[PXE_DISCOVERY_CONTROL, 1, DISCOVERY_USE_FILE, OPT_END]);
+    m.finish()
 }
 
 /// A DHCP client message that passed the checks every answer needs.
 #[derive(Debug)]
 struct Request<'a> {
-    xid: [u8; 4],
-    flags: [u8; 2],
-    ciaddr: Ipv4Addr,
-    giaddr: Ipv4Addr,
-    chaddr: [u8; 16],
+    header: Header,
     message_type: u8,
-    /// Options in the order sent, from the options field and then from
-    /// `file` and `sname` when option 52 says so (pad and end left out).
-    options: Vec<(u8, &'a [u8])>,
+    /// From the options field, and `file` and `sname` when option 52 says so.
+    options: Options<'a>,
 }
 
 impl<'a> Request<'a> {
     /// `Ok(Err(_))` for well-formed messages that are not PXE client
     /// requests.
     fn parse(b: &'a [u8]) -> Result<Result<Self, Ignored>, ProxyDhcpError> {
-        let Some(fixed) = b.get(..OPTIONS_AT) else {
-            return Err(ProxyDhcpError::Truncated(b.len()));
-        };
-        let ip = |at: usize| Ipv4Addr::new(fixed[at], fixed[at + 1], fixed[at + 2], fixed[at + 3]);
-        if fixed[0] != BOOTREQUEST {
-            return Ok(Err(Ignored::NotRequest { op: fixed[0] }));
+        let header = Header::parse(b)?;
+        if header.op != BOOTREQUEST {
+            return Ok(Err(Ignored::NotRequest { op: header.op }));
         }
-        if fixed[1] != HTYPE_ETHERNET || fixed[2] != 6 {
-            return Ok(Err(Ignored::NotEthernet { htype: fixed[1], hlen: fixed[2] }));
+        if !header.is_ethernet() {
+            return Ok(Err(Ignored::NotEthernet { htype: header.htype, hlen: header.hlen }));
         }
-        if fixed[MAGIC_AT..OPTIONS_AT] != MAGIC {
+        if !header.is_dhcp() {
             return Ok(Err(Ignored::NotDhcp));
         }
-        let mut options = Vec::new();
-        parse_options(&b[OPTIONS_AT..], &mut options)?;
-        let overload = options.iter().find(|(c, _)| *c == OPT_OVERLOAD).map(|&(_, v)| v);
-        match overload {
-            None => {}
-            Some(&[v @ 1..=3]) => {
-                // RFC 2131 section 4.1: options, then file, then sname.
-                if v & 1 != 0 {
-                    parse_options(&fixed[FILE_AT..MAGIC_AT], &mut options)?;
-                }
-                if v & 2 != 0 {
-                    parse_options(&fixed[SNAME_AT..FILE_AT], &mut options)?;
-                }
-            }
-            Some(&[v]) => return Err(ProxyDhcpError::Overload(v)),
-            Some(v) => {
-                return Err(ProxyDhcpError::OptionLength { code: OPT_OVERLOAD, len: v.len(), expected: "1" });
-            }
-        }
-        let message_type = match options.iter().find(|(c, _)| *c == OPT_MESSAGE_TYPE) {
-            None => return Ok(Err(Ignored::NotDhcp)),
-            Some(&(_, &[ty])) => ty,
-            Some((_, v)) => {
-                return Err(ProxyDhcpError::OptionLength {
-                    code: OPT_MESSAGE_TYPE,
-                    len: v.len(),
-                    expected: "1",
-                });
-            }
+        let options = Options::parse(b)?;
+        let Some(message_type) = options.message_type()? else {
+            return Ok(Err(Ignored::NotDhcp));
         };
-        let is_pxe = options
-            .iter()
-            .find(|(c, _)| *c == OPT_VENDOR_CLASS)
-            .is_some_and(|(_, v)| v.starts_with(PXE_CLIENT));
-        if !is_pxe {
+        if !options.get(OPT_VENDOR_CLASS).is_some_and(|v| v.starts_with(PXE_CLIENT)) {
             return Ok(Err(Ignored::NotPxe));
         }
-        let mut xid = [0u8; 4];
-        xid.copy_from_slice(&fixed[4..8]);
-        let mut chaddr = [0u8; 16];
-        chaddr.copy_from_slice(&fixed[28..44]);
-        Ok(Ok(Request {
-            xid,
-            flags: [fixed[10], fixed[11]],
-            ciaddr: ip(12),
-            giaddr: ip(24),
-            chaddr,
-            message_type,
-            options,
-        }))
+        Ok(Ok(Request { header, message_type, options }))
     }
 
     fn client(&self) -> MacAddr {
-        let c = &self.chaddr;
-        MacAddr([c[0], c[1], c[2], c[3], c[4], c[5]])
-    }
-
-    /// The first instance of option `code`.
-    fn option(&self, code: u8) -> Option<&'a [u8]> {
-        self.options.iter().find(|(c, _)| *c == code).map(|&(_, v)| v)
-    }
-
-    fn address_option(&self, code: u8) -> Result<Option<Ipv4Addr>, ProxyDhcpError> {
-        match self.option(code) {
-            None => Ok(None),
-            Some(&[a, b, c, d]) => Ok(Some(Ipv4Addr::new(a, b, c, d))),
-            Some(v) => Err(ProxyDhcpError::OptionLength { code, len: v.len(), expected: "4" }),
-        }
+        MacAddr(self.header.mac())
     }
 
     fn is_ipxe(&self) -> bool {
-        self.option(OPT_IPXE_ENCAP).is_some()
-            || self.option(OPT_USER_CLASS).is_some_and(|v| v.windows(4).any(|w| w == b"iPXE"))
+        self.options.get(OPT_IPXE_ENCAP).is_some()
+            || self.options.get(OPT_USER_CLASS).is_some_and(|v| v.windows(4).any(|w| w == b"iPXE"))
     }
 
     /// The client architecture: the first entry of option 93, else the
     /// "Arch:NNNNN" field of option 60.
     fn arch(&self) -> Result<Option<u16>, ProxyDhcpError> {
-        match self.option(OPT_CLIENT_ARCH) {
+        match self.options.get(OPT_CLIENT_ARCH) {
             Some(&[hi, lo, ref rest @ ..]) if rest.len() % 2 == 0 => {
                 return Ok(Some(u16::from_be_bytes([hi, lo])));
             }
             Some(v) => {
-                return Err(ProxyDhcpError::OptionLength {
-                    code: OPT_CLIENT_ARCH,
-                    len: v.len(),
-                    expected: "a non-zero multiple of 2",
-                });
+                let expected = "a non-zero multiple of 2";
+                return Err(OptionError::Length { code: OPT_CLIENT_ARCH, len: v.len(), expected }.into());
             }
             None => {}
         }
         // "PXEClient:Arch:00007:UNDI:003016" (PXE 2.1 specification).
-        let class = self.option(OPT_VENDOR_CLASS).unwrap_or_default();
+        let class = self.options.get(OPT_VENDOR_CLASS).unwrap_or_default();
         let arch = class
             .strip_prefix(b"PXEClient:Arch:")
             .and_then(|rest| rest.get(..5))
@@ -501,12 +404,6 @@ impl<'a> Request<'a> {
             .and_then(|digits| digits.parse().ok());
         Ok(arch)
     }
-}
-
-/// Splits an options area into (code, value) pairs, appending to `out`
-/// (the switch's reader: the end option may be missing, an overrun is refused).
-fn parse_options<'a>(b: &'a [u8], out: &mut Vec<(u8, &'a [u8])>) -> Result<(), ProxyDhcpError> {
-    nodeos_switch::dhcp::split_options(b, out).map_err(|code| ProxyDhcpError::OptionOverrun { code })
 }
 
 /// Remembers which clients were already reported as unsupported, so a
@@ -543,6 +440,9 @@ impl ReportedClients {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use nodeos_dhcp::{
+        BOOTREPLY, FILE_AT, MAGIC, MAGIC_AT, MIN_MESSAGE, OPT_OVERLOAD, OPT_PAD, OPTIONS_AT, SNAME_AT,
+    };
     use proptest::prelude::*;
 
     const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -551,32 +451,29 @@ mod tests {
 
     /// A client message with the given type and extra options.
     fn client_message(message_type: u8, options: &[(u8, &[u8])]) -> Vec<u8> {
-        let mut m = vec![0u8; OPTIONS_AT];
-        m[0] = BOOTREQUEST;
-        m[1] = HTYPE_ETHERNET;
-        m[2] = 6;
-        m[4..8].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
-        m[10] = 0x80;
-        m[28..34].copy_from_slice(&MAC);
-        m[MAGIC_AT..].copy_from_slice(&MAGIC);
-        push_option(&mut m, OPT_MESSAGE_TYPE, &[message_type]);
+        let mut h = Header::new(BOOTREQUEST, 0xdead_beef, MAC);
+        h.flags = nodeos_dhcp::BROADCAST_FLAG;
+        let mut m = MessageBuilder::new(&h);
+        assert!(m.push(OPT_MESSAGE_TYPE, &[message_type]));
         for (code, value) in options {
-            push_option(&mut m, *code, value);
+            assert!(m.push(*code, value));
         }
-        m.push(OPT_END);
-        m
+        m.finish()
     }
 
     fn bios_rom(message_type: u8) -> Vec<u8> {
-        client_message(
-            message_type,
-            &[
-                (OPT_VENDOR_CLASS, b"PXEClient:Arch:00000:UNDI:002001"),
-                (OPT_CLIENT_ARCH, &[0, 0]),
-                (OPT_CLIENT_NDI, &[1, 2, 1]),
-                (OPT_CLIENT_UUID, &UUID),
-            ],
-        )
+        bios_rom_with(message_type, &[])
+    }
+
+    fn bios_rom_with(message_type: u8, extra: &[(u8, &[u8])]) -> Vec<u8> {
+        let mut options: Vec<(u8, &[u8])> = vec![
+            (OPT_VENDOR_CLASS, b"PXEClient:Arch:00000:UNDI:002001"),
+            (OPT_CLIENT_ARCH, &[0, 0]),
+            (OPT_CLIENT_NDI, &[1, 2, 1]),
+            (OPT_CLIENT_UUID, &UUID),
+        ];
+        options.extend_from_slice(extra);
+        client_message(message_type, &options)
     }
 
     fn ipxe(message_type: u8, extra: &[(u8, &[u8])]) -> Vec<u8> {
@@ -615,9 +512,7 @@ mod tests {
 
     /// The options of a reply, as (code, value).
     fn reply_options(m: &[u8]) -> Vec<(u8, Vec<u8>)> {
-        let mut out = Vec::new();
-        parse_options(&m[OPTIONS_AT..], &mut out).unwrap();
-        out.into_iter().map(|(c, v)| (c, v.to_vec())).collect()
+        Options::parse(m).unwrap().iter().map(|(c, v)| (c, v.to_vec())).collect()
     }
 
     fn file_field(m: &[u8]) -> String {
@@ -766,10 +661,7 @@ mod tests {
 
     #[test]
     fn request_on_dhcp_port_naming_us_is_acked() {
-        let msg = bios_rom(REQUEST);
-        let mut msg = msg[..msg.len() - 1].to_vec();
-        push_option(&mut msg, OPT_SERVER_ID, &US.octets());
-        msg.push(OPT_END);
+        let msg = bios_rom_with(REQUEST, &[(OPT_SERVER_ID, &US.octets())]);
         let r = reply(respond(&msg, Via::Dhcp, &cfg(), &full()));
         assert_eq!(r.kind, ReplyKind::Ack);
         assert_eq!(r.to, Destination::Broadcast);
@@ -854,34 +746,45 @@ mod tests {
     fn malformed_messages() {
         let cfg = cfg();
         let b = full();
-        assert_eq!(respond(&[], Via::Dhcp, &cfg, &b), Outcome::Malformed(ProxyDhcpError::Truncated(0)));
+        assert_eq!(
+            respond(&[], Via::Dhcp, &cfg, &b),
+            Outcome::Malformed(ProxyDhcpError::Header(HeaderError::Truncated(0)))
+        );
         let msg = bios_rom(DISCOVER);
         assert_eq!(
             respond(&msg[..239], Via::Dhcp, &cfg, &b),
-            Outcome::Malformed(ProxyDhcpError::Truncated(239))
+            Outcome::Malformed(ProxyDhcpError::Header(HeaderError::Truncated(239)))
         );
         let mut overrun = msg[..OPTIONS_AT].to_vec();
         overrun.extend_from_slice(&[OPT_MESSAGE_TYPE, 5, DISCOVER]);
         assert_eq!(
             respond(&overrun, Via::Dhcp, &cfg, &b),
-            Outcome::Malformed(ProxyDhcpError::OptionOverrun { code: OPT_MESSAGE_TYPE })
+            Outcome::Malformed(ProxyDhcpError::Options(OptionError::Overrun { code: OPT_MESSAGE_TYPE }))
         );
         let bad_arch = client_message(DISCOVER, &[(OPT_VENDOR_CLASS, b"PXEClient"), (OPT_CLIENT_ARCH, &[0])]);
         assert!(matches!(
             respond(&bad_arch, Via::Dhcp, &cfg, &b),
-            Outcome::Malformed(ProxyDhcpError::OptionLength { code: OPT_CLIENT_ARCH, len: 1, .. })
+            Outcome::Malformed(ProxyDhcpError::Options(OptionError::Length {
+                code: OPT_CLIENT_ARCH,
+                len: 1,
+                ..
+            }))
         ));
         let bad_id = ipxe(REQUEST, &[(OPT_SERVER_ID, &[1, 2, 3])]);
         assert!(matches!(
             respond(&bad_id, Via::Proxy, &cfg, &b),
-            Outcome::Malformed(ProxyDhcpError::OptionLength { code: OPT_SERVER_ID, len: 3, .. })
+            Outcome::Malformed(ProxyDhcpError::Options(OptionError::Length {
+                code: OPT_SERVER_ID,
+                len: 3,
+                ..
+            }))
         ));
         let bad_type = client_message(DISCOVER, &[(OPT_MESSAGE_TYPE, &[1, 1])]);
         let mut bad_type = bad_type[..OPTIONS_AT].to_vec();
         bad_type.extend_from_slice(&[OPT_MESSAGE_TYPE, 2, 1, 1, OPT_END]);
         assert!(matches!(
             respond(&bad_type, Via::Dhcp, &cfg, &b),
-            Outcome::Malformed(ProxyDhcpError::OptionLength { code: OPT_MESSAGE_TYPE, .. })
+            Outcome::Malformed(ProxyDhcpError::Options(OptionError::Length { code: OPT_MESSAGE_TYPE, .. }))
         ));
     }
 
@@ -896,14 +799,14 @@ mod tests {
         let bad = client_message(DISCOVER, &[(OPT_OVERLOAD, &[4])]);
         assert_eq!(
             respond(&bad, Via::Dhcp, &cfg(), &full()),
-            Outcome::Malformed(ProxyDhcpError::Overload(4))
+            Outcome::Malformed(ProxyDhcpError::Options(OptionError::Overload(4)))
         );
     }
 
     #[test]
     fn boot_config_url_fits_the_file_field() {
         let c = BootConfig::new(Ipv4Addr::new(255, 255, 255, 255), 65535).unwrap();
-        assert!(c.script_url().len() < FILE_FIELD);
+        assert!(c.script_url().len() < nodeos_dhcp::FILE_LEN);
         assert_eq!(c.server_ip(), Ipv4Addr::BROADCAST);
     }
 
@@ -932,10 +835,10 @@ mod tests {
         fn arbitrary_options_never_panic(
             ty in 0u8..10,
             tail in proptest::collection::vec(any::<u8>(), 0..400),
-            fixed in proptest::collection::vec(any::<u8>(), 236 - 44),
+            fixed in proptest::collection::vec(any::<u8>(), MAGIC_AT - SNAME_AT),
         ) {
             let mut m = bios_rom(ty);
-            m[44..236].copy_from_slice(&fixed);
+            m[SNAME_AT..MAGIC_AT].copy_from_slice(&fixed);
             m.truncate(OPTIONS_AT + 3);
             m.extend_from_slice(&tail);
             let b = full();

@@ -88,9 +88,9 @@ impl PxeConfig {
         Self {
             interface,
             server_ip,
-            dhcp_port: nodeos_switch::dhcp::SERVER_PORT,
+            dhcp_port: nodeos_dhcp::SERVER_PORT,
             proxy_port: PROXY_PORT,
-            client_port: nodeos_switch::dhcp::CLIENT_PORT,
+            client_port: nodeos_dhcp::CLIENT_PORT,
             tftp_port: 69,
             http_port: DEFAULT_HTTP_PORT,
             reply_broadcast: Ipv4Addr::BROADCAST,

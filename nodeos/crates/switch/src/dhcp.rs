@@ -6,7 +6,8 @@
 //! [`Lease`], refuses any other address with a NAK, and stays silent for a
 //! port without an address. The switch hands [`handle`] every frame a port
 //! sends before forwarding it, and drops what [`is_server_message`] flags (a
-//! DHCP server running in a VM).
+//! DHCP server running in a VM). The message format (header, options,
+//! building) is `nodeos_dhcp`'s; this module decides what to answer.
 //!
 //! Client messages are untrusted: every field is bounds-checked, and a
 //! message that is not acceptable becomes a [`DhcpError`] naming what was
@@ -20,58 +21,20 @@
 
 use std::net::Ipv4Addr;
 
+// `switch.rs` tells DHCP client messages by this port.
+pub(crate) use nodeos_dhcp::SERVER_PORT;
+use nodeos_dhcp::{
+    ACK, BOOTREQUEST, BROADCAST_FLAG, CLIENT_PORT, DECLINE, DISCOVER, HLEN_ETHERNET, HTYPE_ETHERNET, Header,
+    HeaderError, INFORM, MessageBuilder, NAK, OFFER, OPT_CLIENT_ID, OPT_DNS, OPT_HOSTNAME, OPT_LEASE_TIME,
+    OPT_MESSAGE_TYPE, OPT_MTU, OPT_REBINDING_TIME, OPT_RENEWAL_TIME, OPT_REQUESTED_IP, OPT_ROUTER,
+    OPT_SERVER_ID, OPT_SUBNET_MASK, OptionError, Options, RELEASE, REQUEST,
+};
+
 use crate::frame::{self, Mac};
 use crate::packet::{self, L4};
 
-/// The UDP port servers listen on.
-pub const SERVER_PORT: u16 = 67;
-/// The UDP port clients listen on.
-pub const CLIENT_PORT: u16 = 68;
-
-pub const BOOTREQUEST: u8 = 1;
-pub const BOOTREPLY: u8 = 2;
-pub const HTYPE_ETHERNET: u8 = 1;
-pub const MAGIC: [u8; 4] = [99, 130, 83, 99];
-/// Offset of the magic cookie; the options follow it.
-pub const MAGIC_AT: usize = 236;
-pub const OPTIONS_AT: usize = MAGIC_AT + MAGIC.len();
-/// Largest reply: 576 bytes of IP less the IP and UDP headers.
-const MAX_MESSAGE: usize = 576 - 20 - 8;
-/// Smallest reply: the fixed size of a BOOTP message (RFC 1542).
-pub const MIN_MESSAGE: usize = 300;
-pub const BROADCAST_FLAG: u16 = 0x8000;
 /// Smallest MTU option 26 may carry (RFC 2132 section 5.1).
 const MIN_MTU: u16 = 68;
-
-// Message types (option 53). The wire constants are public: the node's
-// own DHCP client (PID 1) speaks the same format.
-pub const DISCOVER: u8 = 1;
-pub const OFFER: u8 = 2;
-pub const REQUEST: u8 = 3;
-pub const DECLINE: u8 = 4;
-pub const ACK: u8 = 5;
-pub const NAK: u8 = 6;
-pub const RELEASE: u8 = 7;
-pub const INFORM: u8 = 8;
-
-// Options.
-pub const OPT_PAD: u8 = 0;
-pub const OPT_SUBNET_MASK: u8 = 1;
-pub const OPT_ROUTER: u8 = 3;
-pub const OPT_DNS: u8 = 6;
-pub const OPT_HOSTNAME: u8 = 12;
-pub const OPT_MTU: u8 = 26;
-pub const OPT_REQUESTED_IP: u8 = 50;
-pub const OPT_LEASE_TIME: u8 = 51;
-pub const OPT_OVERLOAD: u8 = 52;
-pub const OPT_MESSAGE_TYPE: u8 = 53;
-pub const OPT_SERVER_ID: u8 = 54;
-pub const OPT_PARAMETERS: u8 = 55;
-pub const OPT_MAX_SIZE: u8 = 57;
-pub const OPT_RENEWAL_TIME: u8 = 58;
-pub const OPT_REBINDING_TIME: u8 = 59;
-pub const OPT_CLIENT_ID: u8 = 61;
-pub const OPT_END: u8 = 255;
 
 /// Why a DHCP client message was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -82,8 +45,8 @@ pub enum DhcpError {
     UdpLength { claimed: u16, available: usize },
     #[error("Ethernet source {0} is not the port's MAC")]
     ForeignSource(Mac),
-    #[error("BOOTP message of {0} bytes is shorter than the 240 of a DHCP message")]
-    Truncated(usize),
+    #[error(transparent)]
+    Header(#[from] HeaderError),
     #[error("BOOTP op {0} is not a request (1)")]
     Op(u8),
     #[error("hardware type {0} is not Ethernet (1)")]
@@ -92,10 +55,8 @@ pub enum DhcpError {
     HardwareLength(u8),
     #[error("magic cookie {0:#010x} is not 0x63825363")]
     MagicCookie(u32),
-    #[error("option {code} runs past the end of the message")]
-    OptionOverrun { code: u8 },
-    #[error("option {code} is {len} bytes long, expected {expected}")]
-    OptionLength { code: u8, len: usize, expected: usize },
+    #[error(transparent)]
+    Options(#[from] OptionError),
     #[error("no message type (option 53): a BOOTP request, not DHCP")]
     NoMessageType,
     #[error("message type {0} is not one a client sends (1, 3, 4, 7 or 8)")]
@@ -211,113 +172,36 @@ fn udp_payload(ip: &[u8]) -> Result<&[u8], DhcpError> {
     }
 }
 
-/// A BOOTP message with its DHCP options.
+/// A client message: its BOOTP header and DHCP options.
 #[derive(Debug)]
-struct Message<'a> {
-    op: u8,
-    xid: u32,
-    flags: u16,
-    ciaddr: Ipv4Addr,
-    /// Set only in replies, which only the tests parse.
-    #[cfg(test)]
-    yiaddr: Ipv4Addr,
-    #[cfg(test)]
-    siaddr: Ipv4Addr,
-    giaddr: Ipv4Addr,
-    chaddr: [u8; 16],
-    /// Options in the order sent (pad and end left out).
-    options: Vec<(u8, &'a [u8])>,
+struct Request<'a> {
+    header: Header,
+    options: Options<'a>,
 }
 
-impl<'a> Message<'a> {
-    /// Parses the fixed part, the magic cookie and the options field.
-    /// Options in `sname` and `file` (option 52, overload) are ignored.
+impl<'a> Request<'a> {
+    /// Reads an Ethernet DHCP message; which op it carries is the caller's
+    /// check, so that the tests read replies with it too.
     fn parse(b: &'a [u8]) -> Result<Self, DhcpError> {
-        let Some(fixed) = b.get(..OPTIONS_AT) else {
-            return Err(DhcpError::Truncated(b.len()));
-        };
-        let be32 = |at: usize| u32::from_be_bytes([fixed[at], fixed[at + 1], fixed[at + 2], fixed[at + 3]]);
-        let ip = |at: usize| Ipv4Addr::from(be32(at));
-        if fixed[1] != HTYPE_ETHERNET {
-            return Err(DhcpError::HardwareType(fixed[1]));
+        let header = Header::parse(b)?;
+        if header.htype != HTYPE_ETHERNET {
+            return Err(DhcpError::HardwareType(header.htype));
         }
-        if fixed[2] != 6 {
-            return Err(DhcpError::HardwareLength(fixed[2]));
+        if header.hlen != HLEN_ETHERNET {
+            return Err(DhcpError::HardwareLength(header.hlen));
         }
-        if fixed[MAGIC_AT..] != MAGIC {
-            return Err(DhcpError::MagicCookie(be32(MAGIC_AT)));
+        if !header.is_dhcp() {
+            return Err(DhcpError::MagicCookie(u32::from_be_bytes(header.cookie)));
         }
-        let mut chaddr = [0u8; 16];
-        chaddr.copy_from_slice(&fixed[28..44]);
-        Ok(Message {
-            op: fixed[0],
-            xid: be32(4),
-            flags: u16::from_be_bytes([fixed[10], fixed[11]]),
-            ciaddr: ip(12),
-            #[cfg(test)]
-            yiaddr: ip(16),
-            #[cfg(test)]
-            siaddr: ip(20),
-            giaddr: ip(24),
-            chaddr,
-            options: parse_options(b.get(OPTIONS_AT..).unwrap_or_default())?,
-        })
+        Ok(Request { header, options: Options::parse(b)? })
     }
 
     fn client_mac(&self) -> Mac {
-        let c = &self.chaddr;
-        Mac([c[0], c[1], c[2], c[3], c[4], c[5]])
-    }
-
-    /// The first instance of option `code`.
-    fn option(&self, code: u8) -> Option<&'a [u8]> {
-        self.options.iter().find(|(c, _)| *c == code).map(|&(_, v)| v)
+        Mac(self.header.mac())
     }
 
     fn message_type(&self) -> Result<u8, DhcpError> {
-        match self.option(OPT_MESSAGE_TYPE) {
-            None => Err(DhcpError::NoMessageType),
-            Some(&[ty]) => Ok(ty),
-            Some(v) => Err(DhcpError::OptionLength { code: OPT_MESSAGE_TYPE, len: v.len(), expected: 1 }),
-        }
-    }
-
-    fn address_option(&self, code: u8) -> Result<Option<Ipv4Addr>, DhcpError> {
-        match self.option(code) {
-            None => Ok(None),
-            Some(&[a, b, c, d]) => Ok(Some(Ipv4Addr::new(a, b, c, d))),
-            Some(v) => Err(DhcpError::OptionLength { code, len: v.len(), expected: 4 }),
-        }
-    }
-}
-
-/// Splits an options field into (code, value) pairs. A field that ends
-/// without the end option is accepted; an option longer than what is left
-/// is not.
-fn parse_options(b: &[u8]) -> Result<Vec<(u8, &[u8])>, DhcpError> {
-    let mut options = Vec::new();
-    split_options(b, &mut options).map_err(|code| DhcpError::OptionOverrun { code })?;
-    Ok(options)
-}
-
-/// Splits an options area (RFC 2132) into (code, value) pairs, appended to
-/// `out`: pads are skipped, the end option or the area's end stops. An
-/// option longer than what is left is refused with its code. Shared by every
-/// DHCP reader of the node (this server, the PXE proxy).
-pub fn split_options<'a>(mut b: &'a [u8], out: &mut Vec<(u8, &'a [u8])>) -> Result<(), u8> {
-    loop {
-        match b {
-            [] | [OPT_END, ..] => return Ok(()),
-            [OPT_PAD, rest @ ..] => b = rest,
-            [code, len, rest @ ..] => {
-                let Some((value, rest)) = rest.split_at_checked(usize::from(*len)) else {
-                    return Err(*code);
-                };
-                out.push((*code, value));
-                b = rest;
-            }
-            [code] => return Err(*code),
-        }
+        self.options.message_type()?.ok_or(DhcpError::NoMessageType)
     }
 }
 
@@ -336,14 +220,14 @@ fn respond(d: &Datagram<'_>, port_mac: Mac, lease: Option<&Lease>) -> Result<Vec
     if d.src != port_mac {
         return Err(DhcpError::ForeignSource(d.src));
     }
-    let msg = Message::parse(d.payload)?;
-    if msg.op != BOOTREQUEST {
-        return Err(DhcpError::Op(msg.op));
+    let req = Request::parse(d.payload)?;
+    if req.header.op != BOOTREQUEST {
+        return Err(DhcpError::Op(req.header.op));
     }
-    if msg.client_mac() != port_mac {
-        return Err(DhcpError::ForeignClient(msg.client_mac()));
+    if req.client_mac() != port_mac {
+        return Err(DhcpError::ForeignClient(req.client_mac()));
     }
-    let ty = msg.message_type()?;
+    let ty = req.message_type()?;
     if !matches!(ty, DISCOVER | REQUEST | DECLINE | RELEASE | INFORM) {
         return Err(DhcpError::MessageType(ty));
     }
@@ -353,11 +237,11 @@ fn respond(d: &Datagram<'_>, port_mac: Mac, lease: Option<&Lease>) -> Result<Vec
     let reply = match ty {
         DISCOVER => Some(Reply::Offer),
         REQUEST => {
-            let requested = msg.address_option(OPT_REQUESTED_IP)?;
-            let server = msg.address_option(OPT_SERVER_ID)?;
+            let requested = req.options.address(OPT_REQUESTED_IP)?;
+            let server = req.options.address(OPT_SERVER_ID)?;
             // RENEWING and REBINDING clients name their address in ciaddr;
             // SELECTING and INIT-REBOOT ones in option 50.
-            let wanted = requested.or(Some(msg.ciaddr).filter(|a| !a.is_unspecified()));
+            let wanted = requested.or(Some(req.header.ciaddr).filter(|a| !a.is_unspecified()));
             if server.is_some_and(|s| s != lease.server_ip) {
                 // The client chose another server's offer.
                 None
@@ -372,117 +256,32 @@ fn respond(d: &Datagram<'_>, port_mac: Mac, lease: Option<&Lease>) -> Result<Vec
         // client says, so there is nothing to record.
         _ => None,
     };
-    Ok(reply.map(|r| reply_frame(&msg, r, lease, port_mac, d.tag)).into_iter().collect())
-}
-
-/// The options field of a reply being built, kept within [`MAX_MESSAGE`]
-/// with room for the end option.
-struct Options(Vec<u8>);
-
-impl Options {
-    /// Value bytes one more option can carry.
-    fn room(&self) -> usize {
-        MAX_MESSAGE.saturating_sub(self.0.len() + 2 + 1).min(usize::from(u8::MAX))
-    }
-
-    /// Appends option `code` if it fits; options that do not are left out.
-    fn push(&mut self, code: u8, value: &[u8]) {
-        if value.len() > self.room() {
-            return;
-        }
-        if let Ok(len) = u8::try_from(value.len()) {
-            self.0.push(code);
-            self.0.push(len);
-            self.0.extend_from_slice(value);
-        }
-    }
+    Ok(reply.map(|r| reply_frame(&req, r, lease, port_mac, d.tag)).into_iter().collect())
 }
 
 /// Builds the frame carrying reply `kind` to `req`, addressed as RFC 2131
 /// section 4.1 says.
 fn reply_frame(
-    req: &Message<'_>,
+    req: &Request<'_>,
     kind: Reply,
     lease: &Lease,
     port_mac: Mac,
     tag: Option<[u8; 4]>,
 ) -> Vec<u8> {
-    let relayed = !req.giaddr.is_unspecified();
-    let mut flags = req.flags;
-    if kind == Reply::Nak && relayed {
-        // The relay broadcasts a NAK, since the client may hold no address.
-        flags |= BROADCAST_FLAG;
-    }
-    let ciaddr = match kind {
-        Reply::Ack | Reply::InformAck => req.ciaddr,
-        Reply::Offer | Reply::Nak => Ipv4Addr::UNSPECIFIED,
-    };
+    let m = reply_message(req, kind, lease);
+    let relayed = !req.header.giaddr.is_unspecified();
     let yiaddr = match kind {
         Reply::Offer | Reply::Ack => lease.ip,
         Reply::InformAck | Reply::Nak => Ipv4Addr::UNSPECIFIED,
     };
-
-    let mut m = Vec::with_capacity(MAX_MESSAGE);
-    m.extend_from_slice(&[BOOTREPLY, HTYPE_ETHERNET, 6, 0]);
-    m.extend_from_slice(&req.xid.to_be_bytes());
-    m.extend_from_slice(&0u16.to_be_bytes()); // secs
-    m.extend_from_slice(&flags.to_be_bytes());
-    for a in [ciaddr, yiaddr, Ipv4Addr::UNSPECIFIED, req.giaddr] {
-        m.extend_from_slice(&a.octets());
-    }
-    m.extend_from_slice(&req.chaddr);
-    m.resize(MAGIC_AT, 0); // sname and file stay empty
-    m.extend_from_slice(&MAGIC);
-
-    let mut o = Options(m);
-    let ty = match kind {
-        Reply::Offer => OFFER,
-        Reply::Ack | Reply::InformAck => ACK,
-        Reply::Nak => NAK,
-    };
-    o.push(OPT_MESSAGE_TYPE, &[ty]);
-    o.push(OPT_SERVER_ID, &lease.server_ip.octets());
-    if let Some(id) = req.option(OPT_CLIENT_ID) {
-        o.push(OPT_CLIENT_ID, id);
-    }
-    if kind != Reply::Nak {
-        if kind != Reply::InformAck {
-            let secs = u64::from(lease.lease_secs);
-            let fraction = |num: u64, den: u64| u32::try_from(secs * num / den).unwrap_or(u32::MAX);
-            o.push(OPT_LEASE_TIME, &lease.lease_secs.to_be_bytes());
-            o.push(OPT_RENEWAL_TIME, &fraction(1, 2).to_be_bytes());
-            o.push(OPT_REBINDING_TIME, &fraction(7, 8).to_be_bytes());
-        }
-        o.push(OPT_SUBNET_MASK, &lease.netmask.octets());
-        if let Some(router) = lease.router {
-            o.push(OPT_ROUTER, &router.octets());
-        }
-        if lease.mtu >= MIN_MTU {
-            o.push(OPT_MTU, &lease.mtu.to_be_bytes());
-        }
-        // As many name servers as fit, in order of preference.
-        let dns: Vec<u8> = lease.dns.iter().take(o.room() / 4).flat_map(|a| a.octets()).collect();
-        if !dns.is_empty() {
-            o.push(OPT_DNS, &dns);
-        }
-        if let Some(name) = lease.hostname.as_deref().filter(|n| !n.is_empty()) {
-            o.push(OPT_HOSTNAME, name.as_bytes());
-        }
-    }
-    let mut m = o.0;
-    m.push(OPT_END);
-    if m.len() < MIN_MESSAGE {
-        m.resize(MIN_MESSAGE, OPT_PAD);
-    }
-
     let broadcast = (Mac::BROADCAST, Ipv4Addr::BROADCAST, CLIENT_PORT);
     let (eth_dst, ip_dst, udp_dst) = if relayed {
-        (port_mac, req.giaddr, SERVER_PORT)
+        (port_mac, req.header.giaddr, SERVER_PORT)
     } else if kind == Reply::Nak {
         broadcast
-    } else if !req.ciaddr.is_unspecified() {
-        (port_mac, req.ciaddr, CLIENT_PORT)
-    } else if req.flags & BROADCAST_FLAG != 0 || yiaddr.is_unspecified() {
+    } else if !req.header.ciaddr.is_unspecified() {
+        (port_mac, req.header.ciaddr, CLIENT_PORT)
+    } else if req.header.wants_broadcast() || yiaddr.is_unspecified() {
         broadcast
     } else {
         (port_mac, yiaddr, CLIENT_PORT)
@@ -504,11 +303,67 @@ fn reply_frame(
     f
 }
 
+/// The DHCP message of reply `kind` to `req`. Configuration options that do
+/// not fit the message are left out; the ones a client cannot do without
+/// come first.
+fn reply_message(req: &Request<'_>, kind: Reply, lease: &Lease) -> Vec<u8> {
+    let mut header = Header::reply_to(&req.header);
+    if kind == Reply::Nak && !req.header.giaddr.is_unspecified() {
+        // The relay broadcasts a NAK, since the client may hold no address.
+        header.flags |= BROADCAST_FLAG;
+    }
+    if matches!(kind, Reply::Ack | Reply::InformAck) {
+        header.ciaddr = req.header.ciaddr;
+    }
+    if matches!(kind, Reply::Offer | Reply::Ack) {
+        header.yiaddr = lease.ip;
+    }
+    let mut m = MessageBuilder::new(&header);
+    let ty = match kind {
+        Reply::Offer => OFFER,
+        Reply::Ack | Reply::InformAck => ACK,
+        Reply::Nak => NAK,
+    };
+    m.push(OPT_MESSAGE_TYPE, &[ty]);
+    m.push(OPT_SERVER_ID, &lease.server_ip.octets());
+    if let Some(id) = req.options.get(OPT_CLIENT_ID) {
+        m.push(OPT_CLIENT_ID, id);
+    }
+    if kind == Reply::Nak {
+        return m.finish();
+    }
+    if kind != Reply::InformAck {
+        let secs = u64::from(lease.lease_secs);
+        let fraction = |num: u64, den: u64| u32::try_from(secs * num / den).unwrap_or(u32::MAX);
+        m.push(OPT_LEASE_TIME, &lease.lease_secs.to_be_bytes());
+        m.push(OPT_RENEWAL_TIME, &fraction(1, 2).to_be_bytes());
+        m.push(OPT_REBINDING_TIME, &fraction(7, 8).to_be_bytes());
+    }
+    m.push(OPT_SUBNET_MASK, &lease.netmask.octets());
+    if let Some(router) = lease.router {
+        m.push(OPT_ROUTER, &router.octets());
+    }
+    if lease.mtu >= MIN_MTU {
+        m.push(OPT_MTU, &lease.mtu.to_be_bytes());
+    }
+    // As many name servers as fit, in order of preference.
+    let dns: Vec<u8> = lease.dns.iter().take(m.room() / 4).flat_map(|a| a.octets()).collect();
+    if !dns.is_empty() {
+        m.push(OPT_DNS, &dns);
+    }
+    if let Some(name) = lease.hostname.as_deref().filter(|n| !n.is_empty()) {
+        m.push(OPT_HOSTNAME, name.as_bytes());
+    }
+    m.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
 
     use proptest::prelude::*;
+
+    use nodeos_dhcp::{BOOTREPLY, MAGIC, MAGIC_AT, MIN_MESSAGE, OPT_END, OPT_PAD, OPTIONS_AT};
 
     use super::*;
     use crate::packet::IpPacket;
@@ -625,7 +480,7 @@ mod tests {
     }
 
     /// Checks a reply's framing and checksums, and parses its message.
-    fn reply(f: &[u8]) -> (frame::Header, IpPacket, Message<'_>) {
+    fn reply(f: &[u8]) -> (frame::Header, IpPacket, Request<'_>) {
         let h = frame::parse(f).unwrap();
         let p = packet::parse(f).unwrap().unwrap();
         assert_eq!(h.src, GW_MAC);
@@ -641,15 +496,15 @@ mod tests {
             pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
         }
         assert_eq!(packet::checksum(udp, pseudo), 0, "UDP checksum");
-        let m = Message::parse(&udp[8..]).unwrap();
-        assert_eq!(m.op, BOOTREPLY);
+        let m = Request::parse(&udp[8..]).unwrap();
+        assert_eq!(m.header.op, BOOTREPLY);
         assert!(udp.len() - 8 >= MIN_MESSAGE);
-        assert_eq!((m.xid, m.client_mac(), m.siaddr), (XID, VM_MAC, Ipv4Addr::UNSPECIFIED));
-        assert_eq!(m.chaddr[6..], [0; 10]);
-        assert_eq!(m.address_option(OPT_SERVER_ID).unwrap(), Some(GW_IP));
+        assert_eq!((m.header.xid, m.client_mac(), m.header.siaddr), (XID, VM_MAC, Ipv4Addr::UNSPECIFIED));
+        assert_eq!(m.header.chaddr[6..], [0; 10]);
+        assert_eq!(m.options.address(OPT_SERVER_ID).unwrap(), Some(GW_IP));
         let mut client_id = vec![1];
         client_id.extend_from_slice(&VM_MAC.0);
-        assert_eq!(m.option(OPT_CLIENT_ID), Some(&client_id[..]), "client id echoed");
+        assert_eq!(m.options.get(OPT_CLIENT_ID), Some(&client_id[..]), "client id echoed");
         // The options field ends with the end option, then only padding.
         let opts = &udp[8 + OPTIONS_AT..];
         let end = opts.len() - opts.iter().rev().position(|&b| b != 0).unwrap() - 1;
@@ -657,12 +512,12 @@ mod tests {
         (h, p, m)
     }
 
-    fn u32_option(m: &Message<'_>, code: u8) -> Option<u32> {
-        m.option(code).map(|v| u32::from_be_bytes(v.try_into().unwrap()))
+    fn u32_option(m: &Request<'_>, code: u8) -> Option<u32> {
+        m.options.get(code).map(|v| u32::from_be_bytes(v.try_into().unwrap()))
     }
 
     /// Every option a lease reply must carry, with the lease's values.
-    fn assert_lease_options(m: &Message<'_>, times: bool) {
+    fn assert_lease_options(m: &Request<'_>, times: bool) {
         let l = lease();
         let times_sent = [OPT_LEASE_TIME, OPT_RENEWAL_TIME, OPT_REBINDING_TIME].map(|c| u32_option(m, c));
         if times {
@@ -670,11 +525,11 @@ mod tests {
         } else {
             assert_eq!(times_sent, [None; 3]);
         }
-        assert_eq!(m.address_option(OPT_SUBNET_MASK).unwrap(), Some(l.netmask));
-        assert_eq!(m.address_option(OPT_ROUTER).unwrap(), l.router);
-        assert_eq!(m.option(OPT_DNS), Some(&[10, 0, 0, 2, 9, 9, 9, 9][..]));
-        assert_eq!(m.option(OPT_MTU), Some(&1450u16.to_be_bytes()[..]));
-        assert_eq!(m.option(OPT_HOSTNAME), Some(&b"web-1"[..]));
+        assert_eq!(m.options.address(OPT_SUBNET_MASK).unwrap(), Some(l.netmask));
+        assert_eq!(m.options.address(OPT_ROUTER).unwrap(), l.router);
+        assert_eq!(m.options.get(OPT_DNS), Some(&[10, 0, 0, 2, 9, 9, 9, 9][..]));
+        assert_eq!(m.options.get(OPT_MTU), Some(&1450u16.to_be_bytes()[..]));
+        assert_eq!(m.options.get(OPT_HOSTNAME), Some(&b"web-1"[..]));
     }
 
     #[test]
@@ -682,18 +537,19 @@ mod tests {
         let offer = one_answer(&Client::new(DISCOVER).frame());
         let (h, p, m) = reply(&offer);
         assert_eq!(m.message_type(), Ok(OFFER));
-        assert_eq!((m.yiaddr, m.ciaddr, m.flags), (VM_IP, Ipv4Addr::UNSPECIFIED, 0));
+        assert_eq!((m.header.yiaddr, m.header.ciaddr, m.header.flags), (VM_IP, Ipv4Addr::UNSPECIFIED, 0));
         // No broadcast flag, no ciaddr: unicast to the offered address.
         assert_eq!((h.dst, p.dst), (VM_MAC, IpAddr::V4(VM_IP)));
         assert_eq!(p.l4, L4::Udp { src_port: SERVER_PORT, dst_port: CLIENT_PORT });
         assert_lease_options(&m, true);
         assert!(is_server_message(&offer));
 
-        let request = Client { requested: Some(m.yiaddr), server: Some(GW_IP), ..Client::new(REQUEST) };
+        let request =
+            Client { requested: Some(m.header.yiaddr), server: Some(GW_IP), ..Client::new(REQUEST) };
         let ack = one_answer(&request.frame());
         let (h, p, m) = reply(&ack);
         assert_eq!(m.message_type(), Ok(ACK));
-        assert_eq!(m.yiaddr, VM_IP);
+        assert_eq!(m.header.yiaddr, VM_IP);
         assert_eq!((h.dst, p.dst), (VM_MAC, IpAddr::V4(VM_IP)));
         assert_lease_options(&m, true);
     }
@@ -704,7 +560,7 @@ mod tests {
         let offer = one_answer(&c.frame());
         let (h, p, m) = reply(&offer);
         assert_eq!((h.dst, p.dst), (Mac::BROADCAST, IpAddr::V4(Ipv4Addr::BROADCAST)));
-        assert_eq!((m.flags, m.yiaddr), (BROADCAST_FLAG, VM_IP));
+        assert_eq!((m.header.flags, m.header.yiaddr), (BROADCAST_FLAG, VM_IP));
     }
 
     #[test]
@@ -712,7 +568,7 @@ mod tests {
         let c = Client { requested: Some(VM_IP), ..Client::new(REQUEST) };
         let f = one_answer(&c.frame());
         let (_, _, m) = reply(&f);
-        assert_eq!((m.message_type(), m.yiaddr), (Ok(ACK), VM_IP));
+        assert_eq!((m.message_type(), m.header.yiaddr), (Ok(ACK), VM_IP));
     }
 
     #[test]
@@ -721,7 +577,7 @@ mod tests {
         let ack = one_answer(&c.frame());
         let (h, p, m) = reply(&ack);
         assert_eq!(m.message_type(), Ok(ACK));
-        assert_eq!((m.ciaddr, m.yiaddr), (VM_IP, VM_IP));
+        assert_eq!((m.header.ciaddr, m.header.yiaddr), (VM_IP, VM_IP));
         assert_eq!((h.dst, p.dst), (VM_MAC, IpAddr::V4(VM_IP)));
         assert_lease_options(&m, true);
         // Even with the broadcast flag: a client with an address gets unicast.
@@ -746,10 +602,10 @@ mod tests {
             let nak = one_answer(&c.frame());
             let (h, p, m) = reply(&nak);
             assert_eq!(m.message_type(), Ok(NAK));
-            assert_eq!((m.yiaddr, m.ciaddr), (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED));
+            assert_eq!((m.header.yiaddr, m.header.ciaddr), (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED));
             assert_eq!((h.dst, p.dst), (Mac::BROADCAST, IpAddr::V4(Ipv4Addr::BROADCAST)));
             for code in [OPT_LEASE_TIME, OPT_RENEWAL_TIME, OPT_REBINDING_TIME, OPT_SUBNET_MASK, OPT_ROUTER] {
-                assert_eq!(m.option(code), None, "option {code} in a NAK");
+                assert_eq!(m.options.get(code), None, "option {code} in a NAK");
             }
         }
     }
@@ -780,7 +636,7 @@ mod tests {
         let f = one_answer(&c.frame());
         let (h, p, m) = reply(&f);
         assert_eq!(m.message_type(), Ok(ACK));
-        assert_eq!((m.yiaddr, m.ciaddr), (Ipv4Addr::UNSPECIFIED, VM_IP));
+        assert_eq!((m.header.yiaddr, m.header.ciaddr), (Ipv4Addr::UNSPECIFIED, VM_IP));
         assert_eq!((h.dst, p.dst), (VM_MAC, IpAddr::V4(VM_IP)));
         assert_lease_options(&m, false);
     }
@@ -791,12 +647,12 @@ mod tests {
         let c = Client { giaddr: relay, ..Client::new(DISCOVER) };
         let f = one_answer(&c.frame());
         let (h, p, m) = reply(&f);
-        assert_eq!((h.dst, p.dst, m.giaddr), (VM_MAC, IpAddr::V4(relay), relay));
+        assert_eq!((h.dst, p.dst, m.header.giaddr), (VM_MAC, IpAddr::V4(relay), relay));
         assert_eq!(p.l4, L4::Udp { src_port: SERVER_PORT, dst_port: SERVER_PORT });
         let c = Client { giaddr: relay, requested: Some(Ipv4Addr::new(10, 0, 0, 9)), ..Client::new(REQUEST) };
         let f = one_answer(&c.frame());
         let (_, _, m) = reply(&f);
-        assert_eq!((m.message_type(), m.flags), (Ok(NAK), BROADCAST_FLAG));
+        assert_eq!((m.message_type(), m.header.flags), (Ok(NAK), BROADCAST_FLAG));
     }
 
     #[test]
@@ -827,8 +683,8 @@ mod tests {
             edit(&mut m);
             dropped(&udp(Mac::BROADCAST, Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, &m))
         };
-        assert_eq!(with(&|m| m.truncate(239)), DhcpError::Truncated(239));
-        assert_eq!(with(&|m| m.truncate(0)), DhcpError::Truncated(0));
+        assert_eq!(with(&|m| m.truncate(239)), DhcpError::Header(HeaderError::Truncated(239)));
+        assert_eq!(with(&|m| m.truncate(0)), DhcpError::Header(HeaderError::Truncated(0)));
         assert_eq!(with(&|m| m[0] = BOOTREPLY), DhcpError::Op(BOOTREPLY));
         assert_eq!(with(&|m| m[1] = 6), DhcpError::HardwareType(6));
         assert_eq!(with(&|m| m[2] = 16), DhcpError::HardwareLength(16));
@@ -839,14 +695,14 @@ mod tests {
                 m.truncate(OPTIONS_AT + 3);
                 m.extend_from_slice(&[OPT_CLIENT_ID, 40, 1, 2]);
             }),
-            DhcpError::OptionOverrun { code: OPT_CLIENT_ID }
+            DhcpError::Options(OptionError::Overrun { code: OPT_CLIENT_ID })
         );
         assert_eq!(
             with(&|m| {
                 m.truncate(OPTIONS_AT + 3);
                 m.push(OPT_HOSTNAME);
             }),
-            DhcpError::OptionOverrun { code: OPT_HOSTNAME }
+            DhcpError::Options(OptionError::Overrun { code: OPT_HOSTNAME })
         );
         // BOOTP: no message type.
         assert_eq!(with(&|m| m[OPTIONS_AT..OPTIONS_AT + 3].fill(OPT_PAD)), DhcpError::NoMessageType);
@@ -858,14 +714,14 @@ mod tests {
                 m.truncate(OPTIONS_AT);
                 m.extend_from_slice(&[OPT_MESSAGE_TYPE, 2, DISCOVER, DISCOVER, OPT_END]);
             }),
-            DhcpError::OptionLength { code: OPT_MESSAGE_TYPE, len: 2, expected: 1 }
+            DhcpError::Options(OptionError::Length { code: OPT_MESSAGE_TYPE, len: 2, expected: "1" })
         );
         let mut m = Client::new(REQUEST).bootp();
         m.truncate(OPTIONS_AT + 3);
         m.extend_from_slice(&[OPT_REQUESTED_IP, 3, 10, 0, 0, OPT_END]);
         assert_eq!(
             dropped(&udp(Mac::BROADCAST, Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, &m)),
-            DhcpError::OptionLength { code: OPT_REQUESTED_IP, len: 3, expected: 4 }
+            DhcpError::Options(OptionError::Length { code: OPT_REQUESTED_IP, len: 3, expected: "4" })
         );
     }
 
@@ -910,7 +766,7 @@ mod tests {
         let offer = one_answer(&tagged);
         assert_eq!(offer[12..16], [0x81, 0x00, 0x00, 0x07]);
         let (_, _, m) = reply(&offer);
-        assert_eq!(m.yiaddr, VM_IP);
+        assert_eq!(m.header.yiaddr, VM_IP);
     }
 
     #[test]
@@ -922,10 +778,10 @@ mod tests {
         };
         let frames = answers(&Client::new(DISCOVER).frame(), Some(&big));
         let (_, _, m) = reply(&frames[0]);
-        assert_eq!(m.yiaddr, VM_IP);
+        assert_eq!(m.header.yiaddr, VM_IP);
         assert_eq!(u32_option(&m, OPT_LEASE_TIME), Some(86_400));
-        assert_eq!(m.option(OPT_MTU), Some(&1450u16.to_be_bytes()[..]));
-        let dns = m.option(OPT_DNS).unwrap();
+        assert_eq!(m.options.get(OPT_MTU), Some(&1450u16.to_be_bytes()[..]));
+        let dns = m.options.get(OPT_DNS).unwrap();
         assert!(!dns.is_empty() && dns.len() % 4 == 0);
         assert_eq!(dns[..4], [10, 1, 0, 0], "the first servers are kept");
         // No MTU below the minimum, no empty hostname, no router when unset.
@@ -933,7 +789,7 @@ mod tests {
         let frames = answers(&Client::new(DISCOVER).frame(), Some(&small));
         let (_, _, m) = reply(&frames[0]);
         for code in [OPT_MTU, OPT_HOSTNAME, OPT_ROUTER, OPT_DNS] {
-            assert_eq!(m.option(code), None, "option {code}");
+            assert_eq!(m.options.get(code), None, "option {code}");
         }
         // An infinite lease keeps T1 and T2 finite and ordered.
         let forever = Lease { lease_secs: u32::MAX, ..lease() };

@@ -1,202 +1,20 @@
-//! In-process raft clusters for tests: real sled stores on temp dirs, joined by
-//! an in-memory network with fault knobs (isolate a node, drop a fraction of
-//! messages, add delay).
+//! In-process raft clusters at the level of `Raft` itself (the conformance and
+//! fault tests drive raft directly): real sled stores on temp dirs, joined by
+//! `nodeos_meta::testing`'s in-memory network with its fault knobs.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nodeos_meta::store::open_db;
-use nodeos_meta::{Command, LogStore, Raft, Response, StateMachineStore, TypeConfig};
+pub use nodeos_meta::testing::{Router, fast_config};
+use nodeos_meta::{Command, LogStore, Raft, Response, StateMachineStore};
 use nodeos_types::NodeId;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
 use openraft::{BasicNode, Config, ServerState};
-use rand::Rng;
 use tempfile::TempDir;
-
-/// A raft config fast enough for tests: 50 ms heartbeats, 150–300 ms elections.
-pub fn fast_config() -> Config {
-    Config {
-        cluster_name: "nodeos-meta-test".into(),
-        heartbeat_interval: 50,
-        election_timeout_min: 150,
-        election_timeout_max: 300,
-        ..Config::default()
-    }
-}
-
-#[derive(Default)]
-struct RouterState {
-    nodes: BTreeMap<NodeId, Raft>,
-    isolated: BTreeSet<NodeId>,
-    /// Fraction of RPCs lost: half of them before delivery, half after (lost reply).
-    drop_rate: f64,
-    /// Each RPC is delayed by a uniform 0..=max_delay.
-    max_delay: Duration,
-}
-
-/// The in-memory network: every node's `Raft`, and the faults to inject.
-#[derive(Clone, Default)]
-pub struct Router {
-    state: Arc<Mutex<RouterState>>,
-}
-
-impl Router {
-    fn lock(&self) -> std::sync::MutexGuard<'_, RouterState> {
-        self.state.lock().unwrap()
-    }
-
-    pub fn add(&self, id: NodeId, raft: Raft) {
-        self.lock().nodes.insert(id, raft);
-    }
-
-    pub fn remove(&self, id: NodeId) -> Option<Raft> {
-        self.lock().nodes.remove(&id)
-    }
-
-    /// Cuts `id` off from every other node, both directions.
-    pub fn isolate(&self, id: NodeId) {
-        self.lock().isolated.insert(id);
-    }
-
-    pub fn heal(&self, id: NodeId) {
-        self.lock().isolated.remove(&id);
-    }
-
-    pub fn set_drop_rate(&self, rate: f64) {
-        self.lock().drop_rate = rate.clamp(0.0, 1.0);
-    }
-
-    pub fn set_max_delay(&self, delay: Duration) {
-        self.lock().max_delay = delay;
-    }
-
-    pub fn network(&self, from: NodeId) -> NodeNetwork {
-        NodeNetwork { router: self.clone(), from }
-    }
-
-    fn cut(&self, from: NodeId, target: NodeId) -> bool {
-        let st = self.lock();
-        st.isolated.contains(&from) || st.isolated.contains(&target)
-    }
-
-    /// Delivers one RPC through the faults, calling `call` on the target's Raft.
-    async fn deliver<T, E, F, Fut>(
-        &self,
-        from: NodeId,
-        target: NodeId,
-        call: F,
-    ) -> Result<T, RPCError<NodeId, BasicNode, E>>
-    where
-        E: std::error::Error,
-        F: FnOnce(Raft) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let (raft, delay, drop_request, drop_reply) = {
-            let st = self.lock();
-            if st.isolated.contains(&from) || st.isolated.contains(&target) {
-                return Err(unreachable("partitioned"));
-            }
-            let Some(raft) = st.nodes.get(&target).cloned() else {
-                return Err(unreachable("node is down"));
-            };
-            let mut rng = rand::rng();
-            let delay = if st.max_delay.is_zero() {
-                Duration::ZERO
-            } else {
-                rng.random_range(Duration::ZERO..=st.max_delay)
-            };
-            let half = st.drop_rate / 2.0;
-            (raft, delay, rng.random_bool(half), rng.random_bool(half))
-        };
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        if drop_request || self.cut(from, target) {
-            return Err(RPCError::Network(NetworkError::new(&io_err("request lost"))));
-        }
-        let reply = call(raft).await.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))?;
-        if drop_reply || self.cut(from, target) {
-            return Err(RPCError::Network(NetworkError::new(&io_err("reply lost"))));
-        }
-        Ok(reply)
-    }
-}
-
-fn io_err(what: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::ConnectionReset, what.to_owned())
-}
-
-fn unreachable<E: std::error::Error>(what: &str) -> RPCError<NodeId, BasicNode, E> {
-    RPCError::Unreachable(Unreachable::new(&io_err(what)))
-}
-
-/// One node's network factory.
-pub struct NodeNetwork {
-    router: Router,
-    from: NodeId,
-}
-
-impl RaftNetworkFactory<TypeConfig> for NodeNetwork {
-    type Network = Connection;
-
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Connection {
-        Connection { router: self.router.clone(), from: self.from, target }
-    }
-}
-
-pub struct Connection {
-    router: Router,
-    from: NodeId,
-    target: NodeId,
-}
-
-impl RaftNetwork<TypeConfig> for Connection {
-    async fn append_entries(
-        &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.router
-            .deliver(self.from, self.target, |raft| async move { raft.append_entries(rpc).await })
-            .await
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        self.router
-            .deliver(self.from, self.target, |raft| async move { raft.install_snapshot(rpc).await })
-            .await
-    }
-
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.router.deliver(self.from, self.target, |raft| async move { raft.vote(rpc).await }).await
-    }
-
-    fn backoff(&self) -> Backoff {
-        // openraft's default is 500 ms; tests heal partitions and want quick catch-up.
-        Backoff::new(std::iter::repeat(Duration::from_millis(50)))
-    }
-}
 
 /// A running node: its Raft and a reading clone of its state machine.
 pub struct TestNode {

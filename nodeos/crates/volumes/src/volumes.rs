@@ -5,13 +5,21 @@
 //! name, two openers taking the same generation, a resize racing a
 //! re-replication.
 //!
-//! Placement: each extent goes to `replicas` distinct nodes, the least
-//! loaded first (extents already placed on them). A pool with fewer than
-//! three nodes gets fewer copies, a loud warning and the record's `warning`.
+//! Placement (`placement.rs`): each extent goes to `replicas` distinct nodes,
+//! the least loaded first. `replicas` is the volume's target; a pool with
+//! fewer nodes places fewer copies now (a loud warning, and the record's
+//! `warning`), and the leader's controller adds the missing copies as soon as
+//! nodes join.
+//!
+//! Writers open volumes only through [`crate::writer::WriterSlot`]; readers
+//! through [`Volumes::open_reader`] and [`Volumes::open_snapshot`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use futures::StreamExt;
+use nodeos_block::client::{VolumeClient, VolumeLayout};
+use nodeos_block::device::{BLOCK_SIZE, DeviceError};
+use nodeos_block::transport::{ReplicaRef, TcpTransport, Transport};
 use nodeos_meta::command::{Compare, Op as MetaOp, Txn};
 use nodeos_meta::{Command, Consistency, MetaError, MetaHandle};
 use nodeos_types::records::{
@@ -21,9 +29,7 @@ use nodeos_types::records::{
 use nodeos_types::{NodeId, VolumeId, unix_millis};
 use tracing::{info, warn};
 
-use crate::client::{VolumeClient, VolumeLayout};
-use crate::device::{BLOCK_SIZE, DeviceError};
-use crate::transport::{ReplicaRef, TcpTransport, Transport};
+use crate::placement::{Load, load_of, place};
 
 /// Extent size of volumes up to `MAX_EXTENTS * DEFAULT_EXTENT` bytes.
 pub const DEFAULT_EXTENT: u64 = 64 << 20;
@@ -102,28 +108,6 @@ pub fn max_volume_size() -> u64 {
     MAX_EXTENTS * MAX_EXTENT
 }
 
-/// Chooses `replicas` distinct nodes for each of `extents` new extents, the
-/// least loaded first; `load` counts extents already placed per node and is
-/// updated.
-pub fn place(
-    nodes: &[NodeId],
-    load: &mut HashMap<NodeId, u64>,
-    extents: usize,
-    replicas: usize,
-) -> Vec<Vec<NodeId>> {
-    (0..extents)
-        .map(|_| {
-            let mut order: Vec<NodeId> = nodes.to_vec();
-            order.sort_by_key(|n| (load.get(n).copied().unwrap_or(0), *n));
-            let chosen: Vec<NodeId> = order.into_iter().take(replicas).collect();
-            for n in &chosen {
-                *load.entry(*n).or_default() += 1;
-            }
-            chosen
-        })
-        .collect()
-}
-
 /// What `create` needs.
 #[derive(Debug, Clone)]
 pub struct NewVolume {
@@ -133,11 +117,12 @@ pub struct NewVolume {
     pub replicas: Option<u32>,
 }
 
-/// The pool's volumes, seen from one node.
+/// The pool's volumes, seen from one node; `T` is how its clients reach
+/// replicas (TCP on a node, in memory in tests).
 #[derive(Debug, Clone)]
-pub struct Volumes {
+pub struct Volumes<T = TcpTransport> {
     meta: MetaHandle,
-    transport: TcpTransport,
+    transport: T,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, VolumeError> {
@@ -148,8 +133,8 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records always serialize")
 }
 
-impl Volumes {
-    pub fn new(meta: MetaHandle, transport: TcpTransport) -> Self {
+impl<T: Transport + Clone> Volumes<T> {
+    pub fn new(meta: MetaHandle, transport: T) -> Self {
         Volumes { meta, transport }
     }
 
@@ -157,7 +142,7 @@ impl Volumes {
         &self.meta
     }
 
-    pub fn transport(&self) -> &TcpTransport {
+    pub fn transport(&self) -> &T {
         &self.transport
     }
 
@@ -203,15 +188,10 @@ impl Volumes {
         if resp.succeeded { Ok(resp.revision) } else { Err(VolumeError::Conflict) }
     }
 
-    /// Extents placed per node over every volume.
-    async fn load(&self) -> Result<HashMap<NodeId, u64>, VolumeError> {
-        let mut load = HashMap::new();
-        for v in self.list().await? {
-            for n in v.placement.iter().flatten() {
-                *load.entry(*n).or_default() += 1;
-            }
-        }
-        Ok(load)
+    /// Copies placed per node over every volume.
+    pub async fn load(&self) -> Result<Load, VolumeError> {
+        let volumes = self.list().await?;
+        Ok(load_of(volumes.iter().map(|v| v.placement.as_slice())))
     }
 
     pub async fn create(&self, req: NewVolume) -> Result<VolumeRecord, VolumeError> {
@@ -232,25 +212,25 @@ impl Volumes {
         if nodes.is_empty() {
             return Err(VolumeError::NoNodes);
         }
-        let wanted = req.replicas.map(|r| r as u8).unwrap_or(WANTED_REPLICAS);
-        let replicas = wanted.min(u8::try_from(nodes.len()).unwrap_or(u8::MAX));
-        let warning = if replicas < wanted {
+        let replicas = req.replicas.and_then(|r| u8::try_from(r).ok()).unwrap_or(WANTED_REPLICAS);
+        let placed = replicas.min(u8::try_from(nodes.len()).unwrap_or(u8::MAX));
+        let warning = if placed < replicas {
             warn!(
                 volume = %req.name,
+                placed,
                 replicas,
-                wanted,
-                "pool has only {} node(s): the volume keeps fewer copies than wanted",
+                "pool has only {} node(s): the volume keeps fewer copies until more nodes join",
                 nodes.len()
             );
-            format!("only {replicas} of {wanted} copies: the pool has {} node(s)", nodes.len())
+            short_warning(placed, replicas, nodes.len())
         } else {
             String::new()
         };
         let extent_size = extent_size_for(req.size_bytes);
         let extents = req.size_bytes.div_ceil(extent_size) as usize;
         let ids: Vec<NodeId> = nodes.keys().copied().collect();
-        let placement = place(&ids, &mut self.load().await?, extents, replicas as usize);
-        self.check_capacity(&nodes, &placement, extent_size, req.size_bytes, replicas, &HashMap::new())?;
+        let placement = place(&ids, &mut self.load().await?, extents, usize::from(placed));
+        self.check_capacity(&nodes, &placement, extent_size, req.size_bytes, placed, &Load::new())?;
         let now = unix_millis();
         let r = VolumeRecord {
             id: VolumeId::random(),
@@ -301,9 +281,9 @@ impl Volumes {
         extent_size: u64,
         size: u64,
         replicas: u8,
-        already: &HashMap<NodeId, u64>,
+        already: &Load,
     ) -> Result<(), VolumeError> {
-        let mut need: HashMap<NodeId, u64> = HashMap::new();
+        let mut need = Load::new();
         for n in placement.iter().flatten() {
             *need.entry(*n).or_default() += extent_size;
         }
@@ -339,9 +319,9 @@ impl Volumes {
         if extents > r.placement.len() {
             let nodes = self.nodes().await?;
             let ids: Vec<NodeId> = nodes.keys().copied().collect();
-            let more =
-                place(&ids, &mut self.load().await?, extents - r.placement.len(), usize::from(r.replicas));
-            let mut held = HashMap::new();
+            let copies = usize::from(r.replicas).min(ids.len());
+            let more = place(&ids, &mut self.load().await?, extents - r.placement.len(), copies);
+            let mut held = Load::new();
             for n in r.placement.iter().flatten() {
                 *held.entry(*n).or_default() += r.extent_size;
             }
@@ -418,7 +398,8 @@ impl Volumes {
 
     /// Takes a new generation for a writer: refused while another writer
     /// holds the volume unless `takeover` (the old writer is then fenced).
-    pub async fn open_writer(
+    /// Only [`crate::writer::WriterSlot`] calls this: the slot gives it back.
+    pub(crate) async fn open_writer(
         &self,
         volume: &str,
         node: NodeId,
@@ -457,7 +438,7 @@ impl Volumes {
 
     /// Releases the writer slot if the writer that opened with `generation`
     /// still holds it.
-    pub async fn close_writer(&self, id: VolumeId, generation: u64) -> Result<(), VolumeError> {
+    pub(crate) async fn close_writer(&self, id: VolumeId, generation: u64) -> Result<(), VolumeError> {
         for _ in 0..5 {
             let (mut r, rev) = self.get(&id.to_string()).await?;
             // The slot of the opener of `generation` (snapshots may have
@@ -494,7 +475,7 @@ impl Volumes {
     /// could not be fenced on a quorum (the next writer's open fences it).
     async fn fence_replicas(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
         let layout = self.layout(r).await?;
-        let op = crate::wire::Op::Fence { volume: r.id, generation: r.generation };
+        let op = nodeos_block::wire::Op::Fence { volume: r.id, generation: r.generation };
         let mut fenced = HashSet::new();
         for rep in layout.extents.iter().flatten() {
             if !fenced.contains(&rep.node) && self.transport.call(rep, op.clone()).await.is_ok() {
@@ -505,7 +486,8 @@ impl Volumes {
             .extents
             .iter()
             .filter(|set| {
-                set.iter().filter(|x| fenced.contains(&x.node)).count() < crate::client::quorum(set.len())
+                set.iter().filter(|x| fenced.contains(&x.node)).count()
+                    < nodeos_block::client::quorum(set.len())
             })
             .count();
         if short > 0 {
@@ -514,48 +496,22 @@ impl Volumes {
         Ok(())
     }
 
-    /// Opens a volume in this process: a writer (taking a generation) or a
-    /// reader. The client follows changes of the record (new copies,
-    /// growth, snapshots) until it is dropped.
-    pub async fn open(
-        &self,
-        volume: &str,
-        holder: &str,
-        read_only: bool,
-        takeover: bool,
-    ) -> Result<VolumeClient<TcpTransport>, VolumeError> {
-        let me = self.meta.node_id();
-        let r = if read_only {
-            self.get(volume).await?.0
-        } else {
-            self.open_writer(volume, me, holder, takeover).await?
-        };
+    /// Opens a volume for reading in this process. The client follows
+    /// changes of the record (new copies, growth, snapshots) until it is
+    /// dropped.
+    pub async fn open_reader(&self, volume: &str) -> Result<VolumeClient<T>, VolumeError> {
+        let (r, _) = self.get(volume).await?;
         let mut layout = self.layout(&r).await?;
-        if read_only {
-            layout.generation = 0;
-        }
-        let opened = VolumeClient::open(self.transport.clone(), layout, read_only, Some(me)).await;
-        let client = match opened {
-            Ok(c) => c,
-            Err(e) => {
-                if !read_only {
-                    let _ = self.close_writer(r.id, r.generation).await;
-                }
-                return Err(e.into());
-            }
-        };
-        let token = if read_only { None } else { r.writer.as_ref().map(|w| w.token) };
-        self.follow(&client, r.id, token);
+        layout.generation = 0;
+        let client =
+            VolumeClient::open(self.transport.clone(), layout, true, Some(self.meta.node_id())).await?;
+        self.follow(&client, r.id, None);
         Ok(client)
     }
 
     /// A read-only view of a snapshot: the volume's layers up to the
     /// snapshot's, which never change.
-    pub async fn open_snapshot(
-        &self,
-        volume: &str,
-        snapshot: &str,
-    ) -> Result<VolumeClient<TcpTransport>, VolumeError> {
+    pub async fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<VolumeClient<T>, VolumeError> {
         let (r, _) = self.get(volume).await?;
         let snap = r.snapshots.iter().find(|s| s.name == snapshot).ok_or_else(|| {
             VolumeError::NoSnapshot { volume: r.name.clone(), snapshot: snapshot.to_owned() }
@@ -569,7 +525,7 @@ impl Volumes {
 
     /// Keeps a client's layout in step with its volume record.
     /// `token` is the writer's own (see [`VolumeWriter::token`]).
-    pub fn follow(&self, client: &VolumeClient<TcpTransport>, id: VolumeId, token: Option<u64>) {
+    pub fn follow(&self, client: &VolumeClient<T>, id: VolumeId, token: Option<u64>) {
         let weak = client.downgrade();
         let this = self.clone();
         tokio::spawn(async move {
@@ -694,6 +650,12 @@ impl Volumes {
     }
 }
 
+/// The warning of a volume whose extents have fewer copies than its target
+/// because the pool has too few nodes.
+pub fn short_warning(copies: u8, target: u8, nodes: usize) -> String {
+    format!("only {copies} of {target} copies: the pool has {nodes} node(s)")
+}
+
 /// Whether the record's writer is the opener holding `token`.
 fn own(r: &VolumeRecord, token: Option<u64>) -> bool {
     token.is_some() && r.writer.as_ref().map(|w| w.token) == token
@@ -739,20 +701,6 @@ mod tests {
         assert_eq!(extent_size_for(MAX_EXTENTS * DEFAULT_EXTENT), DEFAULT_EXTENT);
         assert_eq!(extent_size_for(MAX_EXTENTS * DEFAULT_EXTENT + 1), 2 * DEFAULT_EXTENT);
         assert!(max_volume_size().div_ceil(extent_size_for(max_volume_size())) <= MAX_EXTENTS);
-    }
-
-    #[test]
-    fn placement_spreads_copies_over_distinct_nodes() {
-        let nodes: Vec<NodeId> = (1..=5).map(NodeId).collect();
-        let mut load = HashMap::new();
-        let p = place(&nodes, &mut load, 10, 3);
-        for set in &p {
-            let mut s = set.clone();
-            s.sort();
-            s.dedup();
-            assert_eq!(s.len(), 3, "copies on distinct nodes");
-        }
-        assert!(load.values().all(|&c| c == 6), "even spread: {load:?}");
     }
 
     #[test]

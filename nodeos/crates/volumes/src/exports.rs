@@ -1,51 +1,39 @@
-//! The pool's volumes as NBD exports (see `nbd.rs`): export `NAME` opens the
-//! volume for writing (a new generation; refused while another writer holds
-//! it), `NAME:ro` reads it without taking the writer slot, `NAME@SNAPSHOT` is
-//! a read-only view of a snapshot. The writer slot is
-//! released when the NBD client disconnects.
+//! The pool's volumes as NBD exports (see `nodeos_block::nbd`): export `NAME`
+//! opens the volume for writing (a [`WriterSlot`]; refused while another
+//! writer holds it), `NAME:ro` reads it without taking the writer slot,
+//! `NAME@SNAPSHOT` is a read-only view of a snapshot. The writer slot is given
+//! back when the NBD client disconnects (the export drops).
 
-use nodeos_types::VolumeId;
+use nodeos_block::client::VolumeClient;
+use nodeos_block::device::{BLOCK_SIZE, BlockDevice, DeviceError};
+use nodeos_block::nbd::{ExportError, ExportInfo, ExportResolver};
+use nodeos_block::transport::{TcpTransport, Transport};
 use nodeos_types::records::VolumeState;
-use tracing::warn;
 
-use crate::client::VolumeClient;
-use crate::device::{BlockDevice, DeviceError};
-use crate::nbd::{ExportError, ExportInfo, ExportResolver};
-use crate::transport::TcpTransport;
 use crate::volumes::{VolumeError, Volumes};
+use crate::writer::{Takeover, WriterSlot};
+
+/// Who an NBD export shows as in the volume's writer slot.
+pub const NBD_HOLDER: &str = "nbd";
 
 /// Resolves NBD export names to volumes.
 #[derive(Debug, Clone)]
-pub struct VolumeExports {
-    volumes: Volumes,
+pub struct VolumeExports<T = TcpTransport> {
+    volumes: Volumes<T>,
 }
 
-impl VolumeExports {
-    pub fn new(volumes: Volumes) -> Self {
+impl<T: Transport + Clone> VolumeExports<T> {
+    pub fn new(volumes: Volumes<T>) -> Self {
         VolumeExports { volumes }
     }
 }
 
-/// An open volume served to one NBD client.
+/// An open volume served to one NBD client; dropping it gives its writer
+/// slot back.
 #[derive(Debug)]
-pub struct ExportedVolume {
-    client: VolumeClient<TcpTransport>,
-    /// Writer slot to give back on disconnect: (volumes, id, generation).
-    writer: Option<(Volumes, VolumeId, u64)>,
-}
-
-impl Drop for ExportedVolume {
-    fn drop(&mut self) {
-        if let Some((volumes, id, generation)) = self.writer.take()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            rt.spawn(async move {
-                if let Err(e) = volumes.close_writer(id, generation).await {
-                    warn!(volume = %id, error = %nodeos_types::error_chain(&e), "cannot release the writer slot");
-                }
-            });
-        }
-    }
+pub struct ExportedVolume<T: Transport + Clone = TcpTransport> {
+    client: VolumeClient<T>,
+    _writer: Option<WriterSlot<T>>,
 }
 
 fn export_error(e: VolumeError) -> ExportError {
@@ -58,28 +46,27 @@ fn export_error(e: VolumeError) -> ExportError {
     }
 }
 
-impl VolumeExports {
-    async fn open_export(&self, name: &str, describe_only: bool) -> Result<ExportedVolume, VolumeError> {
+impl<T: Transport + Clone> VolumeExports<T> {
+    async fn open_export(&self, name: &str, describe_only: bool) -> Result<ExportedVolume<T>, VolumeError> {
         if let Some(vol) = name.strip_suffix(":ro") {
-            let client = self.volumes.open(vol, "nbd", true, false).await?;
-            return Ok(ExportedVolume { client, writer: None });
+            let client = self.volumes.open_reader(vol).await?;
+            return Ok(ExportedVolume { client, _writer: None });
         }
         if let Some((vol, snap)) = name.split_once('@') {
             let client = self.volumes.open_snapshot(vol, snap).await?;
-            return Ok(ExportedVolume { client, writer: None });
+            return Ok(ExportedVolume { client, _writer: None });
         }
         if describe_only {
-            let client = self.volumes.open(name, "nbd", true, false).await?;
-            return Ok(ExportedVolume { client, writer: None });
+            let client = self.volumes.open_reader(name).await?;
+            return Ok(ExportedVolume { client, _writer: None });
         }
-        let client = self.volumes.open(name, "nbd", false, false).await?;
-        let l = client.layout();
-        Ok(ExportedVolume { writer: Some((self.volumes.clone(), l.volume, l.generation)), client })
+        let (client, slot) = WriterSlot::open(&self.volumes, name, NBD_HOLDER, Takeover::Refuse).await?;
+        Ok(ExportedVolume { client, _writer: Some(slot) })
     }
 }
 
-impl ExportResolver for VolumeExports {
-    type Device = ExportedVolume;
+impl<T: Transport + Clone> ExportResolver for VolumeExports<T> {
+    type Device = ExportedVolume<T>;
 
     async fn list(&self) -> Vec<String> {
         let mut names = Vec::new();
@@ -104,17 +91,17 @@ impl ExportResolver for VolumeExports {
         };
         let (r, _) = self.volumes.get(vol).await.map_err(export_error)?;
         if read_only {
-            return Ok(ExportInfo { size: r.size_bytes, block_size: crate::device::BLOCK_SIZE, read_only });
+            return Ok(ExportInfo { size: r.size_bytes, block_size: BLOCK_SIZE, read_only });
         }
-        Ok(ExportInfo { size: r.size_bytes, block_size: crate::device::BLOCK_SIZE, read_only: false })
+        Ok(ExportInfo { size: r.size_bytes, block_size: BLOCK_SIZE, read_only: false })
     }
 
-    async fn open(&self, name: &str) -> Result<ExportedVolume, ExportError> {
+    async fn open(&self, name: &str) -> Result<ExportedVolume<T>, ExportError> {
         self.open_export(name, false).await.map_err(export_error)
     }
 }
 
-impl BlockDevice for ExportedVolume {
+impl<T: Transport + Clone> BlockDevice for ExportedVolume<T> {
     fn size(&self) -> u64 {
         self.client.size()
     }

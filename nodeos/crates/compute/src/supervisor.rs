@@ -1,35 +1,38 @@
 //! [`Compute`]: this node's VMs: their records in meta and their live workers.
+//!
+//! Starting a VM is four jobs, each its own function: plug its NICs
+//! ([`Compute::plug_nics`]), open its disks ([`Compute::open_disks`]), launch
+//! its worker and wait until the vCPUs run ([`Compute::launch`]), then watch
+//! it ([`Compute::monitor`], and [`Compute::follow_volume`] per volume disk).
+//! Whatever a step took is given back if a later step fails.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
-use nodeos_block::volumes::{VolumeError, Volumes};
-use nodeos_meta::command::{Compare, Op, Txn};
-use nodeos_meta::{Command, Consistency, MetaError, MetaHandle};
+use nodeos_meta::MetaHandle;
 use nodeos_network::Networks;
-use nodeos_network::networks::{NetworkError, NewPort};
+use nodeos_network::networks::NewPort;
 use nodeos_switch::switch::{SwitchError, SwitchHandle};
 use nodeos_types::auth::PoolKey;
 use nodeos_types::net::MacAddr;
-use nodeos_types::records::{
-    PortKind, VMS_PREFIX, VmRecord, VmSpec, VmState, VolumeRecord, vm_key, vm_name_key, volume_key,
-};
-use nodeos_types::{NodeId, VmId, unix_millis};
-use nodeos_types::{PortId, VolumeId};
+use nodeos_types::records::{PortKind, VmRecord, VmSpec, VmState, VolumeRecord, volume_key};
+use nodeos_types::{NodeId, PortId, VmId, VolumeId};
 use nodeos_vmm::config::{DiskConfig, NicConfig, VolumeDisk, WorkerConfig};
 use nodeos_vmm::control::{StopReason, ToWorker, WorkerEvent};
+use nodeos_volumes::{Takeover, Volumes, WriterSlot};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::process::{self, ProcessError, WorkerProcess};
+use crate::error::{ComputeError, io};
+use crate::process::{self, Launcher, ProcessError, Spawned, WorkerProcess};
+use crate::records::{self, VmRecords};
 use crate::spec::{self, SpecError};
-use crate::tap::{self, TapError};
+use crate::tap;
 
 /// How long a worker may take to build its VM and start vCPUs.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,48 +40,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const PORT_WAIT: Duration = Duration::from_secs(5);
 /// How long a control request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-pub enum ComputeError {
-    #[error(transparent)]
-    Spec(#[from] SpecError),
-    #[error("no VM {0:?} in this pool")]
-    NotFound(String),
-    #[error("VM {vm} is {state}; cannot {op} it")]
-    State { vm: String, state: &'static str, op: &'static str },
-    #[error("a VM named {0:?} already exists")]
-    NameTaken(String),
-    #[error("VM {vm} lives on node {node}")]
-    Elsewhere { vm: String, node: NodeId },
-    #[error("metadata store")]
-    Meta(#[source] Box<MetaError>),
-    #[error("VM worker")]
-    Worker(#[from] ProcessError),
-    #[error("network tap")]
-    Tap(#[from] TapError),
-    #[error("{what}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("stored VM record {0} does not decode")]
-    Record(String),
-    #[error("volume disk")]
-    Volume(#[source] Box<VolumeError>),
-    #[error("network port")]
-    Network(#[source] Box<NetworkError>),
-    #[error("nics[{0}]: a NIC plugs into a network or a tap, once")]
-    NicNetwork(usize),
-    #[error("cannot plug a NIC into the switch")]
-    Switch(#[source] SwitchError),
-}
-
-impl From<NetworkError> for ComputeError {
-    fn from(e: NetworkError) -> Self {
-        ComputeError::Network(Box::new(e))
-    }
-}
 
 /// A NIC that plugs into a pool network: its port is made with the VM (on
 /// the VM's node, with the NIC's MAC) and deleted with it.
@@ -93,34 +54,30 @@ pub struct NicNetwork {
     pub port_security: bool,
 }
 
-impl From<VolumeError> for ComputeError {
-    fn from(e: VolumeError) -> Self {
-        ComputeError::Volume(Box::new(e))
-    }
-}
-
-impl From<MetaError> for ComputeError {
-    fn from(e: MetaError) -> Self {
-        ComputeError::Meta(Box::new(e))
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct ComputeConfig {
     pub node_id: NodeId,
     /// Per-VM directories (console and worker logs) go here.
     pub state_dir: PathBuf,
-    /// The binary that runs `vm-worker` (this binary).
-    pub worker_exe: PathBuf,
     /// Handed to workers whose disks are volumes (replica handshake).
     pub pool_key: PoolKey,
 }
 
-/// What a running worker holds besides its process: NIC relays and volume
-/// writer slots, given back when it ends.
-struct Held {
-    relays: Vec<tokio::task::JoinHandle<()>>,
-    volumes: Vec<(VolumeId, u64)>,
+/// A VM's NICs, plugged: the worker's configs and socket ends, and the
+/// node's ends (switch ports attached, taps to relay once the worker runs).
+#[derive(Debug, Default)]
+struct Nics {
+    configs: Vec<NicConfig>,
+    worker_fds: Vec<OwnedFd>,
+    relays: Vec<(std::fs::File, OwnedFd, String)>,
+    ports: Vec<PortId>,
+}
+
+/// A VM's disks, opened: the worker's configs and the writer slots held.
+#[derive(Debug, Default)]
+struct Disks {
+    configs: Vec<DiskConfig>,
+    slots: Vec<WriterSlot>,
 }
 
 /// A VM with a live worker on this node.
@@ -133,6 +90,13 @@ struct Live {
     done: watch::Receiver<bool>,
 }
 
+/// What a running worker holds besides its process, given back when it ends.
+#[derive(Debug)]
+struct Held {
+    relays: Vec<tokio::task::JoinHandle<()>>,
+    slots: Vec<WriterSlot>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Compute {
     inner: Arc<Inner>,
@@ -141,32 +105,13 @@ pub struct Compute {
 #[derive(Debug)]
 struct Inner {
     cfg: ComputeConfig,
-    meta: MetaHandle,
+    records: VmRecords,
     volumes: Volumes,
     networks: Networks,
     switch: SwitchHandle,
+    launcher: Arc<dyn Launcher>,
     live: Mutex<HashMap<VmId, Live>>,
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ComputeError {
-    let what = what.into();
-    move |source| ComputeError::Io { what, source }
-}
-
-fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(c), _) => format!("worker exited with code {c}"),
-            (None, Some(sig)) => {
-                let name = nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown");
-                format!("worker killed by signal {sig} ({name})")
-            }
-            _ => "worker ended".into(),
-        },
-        Err(e) => format!("worker status unknown: {e}"),
-    }
 }
 
 impl Compute {
@@ -178,14 +123,16 @@ impl Compute {
         volumes: Volumes,
         networks: Networks,
         switch: SwitchHandle,
+        launcher: Arc<dyn Launcher>,
     ) -> Self {
         let c = Compute {
             inner: Arc::new(Inner {
                 cfg,
-                meta,
+                records: VmRecords::new(meta),
                 volumes,
                 networks,
                 switch,
+                launcher,
                 live: Mutex::default(),
                 locks: Mutex::default(),
             }),
@@ -206,65 +153,37 @@ impl Compute {
 
     async fn mark_orphans_crashed(&self) -> Result<(), ComputeError> {
         for mut r in self.list().await? {
-            let live = self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&r.id);
-            if r.node == self.inner.cfg.node_id
-                && !live
-                && matches!(
-                    r.state,
-                    VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
-                )
-            {
+            let live = self.live_map().contains_key(&r.id);
+            if records::lost_with_node(&r, self.inner.cfg.node_id, live) {
                 warn!(vm = %r.id, name = %r.name, "VM was running when this node stopped; marking it crashed");
                 r.state = VmState::Crashed;
                 r.reason = "the node restarted while the VM ran; its worker died with it".into();
-                self.save(&mut r).await?;
+                self.inner.records.save(&mut r).await?;
             }
         }
         Ok(())
+    }
+
+    fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Live>> {
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_for(&self, id: VmId) -> Arc<tokio::sync::Mutex<()>> {
         self.inner.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().clone()
     }
 
-    async fn save(&self, r: &mut VmRecord) -> Result<(), ComputeError> {
-        r.updated_at_ms = unix_millis();
-        let v = serde_json::to_vec(r).map_err(|_| ComputeError::Record(r.id.to_string()))?;
-        self.inner.meta.write(Command::put(vm_key(r.id), v)).await?;
-        Ok(())
-    }
-
     /// Every VM of the pool (linearizable).
     pub async fn list(&self) -> Result<Vec<VmRecord>, ComputeError> {
-        let (kvs, _) = self.inner.meta.range(VMS_PREFIX, 0, Consistency::Linearizable).await?;
-        kvs.into_iter()
-            .map(|kv| serde_json::from_slice(&kv.value).map_err(|_| ComputeError::Record(kv.key)))
-            .collect()
+        self.inner.records.list().await
     }
 
     /// Finds a VM by id or name (linearizable).
     pub async fn resolve(&self, vm: &str) -> Result<VmRecord, ComputeError> {
-        let meta = &self.inner.meta;
-        // An id first; a name may also look like an id, so fall back to names.
-        if let Ok(id) = vm.parse::<VmId>() {
-            let (kv, _) = meta.get(&vm_key(id), Consistency::Linearizable).await?;
-            if let Some(kv) = kv {
-                return serde_json::from_slice(&kv.value).map_err(|_| ComputeError::Record(kv.key));
-            }
-        }
-        let (kv, _) = meta.get(&vm_name_key(vm), Consistency::Linearizable).await?;
-        let kv = kv.ok_or_else(|| ComputeError::NotFound(vm.to_owned()))?;
-        let id: VmId = std::str::from_utf8(&kv.value)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| ComputeError::Record(kv.key.clone()))?;
-        let (kv, _) = meta.get(&vm_key(id), Consistency::Linearizable).await?;
-        let kv = kv.ok_or_else(|| ComputeError::NotFound(vm.to_owned()))?;
-        serde_json::from_slice(&kv.value).map_err(|_| ComputeError::Record(kv.key))
+        self.inner.records.resolve(vm).await
     }
 
     pub fn worker_pid(&self, id: VmId) -> Option<u32> {
-        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|l| l.process.pid)
+        self.live_map().get(&id).map(|l| l.process.pid)
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -331,11 +250,13 @@ impl Compute {
                 }
             }
         }
-        let created = self.record_new(id, name, spec).await;
-        if created.is_err() {
+        let r = records::new_record(id, name, spec, self.inner.cfg.node_id);
+        if let Err(e) = self.inner.records.insert(&r).await {
             self.delete_ports(&made).await;
+            return Err(e);
         }
-        created
+        info!(vm = %r.id, name = %r.name, "VM created");
+        Ok(r)
     }
 
     /// Hands a NIC socket to the switch, waiting a moment for the switch to
@@ -370,35 +291,6 @@ impl Compute {
         }
     }
 
-    async fn record_new(&self, id: VmId, name: &str, spec: VmSpec) -> Result<VmRecord, ComputeError> {
-        let now = unix_millis();
-        let r = VmRecord {
-            id,
-            name: name.to_owned(),
-            spec,
-            node: self.inner.cfg.node_id,
-            state: VmState::Stopped,
-            reason: "created".into(),
-            created_at_ms: now,
-            updated_at_ms: now,
-        };
-        let v = serde_json::to_vec(&r).map_err(|_| ComputeError::Record(r.id.to_string()))?;
-        let txn = Txn {
-            compares: vec![Compare::ModRevision { key: vm_name_key(name), equals: 0 }],
-            success: vec![
-                Op::Put { key: vm_name_key(name), value: r.id.to_string().into_bytes() },
-                Op::Put { key: vm_key(r.id), value: v },
-            ],
-            failure: vec![],
-        };
-        let resp = self.inner.meta.write(Command::Txn(txn)).await?;
-        if !resp.succeeded {
-            return Err(ComputeError::NameTaken(name.to_owned()));
-        }
-        info!(vm = %r.id, name = %r.name, "VM created");
-        Ok(r)
-    }
-
     fn here(&self, r: &VmRecord) -> Result<(), ComputeError> {
         if r.node != self.inner.cfg.node_id {
             return Err(ComputeError::Elsewhere { vm: r.id.to_string(), node: r.node });
@@ -408,11 +300,11 @@ impl Compute {
 
     /// Spawns the VM's worker and waits until its vCPUs run.
     pub async fn start(&self, vm: &str) -> Result<VmRecord, ComputeError> {
-        let mut r = self.resolve(vm).await?;
-        let lock = self.lock_for(r.id);
+        let id = self.resolve(vm).await?.id;
+        let lock = self.lock_for(id);
         let _held = lock.lock().await;
-        let mut r2 = self.resolve(&r.id.to_string()).await?;
-        std::mem::swap(&mut r, &mut r2);
+        // Read again under the lock: the first read only found the VM.
+        let r = self.resolve(&id.to_string()).await?;
         self.here(&r)?;
         if !matches!(r.state, VmState::Stopped | VmState::Crashed) {
             return Err(ComputeError::State { vm: r.id.to_string(), state: r.state.as_str(), op: "start" });
@@ -420,37 +312,63 @@ impl Compute {
         spec::check_memory(r.spec.memory_mib)?;
         let dir = self.vm_dir(r.id);
         std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
+        // NICs first: a tap that cannot be opened fails the start before any disk is taken.
+        let nics = self.plug_nics(&r).await?;
+        let disks = match self.open_disks(&r).await {
+            Ok(d) => d,
+            Err(e) => {
+                self.detach_ports(&nics.ports);
+                return Err(e);
+            }
+        };
+        self.launch(r, nics, disks).await
+    }
 
-        // NIC plumbing first: a tap that cannot be opened fails the start before any process exists.
-        let mut nic_cfgs = Vec::new();
-        let mut worker_fds: Vec<OwnedFd> = Vec::new();
-        let mut relays = Vec::new();
-        let mut switch_ports = Vec::new();
-        for (i, n) in r.spec.nics.iter().enumerate() {
-            let mac = spec::parse_mac(&n.mac).ok_or(SpecError::Mac { index: i, mac: n.mac.clone() })?;
-            let (node_end, worker_end) =
-                socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-                    .map_err(|e| io("cannot create a NIC socket")(e.into()))?;
-            nic_cfgs.push(NicConfig { mac, fd_index: worker_fds.len() });
-            worker_fds.push(worker_end);
-            match n.port {
-                Some(port) => {
-                    if let Err(e) = self.attach_port(port, node_end).await {
-                        self.detach_ports(&switch_ports);
-                        return Err(e);
+    /// Makes each NIC's socket pair and plugs the node's end into the switch
+    /// (network NICs) or opens its tap (tap NICs). On failure nothing stays plugged.
+    async fn plug_nics(&self, r: &VmRecord) -> Result<Nics, ComputeError> {
+        let mut nics = Nics::default();
+        let plugged = async {
+            for (i, n) in r.spec.nics.iter().enumerate() {
+                let mac = spec::parse_mac(&n.mac).ok_or(SpecError::Mac { index: i, mac: n.mac.clone() })?;
+                let (node_end, worker_end) = socket::socketpair(
+                    AddressFamily::Unix,
+                    SockType::SeqPacket,
+                    None,
+                    SockFlag::SOCK_CLOEXEC,
+                )
+                .map_err(|e| io("cannot create a NIC socket")(e.into()))?;
+                nics.configs.push(NicConfig { mac, fd_index: nics.worker_fds.len() });
+                nics.worker_fds.push(worker_end);
+                match n.port {
+                    Some(port) => {
+                        self.attach_port(port, node_end).await?;
+                        nics.ports.push(port);
                     }
-                    switch_ports.push(port);
+                    None => nics.relays.push((tap::open(&n.tap)?, node_end, n.tap.clone())),
                 }
-                None => relays.push((tap::open(&n.tap)?, node_end, n.tap.clone())),
+            }
+            Ok::<(), ComputeError>(())
+        }
+        .await;
+        match plugged {
+            Ok(()) => Ok(nics),
+            Err(e) => {
+                self.detach_ports(&nics.ports);
+                Err(e)
             }
         }
-        // Volume disks: take each volume's writer generation (fencing any
-        // older writer, e.g. this VM's crashed worker) before the worker runs.
-        let mut disk_cfgs = Vec::new();
-        let mut held: Vec<(VolumeId, u64)> = Vec::new();
+    }
+
+    /// The worker's disk configs. A writable volume disk takes the volume's
+    /// writer slot (a new generation, fencing any older writer such as this
+    /// VM's crashed worker) before the worker runs. On failure every slot
+    /// taken is given back.
+    async fn open_disks(&self, r: &VmRecord) -> Result<Disks, ComputeError> {
+        let mut disks = Disks::default();
         for d in &r.spec.disks {
             let Some(vid) = d.volume else {
-                disk_cfgs.push(DiskConfig {
+                disks.configs.push(DiskConfig {
                     path: d.path.clone().into(),
                     read_only: d.read_only,
                     volume: None,
@@ -458,22 +376,79 @@ impl Compute {
                 continue;
             };
             match self.volume_disk(r.id, vid, d.read_only).await {
-                Ok((disk, generation)) => {
-                    if generation > 0 {
-                        held.push((vid, generation));
-                    }
-                    disk_cfgs.push(DiskConfig {
+                Ok((disk, slot)) => {
+                    disks.slots.extend(slot);
+                    disks.configs.push(DiskConfig {
                         path: PathBuf::new(),
                         read_only: d.read_only,
                         volume: Some(disk),
                     });
                 }
                 Err(e) => {
-                    self.release_volumes(&held).await;
+                    Self::release_slots(std::mem::take(&mut disks.slots)).await;
                     return Err(e);
                 }
             }
         }
+        Ok(disks)
+    }
+
+    /// A volume disk's worker config, and for a writable disk its writer slot.
+    async fn volume_disk(
+        &self,
+        vm: VmId,
+        vid: VolumeId,
+        read_only: bool,
+    ) -> Result<(VolumeDisk, Option<WriterSlot>), ComputeError> {
+        let volumes = &self.inner.volumes;
+        let (rec, slot) = if read_only {
+            (volumes.get(&vid.to_string()).await?.0, None)
+        } else {
+            let holder = format!("vm {vm}");
+            let (slot, rec) = WriterSlot::acquire(
+                volumes,
+                &vid.to_string(),
+                self.inner.cfg.node_id,
+                &holder,
+                Takeover::OwnHolder,
+            )
+            .await?;
+            (rec, Some(slot))
+        };
+        let layout = match volumes.layout(&rec).await {
+            Ok(mut l) => {
+                if read_only {
+                    l.generation = 0;
+                }
+                l
+            }
+            Err(e) => {
+                Self::release_slots(slot.into_iter().collect()).await;
+                return Err(e.into());
+            }
+        };
+        let disk = VolumeDisk {
+            layout,
+            pool_key: self.inner.cfg.pool_key.derived_bytes(),
+            node: self.inner.cfg.node_id,
+        };
+        Ok((disk, slot))
+    }
+
+    /// Gives writer slots back (a worker ended, or a start failed).
+    async fn release_slots(slots: Vec<WriterSlot>) {
+        for slot in slots {
+            let (volume, generation) = (slot.volume(), slot.generation());
+            if let Err(e) = slot.release().await {
+                warn!(volume = %volume, generation, error = %nodeos_types::error_chain(&e), "cannot release the volume's writer slot");
+            }
+        }
+    }
+
+    /// Launches the worker with its NICs and disks and waits until its vCPUs
+    /// run; from then on [`Compute::monitor`] owns its end. A worker that
+    /// does not start is killed and reaped, and everything is given back.
+    async fn launch(&self, mut r: VmRecord, nics: Nics, disks: Disks) -> Result<VmRecord, ComputeError> {
         let config = WorkerConfig {
             vm_id: r.id.to_string(),
             vcpus: r.spec.vcpus,
@@ -481,72 +456,67 @@ impl Compute {
             kernel: r.spec.kernel.clone().into(),
             initrd: r.spec.initrd.clone().map(Into::into),
             cmdline: r.spec.cmdline.clone(),
-            disks: disk_cfgs,
-            nics: nic_cfgs,
+            disks: disks.configs,
+            nics: nics.configs,
             console_log: self.console_path(r.id),
         };
-        let log_path = dir.join("worker.log");
-        let log = std::fs::OpenOptions::new()
+        let log_path = self.vm_dir(r.id).join("worker.log");
+        let spawned = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(io(format!("cannot open {}", log_path.display())))?;
-        let spawned = process::spawn(&self.inner.cfg.worker_exe, config, worker_fds, log)?;
-        let relay_tasks: Vec<_> = relays
-            .into_iter()
-            .map(|(t, s, name)| {
-                tokio::spawn(async move {
-                    match tap::relay(t, s, name.clone()).await {
-                        Ok(st) => info!(tap = %name, to_tap = st.to_tap, to_vm = st.to_vm, dropped = st.dropped, "NIC relay ended"),
-                        Err(e) => warn!(tap = %name, error = %e, "NIC relay failed"),
-                    }
-                })
-            })
-            .collect();
-        let process = spawned.process.clone();
-        let stopping = Arc::new(AtomicBool::new(false));
-        let (done_tx, done_rx) = watch::channel(false);
-        r.state = VmState::Starting;
-        r.reason = String::new();
-        let started = WorkerProcess::wait_started(spawned.started, START_TIMEOUT).await;
-        if let Err(e) = started {
+            .map_err(io(format!("cannot open {}", log_path.display())))
+            .and_then(|log| Ok(process::spawn(self.inner.launcher.as_ref(), config, nics.worker_fds, log)?));
+        let Spawned { process, events, exit, started } = match spawned {
+            Ok(s) => s,
+            Err(e) => {
+                self.detach_ports(&nics.ports);
+                Self::release_slots(disks.slots).await;
+                return Err(e);
+            }
+        };
+        let relays: Vec<_> =
+            nics.relays.into_iter().map(|(t, s, name)| tokio::spawn(relay(t, s, name))).collect();
+        if let Err(e) = WorkerProcess::wait_started(started, START_TIMEOUT).await {
             // Nothing may be left behind: kill, reap, stop relays.
             process.kill();
-            let status = spawned.exit.await.unwrap_or_else(|_| Err(std::io::Error::other("waiter gone")));
-            for t in relay_tasks {
+            let status = exit.await.unwrap_or_else(|_| Err(std::io::Error::other("waiter gone")));
+            for t in relays {
                 t.abort();
             }
-            self.detach_ports(&switch_ports);
+            self.detach_ports(&nics.ports);
             let why = match &e {
                 ProcessError::Refused(msg) => msg.clone(),
-                other => format!("{other} ({})", describe_exit(&status)),
+                other => format!("{other} ({})", records::describe_exit(&status)),
             };
             r.state = VmState::Stopped;
             r.reason = format!("start failed: {why}");
-            let _ = self.save(&mut r).await;
-            self.release_volumes(&held).await;
+            let _ = self.inner.records.save(&mut r).await;
+            Self::release_slots(disks.slots).await;
             return Err(e.into());
         }
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = watch::channel(false);
         // From here the monitor owns the worker's end, whatever happens next.
-        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        self.live_map().insert(
             r.id,
             Live { process: process.clone(), stopping: stopping.clone(), done: done_rx.clone() },
         );
-        for vid in r.spec.disks.iter().filter_map(|d| d.volume) {
-            let opened = held.iter().find(|(v, _)| *v == vid).map(|(_, g)| *g);
-            tokio::spawn(self.clone().follow_volume(r.id, vid, opened, process.clone(), done_rx.clone()));
+        for d in r.spec.disks.iter().filter_map(|d| d.volume) {
+            let opened = disks.slots.iter().find(|s| s.volume() == d).map(WriterSlot::generation);
+            tokio::spawn(self.clone().follow_volume(r.id, d, opened, process.clone(), done_rx.clone()));
         }
         tokio::spawn(self.clone().monitor(
             r.id,
-            spawned.events,
-            spawned.exit,
+            events,
+            exit,
             stopping.clone(),
-            Held { relays: relay_tasks, volumes: held },
+            Held { relays, slots: disks.slots },
             done_tx,
         ));
         r.state = VmState::Running;
         r.reason = String::new();
-        if let Err(e) = self.save(&mut r).await {
+        if let Err(e) = self.inner.records.save(&mut r).await {
             // A VM the pool cannot see running must not run: stop it again.
             warn!(vm = %r.id, error = %e, "cannot record the VM as running; stopping it");
             stopping.store(true, Ordering::SeqCst);
@@ -557,44 +527,6 @@ impl Compute {
         }
         info!(vm = %r.id, name = %r.name, pid = process.pid, "VM running");
         Ok(r)
-    }
-
-    /// Watches one worker until it exits, then records how it ended.
-    /// A volume disk's worker config; for a writable disk, takes the
-    /// volume's writer slot (a new generation). Answers the generation (0 for
-    /// read-only).
-    async fn volume_disk(
-        &self,
-        vm: VmId,
-        vid: VolumeId,
-        read_only: bool,
-    ) -> Result<(VolumeDisk, u64), ComputeError> {
-        let volumes = &self.inner.volumes;
-        let holder = format!("vm {vm}");
-        let rec = if read_only {
-            volumes.get(&vid.to_string()).await?.0
-        } else {
-            match volumes.open_writer(&vid.to_string(), self.inner.cfg.node_id, &holder, false).await {
-                Ok(r) => r,
-                // This VM's own earlier worker (crashed, or its node died):
-                // take over and fence it.
-                Err(VolumeError::InUse { holder: h, .. }) if h == holder => {
-                    volumes.open_writer(&vid.to_string(), self.inner.cfg.node_id, &holder, true).await?
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let mut layout = volumes.layout(&rec).await?;
-        if read_only {
-            layout.generation = 0;
-        }
-        let generation = layout.generation;
-        let disk = VolumeDisk {
-            layout,
-            pool_key: self.inner.cfg.pool_key.derived_bytes(),
-            node: self.inner.cfg.node_id,
-        };
-        Ok((disk, generation))
     }
 
     /// Hands a running worker every change of one of its volumes' layout
@@ -646,25 +578,17 @@ impl Compute {
         }
     }
 
-    /// Gives back the writer slots a worker held.
-    async fn release_volumes(&self, held: &[(VolumeId, u64)]) {
-        for (vid, generation) in held {
-            if let Err(e) = self.inner.volumes.close_writer(*vid, *generation).await {
-                warn!(volume = %vid, error = %nodeos_types::error_chain(&e), "cannot release the volume's writer slot");
-            }
-        }
-    }
-
+    /// Watches one worker until it exits, then gives back what it held and
+    /// records how it ended.
     async fn monitor(
         self,
         id: VmId,
         mut events: tokio::sync::mpsc::Receiver<WorkerEvent>,
-        exit: tokio::sync::oneshot::Receiver<std::io::Result<ExitStatus>>,
+        exit: tokio::sync::oneshot::Receiver<std::io::Result<std::process::ExitStatus>>,
         stopping: Arc<AtomicBool>,
         held: Held,
         done: watch::Sender<bool>,
     ) {
-        let Held { relays, volumes: held } = held;
         let mut reason: Option<StopReason> = None;
         tokio::pin!(exit);
         let status = loop {
@@ -680,24 +604,11 @@ impl Compute {
                 st = &mut exit => break st.unwrap_or_else(|_| Err(std::io::Error::other("waiter gone"))),
             }
         };
-        for t in relays {
+        for t in held.relays {
             t.abort();
         }
-        self.release_volumes(&held).await;
-        let asked = stopping.load(Ordering::SeqCst);
-        let clean = status.as_ref().is_ok_and(|s| s.success());
-        let (state, why) = match reason {
-            Some(StopReason::GuestShutdown) if clean => {
-                (VmState::Stopped, "the guest powered off".to_owned())
-            }
-            Some(StopReason::GuestReset) if clean => (VmState::Stopped, "the guest reset itself".to_owned()),
-            Some(StopReason::Killed) if clean => (VmState::Stopped, "stopped".to_owned()),
-            Some(StopReason::GuestCrash) => {
-                (VmState::Crashed, format!("guest crashed; {}", describe_exit(&status)))
-            }
-            _ if asked => (VmState::Stopped, format!("stopped ({})", describe_exit(&status))),
-            _ => (VmState::Crashed, describe_exit(&status)),
-        };
+        Self::release_slots(held.slots).await;
+        let (state, why) = records::verdict(reason, &status, stopping.load(Ordering::SeqCst));
         if state == VmState::Crashed {
             error!(vm = %id, reason = %why, "VM crashed");
         } else {
@@ -709,7 +620,7 @@ impl Compute {
                 Ok(mut r) => {
                     r.state = state;
                     r.reason = why.clone();
-                    match self.save(&mut r).await {
+                    match self.inner.records.save(&mut r).await {
                         Ok(()) => break,
                         Err(e) => warn!(vm = %id, attempt, error = %e, "cannot record the VM's end yet"),
                     }
@@ -721,17 +632,12 @@ impl Compute {
         }
         // Only now is the worker forgotten: until the record says how the VM
         // ended, readers see it running with its worker, never running without one.
-        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.live_map().remove(&id);
         let _ = done.send(true);
     }
 
     fn live(&self, id: VmId) -> Option<(Arc<WorkerProcess>, Arc<AtomicBool>, watch::Receiver<bool>)> {
-        self.inner
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .map(|l| (l.process.clone(), l.stopping.clone(), l.done.clone()))
+        self.live_map().get(&id).map(|l| (l.process.clone(), l.stopping.clone(), l.done.clone()))
     }
 
     /// Stops a VM: by asking the guest (then killing after `timeout`), or at once with `force`.
@@ -760,7 +666,8 @@ impl Compute {
         self.resolve(&r.id.to_string()).await
     }
 
-    async fn simple(
+    /// Pause or resume: a request to the worker, then the record.
+    async fn toggle(
         &self,
         vm: &str,
         op: &'static str,
@@ -782,19 +689,19 @@ impl Compute {
         }
         r.state = to;
         r.reason = String::new();
-        self.save(&mut r).await?;
+        self.inner.records.save(&mut r).await?;
         Ok(r)
     }
 
     pub async fn pause(&self, vm: &str) -> Result<VmRecord, ComputeError> {
-        self.simple(vm, "pause", VmState::Running, VmState::Paused).await
+        self.toggle(vm, "pause", VmState::Running, VmState::Paused).await
     }
 
     pub async fn resume(&self, vm: &str) -> Result<VmRecord, ComputeError> {
-        self.simple(vm, "resume", VmState::Paused, VmState::Running).await
+        self.toggle(vm, "resume", VmState::Paused, VmState::Running).await
     }
 
-    /// Removes a stopped or crashed VM: its records and its directory.
+    /// Removes a stopped or crashed VM: its records, its ports and its directory.
     pub async fn delete(&self, vm: &str) -> Result<(), ComputeError> {
         let r = self.resolve(vm).await?;
         self.here(&r)?;
@@ -804,12 +711,7 @@ impl Compute {
         if self.live(r.id).is_some() || !matches!(r.state, VmState::Stopped | VmState::Crashed) {
             return Err(ComputeError::State { vm: r.id.to_string(), state: r.state.as_str(), op: "delete" });
         }
-        let txn = Txn {
-            compares: vec![],
-            success: vec![Op::Delete { key: vm_key(r.id) }, Op::Delete { key: vm_name_key(&r.name) }],
-            failure: vec![],
-        };
-        self.inner.meta.write(Command::Txn(txn)).await?;
+        self.inner.records.remove(&r).await?;
         let ports: Vec<PortId> = r.spec.nics.iter().filter_map(|n| n.port).collect();
         self.delete_ports(&ports).await;
         let dir = self.vm_dir(r.id);
@@ -828,5 +730,15 @@ impl Compute {
         };
         process.request(|seq| ToWorker::ConsoleInput { seq, bytes }, REQUEST_TIMEOUT).await?;
         Ok(())
+    }
+}
+
+/// Carries frames between a tap and a NIC socket until either closes.
+async fn relay(t: std::fs::File, s: OwnedFd, name: String) {
+    match tap::relay(t, s, name.clone()).await {
+        Ok(st) => {
+            info!(tap = %name, to_tap = st.to_tap, to_vm = st.to_vm, dropped = st.dropped, "NIC relay ended")
+        }
+        Err(e) => warn!(tap = %name, error = %e, "NIC relay failed"),
     }
 }
