@@ -40,6 +40,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const PORT_WAIT: Duration = Duration::from_secs(5);
 /// How long a control request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the events a worker sent before it exited may take to arrive.
+const EVENT_DRAIN: Duration = Duration::from_secs(1);
 
 /// A NIC that plugs into a pool network: its port is made with the VM (on
 /// the VM's node, with the NIC's MAC) and deleted with it.
@@ -604,6 +606,13 @@ impl Compute {
                 st = &mut exit => break st.unwrap_or_else(|_| Err(std::io::Error::other("waiter gone"))),
             }
         };
+        // The exit can be seen before the last events the worker sent (its
+        // stop reason): read what is left until the control socket closes.
+        while let Ok(Some(ev)) = tokio::time::timeout(EVENT_DRAIN, events.recv()).await {
+            if let WorkerEvent::Stopped { reason: r } = ev {
+                reason = Some(r);
+            }
+        }
         for t in held.relays {
             t.abort();
         }

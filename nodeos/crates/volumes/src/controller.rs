@@ -354,30 +354,39 @@ impl<T: Transport + Clone> Controller<T> {
                 continue;
             }
             let target = usize::from(r.replicas);
-            let mut extents: Vec<usize> =
-                r.placement.iter().enumerate().filter(|(_, s)| s.len() > target).map(|(e, _)| e).collect();
+            let surplus_left = r.placement.iter().any(|s| s.len() > target);
             let moves = plan_spread(&r.placement, target, view, &mut load.clone(), budget);
-            if extents.is_empty() && moves.is_empty() {
+            if !surplus_left && moves.is_empty() {
                 continue;
             }
             let (mut cur, mut rev) = self.volumes.get(&r.id.to_string()).await?;
             if cur.writer.is_some() {
                 continue;
             }
+            let target = usize::from(cur.replicas);
+            // Which copy each extent gives up once proven: the old end of a
+            // move planned now, else (an interrupted move) the most loaded.
+            let mut leaving: BTreeMap<usize, Vec<NodeId>> = cur
+                .placement
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.len() > target)
+                .map(|(e, s)| (e, surplus(s, target, &load)))
+                .collect();
             if !moves.is_empty() {
-                let moves = plan_spread(&cur.placement, usize::from(cur.replicas), view, &mut load, budget);
+                let moves = plan_spread(&cur.placement, target, view, &mut load, budget);
                 let adds: Vec<Change> =
                     moves.iter().map(|m| Change::Add { extent: m.extent, to: m.to }).collect();
                 for m in &moves {
                     info!(volume = %cur.id, extent = m.extent, from = %m.from, to = %m.to, "moving a copy for balance");
+                    leaving.insert(m.extent, vec![m.from]);
                 }
                 apply(&mut cur.placement, &adds);
                 cur.updated_at_ms = unix_millis();
                 rev = self.volumes.put_if(&cur, rev).await?;
                 budget = budget.saturating_sub(moves.len());
-                extents.extend(moves.iter().map(|m| m.extent));
             }
-            report.moved += self.settle(&mut cur, rev, &extents, nodes, &load).await?;
+            report.moved += self.settle(&mut cur, rev, &leaving, nodes).await?;
             if budget == 0 {
                 break;
             }
@@ -385,22 +394,22 @@ impl<T: Transport + Clone> Controller<T> {
         Ok(())
     }
 
-    /// Drops the surplus copies of `extents` of a writer-less volume once
-    /// every copy (the new one included) is filled and proven equal. Answers
-    /// how many copies were dropped; an extent not proven keeps its surplus.
+    /// Drops the `leaving` copies of a writer-less volume's extents once every
+    /// copy of the extent (the new one included) is filled and proven equal.
+    /// Answers how many copies were dropped; an extent not proven keeps its
+    /// surplus for a later pass.
     async fn settle(
         &self,
         cur: &mut VolumeRecord,
         rev: u64,
-        extents: &[usize],
+        leaving: &BTreeMap<usize, Vec<NodeId>>,
         nodes: &BTreeMap<NodeId, NodeRecord>,
-        load: &Load,
     ) -> Result<usize, VolumeError> {
         let layout = layout_of(cur, nodes)?;
         let blocks = layout.extent_blocks();
         let transport = self.volumes.transport();
         let mut drops = Vec::new();
-        for &e in extents {
+        for (&e, gone) in leaving {
             let Some(reps) = layout.extents.get(e) else { continue };
             let mut proven = true;
             for &layer in &layout.layers {
@@ -416,12 +425,11 @@ impl<T: Transport + Clone> Controller<T> {
                 warn!(volume = %cur.id, extent = e, "a moved copy is not proven equal yet; keeping the old one");
                 continue;
             }
-            let set = &cur.placement[e];
-            drops.extend(
-                surplus(set, usize::from(cur.replicas), load)
-                    .into_iter()
-                    .map(|from| Change::Drop { extent: e, from }),
-            );
+            let keep = cur.placement[e].len().saturating_sub(gone.len());
+            if keep < usize::from(cur.replicas) {
+                continue;
+            }
+            drops.extend(gone.iter().map(|&from| Change::Drop { extent: e, from }));
         }
         if drops.is_empty() {
             return Ok(0);

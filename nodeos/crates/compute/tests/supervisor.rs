@@ -1,0 +1,375 @@
+//! The VM supervisor against a real metadata store (`nodeos_meta::testing`)
+//! and a fake worker that speaks the real control protocol on the real
+//! control socket: VM lifecycle, refusals, crashes, and the records that
+//! follow them. No root, no KVM.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{MsgFlags, recv, send};
+use nodeos_block::transport::TcpTransport;
+use nodeos_compute::process::{Launched, Launcher, ProcessError};
+use nodeos_compute::{Compute, ComputeConfig, ComputeError, NicNetwork};
+use nodeos_meta::testing::{TestPool, test_key};
+use nodeos_meta::{Command, MetaHandle};
+use nodeos_network::Networks;
+use nodeos_switch::switch::SwitchHandle;
+use nodeos_types::records::{NicSpec, VmSpec, VmState, vm_key};
+use nodeos_types::{NodeId, VmId};
+use nodeos_vmm::control::{self, FromWorker, StopReason, ToWorker, WorkerEvent};
+use nodeos_volumes::Volumes;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+/// What the fake worker does.
+#[derive(Debug, Clone, Default)]
+struct Script {
+    /// Refuse the start with this message.
+    refuse_start: Option<String>,
+    /// Ignore shutdown requests (a guest that does not power off).
+    deaf: bool,
+}
+
+/// Signal the fake dies of when told to (0: alive). SIGKILL from `kill`.
+type Death = Arc<AtomicI32>;
+
+#[derive(Debug, Default)]
+struct FakeLauncher {
+    script: Mutex<Script>,
+    /// The deaths of every worker launched, in order: a test can crash one.
+    deaths: Mutex<Vec<Death>>,
+    /// Requests every worker received, by kind.
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeLauncher {
+    fn set(&self, script: Script) {
+        *self.script.lock().unwrap() = script;
+    }
+
+    /// Makes the newest worker die of `signal` without a word.
+    fn crash_last(&self, signal: i32) {
+        self.deaths.lock().unwrap().last().unwrap().store(signal, Ordering::SeqCst);
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn say(fd: &OwnedFd, msg: &FromWorker) {
+    let bytes = control::encode(msg).unwrap();
+    let _ = send(fd.as_raw_fd(), &bytes, MsgFlags::MSG_NOSIGNAL);
+}
+
+impl Launcher for FakeLauncher {
+    fn launch(&self, control: OwnedFd, _log: std::fs::File) -> Result<Launched, ProcessError> {
+        let script = self.script.lock().unwrap().clone();
+        let death: Death = Arc::default();
+        self.deaths.lock().unwrap().push(death.clone());
+        let seen = self.seen.clone();
+        let (tx, exit) = oneshot::channel();
+        let dies = death.clone();
+        std::thread::spawn(move || {
+            let status = run_fake(&control, &script, &dies, &seen);
+            drop(control);
+            let _ = tx.send(Ok(status));
+        });
+        let kill = Box::new(move || death.store(9, Ordering::SeqCst));
+        Ok(Launched { pid: 4242, kill, exit })
+    }
+}
+
+/// The fake worker's life: answers requests until told to die or to stop.
+fn run_fake(fd: &OwnedFd, script: &Script, death: &Death, seen: &Mutex<Vec<String>>) -> ExitStatus {
+    let mut buf = vec![0u8; control::MAX_MESSAGE + 1];
+    loop {
+        let sig = death.load(Ordering::SeqCst);
+        if sig != 0 {
+            return ExitStatus::from_raw(sig);
+        }
+        let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(fd), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::from(20u16)).unwrap_or(0) == 0 {
+            continue;
+        }
+        let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(0) | Err(_) => return ExitStatus::from_raw(0),
+            Ok(n) => n,
+        };
+        let msg: ToWorker = control::decode(&buf[..n]).unwrap();
+        let kind = format!("{msg:?}").split([' ', '{']).next().unwrap_or("").to_owned();
+        seen.lock().unwrap().push(kind);
+        let seq = msg.seq();
+        match msg {
+            ToWorker::Start { .. } => {
+                if let Some(why) = &script.refuse_start {
+                    say(fd, &FromWorker::Failed { seq, error: why.clone() });
+                    return ExitStatus::from_raw(1 << 8);
+                }
+                say(fd, &FromWorker::Ack { seq });
+                say(fd, &FromWorker::Event(WorkerEvent::Running { rss_kib: 1024 }));
+            }
+            ToWorker::Pause { .. } => {
+                say(fd, &FromWorker::Ack { seq });
+                say(fd, &FromWorker::Event(WorkerEvent::Paused));
+            }
+            ToWorker::RequestShutdown { .. } => {
+                say(fd, &FromWorker::Ack { seq });
+                if !script.deaf {
+                    say(fd, &FromWorker::Event(WorkerEvent::Stopped { reason: StopReason::GuestShutdown }));
+                    return ExitStatus::from_raw(0);
+                }
+            }
+            ToWorker::Kill { .. } => {
+                say(fd, &FromWorker::Ack { seq });
+                say(fd, &FromWorker::Event(WorkerEvent::Stopped { reason: StopReason::Killed }));
+                return ExitStatus::from_raw(0);
+            }
+            ToWorker::Resume { .. } | ToWorker::ConsoleInput { .. } | ToWorker::VolumeLayout { .. } => {
+                say(fd, &FromWorker::Ack { seq });
+            }
+        }
+    }
+}
+
+struct Bed {
+    pool: TestPool,
+    compute: Compute,
+    launcher: Arc<FakeLauncher>,
+    networks: Networks,
+    kernel: String,
+    _dir: TempDir,
+}
+
+const ME: NodeId = NodeId(1);
+
+async fn compute_on(meta: MetaHandle, launcher: Arc<FakeLauncher>, dir: &TempDir) -> Compute {
+    let switch = SwitchHandle::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    Compute::new(
+        ComputeConfig { node_id: ME, state_dir: dir.path().join("vms"), pool_key: test_key() },
+        meta.clone(),
+        Volumes::new(meta.clone(), TcpTransport::new(test_key())),
+        Networks::new(meta),
+        switch,
+        launcher,
+    )
+}
+
+impl Bed {
+    async fn new() -> Bed {
+        let pool = TestPool::single().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"\x7fELF a kernel as far as the spec check goes").unwrap();
+        let launcher = Arc::new(FakeLauncher::default());
+        let compute = compute_on(pool.first(), launcher.clone(), &dir).await;
+        let networks = Networks::new(pool.first());
+        Bed { kernel: kernel.display().to_string(), pool, compute, launcher, networks, _dir: dir }
+    }
+
+    fn spec(&self) -> VmSpec {
+        VmSpec {
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: self.kernel.clone(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            disks: vec![],
+            nics: vec![],
+        }
+    }
+
+    async fn state(&self, vm: &str) -> (VmState, String) {
+        let r = self.compute.resolve(vm).await.unwrap();
+        (r.state, r.reason)
+    }
+
+    /// Waits until the VM's record reaches `state`.
+    async fn wait_state(&self, vm: &str, state: VmState) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (s, why) = self.state(vm).await;
+            if s == state {
+                return why;
+            }
+            assert!(Instant::now() < deadline, "{vm} stayed {s:?} ({why}), wanted {state:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_lives_through_start_pause_resume_stop_and_delete() {
+    let bed = Bed::new().await;
+    let r = bed.compute.create("web", bed.spec(), vec![]).await.unwrap();
+    assert_eq!((r.state, r.node), (VmState::Stopped, ME));
+    assert_eq!(bed.compute.resolve(&r.id.to_string()).await.unwrap().name, "web");
+
+    let r = bed.compute.start("web").await.unwrap();
+    assert_eq!(r.state, VmState::Running);
+    assert_eq!(bed.compute.worker_pid(r.id), Some(4242));
+    assert!(matches!(bed.compute.start("web").await, Err(ComputeError::State { op: "start", .. })));
+    assert!(matches!(bed.compute.resume("web").await, Err(ComputeError::State { op: "resume", .. })));
+    assert!(matches!(bed.compute.delete("web").await, Err(ComputeError::State { op: "delete", .. })));
+
+    assert_eq!(bed.compute.pause("web").await.unwrap().state, VmState::Paused);
+    assert!(matches!(bed.compute.pause("web").await, Err(ComputeError::State { .. })));
+    assert_eq!(bed.compute.resume("web").await.unwrap().state, VmState::Running);
+    bed.compute.console_input(r.id, b"ls\n".to_vec()).await.unwrap();
+
+    let r = bed.compute.stop("web", false, Duration::from_secs(5)).await.unwrap();
+    assert_eq!((r.state, r.reason.as_str()), (VmState::Stopped, "the guest powered off"));
+    assert_eq!(bed.compute.worker_pid(r.id), None);
+    let seen = bed.launcher.seen();
+    for kind in ["Start", "Pause", "Resume", "ConsoleInput", "RequestShutdown"] {
+        assert!(seen.iter().any(|s| s == kind), "{kind} not sent: {seen:?}");
+    }
+    assert!(matches!(
+        bed.compute.stop("web", false, Duration::from_secs(1)).await,
+        Err(ComputeError::State { .. })
+    ));
+
+    bed.compute.delete("web").await.unwrap();
+    assert!(matches!(bed.compute.resolve("web").await, Err(ComputeError::NotFound(_))));
+    assert!(matches!(bed.compute.resolve(&r.id.to_string()).await, Err(ComputeError::NotFound(_))));
+    // The name is free again.
+    bed.compute.create("web", bed.spec(), vec![]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_ignores_the_shutdown_request_is_killed_after_the_timeout() {
+    let bed = Bed::new().await;
+    bed.launcher.set(Script { deaf: true, ..Script::default() });
+    bed.compute.create("deaf", bed.spec(), vec![]).await.unwrap();
+    bed.compute.start("deaf").await.unwrap();
+    let t0 = Instant::now();
+    let r = bed.compute.stop("deaf", false, Duration::from_millis(300)).await.unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert_eq!(r.state, VmState::Stopped, "asked to stop, so not a crash: {}", r.reason);
+    assert!(r.reason.contains("signal 9"), "{}", r.reason);
+    // Forced stops do not ask at all.
+    bed.compute.start("deaf").await.unwrap();
+    let r = bed.compute.stop("deaf", true, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r.state, VmState::Stopped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_unasked_leaves_the_vm_crashed_with_the_reason_and_never_restarts_it() {
+    let bed = Bed::new().await;
+    bed.compute.create("frail", bed.spec(), vec![]).await.unwrap();
+    bed.compute.start("frail").await.unwrap();
+    bed.launcher.crash_last(11);
+    let why = bed.wait_state("frail", VmState::Crashed).await;
+    assert_eq!(why, "worker killed by signal 11 (SIGSEGV)");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(bed.launcher.deaths.lock().unwrap().len(), 1, "no silent restart");
+    // A crashed VM can be started again by the operator.
+    assert_eq!(bed.compute.start("frail").await.unwrap().state, VmState::Running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_start_leaves_the_vm_stopped_with_the_workers_words() {
+    let bed = Bed::new().await;
+    bed.launcher
+        .set(Script { refuse_start: Some("kernel does not load: bad magic".into()), ..Script::default() });
+    bed.compute.create("bad", bed.spec(), vec![]).await.unwrap();
+    let e = bed.compute.start("bad").await.unwrap_err();
+    assert!(matches!(e, ComputeError::Worker(ProcessError::Refused(_))), "{e:?}");
+    let (state, why) = bed.state("bad").await;
+    assert_eq!(state, VmState::Stopped);
+    assert_eq!(why, "start failed: kernel does not load: bad magic");
+    assert_eq!(bed.compute.worker_pid(bed.compute.resolve("bad").await.unwrap().id), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_specs_and_names_are_refused_before_anything_is_recorded() {
+    let bed = Bed::new().await;
+    bed.compute.create("one", bed.spec(), vec![]).await.unwrap();
+    assert!(matches!(bed.compute.create("one", bed.spec(), vec![]).await, Err(ComputeError::NameTaken(_))));
+    let mut s = bed.spec();
+    s.vcpus = 0;
+    assert!(matches!(bed.compute.create("two", s, vec![]).await, Err(ComputeError::Spec(_))));
+    let mut s = bed.spec();
+    s.kernel = "/no/such/kernel".into();
+    assert!(bed.compute.create("two", s, vec![]).await.unwrap_err().to_string().contains("kernel"));
+    // A network NIC that names no NIC, or an unknown network, records nothing.
+    let nic = |nic: usize, network: &str| NicNetwork {
+        nic,
+        network: network.into(),
+        ip: None,
+        security_groups: vec![],
+        port_security: true,
+    };
+    assert!(matches!(
+        bed.compute.create("two", bed.spec(), vec![nic(0, "lan")]).await,
+        Err(ComputeError::NicNetwork(0))
+    ));
+    let mut s = bed.spec();
+    s.nics.push(NicSpec { mac: "02:00:00:00:00:01".into(), tap: String::new(), port: None });
+    assert!(matches!(
+        bed.compute.create("two", s, vec![nic(0, "nowhere")]).await,
+        Err(ComputeError::Network(_))
+    ));
+    assert!(bed.networks.list_ports().await.unwrap().is_empty(), "no port left behind");
+    let names: Vec<String> = bed.compute.list().await.unwrap().into_iter().map(|r| r.name).collect();
+    assert_eq!(names, vec!["one".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_of_other_nodes_are_theirs_to_change() {
+    let bed = Bed::new().await;
+    let mut r = bed.compute.create("far", bed.spec(), vec![]).await.unwrap();
+    r.node = NodeId(2);
+    bed.pool.first().write(Command::put(vm_key(r.id), serde_json::to_vec(&r).unwrap())).await.unwrap();
+    for e in [
+        bed.compute.start("far").await.unwrap_err(),
+        bed.compute.stop("far", true, Duration::from_secs(1)).await.unwrap_err(),
+        bed.compute.pause("far").await.unwrap_err(),
+        bed.compute.delete("far").await.unwrap_err(),
+    ] {
+        assert!(matches!(e, ComputeError::Elsewhere { node: NodeId(2), .. }), "{e:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_that_ran_when_the_node_stopped_are_marked_crashed_on_restart() {
+    let bed = Bed::new().await;
+    let running = bed.compute.create("was-running", bed.spec(), vec![]).await.unwrap();
+    bed.compute.create("was-stopped", bed.spec(), vec![]).await.unwrap();
+    let mut elsewhere = bed.compute.create("elsewhere", bed.spec(), vec![]).await.unwrap();
+    // As the records were when the previous node process died.
+    let meta = bed.pool.first();
+    for (mut r, node) in [(running.clone(), ME), (elsewhere.clone(), NodeId(2))] {
+        r.state = VmState::Running;
+        r.node = node;
+        meta.write(Command::put(vm_key(r.id), serde_json::to_vec(&r).unwrap())).await.unwrap();
+    }
+    elsewhere.node = NodeId(2);
+    // A new supervisor on the same node: the node restarted.
+    let dir = tempfile::tempdir().unwrap();
+    let again = compute_on(meta, Arc::new(FakeLauncher::default()), &dir).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = again.resolve("was-running").await.unwrap();
+        if r.state == VmState::Crashed {
+            assert!(r.reason.contains("node restarted"), "{}", r.reason);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never marked crashed: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(again.resolve("was-stopped").await.unwrap().state, VmState::Stopped);
+    assert_eq!(
+        again.resolve("elsewhere").await.unwrap().state,
+        VmState::Running,
+        "another node's VM is its own"
+    );
+    let _: VmId = elsewhere.id;
+}
