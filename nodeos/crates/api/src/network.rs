@@ -24,10 +24,11 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::error::network_status;
-use crate::proxy::{self, is_proxied, mark};
+use crate::proxy::{self, Route, hop_timeout, is_proxied, mark, route};
 
 /// Counters are small answers: a node that takes longer is treated as not answering.
-const PROXY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a node may take to read its switch's counters.
+const STATS_WORK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct NetworkApi {
@@ -45,17 +46,18 @@ impl NetworkApi {
         self.meta.node_id()
     }
 
-    /// A client of `node`'s API, or why there is none.
-    async fn client_for(&self, node: NodeId) -> Result<NetworkServiceClient<Channel>, String> {
-        let nodes = self.networks.nodes(Consistency::Local).await.map_err(|e| crate::error::chain(&e))?;
+    /// A client of `node`'s API for requests taking up to `timeout`, or why there is none.
+    async fn client_for(
+        &self,
+        node: NodeId,
+        timeout: Duration,
+    ) -> Result<NetworkServiceClient<Channel>, Status> {
+        let nodes = self.networks.nodes(Consistency::Local).await.map_err(network_status)?;
         let addr = nodes
             .get(&node)
             .map(|n| n.address.clone())
-            .ok_or_else(|| format!("node {node} is not in the pool"))?;
-        let ch = proxy::connect(&addr, PROXY_TIMEOUT)
-            .await
-            .map_err(|e| format!("node {node} at {addr} does not answer: {}", causes(&e)))?;
-        Ok(NetworkServiceClient::new(ch))
+            .ok_or_else(|| Status::not_found(format!("no node {node} in this pool")))?;
+        Ok(NetworkServiceClient::new(proxy::channel(node, &addr, timeout).await?))
     }
 
     /// Names of networks and security groups, for answers that name them.
@@ -185,21 +187,6 @@ impl NetworkApi {
 struct Names {
     networks: BTreeMap<NetworkId, String>,
     groups: BTreeMap<SecurityGroupId, String>,
-}
-
-/// An error and its causes on one line, each distinct message once
-/// (transport errors repeat theirs).
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur = Some(e);
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !parts.contains(&m) {
-            parts.push(m);
-        }
-        cur = c.source();
-    }
-    parts.join(": ")
 }
 
 fn saturate(n: usize) -> u32 {
@@ -446,21 +433,23 @@ impl NetworkService for NetworkApi {
     }
 
     async fn get_port(&self, req: Request<pb::PortRef>) -> Result<Response<pb::Port>, Status> {
-        let proxied = is_proxied(&req);
         let (p, _) = self.networks.port(&req.get_ref().port).await.map_err(network_status)?;
         let names = self.names().await?;
         let out = port_to_pb(&p, &names);
-        if p.node == self.node_id() || proxied {
+        let Route::Forward(node) = route(p.node, self.node_id(), is_proxied(&req)) else {
+            // Here, or handed over to a node that no longer holds it: the
+            // record, with the reason its counters are missing.
             return Ok(Response::new(self.with_local_stats(out, &p)));
-        }
-        let why = match self.client_for(p.node).await {
+        };
+        let timeout = hop_timeout(&req, STATS_WORK);
+        let why = match self.client_for(node, timeout).await {
             Ok(mut c) => match c.get_port(mark(req.into_inner())).await {
                 Ok(r) => return Ok(r),
                 // Deleted meanwhile: the owner's answer is the newer one.
                 Err(s) if s.code() == Code::NotFound => return Err(s),
-                Err(s) => format!("node {} did not answer: {}", p.node, s.message()),
+                Err(s) => format!("node {node} did not answer: {}", s.message()),
             },
-            Err(why) => why,
+            Err(s) => s.message().to_owned(),
         };
         Ok(Response::new(pb::Port { stats_unavailable: why, ..out }))
     }
@@ -549,18 +538,16 @@ impl NetworkService for NetworkApi {
             "" => me,
             s => parse_node("node_id", s)?,
         };
-        if node == me {
-            return Ok(Response::new(self.local_switch().await?));
+        match route(node, me, is_proxied(&req)) {
+            Route::Here => Ok(Response::new(self.local_switch().await?)),
+            Route::NotHere(_) => {
+                Err(Status::failed_precondition(format!("this is node {me}, not node {node}")))
+            }
+            Route::Forward(node) => {
+                let mut c = self.client_for(node, hop_timeout(&req, STATS_WORK)).await?;
+                c.get_switch(mark(req.into_inner())).await
+            }
         }
-        if is_proxied(&req) {
-            return Err(Status::failed_precondition(format!("this is node {me}, not node {node}")));
-        }
-        let nodes = self.networks.nodes(Consistency::Local).await.map_err(network_status)?;
-        if !nodes.contains_key(&node) {
-            return Err(Status::not_found(format!("no node {node} in this pool")));
-        }
-        let mut c = self.client_for(node).await.map_err(Status::unavailable)?;
-        c.get_switch(mark(req.into_inner())).await
     }
 }
 

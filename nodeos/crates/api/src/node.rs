@@ -19,9 +19,10 @@ use nodeos_types::NodeId;
 use tonic::{Request, Response, Status};
 use tracing::{error, info};
 
-use crate::proxy::{self, is_proxied, mark};
+use crate::proxy::{self, Route, hop_timeout, is_proxied, mark, route};
 
-const PROXY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node may take to accept a power request.
+const POWER_WORK: Duration = Duration::from_secs(5);
 /// Time for the answer to leave before PID 1 starts stopping the daemon.
 const SIGNAL_DELAY: Duration = Duration::from_millis(200);
 /// Set by the image's PID 1 in the environment of the daemon it starts.
@@ -59,6 +60,7 @@ fn signal_for(action: pb::PowerAction) -> Result<Signal, Status> {
 impl NodeService for NodeApi {
     async fn power(&self, req: Request<pb::PowerRequest>) -> Result<Response<pb::PowerResponse>, Status> {
         let handed_over = is_proxied(&req);
+        let timeout = hop_timeout(&req, POWER_WORK);
         let r = req.into_inner();
         let action = pb::PowerAction::try_from(r.action).map_err(|_| {
             Status::invalid_argument(format!("action {} is not POWEROFF or REBOOT", r.action))
@@ -70,20 +72,21 @@ impl NodeService for NodeApi {
         } else {
             r.node_id.parse::<NodeId>().map_err(|e| Status::invalid_argument(format!("node_id: {e}")))?
         };
-        if target != me {
-            if handed_over {
+        match route(target, me, handed_over) {
+            Route::Here => {}
+            Route::NotHere(_) => {
                 return Err(Status::failed_precondition(format!(
                     "handed over for node {target}, but this is node {me}"
                 )));
             }
-            let addr = self
-                .meta
-                .node_address(target)
-                .ok_or_else(|| Status::not_found(format!("node {target} is not a pool member")))?;
-            let ch = proxy::connect(&addr, PROXY_TIMEOUT)
-                .await
-                .map_err(|e| Status::unavailable(format!("node {target} at {addr} does not answer: {e}")))?;
-            return NodeServiceClient::new(ch).power(mark(r)).await;
+            Route::Forward(target) => {
+                let addr = self
+                    .meta
+                    .node_address(target)
+                    .ok_or_else(|| Status::not_found(format!("node {target} is not a pool member")))?;
+                let ch = proxy::channel(target, &addr, timeout).await?;
+                return NodeServiceClient::new(ch).power(mark(r)).await;
+            }
         }
         if !under_init() {
             return Err(Status::failed_precondition(format!("node {me}: {NOT_INIT}")));

@@ -25,7 +25,9 @@ use crate::proxy;
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
 /// A member this many entries behind the leader is lagging.
 const LAGGING_ENTRIES: u64 = 64;
-const PROXY_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the leader may take to describe the pool; beyond it this
+/// node answers from its own view (status must answer while the leader is gone).
+const STATUS_WORK: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct PoolApi {
@@ -131,12 +133,12 @@ impl PoolApi {
         if let Some((leader, addr)) = self.meta.leader()
             && leader != me
         {
-            match ask_leader(&addr).await {
+            match ask_leader(leader, &addr).await {
                 Ok(mut s) => {
                     s.answered_by = format!("{} (via {me})", s.answered_by);
                     return s;
                 }
-                Err(e) => tracing::debug!(%addr, error = %e, "leader did not answer status"),
+                Err(e) => tracing::debug!(%addr, error = %e.message(), "leader did not answer status"),
             }
         }
         local.answered_by = me.to_string();
@@ -144,8 +146,9 @@ impl PoolApi {
     }
 }
 
-async fn ask_leader(addr: &str) -> Result<pb::PoolStatus, Box<dyn std::error::Error + Send + Sync>> {
-    let mut client = PoolServiceClient::new(proxy::connect(addr, PROXY_TIMEOUT).await?);
+async fn ask_leader(leader: NodeId, addr: &str) -> Result<pb::PoolStatus, Status> {
+    let timeout = proxy::hop_timeout(&tonic::Request::new(()), STATUS_WORK);
+    let mut client = PoolServiceClient::new(proxy::channel(leader, addr, timeout).await?);
     Ok(client.status(proxy::mark(pb::StatusRequest {})).await?.into_inner())
 }
 

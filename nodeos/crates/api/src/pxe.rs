@@ -18,9 +18,10 @@ use nodeos_types::records::{NODES_PREFIX, NodeRecord, PXE_KEY, PxeSettingsRecord
 use tonic::{Request, Response, Status};
 
 use crate::error::meta_status;
-use crate::proxy::{self, is_proxied, mark};
+use crate::proxy::{self, hop_timeout, is_proxied, mark};
 
-const PROXY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a node may take to report its PXE server.
+const STATUS_WORK: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct PxeApi {
@@ -53,16 +54,16 @@ impl PxeApi {
         Ok(node_status_to_pb(me, s))
     }
 
-    async fn remote(&self, node: &NodeRecord) -> pb::PxeNodeStatus {
+    async fn remote(&self, node: &NodeRecord, timeout: Duration) -> pb::PxeNodeStatus {
         let unreachable = |detail: String| pb::PxeNodeStatus {
             node_id: node.id.to_string(),
             state: "unreachable".into(),
             detail,
             ..Default::default()
         };
-        let ch = match proxy::connect(&node.address, PROXY_TIMEOUT).await {
+        let ch = match proxy::channel(node.id, &node.address, timeout).await {
             Ok(ch) => ch,
-            Err(e) => return unreachable(format!("{} does not answer: {e}", node.address)),
+            Err(e) => return unreachable(e.message().to_owned()),
         };
         let req = pb::PxeStatusRequest { node_id: node.id.to_string() };
         match PxeServiceClient::new(ch).status(mark(req)).await {
@@ -146,6 +147,7 @@ impl PxeService for PxeApi {
     async fn status(&self, req: Request<pb::PxeStatusRequest>) -> Result<Response<pb::PxeStatus>, Status> {
         let me = self.meta.node_id();
         let handed_over = is_proxied(&req);
+        let timeout = hop_timeout(&req, STATUS_WORK);
         let want = match req.get_ref().node_id.as_str() {
             "" => None,
             s => Some(
@@ -178,7 +180,7 @@ impl PxeService for PxeApi {
                     ..Default::default()
                 })
             } else {
-                self.remote(m).await
+                self.remote(m, timeout).await
             }
         }))
         .await;

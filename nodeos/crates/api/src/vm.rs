@@ -24,9 +24,12 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{chain, meta_status, network_status};
-use crate::proxy::{self, is_proxied as proxied, mark};
+use crate::proxy::{self, Route, hop_timeout, is_proxied, mark, route};
 
-const PROXY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a VM's owner may take to start it (the worker builds the VM).
+const START_WORK: Duration = Duration::from_secs(40);
+/// How long a VM's owner may take for a quick request (pause, resume, delete).
+const REQUEST_WORK: Duration = Duration::from_secs(15);
 /// Default graceful stop timeout.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -67,14 +70,16 @@ impl VmApi {
         to_pb(r, pid, &nets)
     }
 
-    async fn client_for(&self, node: NodeId) -> Result<VmServiceClient<tonic::transport::Channel>, Status> {
+    /// A client of the VM's node, for requests taking up to `timeout`.
+    async fn client_for(
+        &self,
+        node: NodeId,
+        timeout: Duration,
+    ) -> Result<VmServiceClient<tonic::transport::Channel>, Status> {
         let addr = self.meta.node_address(node).ok_or_else(|| {
             Status::unavailable(format!("the VM lives on node {node}, which is not a pool member"))
         })?;
-        let ch = proxy::connect(&addr, PROXY_TIMEOUT).await.map_err(|e| {
-            Status::unavailable(format!("the VM lives on node {node} at {addr}, which does not answer: {e}"))
-        })?;
-        Ok(VmServiceClient::new(ch))
+        Ok(VmServiceClient::new(proxy::channel(node, &addr, timeout).await?))
     }
 }
 
@@ -213,13 +218,14 @@ fn to_pb(r: VmRecord, pid: Option<u32>, nets: &PortNetworks) -> pb::Vm {
 
 type ConsoleStream = Pin<Box<dyn Stream<Item = Result<pb::ConsoleOutput, Status>> + Send>>;
 
-/// Unary calls on one VM: run here if it lives here, else once on its node.
+/// Unary calls on one VM: run here if it lives here, else once on its node,
+/// which may take `$work` for it. Handed over yet not ours (the VM moved
+/// meanwhile), compute refuses with the node it lives on.
 macro_rules! on_owner {
-    ($self:ident, $req:ident, $vm:expr, $method:ident, $local:expr) => {{
-        let is_proxied = proxied(&$req);
+    ($self:ident, $req:ident, $vm:expr, $method:ident, $work:expr, $local:expr) => {{
         let r = $self.compute.resolve($vm).await.map_err(compute_status)?;
-        if r.node != $self.compute.node_id() && !is_proxied {
-            let mut c = $self.client_for(r.node).await?;
+        if let Route::Forward(node) = route(r.node, $self.compute.node_id(), is_proxied(&$req)) {
+            let mut c = $self.client_for(node, hop_timeout(&$req, $work)).await?;
             return c.$method(mark($req.into_inner())).await;
         }
         let rec = $local.await.map_err(compute_status)?;
@@ -239,31 +245,31 @@ impl VmService for VmApi {
 
     async fn start(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let vm = req.get_ref().vm.clone();
-        on_owner!(self, req, &vm, start, self.compute.start(&vm))
+        on_owner!(self, req, &vm, start, START_WORK, self.compute.start(&vm))
     }
 
     async fn stop(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let r = req.get_ref().clone();
         let timeout =
             if r.timeout_seconds == 0 { STOP_TIMEOUT } else { Duration::from_secs(r.timeout_seconds.into()) };
-        on_owner!(self, req, &r.vm, stop, self.compute.stop(&r.vm, r.force, timeout))
+        on_owner!(self, req, &r.vm, stop, timeout + REQUEST_WORK, self.compute.stop(&r.vm, r.force, timeout))
     }
 
     async fn pause(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let vm = req.get_ref().vm.clone();
-        on_owner!(self, req, &vm, pause, self.compute.pause(&vm))
+        on_owner!(self, req, &vm, pause, REQUEST_WORK, self.compute.pause(&vm))
     }
 
     async fn resume(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let vm = req.get_ref().vm.clone();
-        on_owner!(self, req, &vm, resume, self.compute.resume(&vm))
+        on_owner!(self, req, &vm, resume, REQUEST_WORK, self.compute.resume(&vm))
     }
 
     async fn delete(&self, req: Request<pb::VmRef>) -> Result<Response<pb::DeleteVmResponse>, Status> {
         let vm = req.get_ref().vm.clone();
         let r = self.compute.resolve(&vm).await.map_err(compute_status)?;
-        if r.node != self.compute.node_id() && !proxied(&req) {
-            let mut c = self.client_for(r.node).await?;
+        if let Route::Forward(node) = route(r.node, self.compute.node_id(), is_proxied(&req)) {
+            let mut c = self.client_for(node, hop_timeout(&req, REQUEST_WORK)).await?;
             return c.delete(mark(req.into_inner())).await;
         }
         self.compute.delete(&vm).await.map_err(compute_status)?;
