@@ -212,7 +212,7 @@ fn single_node_pool_answers_bad_requests_with_clear_errors() {
         if o.status.success() {
             let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json status");
             if v["pool_id"].as_str().is_some_and(|s| !s.is_empty())
-                && v["leader"].as_str().is_some_and(|s| !s.is_empty())
+                && v["leader_id"].as_str().is_some_and(|s| !s.is_empty())
             {
                 break;
             }

@@ -14,7 +14,6 @@ use futures::StreamExt;
 use nodeos_meta::{Consistency, MetaHandle};
 use nodeos_switch::frame::Mac;
 use nodeos_switch::switch::{Attachment, Desired, NetworkConfig, PortConfig, SwitchHandle};
-use nodeos_types::net::SecurityRule;
 use nodeos_types::records::{
     NETWORKS_PREFIX, NODES_PREFIX, NetworkRecord, NodeRecord, PORTS_PREFIX, PortKind, PortRecord,
     SECURITY_GROUPS_PREFIX, SecurityGroupRecord,
@@ -67,7 +66,7 @@ pub fn desired(me: NodeId, r: &Records) -> Desired {
         }
         let mut vteps: BTreeSet<SocketAddr> =
             nodes.iter().filter(|id| **id != me).filter_map(|id| vteps_of.get(id).copied()).collect();
-        vteps.extend(n.external_vteps.iter().filter_map(|v| crate::networks::parse_vtep(v).ok()));
+        vteps.extend(n.external_vteps.iter().filter_map(|v| crate::rules::parse_vtep(v).ok()));
         out.networks.push(NetworkConfig {
             vni: n.vni,
             cidr: n.cidr,
@@ -99,7 +98,7 @@ pub fn desired(me: NodeId, r: &Records) -> Desired {
         let Some(vni) = vnis.get(&p.network) else { continue };
         // A port without groups may start connections but accept none.
         let rules = if p.security_groups.is_empty() {
-            default_rules()
+            crate::rules::default_egress_rules()
         } else {
             p.security_groups
                 .iter()
@@ -124,9 +123,30 @@ pub fn desired(me: NodeId, r: &Records) -> Desired {
     out
 }
 
-/// Rules of a port with no security groups: all egress, no new ingress.
-fn default_rules() -> Vec<SecurityRule> {
-    ["egress any 0.0.0.0/0", "egress any ::/0"].iter().filter_map(|r| r.parse().ok()).collect()
+/// Every record the agent derives from, from this node's copy of meta, and
+/// the lowest revision they were read at. Records that do not decode are
+/// left out (and logged): one bad record must not take the node's switch
+/// down. `None` when meta cannot be read.
+async fn read(meta: &MetaHandle) -> Option<(Records, u64)> {
+    async fn all<T: serde::de::DeserializeOwned>(meta: &MetaHandle, prefix: &str) -> Option<(Vec<T>, u64)> {
+        let (kvs, rev) = meta.range(prefix, 0, Consistency::Local).await.ok()?;
+        let v = kvs
+            .iter()
+            .filter_map(|kv| match serde_json::from_slice(&kv.value) {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    warn!(key = %kv.key, "record does not decode: ignored");
+                    None
+                }
+            })
+            .collect();
+        Some((v, rev))
+    }
+    let (networks, r1) = all(meta, NETWORKS_PREFIX).await?;
+    let (ports, r2) = all(meta, PORTS_PREFIX).await?;
+    let (groups, r3) = all(meta, SECURITY_GROUPS_PREFIX).await?;
+    let (nodes, r4) = all(meta, NODES_PREFIX).await?;
+    Some((Records { networks, ports, groups, nodes }, r1.min(r2).min(r3).min(r4)))
 }
 
 /// One per node: see the module docs.
@@ -141,34 +161,9 @@ impl Agent {
         Agent { meta, switch }
     }
 
-    async fn read(&self) -> Option<(Records, u64)> {
-        async fn all<T: serde::de::DeserializeOwned>(
-            meta: &MetaHandle,
-            prefix: &str,
-        ) -> Option<(Vec<T>, u64)> {
-            let (kvs, rev) = meta.range(prefix, 0, Consistency::Local).await.ok()?;
-            let v = kvs
-                .iter()
-                .filter_map(|kv| match serde_json::from_slice(&kv.value) {
-                    Ok(r) => Some(r),
-                    Err(_) => {
-                        warn!(key = %kv.key, "record does not decode: ignored");
-                        None
-                    }
-                })
-                .collect();
-            Some((v, rev))
-        }
-        let (networks, r1) = all(&self.meta, NETWORKS_PREFIX).await?;
-        let (ports, r2) = all(&self.meta, PORTS_PREFIX).await?;
-        let (groups, r3) = all(&self.meta, SECURITY_GROUPS_PREFIX).await?;
-        let (nodes, r4) = all(&self.meta, NODES_PREFIX).await?;
-        Some((Records { networks, ports, groups, nodes }, r1.min(r2).min(r3).min(r4)))
-    }
-
     /// Applies the current records once.
     pub async fn sync(&self) -> u64 {
-        let Some((records, rev)) = self.read().await else { return 0 };
+        let Some((records, rev)) = read(&self.meta).await else { return 0 };
         let want = desired(self.meta.node_id(), &records);
         for (port, e) in self.switch.apply(want).await {
             warn!(port = %port, error = %nodeos_types::error_chain(&e), "port not set up on the switch");
@@ -206,9 +201,14 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nodeos_types::net::MacAddr;
-    use nodeos_types::records::Uplink;
+    use nodeos_meta::Command;
+    use nodeos_meta::testing::TestPool;
+    use nodeos_types::net::{MacAddr, SecurityRule};
+    use nodeos_types::records::{Uplink, node_key};
     use nodeos_types::{NetworkId, VmId};
+
+    use crate::Networks;
+    use crate::networks::{NewNetwork, NewPort};
 
     fn node(id: u64, vxlan: &str) -> NodeRecord {
         NodeRecord {
@@ -294,5 +294,226 @@ mod tests {
         assert!(!d.networks[0].answer_gateway, "a real router sits behind the uplink");
         assert!(matches!(&d.ports[0].attachment, Attachment::Uplink { bridge, .. } if bridge == "br0"));
         assert!(desired(NodeId(1), &r).networks[0].vteps.contains(&"10.1.0.3:4789".parse().unwrap()));
+    }
+
+    fn rule(s: &str) -> SecurityRule {
+        s.parse().unwrap()
+    }
+
+    fn group(id: u64, rules: &[&str]) -> SecurityGroupRecord {
+        SecurityGroupRecord {
+            id: SecurityGroupId(id),
+            name: format!("g{id}"),
+            rules: rules.iter().map(|r| rule(r)).collect(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        }
+    }
+
+    fn nodes(n: u64) -> Vec<NodeRecord> {
+        (1..=n).map(|i| node(i, &format!("10.1.0.{i}:4789"))).collect()
+    }
+
+    fn vteps(d: &NetworkConfig) -> Vec<String> {
+        d.vteps.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn only_this_nodes_ports_are_configured_each_as_its_record_says() {
+        let mut tap = port(10, 1, 1);
+        tap.kind = PortKind::Tap { ifname: "t0".into() };
+        tap.ip = Some("10.0.0.7".parse().unwrap());
+        tap.port_security = false;
+        let r = Records {
+            networks: vec![net(1, 100)],
+            ports: vec![tap, port(11, 1, 1), port(12, 1, 2)],
+            groups: vec![group(5, &["ingress tcp 22"])],
+            nodes: nodes(2),
+        };
+        let d = desired(NodeId(1), &r);
+        let ids: Vec<PortId> = d.ports.iter().map(|p| p.id).collect();
+        assert_eq!(ids, [PortId(10), PortId(11)], "node 2's port is not here");
+        let p = &d.ports[0];
+        assert_eq!(
+            (p.vni, p.mac, p.ip, p.port_security, p.attachment.clone()),
+            (
+                100,
+                Mac([2, 0, 0, 0, 0, 10]),
+                Some("10.0.0.7".parse().unwrap()),
+                false,
+                Attachment::Tap { ifname: "t0".into() }
+            )
+        );
+        assert_eq!(d.ports[1].attachment, Attachment::Vm);
+        assert_eq!(desired(NodeId(2), &r).ports.iter().map(|p| p.id).collect::<Vec<_>>(), [PortId(12)]);
+    }
+
+    #[test]
+    fn a_network_is_carried_with_its_settings() {
+        let mut n = net(1, 100);
+        n.dns = vec!["9.9.9.9".parse().unwrap()];
+        n.mtu = 1400;
+        let r = Records {
+            networks: vec![n.clone()],
+            ports: vec![port(10, 1, 1)],
+            groups: vec![],
+            nodes: nodes(1),
+        };
+        let d = desired(NodeId(1), &r);
+        let c = &d.networks[0];
+        assert_eq!(
+            (c.vni, c.cidr, c.gateway, c.mtu, c.dns.clone(), c.lease_secs),
+            (n.vni, n.cidr, n.gateway, 1400, n.dns.clone(), n.lease_secs)
+        );
+        assert!(c.answer_gateway, "no uplink: the switch answers for the gateway");
+        assert_eq!(vteps(c), ["192.0.2.9:4789"], "alone in the pool, only the external VTEP");
+    }
+
+    #[test]
+    fn flooding_goes_to_the_nodes_with_ports_on_the_network_and_no_others() {
+        let mut n1 = net(1, 100);
+        n1.external_vteps = vec!["192.0.2.9:8472".into(), "not a vtep".into()];
+        let r = Records {
+            networks: vec![n1, net(2, 200)],
+            // Node 3 is only on network 2; node 4 has no usable VXLAN address.
+            ports: vec![port(10, 1, 1), port(11, 1, 2), port(12, 1, 2), port(13, 2, 3), port(14, 1, 4)],
+            groups: vec![],
+            nodes: vec![
+                node(1, "10.1.0.1:4789"),
+                node(2, "10.1.0.2:4789"),
+                node(3, "10.1.0.3:4789"),
+                node(4, ""),
+            ],
+        };
+        let d = desired(NodeId(1), &r);
+        assert_eq!(d.networks.iter().map(|n| n.vni).collect::<Vec<_>>(), [100]);
+        assert_eq!(vteps(&d.networks[0]), ["10.1.0.2:4789", "192.0.2.9:8472"]);
+        let d = desired(NodeId(2), &r);
+        assert_eq!(vteps(&d.networks[0]), ["10.1.0.1:4789", "192.0.2.9:8472"], "never its own VTEP");
+        let d = desired(NodeId(3), &r);
+        assert_eq!(d.networks.iter().map(|n| n.vni).collect::<Vec<_>>(), [200]);
+        assert_eq!(vteps(&d.networks[0]), ["192.0.2.9:4789"]);
+        assert_eq!(desired(NodeId(5), &r), Desired::default(), "a node with no ports gets nothing");
+    }
+
+    #[test]
+    fn the_uplink_port_is_on_the_uplink_node_only() {
+        let mut n = net(1, 0x64);
+        n.uplink = Some(Uplink { node: NodeId(3), bridge: "br0".into() });
+        let r = Records {
+            networks: vec![n.clone()],
+            ports: vec![port(10, 1, 1), port(11, 1, 2)],
+            groups: vec![],
+            nodes: nodes(4),
+        };
+        let d = desired(NodeId(3), &r);
+        assert_eq!(vteps(&d.networks[0]), ["10.1.0.1:4789", "10.1.0.2:4789", "192.0.2.9:4789"]);
+        assert_eq!(d.ports.len(), 1);
+        let up = &d.ports[0];
+        assert_eq!(
+            (up.id, up.vni, up.mac, up.ip, up.port_security, up.rules.len()),
+            (uplink_port_id(&n), 0x64, nodeos_switch::switch::gateway_mac(0x64), None, false, 0)
+        );
+        assert_eq!(up.attachment, Attachment::Uplink { ifname: "nsu64".into(), bridge: "br0".into() });
+        for me in [1, 2] {
+            let d = desired(NodeId(me), &r);
+            assert!(!d.networks[0].answer_gateway, "a real router sits behind the uplink");
+            assert!(d.networks[0].vteps.contains(&"10.1.0.3:4789".parse().unwrap()));
+            assert!(d.ports.iter().all(|p| !matches!(p.attachment, Attachment::Uplink { .. })), "node {me}");
+        }
+        assert_eq!(desired(NodeId(4), &r), Desired::default());
+    }
+
+    #[test]
+    fn the_uplink_port_id_is_stable_and_differs_per_network() {
+        let (a, b) = (net(1, 100), net(2, 200));
+        assert_eq!(uplink_port_id(&a), uplink_port_id(&a.clone()));
+        assert_ne!(uplink_port_id(&a), uplink_port_id(&b));
+        assert_eq!(uplink_ifname(0xff_ffff), "nsuffffff", "fits a 15-byte interface name");
+    }
+
+    #[test]
+    fn a_port_gets_the_rules_of_its_groups_or_egress_only_without_any() {
+        let mut both = port(10, 1, 1);
+        both.security_groups = vec![SecurityGroupId(5), SecurityGroupId(6)];
+        let mut none = port(11, 1, 1);
+        none.security_groups = vec![];
+        let mut gone = port(12, 1, 1);
+        gone.security_groups = vec![SecurityGroupId(99), SecurityGroupId(5)];
+        let r = Records {
+            networks: vec![net(1, 100)],
+            ports: vec![both, none, gone],
+            groups: vec![group(5, &["ingress tcp 22"]), group(6, &["ingress tcp 443", "ingress udp 53"])],
+            nodes: nodes(1),
+        };
+        let d = desired(NodeId(1), &r);
+        let rules: Vec<Vec<String>> =
+            d.ports.iter().map(|p| p.rules.iter().map(ToString::to_string).collect()).collect();
+        assert_eq!(
+            rules,
+            [
+                vec!["ingress tcp 22 0.0.0.0/0", "ingress tcp 443 0.0.0.0/0", "ingress udp 53 0.0.0.0/0"],
+                vec!["egress any 0.0.0.0/0", "egress any ::/0"],
+                vec!["ingress tcp 22 0.0.0.0/0"],
+            ]
+        );
+    }
+
+    #[test]
+    fn a_port_whose_network_is_not_in_the_records_is_left_out() {
+        let r = Records {
+            networks: vec![net(1, 100)],
+            ports: vec![port(10, 9, 1)],
+            groups: vec![],
+            nodes: nodes(1),
+        };
+        assert_eq!(desired(NodeId(1), &r), Desired::default());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_written_by_networks_give_each_node_its_ports() {
+        let pool = TestPool::single().await.unwrap();
+        let meta = pool.first();
+        for n in nodes(3) {
+            meta.write(Command::put(node_key(n.id), serde_json::to_vec(&n).unwrap())).await.unwrap();
+        }
+        let nets = Networks::new(meta.clone());
+        let n = nets
+            .create_network(NewNetwork {
+                name: "a".into(),
+                cidr: Some("10.7.0.0/24".parse().unwrap()),
+                ..NewNetwork::default()
+            })
+            .await
+            .unwrap();
+        let g = nets.create_security_group("ssh", vec![rule("ingress tcp 22")], false).await.unwrap();
+        let mut made = Vec::new();
+        for node in [1, 2] {
+            let req = NewPort {
+                network: "a".into(),
+                node: NodeId(node),
+                kind: PortKind::Vm { vm: VmId(node), nic: 0 },
+                mac: None,
+                ip: None,
+                security_groups: vec!["ssh".into()],
+                port_security: true,
+            };
+            made.push(nets.create_port(req).await.unwrap());
+        }
+        // A record no one can read must not hide the others.
+        meta.write(Command::put(format!("{PORTS_PREFIX}garbage"), b"{".to_vec())).await.unwrap();
+
+        let (records, rev) = read(&meta).await.unwrap();
+        assert!(rev > 0);
+        assert_eq!((records.networks.len(), records.ports.len(), records.groups.len()), (1, 2, 1));
+        let d = desired(NodeId(1), &records);
+        assert_eq!(d.ports.len(), 1);
+        assert_eq!(
+            (d.ports[0].id, d.ports[0].ip, d.ports[0].rules.clone()),
+            (made[0].id, made[0].ip, g.rules)
+        );
+        assert_eq!((d.networks[0].vni, vteps(&d.networks[0])), (n.vni, vec!["10.1.0.2:4789".to_owned()]));
+        assert_eq!(desired(NodeId(2), &records).ports[0].id, made[1].id);
+        assert_eq!(desired(NodeId(3), &records), Desired::default());
     }
 }

@@ -6,6 +6,8 @@
 //!   and security groups; IPAM (one `ipam/<network>/<ip>` key per leased
 //!   address, taken in the same transaction as the port). Every change is a
 //!   compare-and-swap on the records it reads.
+//! - `rules.rs`: the rules those changes follow (names, blocks, VNIs,
+//!   addresses, MACs, rule sets) as pure functions of the records read.
 //! - `agent.rs`: [`Agent`]: one per node. Watches networks, ports, security
 //!   groups and nodes, builds the switch configuration this node should have
 //!   (its ports, and per network the VTEPs of the other nodes with ports on
@@ -14,6 +16,7 @@
 
 pub mod agent;
 pub mod networks;
+pub mod rules;
 
 pub use agent::Agent;
 pub use networks::{NetworkError, Networks};

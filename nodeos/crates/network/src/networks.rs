@@ -6,32 +6,45 @@
 //!   `network-vnis/`);
 //! - an address of a network belongs to one port (`ipam/<network>/<ip>`),
 //!   never the gateway, the network or the broadcast address;
+//! - a port's network and security groups exist;
 //! - a network with ports, and a security group used by ports, cannot be
 //!   deleted.
+//!
+//! The last one spans records no single compare covers (a new port is a new
+//! key), so a new port, or a port given groups, also rewrites the name
+//! entries (`network-names/<name>`, `security-group-names/<name>`) of its
+//! network and groups with the value they have. That moves their revisions
+//! and nothing else: a delete reads the entry's revision before it counts
+//! the users and compares it when it writes, so it fails rather than strand
+//! a port made in between. A port's own compares are on the records, which
+//! ports never write, so ports made at once do not conflict with each other.
+//!
+//! The rules themselves are pure functions in [`crate::rules`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 
 use nodeos_meta::command::{Compare, Op, Txn};
 use nodeos_meta::{Command, Consistency, MetaError, MetaHandle};
-use nodeos_switch::vxlan::{MAX_VNI, VXLAN_PORT};
+use nodeos_switch::vxlan::MAX_VNI;
 use nodeos_types::net::{Cidr, MacAddr, SecurityRule};
 use nodeos_types::records::{
-    DEFAULT_NETWORK_MTU, IPAM_PREFIX, NETWORK_VNIS_PREFIX, NETWORKS_PREFIX, NODES_PREFIX, NetworkRecord,
-    NodeRecord, PORTS_PREFIX, PortKind, PortRecord, SECURITY_GROUPS_PREFIX, SecurityGroupRecord, Uplink,
-    ipam_key, network_key, network_name_key, network_vni_key, node_key, port_key, security_group_key,
-    security_group_name_key,
+    IPAM_PREFIX, NETWORK_VNIS_PREFIX, NETWORKS_PREFIX, NODES_PREFIX, NetworkRecord, NodeRecord, PORTS_PREFIX,
+    PortKind, PortRecord, SECURITY_GROUPS_PREFIX, SecurityGroupRecord, Uplink, ipam_key, network_key,
+    network_name_key, network_vni_key, node_key, port_key, security_group_key, security_group_name_key,
 };
 use nodeos_types::{NetworkId, NodeId, PortId, SecurityGroupId, VmId, unix_millis};
 use tracing::info;
 
-/// First VNI handed out when none is asked for (lower ones are left to operators).
-const FIRST_AUTO_VNI: u32 = 4096;
-const DEFAULT_LEASE_SECS: u32 = 86400;
-/// MTU bounds: IPv4's minimum, and a 9216-byte jumbo frame less the tunnel overhead.
-const MTU_RANGE: std::ops::RangeInclusive<u16> = 576..=9000;
-/// Retries of a transaction that lost a race (an address taken meanwhile).
+use crate::rules::{self, check_name};
+pub use crate::rules::{check_ifname, parse_vtep};
+
+/// Retries of a transaction whose records changed under it.
 const TXN_RETRIES: usize = 8;
+/// Tries of a request that keeps losing the key it picked (an address, a
+/// VNI) to others. Each loss is another request's success, so this only
+/// bounds a pathological churn; racers that many all get served.
+const RACE_RETRIES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -59,7 +72,7 @@ pub enum NetworkError {
     Mtu(u16),
     #[error("lease time must be 60..=31536000 seconds, got {0}")]
     Lease(u32),
-    #[error("external VTEP {0:?} is not ip or ip:port")]
+    #[error("external VTEP {0:?} is not a unicast ip or ip:port")]
     Vtep(String),
     #[error("interface name {0:?} must be 1..=15 characters of a-z, A-Z, 0-9, '-', '_' and '.'")]
     Ifname(String),
@@ -97,34 +110,6 @@ impl From<MetaError> for NetworkError {
     }
 }
 
-fn check_name(what: &'static str, name: &str) -> Result<(), NetworkError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok { Ok(()) } else { Err(NetworkError::Name { what, name: name.chars().take(80).collect() }) }
-}
-
-/// Linux interface names: what `ip link` accepts and a tap may be called.
-pub fn check_ifname(name: &str) -> Result<(), NetworkError> {
-    let ok = !name.is_empty()
-        && name.len() <= 15
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok { Ok(()) } else { Err(NetworkError::Ifname(name.chars().take(32).collect())) }
-}
-
-/// Parses an external VTEP, `ip` or `ip:port` (port 4789 by default).
-pub fn parse_vtep(s: &str) -> Result<SocketAddr, NetworkError> {
-    let bad = || NetworkError::Vtep(s.chars().take(64).collect());
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return if a.port() == 0 || a.ip().is_unspecified() { Err(bad()) } else { Ok(a) };
-    }
-    let ip: IpAddr = s.parse().map_err(|_| bad())?;
-    if ip.is_unspecified() || ip.is_multicast() {
-        return Err(bad());
-    }
-    Ok(SocketAddr::new(ip, VXLAN_PORT))
-}
-
 fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, NetworkError> {
     serde_json::from_slice(value).map_err(|_| NetworkError::Record(key.to_owned()))
 }
@@ -143,6 +128,42 @@ fn absent(key: &str) -> Compare {
 
 fn unchanged(key: &str, rev: u64) -> Compare {
     Compare::ModRevision { key: key.to_owned(), equals: rev }
+}
+
+/// What a port listing `groups` adds to its transaction: compares that the
+/// groups are as read (so still there), and their name entries rewritten
+/// with the value they have (see the module docs).
+fn group_users(groups: &[(SecurityGroupRecord, u64)]) -> (Vec<Compare>, Vec<Op>) {
+    groups
+        .iter()
+        .map(|(g, rev)| {
+            (
+                unchanged(&security_group_key(g.id), *rev),
+                put(security_group_name_key(&g.name), g.id.to_string().into_bytes()),
+            )
+        })
+        .unzip()
+}
+
+/// How many times a request has failed its compare-and-swap, by cause.
+#[derive(Debug, Default)]
+struct Retries {
+    conflicts: usize,
+    races: usize,
+}
+
+impl Retries {
+    /// The records it read changed under it.
+    fn conflict(&mut self) -> Result<(), NetworkError> {
+        self.conflicts += 1;
+        if self.conflicts >= TXN_RETRIES { Err(NetworkError::Conflict) } else { Ok(()) }
+    }
+
+    /// Another request took the key it picked: it picks again.
+    fn lost_race(&mut self) -> Result<(), NetworkError> {
+        self.races += 1;
+        if self.races >= RACE_RETRIES { Err(NetworkError::Conflict) } else { Ok(()) }
+    }
 }
 
 /// A network to create.
@@ -248,36 +269,12 @@ impl Networks {
     }
 
     pub async fn create_network(&self, req: NewNetwork) -> Result<NetworkRecord, NetworkError> {
-        check_name("network", &req.name)?;
-        let cidr =
-            req.cidr.ok_or(NetworkError::Cidr(Cidr::new(Ipv4Addr::UNSPECIFIED.into(), 0).expect("valid")))?;
-        if !(8..=30).contains(&cidr.prefix()) || cidr.hosts_v4().is_none() {
-            return Err(NetworkError::Cidr(cidr));
-        }
-        let gateway = match (req.no_gateway, req.gateway) {
-            (true, _) => None,
-            (false, Some(g)) => Some(g),
-            (false, None) => cidr.hosts_v4().map(|h| Ipv4Addr::from(*h.start())),
-        };
-        if let Some(g) = gateway {
-            check_host(&cidr, g, "gateway")?;
-        }
-        let mtu = req.mtu.unwrap_or(DEFAULT_NETWORK_MTU);
-        if !MTU_RANGE.contains(&mtu) {
-            return Err(NetworkError::Mtu(mtu));
-        }
-        let lease_secs = req.lease_secs.unwrap_or(DEFAULT_LEASE_SECS);
-        check_lease(lease_secs)?;
-        let external_vteps = check_vteps(&req.external_vteps)?;
+        let plan = rules::plan_network(&req)?;
         if let Some(u) = &req.uplink {
-            self.check_uplink(u).await?;
+            self.check_node(u.node).await?;
         }
-        if let Some(v) = req.vni
-            && !(1..=MAX_VNI).contains(&v)
-        {
-            return Err(NetworkError::Vni(v));
-        }
-        for _ in 0..TXN_RETRIES {
+        let mut retries = Retries::default();
+        loop {
             let vni = match req.vni {
                 Some(v) => v,
                 None => self.free_vni().await?,
@@ -287,13 +284,13 @@ impl Networks {
                 id: NetworkId::random(),
                 name: req.name.clone(),
                 vni,
-                cidr,
-                gateway,
-                mtu,
+                cidr: plan.cidr,
+                gateway: plan.gateway,
+                mtu: plan.mtu,
                 dns: req.dns.clone(),
-                lease_secs,
+                lease_secs: plan.lease_secs,
                 uplink: req.uplink.clone(),
-                external_vteps: external_vteps.clone(),
+                external_vteps: plan.external_vteps.clone(),
                 created_at_ms: now,
                 updated_at_ms: now,
             };
@@ -313,27 +310,35 @@ impl Networks {
                 info!(network = %r.name, id = %r.id, vni, cidr = %r.cidr, "network created");
                 return Ok(r);
             }
-            if self.meta.get(&name_key, Consistency::Linearizable).await?.0.is_some() {
+            if self.revision(&name_key).await? != 0 {
                 return Err(NetworkError::NameTaken { what: "network", name: r.name });
             }
-            if req.vni.is_some() {
+            if self.revision(&vni_key).await? == 0 {
+                retries.conflict()?;
+            } else if req.vni.is_some() {
                 return Err(NetworkError::VniTaken(vni));
+            } else {
+                retries.lost_race()?;
             }
         }
-        Err(NetworkError::Conflict)
+    }
+
+    /// The mod revision of `key`, 0 when it is absent.
+    async fn revision(&self, key: &str) -> Result<u64, NetworkError> {
+        Ok(self.meta.get(key, Consistency::Linearizable).await?.0.map_or(0, |kv| kv.mod_revision))
     }
 
     async fn free_vni(&self) -> Result<u32, NetworkError> {
         let (kvs, _) = self.meta.range(NETWORK_VNIS_PREFIX, 0, Consistency::Linearizable).await?;
         let used: BTreeSet<u32> =
             kvs.iter().filter_map(|kv| kv.key.strip_prefix(NETWORK_VNIS_PREFIX)?.parse().ok()).collect();
-        (FIRST_AUTO_VNI..=MAX_VNI).find(|v| !used.contains(v)).ok_or(NetworkError::Vni(0))
+        // Vni(0) is how callers tell "none left" from a bad request.
+        rules::lowest_free_vni(&used).ok_or(NetworkError::Vni(0))
     }
 
-    async fn check_uplink(&self, u: &Uplink) -> Result<(), NetworkError> {
-        check_ifname(&u.bridge)?;
-        let (kv, _) = self.meta.get(&node_key(u.node), Consistency::Linearizable).await?;
-        kv.map(|_| ()).ok_or(NetworkError::NoNode(u.node))
+    async fn check_node(&self, node: NodeId) -> Result<(), NetworkError> {
+        let (kv, _) = self.meta.get(&node_key(node), Consistency::Linearizable).await?;
+        kv.map(|_| ()).ok_or(NetworkError::NoNode(node))
     }
 
     pub async fn update_network(
@@ -341,35 +346,14 @@ impl Networks {
         network: &str,
         u: NetworkUpdate,
     ) -> Result<NetworkRecord, NetworkError> {
-        if let Some(m) = u.mtu
-            && !MTU_RANGE.contains(&m)
-        {
-            return Err(NetworkError::Mtu(m));
-        }
-        if let Some(l) = u.lease_secs {
-            check_lease(l)?;
-        }
-        let vteps = u.external_vteps.as_deref().map(check_vteps).transpose()?;
+        let u = rules::check_update(u)?;
         if let Some(Some(up)) = &u.uplink {
-            self.check_uplink(up).await?;
+            self.check_node(up.node).await?;
         }
-        for _ in 0..TXN_RETRIES {
+        let mut retries = Retries::default();
+        loop {
             let (mut r, rev) = self.network(network).await?;
-            if let Some(m) = u.mtu {
-                r.mtu = m;
-            }
-            if let Some(d) = &u.dns {
-                r.dns = d.clone();
-            }
-            if let Some(l) = u.lease_secs {
-                r.lease_secs = l;
-            }
-            if let Some(up) = &u.uplink {
-                r.uplink = up.clone();
-            }
-            if let Some(v) = &vteps {
-                r.external_vteps = v.clone();
-            }
+            rules::apply_update(&mut r, &u);
             r.updated_at_ms = unix_millis();
             let key = network_key(r.id);
             let ok = self
@@ -383,33 +367,39 @@ impl Networks {
                 info!(network = %r.name, "network changed");
                 return Ok(r);
             }
+            retries.conflict()?;
         }
-        Err(NetworkError::Conflict)
     }
 
     pub async fn delete_network(&self, network: &str) -> Result<NetworkRecord, NetworkError> {
-        let (r, rev) = self.network(network).await?;
-        let ports = self.ports_of(r.id).await?.len();
-        if ports > 0 {
-            return Err(NetworkError::HasPorts { network: r.name, ports });
+        let mut retries = Retries::default();
+        loop {
+            let (r, rev) = self.network(network).await?;
+            let key = network_key(r.id);
+            let name_key = network_name_key(&r.name);
+            // Read before the ports are counted; see the module docs.
+            let name_rev = self.revision(&name_key).await?;
+            let ports = self.ports_of(r.id).await?.len();
+            if ports > 0 {
+                return Err(NetworkError::HasPorts { network: r.name, ports });
+            }
+            let ok = self
+                .txn(Txn {
+                    compares: vec![unchanged(&key, rev), unchanged(&name_key, name_rev)],
+                    success: vec![
+                        Op::Delete { key },
+                        Op::Delete { key: name_key },
+                        Op::Delete { key: network_vni_key(r.vni) },
+                    ],
+                    failure: vec![],
+                })
+                .await?;
+            if ok {
+                info!(network = %r.name, "network deleted");
+                return Ok(r);
+            }
+            retries.conflict()?;
         }
-        let key = network_key(r.id);
-        let ok = self
-            .txn(Txn {
-                compares: vec![unchanged(&key, rev)],
-                success: vec![
-                    Op::Delete { key },
-                    Op::Delete { key: network_name_key(&r.name) },
-                    Op::Delete { key: network_vni_key(r.vni) },
-                ],
-                failure: vec![],
-            })
-            .await?;
-        if !ok {
-            return Err(NetworkError::Conflict);
-        }
-        info!(network = %r.name, "network deleted");
-        Ok(r)
     }
 
     // ---- ports ----
@@ -443,65 +433,37 @@ impl Networks {
             .ok_or_else(|| NetworkError::NoPort(port.to_owned()))
     }
 
-    async fn group_ids(&self, groups: &[String]) -> Result<Vec<SecurityGroupId>, NetworkError> {
-        if groups.len() > 16 {
+    /// The groups named, each once, with their records' mod revisions.
+    async fn groups(&self, names: &[String]) -> Result<Vec<(SecurityGroupRecord, u64)>, NetworkError> {
+        if names.len() > rules::MAX_GROUPS_PER_PORT {
             return Err(NetworkError::TooManyGroups);
         }
-        let mut ids = Vec::new();
-        for g in groups {
-            let id = self.security_group(g).await?.0.id;
-            if !ids.contains(&id) {
-                ids.push(id);
+        let mut out: Vec<(SecurityGroupRecord, u64)> = Vec::new();
+        for name in names {
+            let (g, rev) = self.security_group(name).await?;
+            if !out.iter().any(|(x, _)| x.id == g.id) {
+                out.push((g, rev));
             }
         }
-        Ok(ids)
+        Ok(out)
     }
 
     pub async fn create_port(&self, req: NewPort) -> Result<PortRecord, NetworkError> {
         let (net, _) = self.network(&req.network).await?;
         let net_id = net.id;
-        if self.meta.get(&node_key(req.node), Consistency::Linearizable).await?.0.is_none() {
-            return Err(NetworkError::NoNode(req.node));
-        }
-        if let Some(m) = req.mac
-            && !m.is_unicast()
-        {
-            return Err(NetworkError::Mac(m));
-        }
-        if let Some(ip) = req.ip {
-            check_host(&net.cidr, ip, "ip")?;
-            if Some(ip) == net.gateway {
-                return Err(NetworkError::IpTaken { ip, network: net.name });
-            }
-        }
-        let groups = self.group_ids(&req.security_groups).await?;
-        for _ in 0..TXN_RETRIES {
-            // Re-read: the port is only made on the network as it stands.
-            let (net, net_rev) = self.network(&net_id.to_string()).await?;
+        self.check_node(req.node).await?;
+        rules::check_port(&net, &req)?;
+        let mut retries = Retries::default();
+        loop {
+            // Re-read: the port is only made on the network and groups as they stand.
+            let (net, net_rev) = self.network(&net_id.to_string()).await.map_err(|e| match e {
+                NetworkError::NoNetwork(_) => NetworkError::NoNetwork(req.network.clone()),
+                e => e,
+            })?;
+            let groups = self.groups(&req.security_groups).await?;
             let ports = self.list_ports().await?;
-            if let PortKind::Tap { ifname } = &req.kind {
-                check_ifname(ifname)?;
-                let taken = ports.iter().any(|p| {
-                    p.node == req.node && matches!(&p.kind, PortKind::Tap { ifname: i } if i == ifname)
-                });
-                if taken {
-                    return Err(NetworkError::IfnameTaken { node: req.node, ifname: ifname.clone() });
-                }
-            }
-            let macs: BTreeSet<MacAddr> =
-                ports.iter().filter(|p| p.network == net.id).map(|p| p.mac).collect();
-            let mac = match req.mac {
-                Some(m) if macs.contains(&m) => {
-                    return Err(NetworkError::MacTaken { mac: m, network: net.name });
-                }
-                Some(m) => m,
-                None => loop {
-                    let m = MacAddr::random();
-                    if !macs.contains(&m) {
-                        break m;
-                    }
-                },
-            };
+            rules::check_tap_free(&ports, req.node, &req.kind)?;
+            let mac = rules::port_mac(&ports, &net, req.mac, MacAddr::random)?;
             let ip = match req.ip {
                 Some(ip) => ip,
                 None => self.free_ip(&net).await?,
@@ -514,40 +476,43 @@ impl Networks {
                 kind: req.kind.clone(),
                 mac,
                 ip: Some(ip),
-                security_groups: groups.clone(),
+                security_groups: groups.iter().map(|(g, _)| g.id).collect(),
                 port_security: req.port_security,
                 created_at_ms: now,
                 updated_at_ms: now,
             };
             let lease = ipam_key(net.id, ip);
-            let ok = self
-                .txn(Txn {
-                    compares: vec![absent(&lease), unchanged(&network_key(net.id), net_rev)],
-                    success: vec![put(port_key(p.id), encode(&p)), put(lease, p.id.to_string().into_bytes())],
-                    failure: vec![],
-                })
-                .await?;
-            if ok {
+            let mut compares = vec![absent(&lease), unchanged(&network_key(net.id), net_rev)];
+            let mut success = vec![
+                put(port_key(p.id), encode(&p)),
+                put(lease.clone(), p.id.to_string().into_bytes()),
+                // Same value, new revision: see the module docs.
+                put(network_name_key(&net.name), net.id.to_string().into_bytes()),
+            ];
+            let (more_compares, more_success) = group_users(&groups);
+            compares.extend(more_compares);
+            success.extend(more_success);
+            if self.txn(Txn { compares, success, failure: vec![] }).await? {
                 info!(port = %p.id, network = %net.name, node = %p.node, mac = %p.mac, ip = %ip, "port created");
                 return Ok(p);
             }
-            if req.ip.is_some() {
+            if self.revision(&lease).await? == 0 {
+                // The network or a group changed: the address is still free.
+                retries.conflict()?;
+            } else if req.ip.is_some() {
                 return Err(NetworkError::IpTaken { ip, network: net.name });
+            } else {
+                retries.lost_race()?;
             }
         }
-        Err(NetworkError::Conflict)
     }
 
     async fn free_ip(&self, net: &NetworkRecord) -> Result<Ipv4Addr, NetworkError> {
         let prefix = format!("{IPAM_PREFIX}{}/", net.id);
         let (kvs, _) = self.meta.range(&prefix, 0, Consistency::Linearizable).await?;
-        let used: BTreeSet<Ipv4Addr> =
+        let leased: BTreeSet<Ipv4Addr> =
             kvs.iter().filter_map(|kv| kv.key.strip_prefix(&prefix)?.parse().ok()).collect();
-        let hosts = net.cidr.hosts_v4().ok_or_else(|| NetworkError::Full(net.name.clone()))?;
-        hosts
-            .map(Ipv4Addr::from)
-            .find(|ip| !used.contains(ip) && Some(*ip) != net.gateway)
-            .ok_or_else(|| NetworkError::Full(net.name.clone()))
+        rules::lowest_free_ip(net, &leased)
     }
 
     /// Replaces a port's security groups and port-security switch.
@@ -557,47 +522,50 @@ impl Networks {
         groups: Option<Vec<String>>,
         port_security: Option<bool>,
     ) -> Result<PortRecord, NetworkError> {
-        let ids = match &groups {
-            Some(g) => Some(self.group_ids(g).await?),
-            None => None,
-        };
-        for _ in 0..TXN_RETRIES {
+        let mut retries = Retries::default();
+        loop {
+            let groups = match &groups {
+                Some(g) => Some(self.groups(g).await?),
+                None => None,
+            };
             let (mut p, rev) = self.port(port).await?;
-            if let Some(ids) = &ids {
-                p.security_groups = ids.clone();
+            if let Some(groups) = &groups {
+                p.security_groups = groups.iter().map(|(g, _)| g.id).collect();
             }
             if let Some(s) = port_security {
                 p.port_security = s;
             }
             p.updated_at_ms = unix_millis();
             let key = port_key(p.id);
-            let ok = self
-                .txn(Txn {
-                    compares: vec![unchanged(&key, rev)],
-                    success: vec![put(key, encode(&p))],
-                    failure: vec![],
-                })
-                .await?;
-            if ok {
+            let mut compares = vec![unchanged(&key, rev)];
+            let mut success = vec![put(key, encode(&p))];
+            let (more_compares, more_success) = group_users(groups.as_deref().unwrap_or_default());
+            compares.extend(more_compares);
+            success.extend(more_success);
+            if self.txn(Txn { compares, success, failure: vec![] }).await? {
                 info!(port = %p.id, "port security changed");
                 return Ok(p);
             }
+            retries.conflict()?;
         }
-        Err(NetworkError::Conflict)
     }
 
     pub async fn delete_port(&self, port: &str) -> Result<PortRecord, NetworkError> {
-        let (p, rev) = self.port(port).await?;
-        let key = port_key(p.id);
-        let mut success = vec![Op::Delete { key: key.clone() }];
-        if let Some(ip) = p.ip {
-            success.push(Op::Delete { key: ipam_key(p.network, ip) });
+        let mut retries = Retries::default();
+        loop {
+            let (p, rev) = self.port(port).await?;
+            let key = port_key(p.id);
+            let mut success = vec![Op::Delete { key: key.clone() }];
+            if let Some(ip) = p.ip {
+                success.push(Op::Delete { key: ipam_key(p.network, ip) });
+            }
+            if self.txn(Txn { compares: vec![unchanged(&key, rev)], success, failure: vec![] }).await? {
+                info!(port = %p.id, "port deleted");
+                return Ok(p);
+            }
+            // Changed meanwhile (its groups, say): delete it as it is now.
+            retries.conflict()?;
         }
-        if !self.txn(Txn { compares: vec![unchanged(&key, rev)], success, failure: vec![] }).await? {
-            return Err(NetworkError::Conflict);
-        }
-        info!(port = %p.id, "port deleted");
-        Ok(p)
     }
 
     // ---- security groups ----
@@ -621,21 +589,11 @@ impl Networks {
     pub async fn create_security_group(
         &self,
         name: &str,
-        mut rules: Vec<SecurityRule>,
+        rules: Vec<SecurityRule>,
         default_egress: bool,
     ) -> Result<SecurityGroupRecord, NetworkError> {
         check_name("security group", name)?;
-        if default_egress {
-            for r in ["egress any 0.0.0.0/0", "egress any ::/0"] {
-                let r: SecurityRule = r.parse().expect("fixed rule text parses");
-                if !rules.contains(&r) {
-                    rules.push(r);
-                }
-            }
-        }
-        if rules.len() > 256 {
-            return Err(NetworkError::TooManyRules);
-        }
+        let rules = rules::new_group_rules(&rules, default_egress)?;
         let now = unix_millis();
         let g = SecurityGroupRecord {
             id: SecurityGroupId::random(),
@@ -669,23 +627,10 @@ impl Networks {
         add: &[SecurityRule],
         remove: &[SecurityRule],
     ) -> Result<SecurityGroupRecord, NetworkError> {
-        for _ in 0..TXN_RETRIES {
+        let mut retries = Retries::default();
+        loop {
             let (mut g, rev) = self.security_group(group).await?;
-            for r in remove {
-                let before = g.rules.len();
-                g.rules.retain(|x| x != r);
-                if g.rules.len() == before {
-                    return Err(NetworkError::NoRule { group: g.name, rule: r.to_string() });
-                }
-            }
-            for r in add {
-                if !g.rules.contains(r) {
-                    g.rules.push(*r);
-                }
-            }
-            if g.rules.len() > 256 {
-                return Err(NetworkError::TooManyRules);
-            }
+            g.rules = rules::change_rule_set(&g.name, &g.rules, add, remove)?;
             g.updated_at_ms = unix_millis();
             let key = security_group_key(g.id);
             let ok = self
@@ -699,29 +644,35 @@ impl Networks {
                 info!(group = %g.name, rules = g.rules.len(), "security group rules changed");
                 return Ok(g);
             }
+            retries.conflict()?;
         }
-        Err(NetworkError::Conflict)
     }
 
     pub async fn delete_security_group(&self, group: &str) -> Result<SecurityGroupRecord, NetworkError> {
-        let (g, rev) = self.security_group(group).await?;
-        let users = self.list_ports().await?.iter().filter(|p| p.security_groups.contains(&g.id)).count();
-        if users > 0 {
-            return Err(NetworkError::GroupInUse { group: g.name, ports: users });
+        let mut retries = Retries::default();
+        loop {
+            let (g, rev) = self.security_group(group).await?;
+            let key = security_group_key(g.id);
+            let name_key = security_group_name_key(&g.name);
+            // Read before the users are counted; see the module docs.
+            let name_rev = self.revision(&name_key).await?;
+            let users = rules::users_of_group(&self.list_ports().await?, g.id);
+            if users > 0 {
+                return Err(NetworkError::GroupInUse { group: g.name, ports: users });
+            }
+            let ok = self
+                .txn(Txn {
+                    compares: vec![unchanged(&key, rev), unchanged(&name_key, name_rev)],
+                    success: vec![Op::Delete { key }, Op::Delete { key: name_key }],
+                    failure: vec![],
+                })
+                .await?;
+            if ok {
+                info!(group = %g.name, "security group deleted");
+                return Ok(g);
+            }
+            retries.conflict()?;
         }
-        let key = security_group_key(g.id);
-        let ok = self
-            .txn(Txn {
-                compares: vec![unchanged(&key, rev)],
-                success: vec![Op::Delete { key }, Op::Delete { key: security_group_name_key(&g.name) }],
-                failure: vec![],
-            })
-            .await?;
-        if !ok {
-            return Err(NetworkError::Conflict);
-        }
-        info!(group = %g.name, "security group deleted");
-        Ok(g)
     }
 
     /// Every node record, by id.
@@ -736,50 +687,22 @@ impl Networks {
     }
 }
 
-fn check_host(cidr: &Cidr, ip: Ipv4Addr, what: &'static str) -> Result<(), NetworkError> {
-    let ok = cidr.hosts_v4().is_some_and(|h| h.contains(&u32::from(ip)));
-    if ok { Ok(()) } else { Err(NetworkError::NotInNetwork { what, ip, cidr: *cidr }) }
-}
-
-fn check_lease(secs: u32) -> Result<(), NetworkError> {
-    if (60..=31_536_000).contains(&secs) { Ok(()) } else { Err(NetworkError::Lease(secs)) }
-}
-
-fn check_vteps(v: &[String]) -> Result<Vec<String>, NetworkError> {
-    if v.len() > 64 {
-        return Err(NetworkError::Vtep(format!("{} VTEPs (at most 64)", v.len())));
-    }
-    v.iter().map(|s| parse_vtep(s).map(|a| a.to_string())).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn vteps_parse_with_the_standard_port_by_default() {
-        assert_eq!(parse_vtep("10.0.0.5").unwrap(), "10.0.0.5:4789".parse().unwrap());
-        assert_eq!(parse_vtep("10.0.0.5:8472").unwrap(), "10.0.0.5:8472".parse().unwrap());
-        for bad in ["", "10.0.0.5:0", "0.0.0.0", "host", "239.1.1.1", "10.0.0.5:99999"] {
-            assert!(parse_vtep(bad).is_err(), "{bad}");
+    fn conflicts_give_up_after_a_few_tries_and_lost_races_after_many() {
+        let mut r = Retries::default();
+        for _ in 1..TXN_RETRIES {
+            assert!(r.conflict().is_ok());
         }
-    }
-
-    #[test]
-    fn names_and_ifnames_are_checked() {
-        assert!(check_name("network", "tenant-a_1").is_ok());
-        assert!(check_name("network", "Tenant").is_err());
-        assert!(check_ifname("nt-a.0").is_ok());
-        assert!(check_ifname("a/b").is_err());
-        assert!(check_ifname("sixteen-chars-xx").is_err());
-    }
-
-    #[test]
-    fn hosts_exclude_network_and_broadcast() {
-        let c: Cidr = "10.9.0.0/30".parse().unwrap();
-        assert!(check_host(&c, Ipv4Addr::new(10, 9, 0, 1), "ip").is_ok());
-        assert!(check_host(&c, Ipv4Addr::new(10, 9, 0, 0), "ip").is_err());
-        assert!(check_host(&c, Ipv4Addr::new(10, 9, 0, 3), "ip").is_err());
-        assert!(check_host(&c, Ipv4Addr::new(10, 9, 1, 1), "ip").is_err());
+        assert!(matches!(r.conflict(), Err(NetworkError::Conflict)));
+        let mut r = Retries::default();
+        for _ in 1..RACE_RETRIES {
+            assert!(r.lost_race().is_ok());
+        }
+        assert!(r.conflict().is_ok(), "the two causes are counted apart");
+        assert!(matches!(r.lost_race(), Err(NetworkError::Conflict)));
     }
 }
