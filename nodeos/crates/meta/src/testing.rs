@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use nodeos_types::NodeId;
 use nodeos_types::auth::PoolKey;
+use nodeos_types::records::{NodeRecord, node_key};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -33,7 +34,7 @@ use tempfile::TempDir;
 use crate::handle::{Forwarder, serve_forwarded};
 use crate::network::{PeerClient, PeerError};
 use crate::peer::{ForwardError, Forwarded, ForwardedReply};
-use crate::{MetaConfig, MetaError, MetaHandle, Raft, TypeConfig};
+use crate::{Command, MetaConfig, MetaError, MetaHandle, Raft, TypeConfig};
 
 /// Raft timing fast enough for tests: 50 ms heartbeats, 150–300 ms elections.
 pub fn fast_config() -> Config {
@@ -43,6 +44,23 @@ pub fn fast_config() -> Config {
         election_timeout_min: 150,
         election_timeout_max: 300,
         ..Config::default()
+    }
+}
+
+/// A node's record as it would write it on joining, with every address
+/// derived from its id (`node-<id>:7700` API, `node-<id>:7800` replicas,
+/// `10.255.0.<n>:4789` VXLAN, 1 TiB of replica room); tests change what they need.
+pub fn node_record(id: NodeId) -> NodeRecord {
+    NodeRecord {
+        id,
+        address: format!("node-{id}:7700"),
+        hostname: format!("node-{}", id.0),
+        version: "test".into(),
+        image_hash: String::new(),
+        joined_at_ms: nodeos_types::unix_millis(),
+        block_address: format!("node-{id}:7800"),
+        block_capacity: 1 << 40,
+        vxlan_address: format!("10.255.0.{}:4789", id.0 % 256),
     }
 }
 
@@ -379,6 +397,13 @@ impl TestPool {
 
     pub fn router(&self) -> &Router {
         &self.router
+    }
+
+    /// Records a node in the pool's key space (what a joining node writes).
+    pub async fn put_node(&self, record: &NodeRecord) -> Result<(), MetaError> {
+        let value = serde_json::to_vec(record).map_err(|e| MetaError::Refused(e.to_string()))?;
+        self.leader().await?.write(Command::put(node_key(record.id), value)).await?;
+        Ok(())
     }
 
     /// Waits until exactly one of `among` leads and all of `among` follow it.

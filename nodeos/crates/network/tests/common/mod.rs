@@ -9,12 +9,12 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use nodeos_meta::testing::TestPool;
-use nodeos_meta::{Command, Consistency, MetaHandle};
+use nodeos_meta::testing::{TestPool, node_record};
+use nodeos_meta::{Consistency, MetaHandle};
 use nodeos_network::networks::{NewNetwork, NewPort};
 use nodeos_network::{NetworkError, Networks};
-use nodeos_types::records::{NetworkRecord, NodeRecord, PortKind, PortRecord, node_key};
-use nodeos_types::{NodeId, unix_millis};
+use nodeos_types::NodeId;
+use nodeos_types::records::{NetworkRecord, NodeRecord, PortKind, PortRecord};
 
 pub struct Bed {
     pub pool: TestPool,
@@ -57,18 +57,8 @@ impl Bed {
     }
 
     pub async fn add_node(&self, id: NodeId) {
-        let rec = NodeRecord {
-            id,
-            address: format!("node-{id}:7700"),
-            hostname: format!("node-{}", id.0),
-            version: "test".into(),
-            image_hash: String::new(),
-            joined_at_ms: unix_millis(),
-            block_address: String::new(),
-            block_capacity: 0,
-            vxlan_address: format!("10.255.0.{}:4789", id.0),
-        };
-        self.meta().write(Command::put(node_key(id), serde_json::to_vec(&rec).unwrap())).await.unwrap();
+        let rec = NodeRecord { block_address: String::new(), block_capacity: 0, ..node_record(id) };
+        self.pool.put_node(&rec).await.unwrap();
     }
 
     pub async fn dump(&self) -> Dump {

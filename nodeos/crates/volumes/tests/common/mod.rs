@@ -14,9 +14,9 @@ use nodeos_block::store::mem::MemStore;
 use nodeos_block::store::{ExtentStore, LayerExtent};
 use nodeos_block::transport::MemTransport;
 use nodeos_meta::Command;
-use nodeos_meta::testing::TestPool;
-use nodeos_types::records::{NodeRecord, VolumeRecord, node_key};
-use nodeos_types::{NodeId, unix_millis};
+use nodeos_meta::testing::{TestPool, node_record};
+use nodeos_types::NodeId;
+use nodeos_types::records::{VolumeRecord, node_key};
 use nodeos_volumes::{Controller, ControllerConfig, NewVolume, Volumes};
 
 pub struct Bed {
@@ -46,19 +46,7 @@ impl Bed {
         let store = Arc::new(MemStore::new());
         self.transport.add(id, Arc::new(Replica::new(store.clone())));
         self.stores.insert(id, store);
-        let rec = NodeRecord {
-            id,
-            address: format!("node-{id}:7700"),
-            hostname: format!("node-{}", id.0),
-            version: "test".into(),
-            image_hash: String::new(),
-            joined_at_ms: unix_millis(),
-            block_address: format!("node-{id}:7800"),
-            block_capacity: 1 << 40,
-            vxlan_address: String::new(),
-        };
-        let meta = self.pool.first();
-        meta.write(Command::put(node_key(id), serde_json::to_vec(&rec).unwrap())).await.unwrap();
+        self.pool.put_node(&node_record(id)).await.unwrap();
     }
 
     /// A node leaves the pool (its record goes).
