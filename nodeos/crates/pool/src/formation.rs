@@ -1,14 +1,22 @@
 //! [`Formation`]: the task that turns a started node into a pool member and
 //! keeps the pool's membership growing.
 //!
-//! Each round (one second) it probes seeds and nodes heard by beacon with an
-//! authenticated hello, applies [`crate::decide::decide`], and acts: join through
-//! a member, initialise raft, or, once formed, keep this node's record current.
-//! On the leader it also writes the pool record once and promotes caught-up
-//! learners to voters while the pool has fewer than [`crate::MAX_VOTERS`].
+//! Each round ([`crate::pace::round`]) it greets seeds and known nodes with an
+//! authenticated hello, feeds the answers to its [`Discovery`] table, applies
+//! the rule, and acts: join through a member, initialise raft, or, once
+//! formed, keep this node's record current. On the leader it also writes the
+//! pool record once and promotes caught-up learners to voters while the pool
+//! has fewer than [`crate::MAX_VOTERS`]. Every decision is made by the
+//! sans-IO modules (`discovery`, `decide`, `membership`, `pace`); this file
+//! only does the IO and the logging.
+//!
+//! Tasks: [`Formation::spawn`] starts the round loop and, with a discovery
+//! interface, the beacon loop; both end when the shutdown flag turns true.
+//! The peer API calls [`Formation::hello_reply`] and [`Formation::serve_join`]
+//! from its own tasks.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nodeos_meta::BasicNode;
@@ -22,22 +30,13 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::beacon;
-use crate::decide::{Decision, Seen, WaitReason, decide};
-
-/// Discovery round while the node is not a pool member yet.
-const FORMING_ROUND: Duration = Duration::from_millis(250);
-/// Upkeep round once it is.
-const ROUND: Duration = Duration::from_secs(1);
-const HELLO_TIMEOUT: Duration = Duration::from_millis(900);
-const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Least time between two join requests of a node waiting to be admitted.
-const JOIN_EVERY: Duration = Duration::from_secs(2);
-/// A node not heard from for this long is forgotten by discovery.
-const FORGET_AFTER: Duration = Duration::from_secs(10);
-/// Log a repeated refusal from the same address at most this often.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(30);
-/// A learner within this many entries of the leader's log counts as caught up.
-const CAUGHT_UP_LAG: u64 = 64;
+use crate::decide::{Decision, WaitReason};
+use crate::discovery::{Answered, Discovery, Standing};
+use crate::membership::{Admission, admit, node_record, promotions};
+use crate::pace::{
+    self, BIND_RETRY, HELLO_TIMEOUT, JOIN_EVERY, JOIN_TIMEOUT, MAX_REFUSALS, Pacer, REFUSAL_LOG_EVERY,
+    RefusalLog,
+};
 
 /// What formation needs to know about this node and its pool.
 #[derive(Debug, Clone)]
@@ -71,18 +70,6 @@ impl std::fmt::Debug for CapacityProbe {
     }
 }
 
-/// Capacity is reported in these steps so that small changes in free space
-/// do not rewrite the node record every round.
-const CAPACITY_STEP: u64 = 64 << 20;
-
-#[derive(Debug, Clone)]
-struct SeenEntry {
-    address: String,
-    verified: bool,
-    member: bool,
-    heard: Instant,
-}
-
 /// Cloneable handle to the formation state; the peer API answers hello and
 /// join through it.
 #[derive(Clone, Debug)]
@@ -94,21 +81,24 @@ pub struct Formation {
 struct Inner {
     cfg: FormationConfig,
     meta: MetaHandle,
-    seen: Mutex<BTreeMap<NodeId, SeenEntry>>,
-    refusals: Mutex<HashMap<String, Instant>>,
+    /// One lock, so that answering a hello and deciding to bootstrap never
+    /// interleave (the safety argument in `discovery` needs it).
+    discovery: Mutex<Discovery>,
+    refusals: Mutex<RefusalLog>,
 }
 
 impl Formation {
     pub fn new(cfg: FormationConfig, meta: MetaHandle) -> Self {
-        Formation { inner: Arc::new(Inner { cfg, meta, seen: Mutex::default(), refusals: Mutex::default() }) }
+        let me = PeerInfo { id: meta.node_id(), address: cfg.address.clone() };
+        let discovery = Mutex::new(Discovery::new(me, cfg.pool_name.clone()));
+        let refusals = Mutex::new(RefusalLog::new(REFUSAL_LOG_EVERY, MAX_REFUSALS));
+        Formation { inner: Arc::new(Inner { cfg, meta, discovery, refusals }) }
     }
 
-    fn me(&self) -> PeerInfo {
-        PeerInfo { id: self.inner.meta.node_id(), address: self.inner.cfg.address.clone() }
-    }
-
-    fn seen(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, SeenEntry>> {
-        self.inner.seen.lock().unwrap_or_else(|p| p.into_inner())
+    fn discovery(&self) -> MutexGuard<'_, Discovery> {
+        // Every table method leaves it whole, so a panic elsewhere while it
+        // was held does not make it unusable.
+        self.inner.discovery.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn pool_id(&self) -> Option<PoolId> {
@@ -116,40 +106,28 @@ impl Formation {
         serde_json::from_slice::<PoolRecord>(&kv.value).ok().map(|p| p.id)
     }
 
-    /// Answers a hello from a node that proved it holds the pool key.
-    pub fn hello_reply(&self, from: &Hello) -> HelloReply {
-        let me = self.me();
-        if from.pool_name == self.inner.cfg.pool_name && from.node.id != me.id {
-            let mut seen = self.seen();
-            let e = seen.entry(from.node.id).or_insert_with(|| SeenEntry {
-                address: from.node.address.clone(),
-                verified: true,
-                member: false,
-                heard: Instant::now(),
-            });
-            e.address = from.node.address.clone();
-            e.verified = true;
-            e.heard = Instant::now();
-        }
-        let metrics = self.inner.meta.metrics();
-        let mut known: BTreeSet<PeerInfo> = self
-            .seen()
-            .iter()
-            .filter(|(_, s)| s.verified)
-            .map(|(id, s)| PeerInfo { id: *id, address: s.address.clone() })
+    /// This node's place in the pool, as raft reports it now.
+    fn standing(&self) -> Standing {
+        let meta = &self.inner.meta;
+        let metrics = meta.metrics();
+        let members = metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, node)| PeerInfo { id: *id, address: node.addr.clone() })
             .collect();
-        for (id, node) in metrics.membership_config.membership().nodes() {
-            known.insert(PeerInfo { id: *id, address: node.addr.clone() });
-        }
-        known.remove(&me);
-        HelloReply {
-            pool_name: self.inner.cfg.pool_name.clone(),
-            node: me,
-            member: self.inner.meta.is_member(),
+        Standing {
+            member: meta.is_member(),
             pool_id: self.pool_id(),
             leader: metrics.current_leader,
-            known: known.into_iter().collect(),
+            members,
         }
+    }
+
+    /// Answers a hello from a node that proved it holds the pool key.
+    pub fn hello_reply(&self, from: &Hello) -> HelloReply {
+        let standing = self.standing();
+        self.discovery().answer(from, &standing, Instant::now())
     }
 
     /// Admits a node that proved it holds the pool key: on the leader, as a
@@ -157,31 +135,31 @@ impl Formation {
     /// handing the request to the leader.
     pub async fn serve_join(&self, req: JoinRequest) -> Result<JoinReply, String> {
         let meta = &self.inner.meta;
-        if req.pool_name != self.inner.cfg.pool_name {
-            return Err(format!(
-                "pool name {:?} does not match this pool {:?}",
-                req.pool_name, self.inner.cfg.pool_name
-            ));
+        let in_membership = meta.metrics().membership_config.membership().get_node(&req.node.id).is_some();
+        let admission = admit(
+            &req,
+            &self.inner.cfg.pool_name,
+            meta.node_id(),
+            meta.is_member(),
+            meta.leader(),
+            in_membership,
+        )
+        .map_err(|e| e.to_string())?;
+        match admission {
+            Admission::Forward { address, .. } => {
+                return meta
+                    .peers()
+                    .call::<_, Result<JoinReply, String>>(&address, method::JOIN, &req, JOIN_TIMEOUT)
+                    .await
+                    .map_err(|e| format!("cannot reach the leader: {e}"))?;
+            }
+            Admission::AlreadyMember => {}
+            Admission::AddLearner => {
+                info!(node = %req.node.id, address = %req.node.address, "admitting node as learner");
+                meta.add_learner(req.node.id, req.node.address.clone()).await.map_err(|e| e.to_string())?;
+            }
         }
-        if !meta.is_member() {
-            return Err("this node is not a pool member yet".into());
-        }
-        let Some((leader, leader_addr)) = meta.leader() else {
-            return Err("the pool has no leader right now; retry".into());
-        };
-        if leader != meta.node_id() {
-            return meta
-                .peers()
-                .call::<_, Result<JoinReply, String>>(&leader_addr, method::JOIN, &req, JOIN_TIMEOUT)
-                .await
-                .map_err(|e| format!("cannot reach the leader: {e}"))?;
-        }
-        let membership = meta.metrics().membership_config.membership().clone();
-        if membership.get_node(&req.node.id).is_none() {
-            info!(node = %req.node.id, address = %req.node.address, "admitting node as learner");
-            meta.add_learner(req.node.id, req.node.address.clone()).await.map_err(|e| e.to_string())?;
-        }
-        Ok(JoinReply { pool_id: self.pool_id(), leader })
+        Ok(JoinReply { pool_id: self.pool_id(), leader: meta.node_id() })
     }
 
     /// Runs discovery, bootstrap and upkeep until `shutdown` turns true.
@@ -194,15 +172,12 @@ impl Formation {
     }
 
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut last_candidates: BTreeSet<NodeId> = BTreeSet::new();
-        let mut stable_rounds = 0u32;
         let mut last_wait: Option<WaitReason> = None;
         let mut announced = false;
-        let mut last_join: Option<Instant> = None;
+        let mut joins = Pacer::new(JOIN_EVERY);
         loop {
-            let round = if self.inner.meta.is_member() { ROUND } else { FORMING_ROUND };
             tokio::select! {
-                _ = tokio::time::sleep(round) => {}
+                _ = tokio::time::sleep(pace::round(self.inner.meta.is_member())) => {}
                 _ = shutdown.changed() => return,
             }
             if *shutdown.borrow() {
@@ -212,58 +187,21 @@ impl Formation {
             if !member || self.inner.meta.leader().is_none() {
                 self.probe().await;
             }
-            let view = self.view();
-            let candidates: BTreeSet<NodeId> =
-                view.iter().filter(|(_, s)| s.verified).map(|(id, _)| *id).collect();
-            if candidates == last_candidates {
-                stable_rounds = stable_rounds.saturating_add(1);
-            } else {
-                stable_rounds = 0;
-                last_candidates = candidates;
-            }
-            let me = self.me();
-            match decide(me.id, &me.address, member, &view, self.inner.cfg.bootstrap_expect, stable_rounds) {
+            let decision = self.discovery().decide(member, self.inner.cfg.bootstrap_expect, Instant::now());
+            match decision {
                 Decision::Formed => {
                     if !announced {
-                        info!(node = %me.id, "node is a pool member");
+                        info!(node = %self.inner.meta.node_id(), "node is a pool member");
                         announced = true;
                     }
                     self.upkeep().await;
                 }
-                Decision::Join { .. } if last_join.is_some_and(|t| t.elapsed() < JOIN_EVERY) => {}
                 Decision::Join { via, address } => {
-                    last_join = Some(Instant::now());
-                    info!(via = %via, %address, "asking the pool to admit this node");
-                    let req = JoinRequest {
-                        pool_name: self.inner.cfg.pool_name.clone(),
-                        node: me.clone(),
-                        hostname: self.inner.cfg.hostname.clone(),
-                        version: self.inner.cfg.version.clone(),
-                    };
-                    match self
-                        .inner
-                        .meta
-                        .peers()
-                        .call::<_, Result<JoinReply, String>>(&address, method::JOIN, &req, JOIN_TIMEOUT)
-                        .await
-                    {
-                        Ok(Ok(r)) => info!(leader = %r.leader, "join accepted; waiting for replication"),
-                        Ok(Err(why)) => warn!(via = %via, reason = %why, "join refused"),
-                        Err(e) => self.peer_failed(&address, &e),
+                    if joins.ready(Instant::now()) {
+                        self.join(via, &address).await;
                     }
                 }
-                Decision::Bootstrap { voters } => {
-                    info!(
-                        voters = voters.len(),
-                        "no pool found and this node has the lowest id: initialising the pool"
-                    );
-                    let nodes: BTreeMap<NodeId, BasicNode> =
-                        voters.into_iter().map(|(id, a)| (id, BasicNode::new(a))).collect();
-                    match self.inner.meta.initialize(nodes).await {
-                        Ok(()) => info!("raft initialised"),
-                        Err(e) => warn!(error = %e, "initialising the pool failed"),
-                    }
-                }
+                Decision::Bootstrap { voters } => self.bootstrap(voters).await,
                 Decision::Wait(reason) => {
                     if last_wait.as_ref() != Some(&reason) {
                         info!(reason = ?reason, "waiting to form a pool");
@@ -274,86 +212,88 @@ impl Formation {
         }
     }
 
-    /// Seen nodes, minus forgotten ones, in the shape the rule wants.
-    fn view(&self) -> BTreeMap<NodeId, Seen> {
-        let mut seen = self.seen();
-        seen.retain(|_, s| s.heard.elapsed() < FORGET_AFTER);
-        seen.iter()
-            .map(|(id, s)| (*id, Seen { address: s.address.clone(), verified: s.verified, member: s.member }))
-            .collect()
+    async fn join(&self, via: NodeId, address: &str) {
+        info!(via = %via, %address, "asking the pool to admit this node");
+        let cfg = &self.inner.cfg;
+        let req = JoinRequest {
+            pool_name: cfg.pool_name.clone(),
+            node: self.discovery().me().clone(),
+            hostname: cfg.hostname.clone(),
+            version: cfg.version.clone(),
+        };
+        match self
+            .inner
+            .meta
+            .peers()
+            .call::<_, Result<JoinReply, String>>(address, method::JOIN, &req, JOIN_TIMEOUT)
+            .await
+        {
+            Ok(Ok(r)) => info!(leader = %r.leader, "join accepted; waiting for replication"),
+            Ok(Err(why)) => warn!(via = %via, reason = %why, "join refused"),
+            Err(e) => self.peer_failed(address, &e),
+        }
     }
 
-    /// Hello to every seed and every node heard of but not verified recently.
+    async fn bootstrap(&self, voters: BTreeMap<NodeId, String>) {
+        info!(voters = voters.len(), "no pool found and this node has the lowest id: initialising the pool");
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            voters.into_iter().map(|(id, a)| (id, BasicNode::new(a))).collect();
+        match self.inner.meta.initialize(nodes).await {
+            Ok(()) => info!("raft initialised"),
+            Err(e) => {
+                warn!(error = %e, "initialising the pool failed");
+                self.discovery().release_claim();
+            }
+        }
+    }
+
+    /// Hello to every seed and every node in the table.
     async fn probe(&self) {
-        let me = self.me();
-        let mut targets: BTreeSet<String> = self.inner.cfg.seeds.iter().cloned().collect();
-        targets.extend(self.seen().values().map(|s| s.address.clone()));
-        targets.remove(&me.address);
-        let hello = Hello { pool_name: self.inner.cfg.pool_name.clone(), node: me.clone() };
+        let asked = Instant::now();
+        let (targets, hello) = {
+            let mut d = self.discovery();
+            (d.targets(&self.inner.cfg.seeds, asked), d.hello())
+        };
+        let peers = self.inner.meta.peers();
         let calls = targets.into_iter().map(|addr| {
-            let hello = hello.clone();
+            let hello = &hello;
             async move {
-                let r = self
-                    .inner
-                    .meta
-                    .peers()
-                    .call::<_, HelloReply>(&addr, method::HELLO, &hello, HELLO_TIMEOUT)
-                    .await;
+                let r = peers.call::<_, HelloReply>(&addr, method::HELLO, hello, HELLO_TIMEOUT).await;
                 (addr, r)
             }
         });
         for (addr, r) in futures::future::join_all(calls).await {
-            match r {
-                Ok(reply) if reply.pool_name != self.inner.cfg.pool_name => {
-                    self.refused(
-                        &addr,
-                        &format!("it serves pool {:?}, not {:?}", reply.pool_name, self.inner.cfg.pool_name),
-                    );
+            let reply = match r {
+                Ok(reply) => reply,
+                Err(e) => {
+                    self.peer_failed(&addr, &e);
+                    continue;
                 }
-                Ok(reply) if reply.node.id == me.id => {}
-                Ok(reply) => {
-                    let mut seen = self.seen();
-                    seen.insert(
-                        reply.node.id,
-                        SeenEntry {
-                            address: reply.node.address.clone(),
-                            verified: true,
-                            member: reply.member,
-                            heard: Instant::now(),
-                        },
-                    );
-                    for k in reply.known {
-                        if k.id == me.id {
-                            continue;
-                        }
-                        seen.entry(k.id).or_insert_with(|| SeenEntry {
-                            address: k.address.clone(),
-                            verified: false,
-                            member: false,
-                            heard: Instant::now(),
-                        });
-                    }
-                }
-                Err(e) => self.peer_failed(&addr, &e),
+            };
+            let answered = self.discovery().answered(&addr, &reply, asked);
+            match answered {
+                Answered::Recorded | Answered::Myself => {}
+                Answered::OtherPool(theirs) => self.refused(
+                    &addr,
+                    &format!("it serves pool {theirs:?}, not {:?}", self.inner.cfg.pool_name),
+                ),
+                Answered::NoId => debug!(%addr, "peer answered with node id 0; ignored"),
             }
         }
     }
 
     fn peer_failed(&self, addr: &str, e: &PeerError) {
-        match e {
-            PeerError::KeyRefused { .. } | PeerError::Envelope { .. } => {
-                self.refused(addr, "pool key mismatch: it refused our pool key or answered with another");
-            }
-            other => debug!(%addr, error = %other, "peer did not answer"),
+        if key_mismatch(e) {
+            self.refused(addr, "pool key mismatch: it refused our pool key or answered with another");
+        } else {
+            debug!(%addr, error = %e, "peer did not answer");
         }
     }
 
     fn refused(&self, addr: &str, why: &str) {
-        let mut r = self.inner.refusals.lock().unwrap_or_else(|p| p.into_inner());
-        let due = r.get(addr).is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY);
+        let due = self.inner.refusals.lock().unwrap_or_else(|p| p.into_inner()).due(addr, Instant::now());
         if due {
             error!(peer = %addr, reason = %why, "peer refused: not joining it");
-            r.insert(addr.to_owned(), Instant::now());
         }
     }
 
@@ -364,18 +304,7 @@ impl Formation {
         let cfg = &self.inner.cfg;
         if let Ok((current, _)) = meta.get(&node_key(me), Consistency::Local).await {
             let old: Option<NodeRecord> = current.and_then(|kv| serde_json::from_slice(&kv.value).ok());
-            let want = NodeRecord {
-                id: me,
-                address: cfg.address.clone(),
-                hostname: cfg.hostname.clone(),
-                version: cfg.version.clone(),
-                image_hash: cfg.image_hash.clone(),
-                joined_at_ms: old.as_ref().map(|o| o.joined_at_ms).unwrap_or_else(unix_millis),
-                block_address: cfg.block_address.clone(),
-                block_capacity: (cfg.block_capacity.0)() / CAPACITY_STEP * CAPACITY_STEP,
-                vxlan_address: cfg.vxlan_address.clone(),
-            };
-            if old.as_ref() != Some(&want) {
+            if let Some(want) = node_record(cfg, me, (cfg.block_capacity.0)(), old.as_ref(), unix_millis()) {
                 match serde_json::to_vec(&want) {
                     Ok(v) => match meta.write(Command::put(node_key(me), v)).await {
                         Ok(_) => info!(node = %me, address = %want.address, "node record written"),
@@ -409,20 +338,14 @@ impl Formation {
     async fn promote(&self) {
         let meta = &self.inner.meta;
         let m = meta.metrics();
+        // Only the leader tracks replication.
+        let Some(repl) = m.replication.as_ref() else { return };
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        if voters.len() >= crate::MAX_VOTERS {
-            return;
-        }
-        let last = m.last_log_index.unwrap_or(0);
-        let Some(repl) = m.replication.as_ref() else { return };
-        let ready: BTreeSet<NodeId> = membership
-            .learner_ids()
-            .filter(|id| {
-                repl.get(id).and_then(|l| l.as_ref()).is_some_and(|l| l.index + CAUGHT_UP_LAG >= last)
-            })
-            .take(crate::MAX_VOTERS - voters.len())
-            .collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let matched: BTreeMap<NodeId, Option<u64>> =
+            repl.iter().map(|(id, l)| (*id, l.as_ref().map(|l| l.index))).collect();
+        let ready = promotions(&voters, &learners, &matched, m.last_log_index);
         if ready.is_empty() {
             return;
         }
@@ -441,14 +364,14 @@ impl Formation {
                 Err(e) => {
                     warn!(%iface, error = %e, "beacon socket not ready; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = tokio::time::sleep(BIND_RETRY) => {}
                         _ = shutdown.changed() => return,
                     }
                 }
             }
         };
         info!(%iface, %group, "discovery beacons on");
-        let me = self.me();
+        let me = self.discovery().me().clone();
         let key = self.inner.meta.peers().key().clone();
         let mut next_send = tokio::time::Instant::now();
         let mut buf = vec![0u8; beacon::MAX_BEACON + 1];
@@ -457,8 +380,7 @@ impl Formation {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep_until(next_send) => {
-                    let every = if self.inner.meta.is_member() { ROUND } else { FORMING_ROUND };
-                    next_send = tokio::time::Instant::now() + every;
+                    next_send = tokio::time::Instant::now() + pace::round(self.inner.meta.is_member());
                     match beacon::encode(&key, &beacon::make(&self.inner.cfg.pool_name, me.id, &me.address)) {
                         Ok(b) => {
                             if let Err(e) = sock.send_to(&b, group).await {
@@ -469,21 +391,18 @@ impl Formation {
                     }
                 }
                 r = sock.recv_from(&mut buf) => {
-                    let Ok((n, from)) = r else { continue };
+                    let (n, from) = match r {
+                        Ok(got) => got,
+                        Err(e) => {
+                            // A socket that keeps failing must not spin PID 1.
+                            warn!(error = %e, "beacon socket receive failed; pausing");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    };
                     match beacon::decode(&key, &buf[..n]) {
-                        Ok(b) if b.node == me.id || b.pool_name != self.inner.cfg.pool_name => {}
                         Ok(b) => {
-                            let mut seen = self.seen();
-                            let e = seen.entry(b.node).or_insert_with(|| SeenEntry {
-                                address: b.address.clone(),
-                                verified: false,
-                                member: false,
-                                heard: Instant::now(),
-                            });
-                            if !e.verified {
-                                e.address = b.address;
-                                e.heard = Instant::now();
-                            }
+                            self.discovery().heard_beacon(&b, Instant::now());
                         }
                         Err(e) => {
                             bad += 1;
@@ -493,5 +412,177 @@ impl Formation {
                 }
             }
         }
+    }
+}
+
+/// Whether a failed call means the peer holds another pool key (worth an
+/// error in the log), rather than being down or slow.
+fn key_mismatch(e: &PeerError) -> bool {
+    matches!(e, PeerError::KeyRefused { .. } | PeerError::Envelope { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use nodeos_meta::testing::TestPool;
+
+    use super::*;
+
+    fn cfg(address: &str) -> FormationConfig {
+        FormationConfig {
+            pool_name: "lab".into(),
+            address: address.into(),
+            hostname: "host".into(),
+            version: "test".into(),
+            image_hash: String::new(),
+            seeds: vec![],
+            bootstrap_expect: 3,
+            discovery_iface: None,
+            beacon_port: 7799,
+            block_address: String::new(),
+            vxlan_address: String::new(),
+            block_capacity: CapacityProbe(Arc::new(|| 3 << 30)),
+        }
+    }
+
+    fn join(pool: &str, id: u64) -> JoinRequest {
+        JoinRequest {
+            pool_name: pool.into(),
+            node: PeerInfo { id: NodeId(id), address: format!("n{id}:7700") },
+            hostname: format!("host{id}"),
+            version: "test".into(),
+        }
+    }
+
+    fn ids(v: impl IntoIterator<Item = NodeId>) -> Vec<u64> {
+        v.into_iter().map(|id| id.0).collect()
+    }
+
+    /// Polls `done` until it holds; fails the test after a generous bound.
+    async fn eventually<F, Fut>(what: &str, mut done: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[test]
+    fn only_key_trouble_is_worth_an_error() {
+        let refused = PeerError::KeyRefused { address: "a:1".into(), method: method::HELLO };
+        let down = PeerError::Unreachable { address: "a:1".into(), method: method::HELLO };
+        let slow = PeerError::Timeout { address: "a:1".into(), method: method::HELLO };
+        assert!(key_mismatch(&refused));
+        assert!(!key_mismatch(&down));
+        assert!(!key_mismatch(&slow));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_leader_admits_learners_and_promotes_them_up_to_five_voters() {
+        let mut pool = TestPool::new(3).await.expect("a test pool starts");
+        let leader = pool.leader().await.expect("the pool elects a leader");
+        let f = Formation::new(cfg("n0:7700"), leader.clone());
+        for id in 4..=6 {
+            pool.start(NodeId(id)).await.expect("a new node starts");
+        }
+        for id in 4..=6 {
+            let r = f.serve_join(join("lab", id)).await.expect("the leader admits a new node");
+            assert_eq!(r.leader, leader.node_id());
+        }
+        // A retried join changes nothing.
+        f.serve_join(join("lab", 4)).await.expect("a retried join is answered");
+        let m = leader.metrics();
+        let membership = m.membership_config.membership();
+        assert_eq!(ids(membership.voter_ids()), [1, 2, 3]);
+        assert_eq!(ids(membership.learner_ids()), [4, 5, 6]);
+        // Learners become voters once caught up, lowest ids first, five at most.
+        eventually("two promotions", || async {
+            f.promote().await;
+            leader.metrics().membership_config.membership().voter_ids().count() == crate::MAX_VOTERS
+        })
+        .await;
+        f.promote().await;
+        let m = leader.metrics();
+        let membership = m.membership_config.membership();
+        assert_eq!(ids(membership.voter_ids()), [1, 2, 3, 4, 5]);
+        assert_eq!(ids(membership.learner_ids()), [6]);
+        let six = pool.handle(NodeId(6));
+        eventually("node 6 to learn it is a member", || async { six.is_member() }).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn joins_are_refused_with_a_reason_and_only_members_admit() {
+        let mut pool = TestPool::new(3).await.expect("a test pool starts");
+        let leader = pool.leader().await.expect("the pool elects a leader");
+        let f = Formation::new(cfg("n0:7700"), leader.clone());
+        let e = f.serve_join(join("other", 7)).await.expect_err("another pool's name is refused");
+        assert!(e.contains("pool name"), "{e}");
+        let e = f.serve_join(join("lab", 0)).await.expect_err("node id 0 is refused");
+        assert!(e.contains("node id 0"), "{e}");
+        let mut bad = join("lab", 7);
+        bad.node.address = "nowhere".into();
+        let e = f.serve_join(bad).await.expect_err("an address without port is refused");
+        assert!(e.contains("not usable"), "{e}");
+        assert_eq!(leader.metrics().membership_config.membership().nodes().count(), 3);
+        // A node that belongs to no pool admits nobody.
+        let loner = pool.start(NodeId(9)).await.expect("a new node starts");
+        let e =
+            Formation::new(cfg("n9:7700"), loner).serve_join(join("lab", 7)).await.expect_err("no member");
+        assert!(e.contains("not a pool member"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hello_answers_say_what_raft_says_and_record_the_greeter() {
+        let mut pool = TestPool::new(3).await.expect("a test pool starts");
+        let leader = pool.leader().await.expect("the pool elects a leader");
+        let f = Formation::new(cfg("n0:7700"), leader.clone());
+        let greeter =
+            Hello { pool_name: "lab".into(), node: PeerInfo { id: NodeId(7), address: "n7:7700".into() } };
+        let r = f.hello_reply(&greeter);
+        assert!(r.member);
+        assert_eq!(r.leader, Some(leader.node_id()));
+        let mut known: Vec<u64> = ids(r.known.iter().map(|k| k.id));
+        known.dedup();
+        let mut want: Vec<u64> = [1, 2, 3, 7].into_iter().filter(|id| *id != leader.node_id().0).collect();
+        want.sort_unstable();
+        assert_eq!(known, want);
+        assert!(f.discovery().view(Instant::now()).contains_key(&NodeId(7)));
+        // A node that belongs to no pool says so.
+        let loner = pool.start(NodeId(9)).await.expect("a new node starts");
+        let r = Formation::new(cfg("n9:7700"), loner).hello_reply(&greeter);
+        assert!(!r.member);
+        assert_eq!(r.leader, None);
+        assert_eq!(ids(r.known.iter().map(|k| k.id)), [7]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upkeep_writes_the_node_record_and_the_pool_record_once() {
+        let pool = TestPool::new(3).await.expect("a test pool starts");
+        let leader = pool.leader().await.expect("the pool elects a leader");
+        let f = Formation::new(cfg("n0:7700"), leader.clone());
+        f.upkeep().await;
+        let pool_id = f.pool_id().expect("the leader wrote the pool record");
+        let (kv, _) =
+            leader.get(&node_key(leader.node_id()), Consistency::Linearizable).await.expect("reads");
+        let rec: NodeRecord =
+            serde_json::from_slice(&kv.expect("the node record exists").value).expect("decodes");
+        assert_eq!(rec.address, "n0:7700");
+        assert_eq!(rec.block_capacity, 3 << 30);
+        f.upkeep().await;
+        assert_eq!(f.pool_id(), Some(pool_id), "the pool record is written once");
+        let r = f.serve_join(join("lab", 4)).await.expect("the leader admits a new node");
+        assert_eq!(r.pool_id, Some(pool_id));
+        // A follower keeps its own record but leaves the pool record alone.
+        let follower_id = pool.ids().into_iter().find(|id| *id != leader.node_id()).expect("three nodes");
+        let follower = Formation::new(cfg("n8:7700"), pool.handle(follower_id));
+        follower.upkeep().await;
+        let (kv, _) = leader.get(&node_key(follower_id), Consistency::Linearizable).await.expect("reads");
+        assert!(kv.is_some(), "the follower's record was forwarded and written");
+        assert_eq!(f.pool_id(), Some(pool_id));
     }
 }
