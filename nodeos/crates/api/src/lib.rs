@@ -10,7 +10,8 @@
 //! - `node.rs`: `NodeService`, power-off and reboot of a node under the image's PID 1, public.
 //! - `pxe.rs`: `PxeService`, the pool's PXE settings and each node's serving state, public.
 //! - `peer.rs`: `PeerService`, node to node, every message authenticated with the pool key.
-//! - `proxy.rs`: handing a request to another node's API, at most once.
+//! - `proxy.rs`: answering here or handing a request to the node that owns the
+//!   answer, at most once ([`proxy::route`]), with one timeout policy ([`proxy::hop_timeout`]).
 //! - `error.rs`: the one place where errors become gRPC `Status`es.
 //! - `server.rs`: [`serve`], one tonic server with every service, reflection and message limits.
 //!

@@ -11,7 +11,7 @@
 //! - `packet.rs`: the IP view of a frame (addresses, protocol, ports).
 //! - `arp.rs`: ARP parsing for port security, and answers for the gateway.
 //! - `dhcp.rs`: [`dhcp::handle`], the stateless DHCPv4 server that hands each
-//!   port its one lease.
+//!   port its one lease (the message format is `nodeos-dhcp`'s).
 //! - `acl.rs`: [`acl::PortFilter`], one port's security groups: stateful
 //!   filtering with a bounded connection-tracking table.
 //! - `switch.rs`: [`switch::SwitchHandle`], the running switch: port and
