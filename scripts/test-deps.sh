@@ -41,12 +41,13 @@ case "${1:-}" in
 esac
 
 package_of() { echo "${1%% *}"; }
-proofs_of() { local rest="${1#* }"; echo $rest; }
 
 # Prints the first proof of `$1` (a requirement line) that fails, or nothing.
 failing_proof() {
-  local proof
-  for proof in $(proofs_of "$1"); do
+  local proof proofs
+  # `read -a` splits on blanks without expanding the globs of `file:` proofs.
+  read -ra proofs <<<"${1#* }"
+  for proof in "${proofs[@]}"; do
     case "$proof" in
       cmd:*) command -v "${proof#cmd:}" >/dev/null 2>&1 || { echo "${proof#cmd:} (command)"; return; } ;;
       file:*) compgen -G "${proof#file:}" >/dev/null || { echo "${proof#file:}"; return; } ;;
