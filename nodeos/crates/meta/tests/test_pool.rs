@@ -50,7 +50,7 @@ async fn an_isolated_leader_is_replaced_and_cannot_write() {
     assert!(pool.handle(new).write(Command::put("k/after", b"1".to_vec())).await.unwrap().succeeded);
     // The cut-off node cannot commit: its write fails (it never claims success).
     let cut = tokio::time::timeout(
-        Duration::from_secs(15),
+        Duration::from_secs(3),
         pool.handle(old).write(Command::put("k/lost", b"1".to_vec())),
     )
     .await;
