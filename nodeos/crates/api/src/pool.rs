@@ -147,7 +147,7 @@ impl PoolApi {
 }
 
 async fn ask_leader(leader: NodeId, addr: &str) -> Result<pb::PoolStatus, Status> {
-    let timeout = proxy::hop_timeout(&tonic::Request::new(()), STATUS_WORK);
+    let timeout = proxy::hop_budget(STATUS_WORK);
     let mut client = PoolServiceClient::new(proxy::channel(leader, addr, timeout).await?);
     Ok(client.status(proxy::mark(pb::StatusRequest {})).await?.into_inner())
 }

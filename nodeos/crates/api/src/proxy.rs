@@ -85,7 +85,12 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 /// owner's own work takes up to `work`. See the module docs.
 pub fn hop_timeout<T>(req: &Request<T>, work: Duration) -> Duration {
     let asked = req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
-    asked.unwrap_or(work.saturating_add(HOP_MARGIN)).min(MAX_HOP)
+    asked.map_or_else(|| hop_budget(work), |t| t.min(MAX_HOP))
+}
+
+/// The policy for a hand-over no caller's deadline bounds: `work` plus [`HOP_MARGIN`].
+pub fn hop_budget(work: Duration) -> Duration {
+    work.saturating_add(HOP_MARGIN).min(MAX_HOP)
 }
 
 /// A channel to `node`'s API at `addr` for handed-over requests that may

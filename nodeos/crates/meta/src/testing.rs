@@ -27,7 +27,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, Config, ServerState};
+use openraft::{BasicNode, Config, RaftMetrics, ServerState};
 use rand::Rng;
 use tempfile::TempDir;
 
@@ -300,6 +300,14 @@ impl Forwarder for NodeForwarder {
     }
 }
 
+/// The one leader that every node of `metrics` follows, if they agree on one.
+pub fn agreed_leader(metrics: &[RaftMetrics<NodeId, BasicNode>]) -> Option<NodeId> {
+    let mut leaders = metrics.iter().filter(|m| m.state == ServerState::Leader).map(|m| m.id);
+    let leader = leaders.next()?;
+    let agreed = leaders.next().is_none() && metrics.iter().all(|m| m.current_leader == Some(leader));
+    agreed.then_some(leader)
+}
+
 /// A pool of in-process nodes (ids 1..=n), each with its own store under one temp dir.
 #[derive(Debug)]
 pub struct TestPool {
@@ -411,11 +419,7 @@ impl TestPool {
         let deadline = Instant::now() + WAIT;
         loop {
             let metrics: Vec<_> = among.iter().map(|id| self.handle(*id).metrics()).collect();
-            let leaders: Vec<NodeId> =
-                metrics.iter().filter(|m| m.state == ServerState::Leader).map(|m| m.id).collect();
-            if let [leader] = leaders[..]
-                && metrics.iter().all(|m| m.current_leader == Some(leader))
-            {
+            if let Some(leader) = agreed_leader(&metrics) {
                 return Ok(leader);
             }
             if Instant::now() > deadline {

@@ -39,7 +39,7 @@ use nodeos_types::{NodeId, unix_millis};
 use tracing::{info, warn};
 
 use crate::health::scrub_volume;
-use crate::placement::{Change, Load, NodeView, apply, plan_repairs, plan_spread, surplus};
+use crate::placement::{Change, Load, NodeView, apply, load_of, plan_repairs, plan_spread, surplus};
 use crate::volumes::{VolumeError, Volumes, layout_of, short_warning};
 
 /// When the controller acts.
@@ -178,20 +178,24 @@ impl<T: Transport + Clone> Controller<T> {
             self.last_check = Some(Instant::now());
         }
         let recovered = std::mem::take(&mut self.recovered);
-        let mut load = self.volumes.load().await?;
-        for r in self.volumes.list().await? {
+        // One listing per pass: every change below re-reads its own record
+        // and writes it by compare-and-swap, so a stale entry costs a retry
+        // next pass, never a wrong write. `load` follows this pass's changes.
+        let volumes = self.volumes.list().await?;
+        let mut load = load_of(volumes.iter().map(|v| v.placement.as_slice()));
+        for r in &volumes {
             let check = full_check || r.placement.iter().flatten().any(|n| recovered.contains(n));
             let result = match r.state {
                 VolumeState::Deleting => {
-                    self.reclaim(&r, &nodes, &view).await.map(|()| report.reclaimed += 1)
+                    self.reclaim(r, &volumes, &nodes, &view).await.map(|()| report.reclaimed += 1)
                 }
-                VolumeState::Available => self.tend(&r, &nodes, &view, &mut load, check, &mut report).await,
+                VolumeState::Available => self.tend(r, &nodes, &view, &mut load, check, &mut report).await,
             };
             if let Err(e) = result {
                 warn!(volume = %r.id, error = %nodeos_types::error_chain(&e), "volume controller");
             }
         }
-        if let Err(e) = self.spread(&nodes, &view, &mut report).await {
+        if let Err(e) = self.spread(&volumes, &nodes, &view, &mut load, &mut report).await {
             warn!(error = %nodeos_types::error_chain(&e), "volume controller: spreading copies");
         }
         let scrub_due = self.last_scrub.is_none_or(|t| t.elapsed() >= self.cfg.scrub_every);
@@ -340,16 +344,17 @@ impl<T: Transport + Clone> Controller<T> {
     /// writer-less volumes of a whole pool.
     async fn spread(
         &self,
+        volumes: &[VolumeRecord],
         nodes: &BTreeMap<NodeId, NodeRecord>,
         view: &NodeView,
+        load: &mut Load,
         report: &mut PassReport,
     ) -> Result<(), VolumeError> {
         if !view.whole() {
             return Ok(());
         }
-        let mut load = self.volumes.load().await?;
         let mut budget = self.cfg.spread_moves;
-        for r in self.volumes.list().await? {
+        for r in volumes {
             if r.state != VolumeState::Available || r.writer.is_some() {
                 continue;
             }
@@ -371,10 +376,10 @@ impl<T: Transport + Clone> Controller<T> {
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| s.len() > target)
-                .map(|(e, s)| (e, surplus(s, target, &load)))
+                .map(|(e, s)| (e, surplus(s, target, load)))
                 .collect();
             if !moves.is_empty() {
-                let moves = plan_spread(&cur.placement, target, view, &mut load, budget);
+                let moves = plan_spread(&cur.placement, target, view, load, budget);
                 let adds: Vec<Change> =
                     moves.iter().map(|m| Change::Add { extent: m.extent, to: m.to }).collect();
                 for m in &moves {
@@ -450,19 +455,22 @@ impl<T: Transport + Clone> Controller<T> {
     /// "Everywhere" is every node placed now, and every member that answers:
     /// copies left on a node by a move, or on a node that came back after its
     /// copies were rebuilt elsewhere, go too.
+    ///
+    /// `volumes` is this pass's listing. It holds every volume that shares a
+    /// layer with `r`: such a volume existed before `r` was marked deleting
+    /// (a deleting volume gains no layer, snapshot or clone, see
+    /// `Volumes::get_available`) and stays listed until its own reclaim.
     async fn reclaim(
         &self,
         r: &VolumeRecord,
+        volumes: &[VolumeRecord],
         nodes: &BTreeMap<NodeId, NodeRecord>,
         view: &NodeView,
     ) -> Result<(), VolumeError> {
-        let shared: HashSet<u64> = self
-            .volumes
-            .list()
-            .await?
-            .into_iter()
+        let shared: HashSet<u64> = volumes
+            .iter()
             .filter(|v| v.id != r.id)
-            .flat_map(|v| v.layers.into_iter().chain(v.snapshots.into_iter().map(|s| s.layer)))
+            .flat_map(|v| v.layers.iter().copied().chain(v.snapshots.iter().map(|s| s.layer)))
             .collect();
         let holders: HashSet<NodeId> = r.placement.iter().flatten().chain(view.up.iter()).copied().collect();
         for layer in r.layers.iter().filter(|l| !shared.contains(l)) {

@@ -90,10 +90,7 @@ impl<T: Transport + Clone> ExportResolver for VolumeExports<T> {
             None => (name, false),
         };
         let (r, _) = self.volumes.get(vol).await.map_err(export_error)?;
-        if read_only {
-            return Ok(ExportInfo { size: r.size_bytes, block_size: BLOCK_SIZE, read_only });
-        }
-        Ok(ExportInfo { size: r.size_bytes, block_size: BLOCK_SIZE, read_only: false })
+        Ok(ExportInfo { size: r.size_bytes, block_size: BLOCK_SIZE, read_only })
     }
 
     async fn open(&self, name: &str) -> Result<ExportedVolume<T>, ExportError> {

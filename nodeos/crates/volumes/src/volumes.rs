@@ -182,6 +182,16 @@ impl<T: Transport + Clone> Volumes<T> {
         Ok((decode(&kv.key, &kv.value)?, kv.mod_revision))
     }
 
+    /// A volume that is not being deleted: a deleting volume's layers are
+    /// going away, so nothing may read, grow, snapshot or clone it any more.
+    pub async fn get_available(&self, volume: &str) -> Result<(VolumeRecord, u64), VolumeError> {
+        let (r, rev) = self.get(volume).await?;
+        if r.state != VolumeState::Available {
+            return Err(VolumeError::NotFound(volume.to_owned()));
+        }
+        Ok((r, rev))
+    }
+
     /// Writes `r` if its record is still at `rev` (else `Conflict`).
     pub async fn put_if(&self, r: &VolumeRecord, rev: u64) -> Result<u64, VolumeError> {
         let resp = self.meta.write(Command::put_if(volume_key(r.id), encode(r), rev)).await?;
@@ -189,7 +199,7 @@ impl<T: Transport + Clone> Volumes<T> {
     }
 
     /// Copies placed per node over every volume.
-    pub async fn load(&self) -> Result<Load, VolumeError> {
+    async fn load(&self) -> Result<Load, VolumeError> {
         let volumes = self.list().await?;
         Ok(load_of(volumes.iter().map(|v| v.placement.as_slice())))
     }
@@ -307,7 +317,7 @@ impl<T: Transport + Clone> Volumes<T> {
 
     /// Grows a volume (new extents are placed now; shrinking is refused).
     pub async fn resize(&self, volume: &str, size_bytes: u64) -> Result<VolumeRecord, VolumeError> {
-        let (mut r, rev) = self.get(volume).await?;
+        let (mut r, rev) = self.get_available(volume).await?;
         let max = r.extent_size.saturating_mul(MAX_EXTENTS);
         if size_bytes == 0 || !size_bytes.is_multiple_of(u64::from(BLOCK_SIZE)) || size_bytes > max {
             return Err(VolumeError::Size { got: size_bytes, max });
@@ -340,7 +350,7 @@ impl<T: Transport + Clone> Volumes<T> {
     /// Marks a volume deleting; the leader's controller reclaims its space
     /// on every replica, then removes the record.
     pub async fn delete(&self, volume: &str, force: bool) -> Result<VolumeRecord, VolumeError> {
-        let (mut r, rev) = self.get(volume).await?;
+        let (mut r, rev) = self.get_available(volume).await?;
         if let Some(w) = &r.writer
             && !force
         {
@@ -406,10 +416,7 @@ impl<T: Transport + Clone> Volumes<T> {
         holder: &str,
         takeover: bool,
     ) -> Result<VolumeRecord, VolumeError> {
-        let (mut r, rev) = self.get(volume).await?;
-        if r.state != VolumeState::Available {
-            return Err(VolumeError::NotFound(volume.to_owned()));
-        }
+        let (mut r, rev) = self.get_available(volume).await?;
         if let Some(w) = &r.writer
             && !takeover
         {
@@ -500,7 +507,7 @@ impl<T: Transport + Clone> Volumes<T> {
     /// changes of the record (new copies, growth, snapshots) until it is
     /// dropped.
     pub async fn open_reader(&self, volume: &str) -> Result<VolumeClient<T>, VolumeError> {
-        let (r, _) = self.get(volume).await?;
+        let (r, _) = self.get_available(volume).await?;
         let mut layout = self.layout(&r).await?;
         layout.generation = 0;
         let client =
@@ -512,7 +519,7 @@ impl<T: Transport + Clone> Volumes<T> {
     /// A read-only view of a snapshot: the volume's layers up to the
     /// snapshot's, which never change.
     pub async fn open_snapshot(&self, volume: &str, snapshot: &str) -> Result<VolumeClient<T>, VolumeError> {
-        let (r, _) = self.get(volume).await?;
+        let (r, _) = self.get_available(volume).await?;
         let snap = r.snapshots.iter().find(|s| s.name == snapshot).ok_or_else(|| {
             VolumeError::NoSnapshot { volume: r.name.clone(), snapshot: snapshot.to_owned() }
         })?;
@@ -558,7 +565,7 @@ impl<T: Transport + Clone> Volumes<T> {
     /// becomes read-only and a new one takes writes.
     pub async fn snapshot(&self, volume: &str, name: &str) -> Result<VolumeRecord, VolumeError> {
         check_name(name)?;
-        let (mut r, rev) = self.get(volume).await?;
+        let (mut r, rev) = self.get_available(volume).await?;
         if r.snapshots.iter().any(|s| s.name == name) {
             return Err(VolumeError::SnapshotTaken { volume: r.name, snapshot: name.to_owned() });
         }
@@ -590,7 +597,7 @@ impl<T: Transport + Clone> Volumes<T> {
         name: &str,
     ) -> Result<VolumeRecord, VolumeError> {
         check_name(name)?;
-        let (src, _) = self.get(volume).await?;
+        let (src, _) = self.get_available(volume).await?;
         let snap = src.snapshots.iter().find(|s| s.name == snapshot).ok_or_else(|| {
             VolumeError::NoSnapshot { volume: src.name.clone(), snapshot: snapshot.to_owned() }
         })?;
@@ -623,7 +630,7 @@ impl<T: Transport + Clone> Volumes<T> {
     /// Forgets a snapshot. Its layer stays in the chain (still holding the
     /// blocks newer layers do not override) unless no clone uses it.
     pub async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<VolumeRecord, VolumeError> {
-        let (mut r, rev) = self.get(volume).await?;
+        let (mut r, rev) = self.get_available(volume).await?;
         let before = r.snapshots.len();
         r.snapshots.retain(|s| s.name != snapshot);
         if r.snapshots.len() == before {

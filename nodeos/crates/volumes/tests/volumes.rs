@@ -152,3 +152,21 @@ async fn a_one_node_pool_keeps_one_copy_and_says_so() {
         .unwrap();
     assert_eq!(v.warning, "", "one copy asked, one copy kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleting_volume_gains_nothing_and_opens_for_no_one() {
+    let bed = Bed::new(3).await;
+    let v = bed.create("doomed", 64 << 20).await;
+    bed.volumes.snapshot("doomed", "s").await.unwrap();
+    bed.volumes.delete("doomed", false).await.unwrap();
+    let id = v.id.to_string();
+    let before = bed.volumes.get(&id).await.unwrap();
+    let gone = |e: VolumeError| assert!(matches!(e, VolumeError::NotFound(_)), "{e:?}");
+    gone(bed.volumes.snapshot(&id, "late").await.unwrap_err());
+    gone(bed.volumes.clone_snapshot(&id, "s", "orphan").await.unwrap_err());
+    gone(bed.volumes.resize(&id, 128 << 20).await.unwrap_err());
+    gone(bed.volumes.open_reader(&id).await.map(|_| ()).unwrap_err());
+    gone(WriterSlot::open(&bed.volumes, &id, "vm q", Takeover::Force).await.map(|_| ()).unwrap_err());
+    assert_eq!(bed.volumes.get(&id).await.unwrap(), before, "nothing changed");
+    assert!(bed.volumes.get("orphan").await.is_err());
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nodeos_meta::store::open_db;
-pub use nodeos_meta::testing::{Router, fast_config};
+pub use nodeos_meta::testing::{Router, agreed_leader, fast_config};
 use nodeos_meta::{Command, LogStore, Raft, Response, StateMachineStore};
 use nodeos_types::NodeId;
 use openraft::{BasicNode, Config, ServerState};
@@ -100,11 +100,7 @@ impl Cluster {
         loop {
             let metrics: Vec<_> =
                 among.iter().map(|id| self.nodes[id].raft.metrics().borrow().clone()).collect();
-            let leaders: Vec<NodeId> =
-                metrics.iter().filter(|m| m.state == ServerState::Leader).map(|m| m.id).collect();
-            if let [leader] = leaders[..]
-                && metrics.iter().all(|m| m.current_leader == Some(leader))
-            {
+            if let Some(leader) = agreed_leader(&metrics) {
                 return leader;
             }
             if Instant::now() > deadline {
