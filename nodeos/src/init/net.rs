@@ -332,14 +332,17 @@ async fn dhcp_loop(
             ]);
     let mut client = dhcp::Client::new(link.mac, Some(cfg.hostname.clone()), seed, Instant::now());
     let mut said = Throttle::new(REPORT_EVERY);
-    let mut buf = vec![0u8; 2048];
+    // Larger than any UDP payload, so a datagram that fills it was cut short.
+    let mut buf = vec![0u8; 65536];
     info!(iface = %link.name, "asking for an address over DHCP");
     loop {
         let deadline = tokio::time::Instant::from_std(client.deadline());
         let actions = tokio::select! {
             _ = tokio::time::sleep_until(deadline) => client.on_timeout(Instant::now()),
             r = sock.recv_from(&mut buf) => match r {
-                Ok((n, from)) if from.port() == dhcp::SERVER_PORT => client.on_message(Instant::now(), &buf[..n]),
+                Ok((n, from)) if from.port() == dhcp::SERVER_PORT && n < buf.len() => {
+                    client.on_message(Instant::now(), &buf[..n])
+                }
                 Ok(_) => Vec::new(),
                 Err(e) => {
                     warn!(error = %e, "DHCP socket receive failed");

@@ -4,7 +4,6 @@
 //! one that does not is refused with `UNAUTHENTICATED` and logged, and nothing
 //! in it is looked at. Every answer is sealed the same way.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use nodeos_meta::peer::{
 };
 use nodeos_meta::{MetaHandle, TypeConfig};
 use nodeos_pool::Formation;
+use nodeos_pool::pace::RefusalLog;
 use nodeos_proto::v1::Envelope;
 use nodeos_proto::v1::peer_service_server::PeerService;
 use nodeos_types::NodeId;
@@ -24,17 +24,24 @@ use tracing::warn;
 
 /// Log a refused sender at most this often.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(30);
+/// Senders remembered for that; beyond it refusals go unlogged until some age out.
+const REFUSAL_LOG_PEERS: usize = 256;
 
 #[derive(Debug)]
 pub struct PeerApi {
     meta: MetaHandle,
     formation: Formation,
-    refusals: Mutex<HashMap<String, Instant>>,
+    /// Keyed by the sender's IP address: every new connection has a new port.
+    refusals: Mutex<RefusalLog>,
 }
 
 impl PeerApi {
     pub fn new(meta: MetaHandle, formation: Formation) -> Self {
-        PeerApi { meta, formation, refusals: Mutex::default() }
+        PeerApi {
+            meta,
+            formation,
+            refusals: Mutex::new(RefusalLog::new(REFUSAL_LOG_EVERY, REFUSAL_LOG_PEERS)),
+        }
     }
 
     fn open<T: DeserializeOwned>(
@@ -43,11 +50,10 @@ impl PeerApi {
         req: &Request<Envelope>,
     ) -> Result<(NodeId, T), Status> {
         peer::open(self.meta.peers().key(), method, req.get_ref()).map_err(|e| {
-            let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "?".into());
-            let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-            if r.get(&from).is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
+            let from = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "?".into());
+            let due = self.refusals.lock().unwrap_or_else(|p| p.into_inner()).due(&from, Instant::now());
+            if due {
                 warn!(peer = %from, %method, error = %e, "refused a peer request");
-                r.insert(from, Instant::now());
             }
             match e {
                 EnvelopeError::BadMac { .. } => Status::unauthenticated(
@@ -95,8 +101,11 @@ impl PeerService for PeerApi {
     }
 
     async fn join(&self, req: Request<Envelope>) -> Result<Response<Envelope>, Status> {
-        let (_, join): (_, JoinRequest) = self.open(method::JOIN, &req)?;
-        let r: Result<JoinReply, String> = self.formation.serve_join(join).await;
+        let (sender, join): (_, JoinRequest) = self.open(method::JOIN, &req)?;
+        // A joiner seals its own request; another member's seal means the
+        // request was handed over already.
+        let handed_over = sender != join.node.id;
+        let r: Result<JoinReply, String> = self.formation.serve_join(join, handed_over).await;
         self.seal(method::JOIN, &r)
     }
 

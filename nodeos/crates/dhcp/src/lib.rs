@@ -56,10 +56,10 @@
 
 #![warn(missing_docs)]
 
-pub mod builder;
-pub mod codes;
-pub mod header;
-pub mod options;
+mod builder;
+mod codes;
+mod header;
+mod options;
 
 pub use builder::{MAX_MESSAGE, MIN_MESSAGE, MessageBuilder};
 pub use codes::*;

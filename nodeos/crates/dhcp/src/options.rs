@@ -287,7 +287,13 @@ mod tests {
             let mut m = message(&[OPT_OVERLOAD, 1, overload]);
             m[SNAME_AT..MAGIC_AT].copy_from_slice(&file);
             m.extend_from_slice(&area);
-            let _ = Options::parse(&m);
+            if let Ok(o) = Options::parse(&m) {
+                for (_, value) in o.iter() {
+                    // Values from the overloaded fields lie inside the message too.
+                    let start = value.as_ptr() as usize - m.as_ptr() as usize;
+                    prop_assert!(start + value.len() <= m.len());
+                }
+            }
         }
     }
 }

@@ -202,26 +202,16 @@ impl Agent {
 mod tests {
     use super::*;
     use nodeos_meta::Command;
-    use nodeos_meta::testing::TestPool;
+    use nodeos_meta::testing::{TestPool, node_record};
     use nodeos_types::net::{MacAddr, SecurityRule};
-    use nodeos_types::records::{Uplink, node_key};
+    use nodeos_types::records::Uplink;
     use nodeos_types::{NetworkId, VmId};
 
     use crate::Networks;
     use crate::networks::{NewNetwork, NewPort};
 
     fn node(id: u64, vxlan: &str) -> NodeRecord {
-        NodeRecord {
-            id: NodeId(id),
-            address: String::new(),
-            hostname: String::new(),
-            version: String::new(),
-            image_hash: String::new(),
-            joined_at_ms: 0,
-            block_address: String::new(),
-            block_capacity: 0,
-            vxlan_address: vxlan.into(),
-        }
+        NodeRecord { vxlan_address: vxlan.into(), ..node_record(NodeId(id)) }
     }
 
     fn net(id: u64, vni: u32) -> NetworkRecord {
@@ -475,7 +465,7 @@ mod tests {
         let pool = TestPool::single().await.unwrap();
         let meta = pool.first();
         for n in nodes(3) {
-            meta.write(Command::put(node_key(n.id), serde_json::to_vec(&n).unwrap())).await.unwrap();
+            pool.put_node(&n).await.unwrap();
         }
         let nets = Networks::new(meta.clone());
         let n = nets

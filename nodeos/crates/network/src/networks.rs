@@ -37,7 +37,6 @@ use nodeos_types::{NetworkId, NodeId, PortId, SecurityGroupId, VmId, unix_millis
 use tracing::info;
 
 use crate::rules::{self, check_name};
-pub use crate::rules::{check_ifname, parse_vtep};
 
 /// Retries of a transaction whose records changed under it.
 const TXN_RETRIES: usize = 8;
@@ -356,13 +355,7 @@ impl Networks {
             rules::apply_update(&mut r, &u);
             r.updated_at_ms = unix_millis();
             let key = network_key(r.id);
-            let ok = self
-                .txn(Txn {
-                    compares: vec![unchanged(&key, rev)],
-                    success: vec![put(key, encode(&r))],
-                    failure: vec![],
-                })
-                .await?;
+            let ok = self.meta.write(Command::put_if(key, encode(&r), rev)).await?.succeeded;
             if ok {
                 info!(network = %r.name, "network changed");
                 return Ok(r);
@@ -633,13 +626,7 @@ impl Networks {
             g.rules = rules::change_rule_set(&g.name, &g.rules, add, remove)?;
             g.updated_at_ms = unix_millis();
             let key = security_group_key(g.id);
-            let ok = self
-                .txn(Txn {
-                    compares: vec![unchanged(&key, rev)],
-                    success: vec![put(key, encode(&g))],
-                    failure: vec![],
-                })
-                .await?;
+            let ok = self.meta.write(Command::put_if(key, encode(&g), rev)).await?.succeeded;
             if ok {
                 info!(group = %g.name, rules = g.rules.len(), "security group rules changed");
                 return Ok(g);

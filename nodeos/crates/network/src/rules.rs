@@ -85,7 +85,7 @@ pub fn check_mtu(mtu: u16) -> Result<(), NetworkError> {
 }
 
 pub fn check_vni(vni: u32) -> Result<(), NetworkError> {
-    if (1..=MAX_VNI).contains(&vni) { Ok(()) } else { Err(NetworkError::Vni(vni)) }
+    nodeos_switch::vxlan::check_vni(vni).map(drop).map_err(|_| NetworkError::Vni(vni))
 }
 
 pub fn check_cidr(cidr: Cidr) -> Result<(), NetworkError> {

@@ -32,7 +32,7 @@ use tracing::{debug, error, info, warn};
 use crate::beacon;
 use crate::decide::{Decision, WaitReason};
 use crate::discovery::{Answered, Discovery, Standing};
-use crate::membership::{Admission, admit, node_record, promotions};
+use crate::membership::{Admission, admit, forward_once, node_record, promotions};
 use crate::pace::{
     self, BIND_RETRY, HELLO_TIMEOUT, JOIN_EVERY, JOIN_TIMEOUT, MAX_REFUSALS, Pacer, REFUSAL_LOG_EVERY,
     RefusalLog,
@@ -132,8 +132,9 @@ impl Formation {
 
     /// Admits a node that proved it holds the pool key: on the leader, as a
     /// learner (promotion follows once it has caught up); elsewhere, by
-    /// handing the request to the leader.
-    pub async fn serve_join(&self, req: JoinRequest) -> Result<JoinReply, String> {
+    /// handing the request to the leader, once (`handed_over`: another member
+    /// sent it, see [`forward_once`]).
+    pub async fn serve_join(&self, req: JoinRequest, handed_over: bool) -> Result<JoinReply, String> {
         let meta = &self.inner.meta;
         let in_membership = meta.metrics().membership_config.membership().get_node(&req.node.id).is_some();
         let admission = admit(
@@ -144,6 +145,7 @@ impl Formation {
             meta.leader(),
             in_membership,
         )
+        .and_then(|a| forward_once(a, handed_over, meta.node_id()))
         .map_err(|e| e.to_string())?;
         match admission {
             Admission::Forward { address, .. } => {
@@ -491,11 +493,10 @@ mod tests {
             pool.start(NodeId(id)).await.expect("a new node starts");
         }
         for id in 4..=6 {
-            let r = f.serve_join(join("lab", id)).await.expect("the leader admits a new node");
-            assert_eq!(r.leader, leader.node_id());
+            f.serve_join(join("lab", id), false).await.expect("the leader admits a new node");
         }
         // A retried join changes nothing.
-        f.serve_join(join("lab", 4)).await.expect("a retried join is answered");
+        f.serve_join(join("lab", 4), false).await.expect("a retried join is answered");
         let m = leader.metrics();
         let membership = m.membership_config.membership();
         assert_eq!(ids(membership.voter_ids()), [1, 2, 3]);
@@ -527,19 +528,21 @@ mod tests {
         let mut pool = TestPool::new(3).await.expect("a test pool starts");
         let leader = pool.leader().await.expect("the pool elects a leader");
         let f = Formation::new(cfg("n0:7700"), leader.clone());
-        let e = f.serve_join(join("other", 7)).await.expect_err("another pool's name is refused");
+        let e = f.serve_join(join("other", 7), false).await.expect_err("another pool's name is refused");
         assert!(e.contains("pool name"), "{e}");
-        let e = f.serve_join(join("lab", 0)).await.expect_err("node id 0 is refused");
+        let e = f.serve_join(join("lab", 0), false).await.expect_err("node id 0 is refused");
         assert!(e.contains("node id 0"), "{e}");
         let mut bad = join("lab", 7);
         bad.node.address = "nowhere".into();
-        let e = f.serve_join(bad).await.expect_err("an address without port is refused");
+        let e = f.serve_join(bad, false).await.expect_err("an address without port is refused");
         assert!(e.contains("not usable"), "{e}");
         assert_eq!(leader.metrics().membership_config.membership().nodes().count(), 3);
         // A node that belongs to no pool admits nobody.
         let loner = pool.start(NodeId(9)).await.expect("a new node starts");
-        let e =
-            Formation::new(cfg("n9:7700"), loner).serve_join(join("lab", 7)).await.expect_err("no member");
+        let e = Formation::new(cfg("n9:7700"), loner)
+            .serve_join(join("lab", 7), false)
+            .await
+            .expect_err("no member");
         assert!(e.contains("not a pool member"), "{e}");
     }
 
@@ -553,8 +556,7 @@ mod tests {
         let r = f.hello_reply(&greeter);
         assert!(r.member);
         assert_eq!(r.leader, Some(leader.node_id()));
-        let mut known: Vec<u64> = ids(r.known.iter().map(|k| k.id));
-        known.dedup();
+        let known: Vec<u64> = ids(r.known.iter().map(|k| k.id));
         let mut want: Vec<u64> = [1, 2, 3, 7].into_iter().filter(|id| *id != leader.node_id().0).collect();
         want.sort_unstable();
         assert_eq!(known, want);
@@ -582,7 +584,7 @@ mod tests {
         assert_eq!(rec.block_capacity, 3 << 30);
         f.upkeep().await;
         assert_eq!(f.pool_id(), Some(pool_id), "the pool record is written once");
-        let r = f.serve_join(join("lab", 4)).await.expect("the leader admits a new node");
+        let r = f.serve_join(join("lab", 4), false).await.expect("the leader admits a new node");
         assert_eq!(r.pool_id, Some(pool_id));
         // A follower keeps its own record but leaves the pool record alone.
         let follower_id = pool.ids().into_iter().find(|id| *id != leader.node_id()).expect("three nodes");

@@ -35,6 +35,8 @@ pub enum JoinRefused {
     NotMember,
     #[error("the pool has no leader right now; retry")]
     NoLeader,
+    #[error("the join was handed to node {0} as the leader, but it no longer leads; retry")]
+    LeaderMoved(NodeId),
 }
 
 /// What to do with a join request that is not refused.
@@ -46,6 +48,17 @@ pub enum Admission {
     AlreadyMember,
     /// Add it as a learner; promotion follows once it has caught up.
     AddLearner,
+}
+
+/// A join is handed to the leader at most once: a node that received it
+/// handed over (`handed_over`) and does not lead refuses it instead of
+/// handing it on, so two nodes with stale views of the leader cannot pass it
+/// back and forth.
+pub fn forward_once(admission: Admission, handed_over: bool, me: NodeId) -> Result<Admission, JoinRefused> {
+    match admission {
+        Admission::Forward { .. } if handed_over => Err(JoinRefused::LeaderMoved(me)),
+        other => Ok(other),
+    }
 }
 
 /// Decides a join request on node `me`. `leader` is the current leader and
@@ -287,5 +300,14 @@ mod tests {
         assert_eq!(next.address, "10.0.0.9:7700");
         // So is a capacity a whole step lower.
         assert!(node_record(&c, NodeId(1), 4 * CAPACITY_STEP, Some(&first), 2000).is_some());
+    }
+
+    #[test]
+    fn a_join_is_handed_over_at_most_once() {
+        let fwd = Admission::Forward { leader: NodeId(1), address: "n1:7700".into() };
+        assert_eq!(forward_once(fwd.clone(), false, NodeId(2)), Ok(fwd.clone()));
+        assert_eq!(forward_once(fwd, true, NodeId(2)), Err(JoinRefused::LeaderMoved(NodeId(2))));
+        assert_eq!(forward_once(Admission::AddLearner, true, NodeId(1)), Ok(Admission::AddLearner));
+        assert_eq!(forward_once(Admission::AlreadyMember, true, NodeId(1)), Ok(Admission::AlreadyMember));
     }
 }
