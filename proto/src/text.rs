@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-use serde::{Serialize, Serializer};
+use serde::Serializer;
 
 use crate::v1;
 
@@ -62,32 +62,9 @@ pub fn serialize_enum<E: ProtoEnum, S: Serializer>(value: &i32, s: S) -> Result<
     s.serialize_str(&enum_name::<E>(*value))
 }
 
-/// `serialize_with` of a repeated enum field.
-pub fn serialize_enum_list<E: ProtoEnum, S: Serializer>(values: &[i32], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(values.iter().map(|v| enum_name::<E>(*v)))
-}
-
-/// `serialize_with` of an `optional` enum field.
-pub fn serialize_enum_option<E: ProtoEnum, S: Serializer>(
-    value: &Option<i32>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    value.map(enum_name::<E>).serialize(s)
-}
-
 /// `serialize_with` of a bytes field.
 pub fn serialize_bytes<S: Serializer>(value: &[u8], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&bytes_text(value))
-}
-
-/// `serialize_with` of a repeated bytes field.
-pub fn serialize_bytes_list<S: Serializer>(values: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(values.iter().map(|v| bytes_text(v)))
-}
-
-/// `serialize_with` of an `optional` bytes field.
-pub fn serialize_bytes_option<S: Serializer>(value: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
-    value.as_deref().map(bytes_text).serialize(s)
 }
 
 #[cfg(test)]
@@ -121,19 +98,5 @@ mod tests {
         let put = v1::PutRequest { key: "k".into(), value: b"v".to_vec(), expect_mod_revision: Some(3) };
         let json = serde_json::to_value(&put).unwrap();
         assert_eq!((json["value"].as_str(), json["expect_mod_revision"].as_u64()), (Some("v"), Some(3)));
-    }
-
-    #[test]
-    fn lists_and_options_print_element_by_element() {
-        let list = |v: &[i32]| serialize_enum_list::<v1::NodeRole, _>(v, serde_json::value::Serializer);
-        assert_eq!(list(&[1, 3]).unwrap(), serde_json::json!(["leader", "learner"]));
-        let option =
-            |v: Option<i32>| serialize_enum_option::<v1::NodeRole, _>(&v, serde_json::value::Serializer);
-        assert_eq!(option(Some(2)).unwrap(), serde_json::json!("voter"));
-        assert_eq!(option(None).unwrap(), serde_json::Value::Null);
-        let bytes = serialize_bytes_list(&[b"a".to_vec(), b"b".to_vec()], serde_json::value::Serializer);
-        assert_eq!(bytes.unwrap(), serde_json::json!(["a", "b"]));
-        let bytes = serialize_bytes_option(&Some(b"c".to_vec()), serde_json::value::Serializer);
-        assert_eq!(bytes.unwrap(), serde_json::json!("c"));
     }
 }

@@ -44,7 +44,12 @@ async fn power(ctx: Ctx, node: Option<String>, action: pb::PowerAction) -> Resul
         .power(pb::PowerRequest { node_id: node.unwrap_or_default(), action: action.into() })
         .await?
         .into_inner();
-    let doing = if action == pb::PowerAction::Reboot { "rebooting" } else { "powering off" };
+    // What the node says it does, as the JSON shows it.
+    let doing = match pb::PowerAction::try_from(r.action) {
+        Ok(pb::PowerAction::Reboot) => "rebooting",
+        Ok(pb::PowerAction::Poweroff) => "powering off",
+        _ => "unknown",
+    };
     let rows = vec![vec![r.node_id.clone(), doing.to_owned()]];
     output::print(ctx.output, &r, &["NODE", "ACTION"], rows)
 }

@@ -3,7 +3,6 @@
 use clap::Subcommand;
 use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::pxe_service_client::PxeServiceClient;
-use nodeos_types::records::DEFAULT_PXE_HTTP_PORT;
 
 use super::output;
 use super::{CliError, Ctx, Format};
@@ -37,11 +36,6 @@ pub enum PxeCmd {
     },
 }
 
-/// The HTTP port PXE serves on: the settings keep 0 for the default.
-fn http_port(s: &pb::PxeSettings) -> u32 {
-    if s.http_port == 0 { u32::from(DEFAULT_PXE_HTTP_PORT) } else { s.http_port }
-}
-
 fn short(hash: &str) -> String {
     hash.get(..12).unwrap_or(hash).to_owned()
 }
@@ -52,7 +46,7 @@ async fn configure(ctx: &Ctx, s: pb::PxeSettings) -> Result<(), CliError> {
         if stored.enabled { "enabled" } else { "disabled" }.to_owned(),
         if stored.interface.is_empty() { "(advertised address's)".into() } else { stored.interface.clone() },
         if stored.node_ids.is_empty() { "all".into() } else { stored.node_ids.join(",") },
-        http_port(&stored).to_string(),
+        stored.http_port.to_string(),
         stored.append.clone(),
     ]];
     output::print(ctx.output, &stored, &["PXE", "INTERFACE", "NODES", "HTTP", "APPEND"], rows)
@@ -77,7 +71,8 @@ pub async fn run(ctx: Ctx, cmd: PxeCmd) -> Result<(), CliError> {
                 .await?
                 .into_inner();
             if ctx.output == Format::Table {
-                let s = r.settings.clone().unwrap_or_default();
+                let none = pb::PxeSettings::default();
+                let s = r.settings.as_ref().unwrap_or(&none);
                 println!(
                     "PXE {}{}",
                     if s.enabled { "enabled" } else { "disabled" },
@@ -90,7 +85,7 @@ pub async fn run(ctx: Ctx, cmd: PxeCmd) -> Result<(), CliError> {
                                 &s.interface
                             },
                             if s.node_ids.is_empty() { "all".to_owned() } else { s.node_ids.join(",") },
-                            http_port(&s),
+                            s.http_port,
                             if s.append.is_empty() {
                                 String::new()
                             } else {

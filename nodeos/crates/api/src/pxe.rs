@@ -99,12 +99,14 @@ fn node_status_to_pb(id: NodeId, s: NodePxeStatus) -> pb::PxeNodeStatus {
 }
 
 fn settings_to_pb(s: PxeSettingsRecord) -> pb::PxeSettings {
+    // The port served, so a client never has to know the default.
+    let http_port = u32::from(s.http_port());
     pb::PxeSettings {
+        http_port,
         enabled: s.enabled,
         interface: s.interface,
         node_ids: s.nodes.iter().map(ToString::to_string).collect(),
         append: s.append,
-        http_port: u32::from(s.http_port),
     }
 }
 

@@ -146,6 +146,7 @@ impl Hypervisor {
 }
 
 /// Support for tests that need the KVM device, in this crate and its users.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};

@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod net;
 pub mod records;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 use std::fmt;

@@ -13,7 +13,7 @@ use nodeos_meta::store::open_db;
 pub use nodeos_meta::testing::{Router, agreed_leader, fast_config};
 use nodeos_meta::{Command, LogStore, Raft, Response, StateMachineStore};
 use nodeos_types::NodeId;
-use openraft::{BasicNode, Config, ServerState};
+use openraft::{BasicNode, Config};
 use tempfile::TempDir;
 
 /// A running node: its Raft and a reading clone of its state machine.
