@@ -377,10 +377,10 @@ mod tests {
             }
             let da = decide(a, "a:7700", false, &va, expect, crate::STABLE_ROUNDS);
             let db = decide(b, "b:7700", false, &vb, expect, crate::STABLE_ROUNDS);
-            if let (Decision::Bootstrap { voters: pa }, Decision::Bootstrap { voters: pb }) = (da, db) {
-                if greeted {
-                    prop_assert!(!pa.contains_key(&b) && !pb.contains_key(&a));
-                }
+            if let (Decision::Bootstrap { voters: pa }, Decision::Bootstrap { voters: pb }) = (da, db)
+                && greeted
+            {
+                prop_assert!(!pa.contains_key(&b) && !pb.contains_key(&a));
             }
         }
     }
