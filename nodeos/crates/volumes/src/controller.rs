@@ -180,15 +180,14 @@ impl<T: Transport + Clone> Controller<T> {
         let recovered = std::mem::take(&mut self.recovered);
         // One listing per pass: every change below re-reads its own record
         // and writes it by compare-and-swap, so a stale entry costs a retry
-        // next pass, never a wrong write. `load` follows this pass's changes.
+        // next pass, never a wrong write (reclaim alone reads afresh what is
+        // shared). `load` follows this pass's changes.
         let volumes = self.volumes.list().await?;
         let mut load = load_of(volumes.iter().map(|v| v.placement.as_slice()));
         for r in &volumes {
             let check = full_check || r.placement.iter().flatten().any(|n| recovered.contains(n));
             let result = match r.state {
-                VolumeState::Deleting => {
-                    self.reclaim(r, &volumes, &nodes, &view).await.map(|()| report.reclaimed += 1)
-                }
+                VolumeState::Deleting => self.reclaim(r, &nodes, &view).await.map(|()| report.reclaimed += 1),
                 VolumeState::Available => self.tend(r, &nodes, &view, &mut load, check, &mut report).await,
             };
             if let Err(e) = result {
@@ -456,21 +455,23 @@ impl<T: Transport + Clone> Controller<T> {
     /// copies left on a node by a move, or on a node that came back after its
     /// copies were rebuilt elsewhere, go too.
     ///
-    /// `volumes` is this pass's listing. It holds every volume that shares a
-    /// layer with `r`: such a volume existed before `r` was marked deleting
-    /// (a deleting volume gains no layer, snapshot or clone, see
-    /// `Volumes::get_available`) and stays listed until its own reclaim.
+    /// Which layers other volumes still share is read afresh, not from the
+    /// pass's listing: a volume reclaimed earlier in the same pass (a clone)
+    /// is gone, and its layers with it. A deleting volume gains no layer,
+    /// snapshot or clone meanwhile (`Volumes::get_available`).
     async fn reclaim(
         &self,
         r: &VolumeRecord,
-        volumes: &[VolumeRecord],
         nodes: &BTreeMap<NodeId, NodeRecord>,
         view: &NodeView,
     ) -> Result<(), VolumeError> {
-        let shared: HashSet<u64> = volumes
-            .iter()
+        let shared: HashSet<u64> = self
+            .volumes
+            .list()
+            .await?
+            .into_iter()
             .filter(|v| v.id != r.id)
-            .flat_map(|v| v.layers.iter().copied().chain(v.snapshots.iter().map(|s| s.layer)))
+            .flat_map(|v| v.layers.into_iter().chain(v.snapshots.into_iter().map(|s| s.layer)))
             .collect();
         let holders: HashSet<NodeId> = r.placement.iter().flatten().chain(view.up.iter()).copied().collect();
         for layer in r.layers.iter().filter(|l| !shared.contains(l)) {

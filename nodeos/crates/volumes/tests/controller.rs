@@ -160,3 +160,23 @@ async fn a_deleted_volume_is_reclaimed_on_every_node_then_forgotten() {
     assert!(bed.volumes.get("gone").await.is_err());
     assert!(bed.volumes.list().await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_and_its_clone_deleted_together_leave_no_layer_behind() {
+    let bed = Bed::new(3).await;
+    bed.create("base", 64 << 20).await;
+    write_blocks(&bed, "base", &[0]).await;
+    bed.volumes.snapshot("base", "s1").await.unwrap();
+    bed.volumes.clone_snapshot("base", "s1", "child").await.unwrap();
+    write_blocks(&bed, "child", &[4096]).await;
+    write_blocks(&bed, "base", &[8192]).await;
+    bed.volumes.delete("child", false).await.unwrap();
+    bed.volumes.delete_snapshot("base", "s1").await.unwrap();
+    bed.volumes.delete("base", false).await.unwrap();
+    // Both are reclaimed in one pass; the layer they shared goes with the last.
+    let mut ctl = bed.controller(HOUR);
+    assert_eq!(ctl.pass().await.unwrap().reclaimed, 2);
+    for n in 1..=3 {
+        assert!(bed.held(NodeId(n)).is_empty(), "node {n} still holds {:?}", bed.held(NodeId(n)));
+    }
+}
