@@ -76,11 +76,19 @@ NORETURN void dirty_loop(void)
 			}
 			checksum = rotl1(checksum) ^ v;
 		}
-		/* Ctrl-Alt-Del from the keyboard controller (Del = E0 71 in scancode
-		 * set 2) is the host's graceful-shutdown request: power off cleanly. */
+		/* The host's graceful-shutdown request: the ACPI power button (a GED
+		 * event at port 0x603, bit 0; reading clears it), or Ctrl-Alt-Del from
+		 * the keyboard controller (Del = E0 71 in scancode set 2, E0 53 once
+		 * translated to set 1). Power off cleanly. */
+		if (inb(0x603) & 1) {
+			LOG("dirty pass=%lu checksum=%016lx power button: powering off", pass, checksum);
+			LOG("summary ok");
+			LOG("done");
+			power_off(0);
+		}
 		for (int n = 0; n < 16 && (inb(0x64) & 1); n++) {
 			u8 code = inb(0x60);
-			if (kbd_e0 && code == 0x71) {
+			if (kbd_e0 && (code == 0x71 || code == 0x53)) {
 				LOG("dirty pass=%lu checksum=%016lx ctrl-alt-del: powering off", pass, checksum);
 				LOG("summary ok");
 				LOG("done");

@@ -40,6 +40,7 @@ fn spec(kernel: &Path, cmdline: &str, memory_mib: u64) -> pb::VmSpec {
         cmdline: cmdline.to_owned(),
         disks: vec![],
         nics: vec![],
+        cloud_init: None,
     }
 }
 
@@ -163,6 +164,26 @@ async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::R
             spec(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml").as_path(), "", 64),
             "neither a bzImage nor an ELF",
         ),
+        (
+            pb::VmSpec {
+                cloud_init: Some(pb::CloudInit {
+                    user_data: vec![b'x'; 64 * 1024 + 1],
+                    ..Default::default()
+                }),
+                ..spec(&guest, "", 64)
+            },
+            "cloud_init.user_data is 65537 bytes; the limit is 65536",
+        ),
+        (
+            pb::VmSpec {
+                cloud_init: Some(pb::CloudInit {
+                    ssh_authorized_keys: vec!["ssh-ed25519 AAAA\nroot".into()],
+                    ..Default::default()
+                }),
+                ..spec(&guest, "", 64)
+            },
+            "cloud_init.ssh_authorized_keys[0]",
+        ),
     ];
     for (s, want) in bad {
         let e =
@@ -240,7 +261,7 @@ async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::R
         .into_inner();
     ensure!(st.state == "stopped" && st.reason.contains("powered off"), "graceful stop: {st:?}");
     ensure!(asked.elapsed() < Duration::from_secs(100), "the guest was killed, not shut down");
-    let console = console_until(&mut vms, "spin", "ctrl-alt-del: powering off").await?;
+    let console = console_until(&mut vms, "spin", "power button: powering off").await?;
     ensure!(console.contains("NODEOS-GUEST: done"), "{console}");
     vms.delete(pb::VmRef { vm: "spin".into() }).await?;
     c.finish();

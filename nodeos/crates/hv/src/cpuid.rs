@@ -9,6 +9,13 @@
 //!    LAPIC but does not report it in the supported CPUID).
 //! 2. leaves 0xB and 0x1F (extended topology): one thread per core, all vCPUs
 //!    cores of one package; EDX = x2APIC id on every subleaf.
+//! 3. leaf 0xD (XSAVE): the XCR0 features offered are those with a state
+//!    component subleaf of non-zero size, with their architectural companions
+//!    (both MPX registers, all three AVX-512 parts, both AMX parts, AVX only
+//!    with SSE); the area sizes (0xD.0 EBX/ECX, 0xD.1 EBX) are recomputed from
+//!    the subleaves for all of them. [`xcr0_offered`] is the XCR0 the guest
+//!    starts with (see `Vcpu::set_xcr0`): with it, the sizes describe the
+//!    area an OS enables, which is what Linux checks at boot.
 //!
 //! Then the policy's masks clear bits: that is the hook for hiding features
 //! (for a migration-compatible CPU model, or to work around a guest bug).
@@ -23,6 +30,19 @@ pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX: the logical processor count in EBX[23:16] is valid.
 pub const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// Leaf 0xD: the XSAVE state components.
+pub const LEAF_XSAVE: u32 = 0xd;
+/// The legacy region (x87 + SSE, 512 bytes) and the XSAVE header (64 bytes).
+const XSAVE_LEGACY_AND_HEADER: u32 = 576;
+/// XCR0 bits: x87, SSE, AVX, MPX (2), AVX-512 (3), PKRU, AMX (2).
+const XCR0_X87: u64 = 1;
+const XCR0_SSE: u64 = 1 << 1;
+const XCR0_AVX: u64 = 1 << 2;
+const XCR0_MPX: u64 = 0b11 << 3;
+const XCR0_AVX512: u64 = 0b111 << 5;
+const XCR0_AMX: u64 = 0b11 << 17;
+/// Leaf 0xD.1 EAX: XSAVEC and XSAVES, the instructions of the compacted format.
+const LEAF_XSAVE1_EAX_COMPACTED: u32 = (1 << 1) | (1 << 3);
 
 /// A register of a CPUID entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,7 +154,67 @@ pub fn build(
         }
     }
     policy.apply(&mut entries);
+    fix_xsave(&mut entries);
     entries
+}
+
+/// The XCR0 value enabling every XSAVE feature `entries` offer (0xD.0 EDX:EAX), x87 included.
+pub fn xcr0_offered(entries: &[kvm_cpuid_entry2]) -> u64 {
+    find(entries, LEAF_XSAVE, 0).map_or(XCR0_X87, |e| u64::from(e.eax) | u64::from(e.edx) << 32 | XCR0_X87)
+}
+
+/// Makes leaf 0xD agree with itself: only features whose state component is
+/// described, with their companions, and sizes computed from the subleaves.
+/// Runs after the policy, so that hiding a feature also shrinks the area.
+fn fix_xsave(entries: &mut [kvm_cpuid_entry2]) {
+    let Some(i0) = entries.iter().position(|e| e.function == LEAF_XSAVE && e.index == 0) else { return };
+    // (size, offset, aligned-in-compacted-format) of state component `bit`.
+    let component = |entries: &[kvm_cpuid_entry2], bit: u32| {
+        find(entries, LEAF_XSAVE, bit).filter(|e| e.eax != 0).map(|e| (e.eax, e.ebx, e.ecx & 0b10 != 0))
+    };
+    let mut xcr0 = xcr0_offered(entries);
+    for bit in 2..64 {
+        if xcr0 & (1 << bit) != 0 && component(entries, bit).is_none() {
+            xcr0 &= !(1 << bit);
+        }
+    }
+    for group in [XCR0_MPX, XCR0_AVX512, XCR0_AMX] {
+        if xcr0 & group != group {
+            xcr0 &= !group;
+        }
+    }
+    if xcr0 & XCR0_SSE == 0 {
+        xcr0 &= !(XCR0_AVX | XCR0_AVX512);
+    }
+    if xcr0 & XCR0_AVX == 0 {
+        xcr0 &= !XCR0_AVX512;
+    }
+    let standard = (2..64)
+        .filter(|bit| xcr0 & (1 << bit) != 0)
+        .filter_map(|bit| component(entries, bit))
+        .map(|(size, offset, _)| offset.saturating_add(size))
+        .fold(XSAVE_LEGACY_AND_HEADER, u32::max);
+    // IA32_XSS starts at 0, so the compacted area holds the XCR0 features alone.
+    let compacted = (2..64)
+        .filter(|bit| xcr0 & (1 << bit) != 0)
+        .filter_map(|bit| component(entries, bit))
+        .fold(XSAVE_LEGACY_AND_HEADER, |end, (size, _, aligned)| {
+            if aligned { end.next_multiple_of(64) } else { end }.saturating_add(size)
+        });
+    let e0 = &mut entries[i0];
+    e0.eax = xcr0 as u32;
+    e0.edx = (xcr0 >> 32) as u32;
+    e0.ebx = standard;
+    e0.ecx = standard;
+    if let Some(e1) = entries.iter_mut().find(|e| e.function == LEAF_XSAVE && e.index == 1)
+        && e1.eax & LEAF_XSAVE1_EAX_COMPACTED != 0
+    {
+        e1.ebx = compacted;
+    }
+}
+
+fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> Option<&kvm_cpuid_entry2> {
+    entries.iter().find(|e| e.function == function && e.index == index)
 }
 
 fn ceil_log2(n: u32) -> u32 {
@@ -181,15 +261,15 @@ mod tests {
         ]
     }
 
-    fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
-        *entries.iter().find(|e| e.function == function && e.index == index).expect("leaf present")
+    fn leaf(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *find(entries, function, index).expect("leaf present")
     }
 
     #[test]
     fn leaf1_gets_apic_id_count_and_hypervisor_bit() {
         let params = CpuidParams { apic_id: 3, vcpu_count: 4, tsc_deadline_timer: true };
         let out = build(&synthetic(), &params, &CpuidPolicy::default());
-        let l1 = find(&out, 1, 0);
+        let l1 = leaf(&out, 1, 0);
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_eq!(l1.ebx & 0xffff, 0x0800, "low half (clflush size) kept");
@@ -197,7 +277,7 @@ mod tests {
         assert_ne!(l1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
         assert_ne!(l1.edx & LEAF1_EDX_HTT, 0);
         assert_eq!(l1.ecx & 0x0020_0001, 0x0020_0001, "other features untouched");
-        assert_eq!(find(&out, 0x4000_0000, 0), find(&synthetic(), 0x4000_0000, 0));
+        assert_eq!(leaf(&out, 0x4000_0000, 0), leaf(&synthetic(), 0x4000_0000, 0));
         assert_eq!(out.len(), synthetic().len());
     }
 
@@ -205,7 +285,7 @@ mod tests {
     fn tsc_deadline_cleared_without_the_capability_and_htt_for_one_vcpu() {
         let params = CpuidParams { apic_id: 0, vcpu_count: 1, tsc_deadline_timer: false };
         let out = build(&synthetic(), &params, &CpuidPolicy::default());
-        let l1 = find(&out, 1, 0);
+        let l1 = leaf(&out, 1, 0);
         assert_eq!(l1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
         assert_eq!(l1.edx & LEAF1_EDX_HTT, 0);
         assert_eq!(l1.ebx >> 24, 0);
@@ -215,9 +295,9 @@ mod tests {
     fn extended_topology_describes_one_package() {
         let params = CpuidParams { apic_id: 5, vcpu_count: 6, tsc_deadline_timer: false };
         let out = build(&synthetic(), &params, &CpuidPolicy::default());
-        let smt = find(&out, 0xb, 0);
-        let core = find(&out, 0xb, 1);
-        let end = find(&out, 0xb, 2);
+        let smt = leaf(&out, 0xb, 0);
+        let core = leaf(&out, 0xb, 1);
+        let end = leaf(&out, 0xb, 2);
         assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 5));
         assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (3, 6, 0x201, 5));
         assert_eq!((end.eax, end.ebx, end.ecx & 0xff00, end.edx), (0, 0, 0, 5));
@@ -238,9 +318,55 @@ mod tests {
             // a subleaf that does not exist: no effect
             .hide(7, Some(1), CpuidReg::Ebx, 0xffff_ffff);
         let out = build(&synthetic(), &params, &policy);
-        let l1 = find(&out, 1, 0);
+        let l1 = leaf(&out, 1, 0);
         assert_eq!(l1.ecx & (LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_HYPERVISOR), 0);
-        assert_eq!(find(&out, 7, 0).ebx, 0x0000_0208);
+        assert_eq!(leaf(&out, 7, 0).ebx, 0x0000_0208);
+    }
+
+    /// x87|SSE|AVX|PKRU, plus AVX-512 without its ZMM_Hi256 subleaf, MPX with one half.
+    fn xsave_leaves(compacted: bool) -> Vec<kvm_cpuid_entry2> {
+        let xcr0: u32 = 0x207 | (1 << 3) | (0b101 << 5);
+        vec![
+            entry(LEAF_XSAVE, 0, xcr0, 576, 2696, 0),
+            entry(LEAF_XSAVE, 1, if compacted { 0b1011 } else { 0b0001 }, 576, 0, 0),
+            entry(LEAF_XSAVE, 2, 256, 576, 0, 0),
+            entry(LEAF_XSAVE, 3, 64, 960, 0, 0),
+            entry(LEAF_XSAVE, 5, 64, 1088, 2, 0),
+            entry(LEAF_XSAVE, 7, 1024, 1664, 2, 0),
+            entry(LEAF_XSAVE, 9, 8, 2688, 2, 0),
+        ]
+    }
+
+    #[test]
+    fn xsave_leaf_offers_whole_features_and_sizes_them() {
+        let params = CpuidParams { apic_id: 0, vcpu_count: 1, tsc_deadline_timer: false };
+        let out = build(&xsave_leaves(false), &params, &CpuidPolicy::default());
+        let l0 = find(&out, LEAF_XSAVE, 0).unwrap();
+        // MPX (one half missing) and AVX-512 (a part without a subleaf) are gone.
+        assert_eq!(l0.eax, 0x207);
+        assert_eq!(xcr0_offered(&out), 0x207);
+        // Standard format: PKRU ends the area at 2688 + 8.
+        assert_eq!((l0.ebx, l0.ecx), (2696, 2696));
+        assert_eq!(find(&out, LEAF_XSAVE, 1).unwrap().ebx, 576, "no XSAVEC/XSAVES: 0xD.1 EBX untouched");
+
+        let out = build(&xsave_leaves(true), &params, &CpuidPolicy::default());
+        // Compacted: 576 + AVX 256 = 832, PKRU 64-byte aligned at 832 → 840.
+        assert_eq!(find(&out, LEAF_XSAVE, 1).unwrap().ebx, 840);
+    }
+
+    #[test]
+    fn hiding_an_xsave_feature_shrinks_the_area() {
+        let params = CpuidParams { apic_id: 0, vcpu_count: 1, tsc_deadline_timer: false };
+        let policy = CpuidPolicy::default().hide(LEAF_XSAVE, Some(0), CpuidReg::Eax, 1 << 9);
+        let out = build(&xsave_leaves(true), &params, &policy);
+        let l0 = find(&out, LEAF_XSAVE, 0).unwrap();
+        assert_eq!((l0.eax, l0.ebx), (0x7, 832));
+        assert_eq!(find(&out, LEAF_XSAVE, 1).unwrap().ebx, 832);
+        // Hiding SSE takes AVX with it.
+        let policy = CpuidPolicy::default().hide(LEAF_XSAVE, Some(0), CpuidReg::Eax, 1 << 1);
+        let out = build(&xsave_leaves(false), &params, &policy);
+        assert_eq!(find(&out, LEAF_XSAVE, 0).unwrap().eax, 0x201);
+        assert_eq!(xcr0_offered(&[]), 1, "no XSAVE leaf: x87 only");
     }
 
     #[test]

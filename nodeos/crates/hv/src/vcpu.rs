@@ -464,6 +464,19 @@ impl Vcpu {
         self.set_cpuid_entries(&cpuid::build(&self.caps.supported_cpuid, &params, policy))
     }
 
+    /// Sets XCR0, the XSAVE features enabled. Needs `KVM_CAP_XCRS` (a no-op
+    /// without it, where KVM keeps XCR0 itself) and the CPUID set first: KVM
+    /// refuses bits the CPUID does not offer.
+    pub fn set_xcr0(&self, xcr0: u64) -> Result<(), HvError> {
+        if !self.caps.xcrs {
+            return Ok(());
+        }
+        let mut xcrs = kvm_xcrs { nr_xcrs: 1, ..Default::default() };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = xcr0;
+        self.fd.set_xcrs(&xcrs).map_err(self.ioctl_err("set_xcrs"))
+    }
+
     /// Captures the vCPU's state; the vCPU must not be running.
     pub fn save_state(&self) -> Result<VcpuState, HvError> {
         // MP state first: reading it makes KVM process pending INIT/SIPI into
@@ -754,6 +767,23 @@ pub(crate) mod tests {
         let leaf1 = cpuid.iter().find(|e| e.function == 1).unwrap();
         assert_eq!(leaf1.ebx >> 24, 1, "APIC id of vCPU 1");
         assert_ne!(leaf1.ecx & crate::LEAF1_ECX_HYPERVISOR, 0);
+
+        // XCR0 with every offered XSAVE feature; KVM then sizes 0xD.0 EBX for it,
+        // which must be the size the edited CPUID gave for the whole set.
+        let xcr0 = crate::xcr0_offered(&cpuid);
+        ap.set_xcr0(xcr0).unwrap();
+        if let Some(xcrs) = ap.save_state().unwrap().xcrs {
+            assert_eq!(xcrs.xcrs[0].value, xcr0);
+        }
+        let sized = crate::build_cpuid(
+            &hv.caps.supported_cpuid,
+            &CpuidParams { apic_id: 1, vcpu_count: 2, tsc_deadline_timer: false },
+            &CpuidPolicy::default(),
+        );
+        let ebx =
+            |c: &[kvm_cpuid_entry2]| c.iter().find(|e| e.function == 0xd && e.index == 0).map(|e| e.ebx);
+        assert_eq!(ebx(&ap.get_cpuid().unwrap()), ebx(&sized));
+        assert!(ap.set_xcr0(xcr0 | 1 << 62).is_err(), "a feature not offered is refused");
 
         let msrs =
             [MsrEntry { index: 0x174, data: 0x10 }, MsrEntry { index: 0x277, data: 0x0007_0406_0007_0406 }];

@@ -16,10 +16,13 @@ use tracing::{info, warn};
 use crate::boot::{self, BootConfig, BootError};
 use crate::config::{ConfigError, WorkerConfig};
 use crate::control::StopReason;
+use crate::devices::acpi::{ACPI_LEN, ACPI_PORT, AcpiPlatform, GED_IRQ};
 use crate::devices::bus::{Bus, BusError};
+use crate::devices::i8042::I8042_IRQ;
 use crate::devices::interrupt::{IoEvents, IrqLine, MsiAllocator};
 use crate::devices::pci::{PCI_CONFIG_LEN, PCI_CONFIG_PORT, PciError, PciRoot};
 use crate::devices::platform::{self, PlatformEvents, PlatformRequest};
+use crate::devices::rtc::{self, RTC_IRQ, Rtc, RtcConfig, RtcError};
 use crate::devices::serial::{COM1_IRQ, COM1_LEN, COM1_PORT, Serial};
 use crate::devices::virtio::VirtioPciDevice;
 use crate::devices::virtio::block::{Block, BlockBackend, FileBackend, VolumeBackend};
@@ -27,9 +30,6 @@ use crate::devices::virtio::net::{Net, SeqpacketBackend};
 use crate::interrupts::{KvmIoEvents, KvmIrqLine, KvmMsiAllocator};
 use crate::memory::{self, GuestMem, MemoryError};
 use crate::vcpu::{EndSignal, VcpuError, VcpuSet};
-
-/// The ISA interrupt of the i8042 keyboard.
-const KEYBOARD_IRQ: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -64,6 +64,8 @@ pub enum VmError {
     NicSocket { index: usize },
     #[error("platform events")]
     Platform(#[source] std::io::Error),
+    #[error("CMOS RTC")]
+    Rtc(#[from] RtcError),
     #[error("vCPUs")]
     Vcpu(#[from] VcpuError),
 }
@@ -75,7 +77,8 @@ pub struct Vm {
     // Field order is drop order: vCPUs stop before devices and memory go.
     vcpus: VcpuSet,
     serial: Arc<Mutex<Serial>>,
-    keyboard: Arc<Mutex<platform::I8042>>,
+    acpi: Arc<Mutex<AcpiPlatform>>,
+    _rtc: Arc<Mutex<Rtc>>,
     _pci: Arc<Mutex<PciRoot>>,
     _pio: Arc<Bus>,
     _mmio: Arc<Bus>,
@@ -132,8 +135,14 @@ impl Vm {
         pio.insert(serial.clone(), COM1_PORT, COM1_LEN)?;
         let events = PlatformEvents::new().map_err(VmError::Platform)?;
         let keyboard = platform::attach(&pio, &events)?;
-        let irq1: Arc<dyn IrqLine> = Arc::new(KvmIrqLine::new(kvm_vm.clone(), KEYBOARD_IRQ)?);
+        let irq1: Arc<dyn IrqLine> = Arc::new(KvmIrqLine::new(kvm_vm.clone(), I8042_IRQ)?);
         keyboard.lock().unwrap_or_else(|p| p.into_inner()).set_irq(irq1);
+        let irq8: Arc<dyn IrqLine> = Arc::new(KvmIrqLine::new(kvm_vm.clone(), RTC_IRQ)?);
+        let rtc_config = RtcConfig::from_memory_mib(cfg.memory_mib, u32::from(cfg.vcpus));
+        let rtc = rtc::attach(&pio, Rtc::new(rtc_config, Some(irq8))?)?;
+        let ged: Arc<dyn IrqLine> = Arc::new(KvmIrqLine::new(kvm_vm.clone(), GED_IRQ)?);
+        let acpi = Arc::new(Mutex::new(AcpiPlatform::new(events.clone(), Some(ged))));
+        pio.insert(acpi.clone(), ACPI_PORT, ACPI_LEN)?;
 
         let msi = KvmMsiAllocator::new(kvm_vm.clone());
         let ioevents: Arc<dyn IoEvents> = Arc::new(KvmIoEvents::new(kvm_vm.clone()));
@@ -199,7 +208,8 @@ impl Vm {
             volumes,
             vcpus,
             serial,
-            keyboard,
+            acpi,
+            _rtc: rtc,
             _pci: root,
             _pio: pio,
             _mmio: mmio,
@@ -228,14 +238,12 @@ impl Vm {
         Ok(())
     }
 
-    /// Asks the guest to shut down by typing Ctrl-Alt-Del on its keyboard
-    /// controller. A guest that ignores it is killed by the node after its timeout.
+    /// Asks the guest to shut down by pressing its ACPI power button (a GED
+    /// event notifying the PNP0C0C device). A guest that ignores it is killed
+    /// by the node after its timeout.
     pub fn request_shutdown(&self) {
-        if self.keyboard.lock().unwrap_or_else(|p| p.into_inner()).ctrl_alt_del() {
-            info!("graceful shutdown requested: Ctrl-Alt-Del typed");
-        } else {
-            warn!("graceful shutdown requested, but the guest has not read earlier keys");
-        }
+        self.acpi.lock().unwrap_or_else(|p| p.into_inner()).press_power_button();
+        info!("graceful shutdown requested: ACPI power button pressed");
     }
 
     pub fn console_input(&self, bytes: &[u8]) {

@@ -186,6 +186,8 @@ pub(super) fn build_zero_page(
         hdr.ramdisk_size = initrd.size as u32;
     }
     bp.hdr = hdr;
+    // 0x070 (boot protocol 2.14): where the ACPI tables start, so the kernel need not scan.
+    bp.acpi_rsdp_addr = super::acpi::RSDP_ADDR;
     // 0x1e8: e820_entries, 0x2d0: e820_table.
     let n = e820.len().min(E820_MAX_ENTRIES_ZEROPAGE);
     for (slot, entry) in bp.e820_table.iter_mut().zip(e820.iter().take(n)) {

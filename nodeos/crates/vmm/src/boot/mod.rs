@@ -10,7 +10,8 @@
 //! - `e820.rs`: the guest's memory map (shared by the zero page and PVH).
 //! - `gdt.rs`: the boot GDT and its conversion to `kvm_segment`.
 //! - `paging.rs`: identity page tables for the Linux 64-bit entry.
-//! - `mptable.rs`: the Intel MP table (CPUs, IOAPIC, ISA IRQs).
+//! - `acpi.rs`: the ACPI tables (RSDP, XSDT, FADT, MADT, DSDT in AML).
+//! - `mptable.rs`: the Intel MP table (CPUs, IOAPIC, ISA IRQs), for guests booted without ACPI.
 //! - `regs.rs`: entry registers, segments, control registers, FPU, MSRs.
 //!
 //! # Protocols
@@ -29,9 +30,11 @@
 //! 0x8ff0  boot stack top           0x9000  PML4, 0xa000 PDPT, 0xb000 PD
 //! 0x20000 command line (up to 64 KiB)
 //! 0x9fc00 MP table (EBDA; reserved up to 1 MiB)
+//! 0xe0000 ACPI tables, RSDP first
 //! 1 MiB   kernel; initramfs at the top of low RAM
 //! ```
 
+pub mod acpi;
 mod e820;
 mod gdt;
 mod linux;
@@ -197,6 +200,8 @@ pub enum BootError {
     },
     #[error("cannot write the boot parameters")]
     BootParams(#[source] linux_loader::configurator::Error),
+    #[error("the ACPI tables would end at {end:#x}, past their area")]
+    AcpiTooLarge { end: u64 },
     #[error("setup_vcpu called for vCPU {found} with id {expected}")]
     VcpuId { expected: u8, found: u32 },
     #[error("vCPU {id}: cannot set its {step}")]
@@ -259,6 +264,7 @@ pub fn load_kernel(mem: &GuestMem, config: &BootConfig) -> Result<BootSetup, Boo
 
     gdt::write_tables(mem, loaded.pvh_entry.is_some())?;
     mptable::write_table(mem, config.vcpus)?;
+    acpi::write_tables(mem, config.vcpus, mptable::ioapic_id(config.vcpus))?;
     let protocol = match loaded.pvh_entry {
         Some(_) => {
             pvh::write_start_info(mem, &e820, initrd)?;
@@ -300,6 +306,13 @@ pub fn setup_vcpu(vcpu: &Vcpu, setup: &BootSetup, id: u8) -> Result<(), BootErro
     }
     let step = |step: &'static str| move |source: HvError| BootError::Vcpu { id, step, source };
     vcpu.set_cpuid(u32::from(setup.vcpus), &setup.cpuid_policy).map_err(step("CPUID"))?;
+    // XCR0 starts with every XSAVE feature offered, as firmware leaves it, so that
+    // CPUID 0xD.0 EBX (which KVM derives from XCR0) already gives the size of the
+    // area the OS will enable. Linux compares the two at boot; where the hypervisor
+    // below does not see the guest's XSETBV (nested SVM under QEMU TCG), they
+    // would otherwise disagree ("XSAVE consistency problem").
+    let cpuid = vcpu.get_cpuid().map_err(step("CPUID"))?;
+    vcpu.set_xcr0(nodeos_hv::xcr0_offered(&cpuid)).map_err(step("XCR0"))?;
     vcpu.set_msrs(&regs::boot_msrs()).map_err(step("boot MSRs"))?;
     vcpu.set_fpu(&regs::boot_fpu()).map_err(step("FPU"))?;
     vcpu.set_lapic_lint_defaults().map_err(step("LAPIC LINT0/LINT1"))?;

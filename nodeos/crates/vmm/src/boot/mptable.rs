@@ -45,10 +45,15 @@ fn checksum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0u8, |sum, b| sum.wrapping_sub(*b))
 }
 
+/// The IOAPIC's id: the one after the last CPU's (the ACPI MADT says the same).
+pub(super) fn ioapic_id(vcpus: u8) -> u8 {
+    vcpus.saturating_add(1)
+}
+
 /// The floating pointer and the configuration table, contiguous, for a guest
 /// of `vcpus` vCPUs placed at [`MPTABLE_ADDR`].
 pub(super) fn build(vcpus: u8) -> Vec<u8> {
-    let ioapic_id = vcpus + 1;
+    let ioapic_id = ioapic_id(vcpus);
     let mut entries = Vec::new();
     for cpu in 0..vcpus {
         let mut e = [0u8; PROCESSOR_LEN];

@@ -40,7 +40,7 @@ pub(super) fn build(
         modlist_paddr: if modules.is_empty() { 0 } else { PVH_MODLIST_ADDR },
         // Always a NUL-terminated string, possibly empty.
         cmdline_paddr: CMDLINE_ADDR,
-        rsdp_paddr: 0,
+        rsdp_paddr: super::acpi::RSDP_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
         memmap_entries: memmap.len() as u32,
         reserved: 0,

@@ -128,6 +128,8 @@ fn bzimage_zero_page_follows_the_boot_protocol() {
     assert_eq!(loadflags & 0x81, 0x81, "LOADED_HIGH | CAN_USE_HEAP");
     assert_eq!(u16_at(&mem, zp + 0x224), 0xde00, "heap_end_ptr");
     assert_eq!(u16_at(&mem, zp + 0x1fa), 0xffff, "vid_mode");
+    assert_eq!(u64_at(&mem, zp + 0x70), super::acpi::RSDP_ADDR, "acpi_rsdp_addr");
+    assert_eq!(&bytes_at(&mem, super::acpi::RSDP_ADDR, 8), b"RSD PTR ", "the RSDP is where it says");
     assert_eq!(u32_at(&mem, zp + 0x228), CMDLINE_ADDR as u32, "cmd_line_ptr");
     assert_eq!(u32_at(&mem, zp + 0x0c8), 0, "ext_cmd_line_ptr");
     let mut expected_cmdline = cmdline.as_bytes().to_vec();
@@ -237,7 +239,7 @@ fn pvh_elf_gets_start_info_modules_and_memory_map() {
     assert_eq!(u32_at(&mem, si + 12), 1, "nr_modules");
     assert_eq!(u64_at(&mem, si + 24), CMDLINE_ADDR);
     assert_eq!(bytes_at(&mem, CMDLINE_ADDR, cmdline.len() + 1), b"mode=boot\0");
-    assert_eq!(u64_at(&mem, si + 32), 0, "no RSDP");
+    assert_eq!(u64_at(&mem, si + 32), super::acpi::RSDP_ADDR, "rsdp_paddr: the ACPI tables");
     // Module list: paddr 0, size 8, cmdline_paddr 16.
     let modlist = u64_at(&mem, si + 16);
     assert_eq!(modlist, PVH_MODLIST_ADDR);
