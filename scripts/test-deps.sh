@@ -25,6 +25,7 @@ REQUIREMENTS=(
   "qemu-system-x86  cmd:qemu-system-x86_64"          # the QEMU pool and PXE tests boot the image
   "ipxe-qemu        file:/usr/lib/ipxe/qemu/efi-virtio.rom"  # the NIC boot ROM of the PXE test
   "e2fsprogs        cmd:mkfs.ext4"                   # the QEMU machines' labelled data disks
+  "dosfstools       cmd:fsck.fat"                    # checks the cloud-init seed's FAT images
   "etcd-server      cmd:etcd"                        # the peer of `make bench-meta`
   "etcd-client      cmd:etcdctl"
 )

@@ -520,6 +520,7 @@ async fn start_guest_on_volume(
         cmdline: cmdline.into(),
         disks: vec![pb::DiskSpec { path: String::new(), read_only: false, volume }],
         nics: vec![],
+        cloud_init: None,
     };
     vms.create(pb::CreateVmRequest { name: name.into(), spec: Some(spec) }).await?;
     vms.start(pb::VmRef { vm: name.into() }).await?;

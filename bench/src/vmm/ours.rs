@@ -106,6 +106,7 @@ impl OurVmm {
                 .map(|p| DiskSpec { path: p.display().to_string(), read_only: false, volume: String::new() })
                 .collect(),
             nics: vec![],
+            cloud_init: None,
         };
         let vm = self
             .vms

@@ -1,6 +1,7 @@
 //! `nodeos vm create|start|stop|pause|resume|list|show|delete|console`.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use futures::StreamExt;
@@ -13,7 +14,7 @@ use super::{CliError, Ctx, Format};
 #[derive(Debug, Subcommand)]
 pub enum VmCmd {
     /// Record a VM on the answering node (it stays stopped).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Start a VM's worker and vCPUs.
     Start {
         vm: String,
@@ -76,6 +77,17 @@ pub struct CreateArgs {
     /// network=NAME[,mac=MAC][,ip=IP][,sg=G1+G2][,no-port-security]. Repeatable.
     #[arg(long = "nic")]
     pub nics: Vec<String>,
+    /// cloud-init user-data for the VM's NoCloud seed disk (#cloud-config,
+    /// a script, ...; at most 64 KiB). Any cloud-init flag adds the seed disk.
+    #[arg(long = "user-data", value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
+    /// SSH public keys for cloud-init, one per line as in authorized_keys
+    /// (blank and # lines skipped). Repeatable.
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    pub ssh_keys: Vec<PathBuf>,
+    /// The guest's host name for cloud-init (default: the VM's name).
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
 }
 
 const HEADERS: &[&str] = &["ID", "NAME", "STATE", "NODE", "VCPUS", "MEMORY", "REASON"];
@@ -107,6 +119,7 @@ fn show(format: Format, v: pb::Vm) -> Result<(), CliError> {
         vec!["cmdline".into(), s.cmdline],
         vec!["disks".into(), s.disks.iter().map(disk_text).collect::<Vec<_>>().join(" ")],
         vec!["nics".into(), s.nics.iter().map(nic_text).collect::<Vec<_>>().join(" ")],
+        vec!["cloud-init".into(), s.cloud_init.as_ref().map_or_else(|| "-".into(), cloud_init_text)],
         vec!["worker pid".into(), v.worker_pid.to_string()],
     ];
     output::print(format, &v, &["FIELD", "VALUE"], rows)
@@ -172,6 +185,55 @@ fn parse_nic(s: &str) -> Result<pb::NicSpec, String> {
     }
 }
 
+/// What a VM's cloud-init data amounts to, without the user-data itself.
+fn cloud_init_text(c: &pb::CloudInit) -> String {
+    let hostname = if c.hostname.is_empty() { "(the VM's name)" } else { c.hostname.as_str() };
+    let keys = match c.ssh_authorized_keys.len() {
+        1 => "1 SSH key".to_owned(),
+        n => format!("{n} SSH keys"),
+    };
+    let user_data = if c.user_data.is_empty() {
+        "no user-data".to_owned()
+    } else {
+        format!("user-data {} bytes", c.user_data.len())
+    };
+    format!("hostname {hostname}, {keys}, {user_data}")
+}
+
+/// The keys of an authorized_keys-style text: one per line, blank lines and
+/// `#` comments skipped.
+fn parse_keys(text: &str) -> Vec<String> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect()
+}
+
+fn read_error(flag: &str, path: &Path, e: std::io::Error) -> CliError {
+    CliError::Status(format!("cannot read {flag} {}: {e}", path.display()))
+}
+
+/// The cloud-init data the flags ask for; none without any cloud-init flag.
+fn cloud_init(a: &CreateArgs) -> Result<Option<pb::CloudInit>, CliError> {
+    if a.user_data.is_none() && a.ssh_keys.is_empty() && a.hostname.is_none() {
+        return Ok(None);
+    }
+    let user_data = match &a.user_data {
+        Some(p) => std::fs::read(p).map_err(|e| read_error("--user-data", p, e))?,
+        None => vec![],
+    };
+    let mut ssh_authorized_keys = Vec::new();
+    for p in &a.ssh_keys {
+        let keys = parse_keys(&std::fs::read_to_string(p).map_err(|e| read_error("--ssh-key", p, e))?);
+        if keys.is_empty() {
+            return Err(CliError::Status(format!("--ssh-key {}: no key in the file", p.display())));
+        }
+        ssh_authorized_keys.extend(keys);
+    }
+    Ok(Some(pb::CloudInit {
+        user_data,
+        ssh_authorized_keys,
+        hostname: a.hostname.clone().unwrap_or_default(),
+    }))
+}
+
 /// A disk as `--disk` takes it.
 fn disk_text(d: &pb::DiskSpec) -> String {
     let source = if d.volume.is_empty() { d.path.clone() } else { format!("volume:{}", d.volume) };
@@ -192,6 +254,7 @@ pub async fn run(ctx: Ctx, cmd: VmCmd) -> Result<(), CliError> {
     let vm = |v: String| pb::VmRef { vm: v };
     match cmd {
         VmCmd::Create(a) => {
+            let cloud_init = cloud_init(&a)?;
             let spec = pb::VmSpec {
                 vcpus: a.vcpus,
                 memory_mib: a.memory,
@@ -205,6 +268,7 @@ pub async fn run(ctx: Ctx, cmd: VmCmd) -> Result<(), CliError> {
                     .map(|n| parse_nic(n))
                     .collect::<Result<_, _>>()
                     .map_err(|e| CliError::Status(format!("invalid argument: {e}")))?,
+                cloud_init,
             };
             show(
                 ctx.output,
@@ -308,5 +372,52 @@ mod tests {
         ] {
             assert!(parse_nic(bad).is_err(), "{bad:?}");
         }
+    }
+
+    fn create(args: &[&str]) -> CreateArgs {
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            create: CreateArgs,
+        }
+        let argv = ["vm-create", "web", "--kernel", "/k"].iter().chain(args);
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().create
+    }
+
+    #[test]
+    fn cloud_init_flags_read_their_files() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(cloud_init(&create(&[])).unwrap(), None, "no flag, no seed");
+
+        let user_data = d.path().join("user-data");
+        std::fs::write(&user_data, b"#cloud-config\nruncmd: [ls]\n").unwrap();
+        let keys = d.path().join("authorized_keys");
+        std::fs::write(&keys, "# laptop\nssh-ed25519 AAAA me@laptop\n\n  ssh-rsa BBBB me@desk  \n").unwrap();
+        let more = d.path().join("id_ed25519.pub");
+        std::fs::write(&more, "ssh-ed25519 CCCC ci\n").unwrap();
+        let (u, k, m) =
+            (user_data.display().to_string(), keys.display().to_string(), more.display().to_string());
+        let a = create(&["--user-data", &u, "--ssh-key", &k, "--ssh-key", &m, "--hostname", "web-1"]);
+        let c = cloud_init(&a).unwrap().unwrap();
+        assert_eq!(c.user_data, b"#cloud-config\nruncmd: [ls]\n");
+        assert_eq!(
+            c.ssh_authorized_keys,
+            ["ssh-ed25519 AAAA me@laptop", "ssh-rsa BBBB me@desk", "ssh-ed25519 CCCC ci"]
+        );
+        assert_eq!(c.hostname, "web-1");
+        assert_eq!(cloud_init_text(&c), "hostname web-1, 3 SSH keys, user-data 27 bytes");
+
+        let c = cloud_init(&create(&["--hostname", "db"])).unwrap().unwrap();
+        assert!(c.user_data.is_empty() && c.ssh_authorized_keys.is_empty());
+
+        let missing = d.path().join("nope").display().to_string();
+        let e = cloud_init(&create(&["--user-data", &missing])).unwrap_err().to_string();
+        assert!(e.starts_with("cannot read --user-data ") && e.contains("nope"), "{e}");
+        let e = cloud_init(&create(&["--ssh-key", &missing])).unwrap_err().to_string();
+        assert!(e.starts_with("cannot read --ssh-key "), "{e}");
+        let empty = d.path().join("empty.pub");
+        std::fs::write(&empty, "# nothing here\n").unwrap();
+        let e = cloud_init(&create(&["--ssh-key", &empty.display().to_string()])).unwrap_err().to_string();
+        assert!(e.contains("no key in the file"), "{e}");
     }
 }

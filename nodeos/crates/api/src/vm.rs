@@ -18,7 +18,7 @@ use nodeos_network::Networks;
 use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::vm_service_client::VmServiceClient;
 use nodeos_proto::v1::vm_service_server::VmService;
-use nodeos_types::records::{DiskSpec, NicSpec, VmRecord, VmSpec};
+use nodeos_types::records::{CloudInit, DiskSpec, NicSpec, VmRecord, VmSpec};
 use nodeos_types::{NodeId, PortId, VmId};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -98,6 +98,7 @@ pub fn compute_status(e: ComputeError) -> Status {
         ComputeError::Network(n) => network_status(*n),
         ComputeError::NicNetwork(_) => Status::invalid_argument(e.to_string()),
         ComputeError::Switch(_) => Status::failed_precondition(chain(&e)),
+        ComputeError::Seed(_) => Status::internal(chain(&e)),
     }
 }
 
@@ -161,6 +162,11 @@ fn spec_from_pb(s: Option<pb::VmSpec>) -> Result<(VmSpec, Vec<NicNetwork>), Stat
             })
             .collect::<Result<_, Status>>()?,
         nics,
+        cloud_init: s.cloud_init.map(|c| CloudInit {
+            user_data: c.user_data,
+            ssh_authorized_keys: c.ssh_authorized_keys,
+            hostname: c.hostname,
+        }),
     };
     Ok((spec, nets))
 }
@@ -206,6 +212,11 @@ fn to_pb(r: VmRecord, pid: Option<u32>, nets: &PortNetworks) -> pb::Vm {
                     ..Default::default()
                 })
                 .collect(),
+            cloud_init: r.spec.cloud_init.map(|c| pb::CloudInit {
+                user_data: c.user_data,
+                ssh_authorized_keys: c.ssh_authorized_keys,
+                hostname: c.hostname,
+            }),
         }),
         node_id: r.node.to_string(),
         state: r.state.as_str().to_owned(),
@@ -393,4 +404,50 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(f(tx));
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodeos_types::records::VmState;
+
+    #[test]
+    fn cloud_init_crosses_the_edge_both_ways_and_stays_absent_when_absent() {
+        let ci = pb::CloudInit {
+            user_data: b"#cloud-config\n\xff".to_vec(),
+            ssh_authorized_keys: vec!["ssh-ed25519 AAAA me".into()],
+            hostname: "web-1".into(),
+        };
+        let given = pb::VmSpec {
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: "/k".into(),
+            cloud_init: Some(ci.clone()),
+            ..Default::default()
+        };
+        let (spec, _) = spec_from_pb(Some(given.clone())).unwrap();
+        let want = CloudInit {
+            user_data: ci.user_data.clone(),
+            ssh_authorized_keys: ci.ssh_authorized_keys.clone(),
+            hostname: ci.hostname.clone(),
+        };
+        assert_eq!(spec.cloud_init.as_ref(), Some(&want));
+        let mut r = VmRecord {
+            id: VmId(1),
+            name: "a".into(),
+            spec,
+            node: NodeId(1),
+            state: VmState::Stopped,
+            reason: String::new(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+        };
+        let back = to_pb(r.clone(), None, &PortNetworks::new()).spec.unwrap();
+        assert_eq!(back.cloud_init, Some(ci));
+
+        let (spec, _) = spec_from_pb(Some(pb::VmSpec { cloud_init: None, ..given })).unwrap();
+        assert_eq!(spec.cloud_init, None);
+        r.spec = spec;
+        assert_eq!(to_pb(r, None, &PortNetworks::new()).spec.unwrap().cloud_init, None);
+    }
 }

@@ -7,6 +7,7 @@ use nodeos_types::NodeId;
 use nodeos_volumes::VolumeError;
 
 use crate::process::ProcessError;
+use crate::seed::SeedError;
 use crate::spec::SpecError;
 use crate::tap::TapError;
 
@@ -44,6 +45,8 @@ pub enum ComputeError {
     NicNetwork(usize),
     #[error("cannot plug a NIC into the switch")]
     Switch(#[source] SwitchError),
+    #[error("cloud-init seed disk")]
+    Seed(#[from] SeedError),
 }
 
 impl From<NetworkError> for ComputeError {

@@ -8,6 +8,8 @@
 //! - `process.rs`: [`process::Launcher`] (how workers come to life) and
 //!   [`process::WorkerProcess`], one worker seen from the node: its control
 //!   socket, requests with acks, events, exit.
+//! - `seed.rs`: [`seed::Seed`], the cloud-init NoCloud seed disk (a FAT image
+//!   labelled `CIDATA`) built for a VM with cloud-init data at every start.
 //! - `tap.rs`: host tap devices and the frame relay between a NIC socket and a tap.
 //! - `supervisor.rs`: [`Compute`], the handle the API calls: create, start, stop,
 //!   pause, resume, delete, console; it records every VM in meta and reports a
@@ -23,6 +25,7 @@
 pub mod error;
 pub mod process;
 pub mod records;
+pub mod seed;
 pub mod spec;
 pub mod supervisor;
 pub mod tap;

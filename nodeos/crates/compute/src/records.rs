@@ -213,6 +213,7 @@ mod tests {
             cmdline: String::new(),
             disks: vec![],
             nics: vec![],
+            cloud_init: None,
         };
         let mut r = new_record(VmId(7), "a", spec, me);
         for (state, lost) in [

@@ -31,6 +31,7 @@ use tracing::{error, info, warn};
 use crate::error::{ComputeError, io};
 use crate::process::{self, Launcher, ProcessError, Spawned, WorkerProcess};
 use crate::records::{self, VmRecords};
+use crate::seed::Seed;
 use crate::spec::{self, SpecError};
 use crate::tap;
 
@@ -201,6 +202,12 @@ impl Compute {
         self.vm_dir(id).join("console.log")
     }
 
+    /// The cloud-init seed disk of a VM of this node, built at every start of
+    /// a VM with cloud-init data and removed with the VM's directory.
+    pub fn seed_path(&self, id: VmId) -> PathBuf {
+        self.vm_dir(id).join("cidata.img")
+    }
+
     /// Records a new, stopped VM on this node. Names are unique in the pool.
     pub async fn create(
         &self,
@@ -362,11 +369,21 @@ impl Compute {
         }
     }
 
-    /// The worker's disk configs. A writable volume disk takes the volume's
-    /// writer slot (a new generation, fencing any older writer such as this
-    /// VM's crashed worker) before the worker runs. On failure every slot
-    /// taken is given back.
+    /// The worker's disk configs: the spec's disks, then the cloud-init seed
+    /// (read-only, last, so the spec's disks keep their names in the guest).
+    /// The seed is written first, into the VM's directory. A writable volume
+    /// disk takes the volume's writer slot (a new generation, fencing any
+    /// older writer such as this VM's crashed worker) before the worker runs.
+    /// On failure every slot taken is given back.
     async fn open_disks(&self, r: &VmRecord) -> Result<Disks, ComputeError> {
+        let seed = match Seed::for_vm(r) {
+            Some(seed) => {
+                let path = self.seed_path(r.id);
+                seed.write(&path)?;
+                Some(DiskConfig { path, read_only: true, volume: None })
+            }
+            None => None,
+        };
         let mut disks = Disks::default();
         for d in &r.spec.disks {
             let Some(vid) = d.volume else {
@@ -392,6 +409,7 @@ impl Compute {
                 }
             }
         }
+        disks.configs.extend(seed);
         Ok(disks)
     }
 
@@ -710,7 +728,8 @@ impl Compute {
         self.toggle(vm, "resume", VmState::Paused, VmState::Running).await
     }
 
-    /// Removes a stopped or crashed VM: its records, its ports and its directory.
+    /// Removes a stopped or crashed VM: its records, its ports and its
+    /// directory (console log, worker log, cloud-init seed).
     pub async fn delete(&self, vm: &str) -> Result<(), ComputeError> {
         let r = self.resolve(vm).await?;
         self.here(&r)?;

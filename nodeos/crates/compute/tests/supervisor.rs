@@ -21,8 +21,9 @@ use nodeos_meta::testing::{TestPool, test_key};
 use nodeos_meta::{Command, MetaHandle};
 use nodeos_network::Networks;
 use nodeos_switch::switch::SwitchHandle;
-use nodeos_types::records::{NicSpec, VmSpec, VmState, vm_key};
+use nodeos_types::records::{CloudInit, DiskSpec, NicSpec, VmSpec, VmState, vm_key};
 use nodeos_types::{NodeId, VmId};
+use nodeos_vmm::config::{DiskConfig, WorkerConfig};
 use nodeos_vmm::control::{self, FromWorker, StopReason, ToWorker, WorkerEvent};
 use nodeos_volumes::Volumes;
 use tempfile::TempDir;
@@ -47,6 +48,8 @@ struct FakeLauncher {
     deaths: Mutex<Vec<Death>>,
     /// Requests every worker received, by kind.
     seen: Arc<Mutex<Vec<String>>>,
+    /// The config of every worker started, in order.
+    configs: Arc<Mutex<Vec<WorkerConfig>>>,
 }
 
 impl FakeLauncher {
@@ -62,6 +65,10 @@ impl FakeLauncher {
     fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap().clone()
     }
+
+    fn last_config(&self) -> WorkerConfig {
+        self.configs.lock().unwrap().last().cloned().expect("a worker was started")
+    }
 }
 
 fn say(fd: &OwnedFd, msg: &FromWorker) {
@@ -75,10 +82,11 @@ impl Launcher for FakeLauncher {
         let death: Death = Arc::default();
         self.deaths.lock().unwrap().push(death.clone());
         let seen = self.seen.clone();
+        let configs = self.configs.clone();
         let (tx, exit) = oneshot::channel();
         let dies = death.clone();
         std::thread::spawn(move || {
-            let status = run_fake(&control, &script, &dies, &seen);
+            let status = run_fake(&control, &script, &dies, &seen, &configs);
             drop(control);
             let _ = tx.send(Ok(status));
         });
@@ -88,7 +96,13 @@ impl Launcher for FakeLauncher {
 }
 
 /// The fake worker's life: answers requests until told to die or to stop.
-fn run_fake(fd: &OwnedFd, script: &Script, death: &Death, seen: &Mutex<Vec<String>>) -> ExitStatus {
+fn run_fake(
+    fd: &OwnedFd,
+    script: &Script,
+    death: &Death,
+    seen: &Mutex<Vec<String>>,
+    configs: &Mutex<Vec<WorkerConfig>>,
+) -> ExitStatus {
     let mut buf = vec![0u8; control::MAX_MESSAGE + 1];
     loop {
         let sig = death.load(Ordering::SeqCst);
@@ -108,7 +122,8 @@ fn run_fake(fd: &OwnedFd, script: &Script, death: &Death, seen: &Mutex<Vec<Strin
         seen.lock().unwrap().push(kind);
         let seq = msg.seq();
         match msg {
-            ToWorker::Start { .. } => {
+            ToWorker::Start { config, .. } => {
+                configs.lock().unwrap().push(config);
                 if let Some(why) = &script.refuse_start {
                     say(fd, &FromWorker::Failed { seq, error: why.clone() });
                     return ExitStatus::from_raw(1 << 8);
@@ -183,6 +198,7 @@ impl Bed {
             cmdline: "console=ttyS0".into(),
             disks: vec![],
             nics: vec![],
+            cloud_init: None,
         }
     }
 
@@ -372,4 +388,88 @@ async fn vms_that_ran_when_the_node_stopped_are_marked_crashed_on_restart() {
         "another node's VM is its own"
     );
     let _: VmId = elsewhere.id;
+}
+
+/// Every file of a FAT image, by its (long) name, and the image's label.
+fn fat_files(image: Vec<u8>) -> (String, Vec<(String, Vec<u8>)>) {
+    use std::io::Read;
+    let fs = fatfs::FileSystem::new(std::io::Cursor::new(image), fatfs::FsOptions::new()).unwrap();
+    let files = fs
+        .root_dir()
+        .iter()
+        .map(|e| {
+            let e = e.unwrap();
+            let mut bytes = Vec::new();
+            e.to_file().read_to_end(&mut bytes).unwrap();
+            (e.file_name(), bytes)
+        })
+        .collect();
+    (fs.volume_label(), files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_with_cloud_init_gets_its_seed_as_the_last_read_only_disk() {
+    let bed = Bed::new().await;
+    let root = bed._dir.path().join("root.img");
+    std::fs::write(&root, vec![0u8; 4096]).unwrap();
+    let mut s = bed.spec();
+    s.disks.push(DiskSpec { path: root.display().to_string(), volume: None, read_only: false });
+    s.cloud_init = Some(CloudInit {
+        user_data: b"#cloud-config\nruncmd: [[touch, /ok]]\n".to_vec(),
+        ssh_authorized_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 me@laptop".into()],
+        hostname: "web-1".into(),
+    });
+    let r = bed.compute.create("cloudy", s, vec![]).await.unwrap();
+    bed.compute.start("cloudy").await.unwrap();
+
+    let cfg = bed.launcher.last_config();
+    assert_eq!(cfg.disks.len(), 2, "{:?}", cfg.disks);
+    assert_eq!(cfg.disks[0], DiskConfig { path: root.clone(), read_only: false, volume: None });
+    let seed = &cfg.disks[1];
+    assert_eq!(seed, &DiskConfig { path: bed.compute.seed_path(r.id), read_only: true, volume: None });
+    assert!(seed.path.starts_with(bed._dir.path().join("vms").join(r.id.to_string())), "{:?}", seed.path);
+    let image = std::fs::read(&seed.path).unwrap();
+    let (label, files) = fat_files(image.clone());
+    assert_eq!(label, "CIDATA");
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["meta-data", "user-data"]);
+    let meta = String::from_utf8(files[0].1.clone()).unwrap();
+    assert!(meta.contains(&format!("instance-id: \"{}\"\n", r.id)), "{meta}");
+    assert!(meta.contains("local-hostname: \"web-1\"\n"), "{meta}");
+    assert!(meta.contains("public-keys:\n  - \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 me@laptop\"\n"), "{meta}");
+    assert_eq!(files[1].1, b"#cloud-config\nruncmd: [[touch, /ok]]\n");
+
+    // A restart builds the same bytes; delete takes the seed with the VM.
+    bed.compute.stop("cloudy", true, Duration::from_secs(5)).await.unwrap();
+    bed.compute.start("cloudy").await.unwrap();
+    assert_eq!(std::fs::read(&seed.path).unwrap(), image, "the seed is the same disk at every start");
+    bed.compute.stop("cloudy", true, Duration::from_secs(5)).await.unwrap();
+    bed.compute.delete("cloudy").await.unwrap();
+    assert!(!seed.path.exists(), "the seed outlived its VM");
+
+    // Without cloud-init there is no seed disk.
+    bed.compute.create("plain", bed.spec(), vec![]).await.unwrap();
+    bed.compute.start("plain").await.unwrap();
+    assert!(bed.launcher.last_config().disks.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_cloud_init_is_refused_naming_the_field_and_records_nothing() {
+    let bed = Bed::new().await;
+    let bad = [
+        (CloudInit { user_data: vec![b'x'; 64 * 1024 + 1], ..CloudInit::default() }, "cloud_init.user_data"),
+        (CloudInit { hostname: "bad_host".into(), ..CloudInit::default() }, "cloud_init.hostname"),
+        (
+            CloudInit { ssh_authorized_keys: vec!["ssh-ed25519 AAAA\nx".into()], ..CloudInit::default() },
+            "cloud_init.ssh_authorized_keys[0]",
+        ),
+    ];
+    for (ci, field) in bad {
+        let mut s = bed.spec();
+        s.cloud_init = Some(ci);
+        let e = bed.compute.create("bad", s, vec![]).await.unwrap_err();
+        assert!(matches!(e, ComputeError::Spec(_)), "{e:?}");
+        assert!(e.to_string().starts_with(field), "{field}: {e}");
+    }
+    assert!(bed.compute.list().await.unwrap().is_empty(), "refused creates left records");
 }

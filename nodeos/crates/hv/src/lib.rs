@@ -39,8 +39,8 @@ use kvm_bindings::{KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
 use kvm_ioctls::{Cap, Kvm};
 
 pub use cpuid::{
-    CpuidMask, CpuidParams, CpuidPolicy, CpuidReg, LEAF1_ECX_HYPERVISOR, LEAF1_ECX_TSC_DEADLINE,
-    LEAF1_EDX_HTT, LEAF_XSAVE, build as build_cpuid, xcr0_offered,
+    CpuidMask, CpuidParams, CpuidPolicy, CpuidReg, LEAF_XSAVE, LEAF1_ECX_HYPERVISOR, LEAF1_ECX_TSC_DEADLINE,
+    LEAF1_EDX_HTT, build as build_cpuid, xcr0_offered,
 };
 pub use error::HvError;
 /// The raw KVM structures that appear in this crate's API (registers, segments, ...).

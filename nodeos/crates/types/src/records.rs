@@ -159,6 +159,38 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     #[serde(default)]
     pub nics: Vec<NicSpec>,
+    /// NoCloud data for cloud-init; its node builds a seed disk from it at
+    /// every start and attaches it after `disks`. Records without it load as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
+}
+
+/// What cloud-init in the guest is told (NoCloud `meta-data` and `user-data`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudInit {
+    /// The `user-data` file, verbatim; empty stands for `#cloud-config`.
+    /// Stored as hex: a JSON array of numbers takes up to twice the room.
+    #[serde(default, with = "hex_bytes")]
+    pub user_data: Vec<u8>,
+    /// OpenSSH public keys, one line each (`meta-data` `public-keys`).
+    #[serde(default)]
+    pub ssh_authorized_keys: Vec<String>,
+    /// The guest's `local-hostname`; empty = the VM's name where that is a host name.
+    #[serde(default)]
+    pub hostname: String,
+}
+
+/// Bytes as a lowercase hex string in JSON records.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        hex::decode(String::deserialize(d)?).map_err(D::Error::custom)
+    }
 }
 
 /// A VM disk: a file on the VM's node, or a pool volume.
@@ -485,6 +517,34 @@ mod tests {
         let j = serde_json::to_vec(&r).expect("serializable");
         assert_eq!(serde_json::from_slice::<NodeRecord>(&j).expect("parses"), r);
         assert_eq!(node_key(NodeId(7)), "nodes/0000000000000007");
+    }
+
+    #[test]
+    fn vm_records_from_before_cloud_init_load_and_user_data_is_hex() {
+        let old = br#"{"id":171,"name":"a","spec":{"vcpus":1,"memory_mib":64,"kernel":"/k"},
+            "node":1,"state":"Stopped","created_at_ms":1,"updated_at_ms":2}"#;
+        let r: VmRecord = serde_json::from_slice(old).expect("an old record loads");
+        assert_eq!(r.spec.cloud_init, None);
+        assert!(
+            !String::from_utf8(serde_json::to_vec(&r).expect("serializable"))
+                .expect("utf-8")
+                .contains("cloud_init")
+        );
+
+        let ci = CloudInit {
+            user_data: b"#cloud-config\n\xff".to_vec(),
+            ssh_authorized_keys: vec!["ssh-ed25519 AAAA me".into()],
+            hostname: "web-1".into(),
+        };
+        let spec = VmSpec { cloud_init: Some(ci.clone()), ..r.spec };
+        let j = serde_json::to_value(&spec).expect("serializable");
+        assert_eq!(j["cloud_init"]["user_data"], "23636c6f75642d636f6e6669670aff");
+        let back: VmSpec = serde_json::from_value(j).expect("parses");
+        assert_eq!(back.cloud_init, Some(ci));
+        let bad = serde_json::json!({
+            "vcpus": 1, "memory_mib": 64, "kernel": "/k", "cloud_init": {"user_data": "zz"}
+        });
+        assert!(serde_json::from_value::<VmSpec>(bad).is_err(), "user_data must be hex");
     }
 
     #[test]

@@ -24,9 +24,10 @@ use crate::devices::pci::{PCI_CONFIG_LEN, PCI_CONFIG_PORT, PciError, PciRoot};
 use crate::devices::platform::{self, PlatformEvents, PlatformRequest};
 use crate::devices::rtc::{self, RTC_IRQ, Rtc, RtcConfig, RtcError};
 use crate::devices::serial::{COM1_IRQ, COM1_LEN, COM1_PORT, Serial};
-use crate::devices::virtio::VirtioPciDevice;
+use crate::devices::virtio::{VirtioPciDevice, VirtioPciError};
 use crate::devices::virtio::block::{Block, BlockBackend, FileBackend, VolumeBackend};
 use crate::devices::virtio::net::{Net, SeqpacketBackend};
+use crate::devices::virtio::rng::{RateLimit, Rng};
 use crate::interrupts::{KvmIoEvents, KvmIrqLine, KvmMsiAllocator};
 use crate::memory::{self, GuestMem, MemoryError};
 use crate::vcpu::{EndSignal, VcpuError, VcpuSet};
@@ -60,6 +61,8 @@ pub enum VmError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("virtio-rng")]
+    Rng(#[source] VirtioPciError),
     #[error("NIC {index} has no socket from the node")]
     NicSocket { index: usize },
     #[error("platform events")]
@@ -192,6 +195,15 @@ impl Vm {
             .map_err(|e| nic_err(Box::new(e)))?;
             root.add_device(Arc::new(Mutex::new(dev)))?;
         }
+        // Every VM gets an entropy source, so no guest waits at its first getrandom().
+        let rng = VirtioPciDevice::new(
+            Box::new(Rng::new(RateLimit::default())),
+            (*mem).clone(),
+            &msi as &dyn MsiAllocator,
+            ioevents.clone(),
+        )
+        .map_err(VmError::Rng)?;
+        root.add_device(Arc::new(Mutex::new(rng)))?;
         let root = Arc::new(Mutex::new(root));
         pio.insert(root.clone(), PCI_CONFIG_PORT, PCI_CONFIG_LEN)?;
 

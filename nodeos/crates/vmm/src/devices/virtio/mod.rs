@@ -11,6 +11,7 @@
 //!   epoll wrapper.
 //! - `block/`: virtio-blk over a [`block::BlockBackend`].
 //! - `net/`: virtio-net over a [`net::FrameBackend`] (a SOCK_SEQPACKET socket).
+//! - `rng/`: virtio-rng, the host CSPRNG behind a [`rng::RateLimit`].
 //!
 //! # Threads and states
 //! A device is inert until the driver sets DRIVER_OK; then it gets its queues and
@@ -26,6 +27,7 @@ pub mod device;
 pub mod io_thread;
 pub mod net;
 pub mod pci;
+pub mod rng;
 
 pub use device::{ActivateError, Activation, VirtioDevice, VirtioInterrupt};
 pub use io_thread::IoThread;
@@ -45,6 +47,7 @@ pub const STATUS_FAILED: u8 = 0x80;
 /// Virtio device types.
 pub const TYPE_NET: u16 = 1;
 pub const TYPE_BLOCK: u16 = 2;
+pub const TYPE_RNG: u16 = 4;
 
 /// "No MSI-X vector" in `config_msix_vector` / `queue_msix_vector`.
 pub const NO_VECTOR: u16 = 0xffff;
