@@ -12,6 +12,7 @@
 //! - `tracker.rs`: [`tracker::Tracker`], observations checked against the
 //!   invariants (one leader per term, acknowledged writes stay readable).
 //! - `nbd.rs`: [`nbd::NbdClient`], a minimal NBD client for volume exports.
+//! - `qemu.rs`: [`qemu::Lab`], QEMU machines booting the node image.
 //! - `cluster.rs`: [`cluster::Cluster`], a test's nodes, faults and checks.
 //!
 //! A test starts with [`env::require`] and ends with [`cluster::Cluster::finish`];
@@ -23,6 +24,7 @@ pub mod env;
 pub mod nbd;
 pub mod netns;
 pub mod node;
+pub mod qemu;
 pub mod tracker;
 
 pub use client::{Client, Violation, wait_until};

@@ -10,6 +10,7 @@
 //!   ports, the VTEPs of the nodes with ports on it, and where each frame goes.
 //! - `packet.rs`: the IP view of a frame (addresses, protocol, ports).
 //! - `arp.rs`: ARP parsing for port security, and answers for the gateway.
+//! - `icmp.rs`: echo replies to pings for the gateway.
 //! - `dhcp.rs`: [`dhcp::handle`], the stateless DHCPv4 server that hands each
 //!   port its one lease (the message format is `nodeos-dhcp`'s).
 //! - `acl.rs`: [`acl::PortFilter`], one port's security groups: stateful
@@ -27,6 +28,7 @@ pub mod arp;
 pub mod dhcp;
 pub mod fdb;
 pub mod frame;
+pub mod icmp;
 pub mod network;
 pub mod packet;
 pub mod switch;

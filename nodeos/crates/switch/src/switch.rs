@@ -16,10 +16,13 @@
 //! source MAC must be the port's → ARP must name the port's addresses, and
 //! ARP for the gateway is answered here → DHCP is answered here, DHCP server
 //! replies from ports are dropped → IPv4 must come from the port's address
-//! → the port's security groups → forwarding. Frames delivered to a port
-//! pass its security groups for ingress first. Tunnel frames with a bad
-//! header, an unknown VNI or from a VTEP the network does not list are
-//! dropped and counted.
+//! → the port's security groups → a ping to the gateway is answered here
+//! (the reply passes the port's security groups for ingress, as the reply to
+//! the request they just tracked) → forwarding. Frames delivered to a port
+//! pass its security groups for ingress first. Without port security the
+//! answers are the same and no checks or security groups apply. Tunnel
+//! frames with a bad header, an unknown VNI or from a VTEP the network does
+//! not list are dropped and counted.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -40,7 +43,7 @@ use crate::frame::{self, Mac};
 use crate::network::{Counters, Network, Output};
 use crate::packet::{self, IpPacket, L4};
 use crate::tap::{self, TapError};
-use crate::{arp, uplink, vxlan};
+use crate::{arp, icmp, uplink, vxlan};
 
 /// Largest frame a port may hand over (a 9000-byte jumbo plus headers).
 const MAX_PORT_FRAME: usize = frame::MAX_FRAME;
@@ -137,6 +140,8 @@ pub struct PortStats {
     pub dhcp_answered: u64,
     pub dhcp_dropped: u64,
     pub arp_answered: u64,
+    /// Echo replies sent for the gateway address (see `icmp.rs`).
+    pub ping_answered: u64,
     /// Frames dropped because the port's queue was full or it was detached.
     pub tx_dropped: u64,
     pub flows: u64,
@@ -461,7 +466,7 @@ impl Inner {
             let Some(port) = ports.get_mut(&id) else { return };
             let Some(net) = nets.get_mut(&port.cfg.vni) else { return };
             let pkt = packet::parse(f);
-            // Answers (DHCP, ARP) are queued even when the frame goes no further.
+            // Answers (DHCP, ARP, ping) are queued even when the frame goes no further.
             if egress_allowed(net, port, f, &pkt, now, &mut sends) {
                 for o in net.fwd.from_port(id, f, now) {
                     match o {
@@ -590,8 +595,8 @@ fn encapsulate(vni: u32, f: &[u8]) -> Vec<u8> {
     d
 }
 
-/// Port security, ARP and DHCP answers, security groups for a frame `port`
-/// sent; `true` when the frame goes on to forwarding.
+/// Port security, ARP and DHCP answers, security groups and ping answers
+/// for a frame `port` sent; `true` when the frame goes on to forwarding.
 fn egress_allowed(
     net: &mut Net,
     port: &mut Port,
@@ -609,13 +614,6 @@ fn egress_allowed(
         port.stats.spoofed += 1;
         return false;
     }
-    let reply = |port: &mut Port, frames: Vec<Vec<u8>>, sends: &mut Vec<Send>| {
-        if let Some(fd) = &port.io {
-            for r in frames {
-                sends.push(Send::Port(port.cfg.id, fd.clone(), r));
-            }
-        }
-    };
     match arp::parse(f) {
         Ok(Some(a)) => {
             let own_ip = port.cfg.ip.is_some_and(|ip| ip == a.sender_ip);
@@ -628,7 +626,7 @@ fn egress_allowed(
                 && let Some(r) = arp::answer(f, gw, net.gateway_mac)
             {
                 port.stats.arp_answered += 1;
-                reply(port, vec![r], sends);
+                reply(port, [r], sends);
                 return false;
             }
             return true;
@@ -661,9 +659,20 @@ fn egress_allowed(
             return false;
         }
     }
-    if !secure {
-        return true;
+    if secure && !ip_allowed(port, f, pkt, now) {
+        return false;
     }
+    !answer_ping(net, port, f, pkt, now, sends)
+}
+
+/// Port security and security groups for a frame a port with port security
+/// sent that is not ARP or DHCP for the switch.
+fn ip_allowed(
+    port: &mut Port,
+    f: &[u8],
+    pkt: &Result<Option<IpPacket>, packet::PacketError>,
+    now: Instant,
+) -> bool {
     if dhcp::is_server_message(f) {
         port.stats.spoofed += 1;
         return false;
@@ -688,6 +697,56 @@ fn egress_allowed(
                     false
                 }
             }
+        }
+    }
+}
+
+/// Answers an echo request from `port` to the gateway address the switch
+/// owns on `net`; `true` when it was one, and the frame goes no further.
+fn answer_ping(
+    net: &Net,
+    port: &mut Port,
+    f: &[u8],
+    pkt: &Result<Option<IpPacket>, packet::PacketError>,
+    now: Instant,
+    sends: &mut Vec<Send>,
+) -> bool {
+    let gw = match net.cfg.gateway {
+        Some(gw) if net.cfg.answer_gateway => gw,
+        _ => return false,
+    };
+    // Most frames are not pings to the gateway: the parsed packet tells
+    // before `icmp::answer` checks the frame in full.
+    let Ok(Some(IpPacket { dst: IpAddr::V4(dst), l4: L4::Icmp { ty: icmp::TYPE_ECHO_REQUEST, .. }, .. })) =
+        pkt
+    else {
+        return false;
+    };
+    if *dst != gw {
+        return false;
+    }
+    let Some(r) = icmp::answer(f, gw, net.gateway_mac, net.cfg.mtu) else { return false };
+    if port.cfg.port_security {
+        let admitted = match packet::parse(&r) {
+            Ok(Some(p)) => port.filter.ingress_frame(&r, &p, now) == Verdict::Allow,
+            _ => false,
+        };
+        if !admitted {
+            port.stats.denied_ingress += 1;
+            return true;
+        }
+    }
+    port.stats.ping_answered += 1;
+    reply(port, [r], sends);
+    true
+}
+
+/// Queues the switch's answers to a frame `port` sent back to it; they are
+/// lost if the port is detached.
+fn reply(port: &Port, frames: impl IntoIterator<Item = Vec<u8>>, sends: &mut Vec<Send>) {
+    if let Some(fd) = &port.io {
+        for r in frames {
+            sends.push(Send::Port(port.cfg.id, fd.clone(), r));
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Two running switches on loopback, VM-style ports on socket pairs: frames
-//! cross the VXLAN tunnel, port security and security groups hold, and
-//! tunnel traffic from unlisted VTEPs or unknown VNIs is dropped and counted.
+//! cross the VXLAN tunnel, port security and security groups hold, the
+//! switch answers ARP and pings for the gateway, and tunnel traffic from
+//! unlisted VTEPs or unknown VNIs is dropped and counted.
 //! Needs no privileges (no taps).
 
 use std::collections::BTreeSet;
@@ -10,7 +11,8 @@ use std::time::Duration;
 
 use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, send, socketpair};
 use nodeos_switch::frame::Mac;
-use nodeos_switch::packet::{PROTO_TCP, checksum};
+use nodeos_switch::icmp;
+use nodeos_switch::packet::{self, L4, PROTO_TCP, checksum};
 use nodeos_switch::switch::{Attachment, Desired, NetworkConfig, PortConfig, SwitchHandle};
 use nodeos_switch::vxlan;
 use nodeos_types::PortId;
@@ -210,4 +212,76 @@ async fn the_switch_answers_arp_for_the_gateway_and_detached_ports_drop() {
     // Ports of networks that are gone go with them.
     assert!(a.apply(Desired::default()).await.is_empty());
     assert!(a.port_stats(PortId(2)).is_none());
+}
+
+#[tokio::test]
+async fn the_switch_answers_pings_to_the_gateway_on_the_pinging_port_only() {
+    let (a, b) = pair().await;
+    let (va, vb) = (a.local_vtep(), b.local_vtep());
+    let gw_mac = nodeos_switch::switch::gateway_mac(VNI);
+    let open = ["ingress any"];
+    let without_security = PortConfig { port_security: false, ..port(5, &[]) };
+    let ports = vec![port(2, &["egress icmp"]), port(4, &open), without_security];
+    assert!(a.apply(Desired { networks: vec![network(&[vb])], ports }).await.is_empty());
+    assert!(
+        b.apply(Desired { networks: vec![network(&[va])], ports: vec![port(3, &open)] }).await.is_empty()
+    );
+    let (p2, p4, p5, p3) = (plug(&a, 2), plug(&a, 4), plug(&a, 5), plug(&b, 3));
+    let quiet = |what: &'static str| {
+        let (p3, p4, p5) = (&p3, &p4, &p5);
+        async move {
+            for (name, p) in [("port 3", p3), ("port 4", p4), ("port 5", p5)] {
+                let f = next_frame(p, Duration::from_millis(200)).await;
+                assert!(f.is_none(), "{what}: a frame reached {name}: {f:?}");
+            }
+        }
+    };
+
+    // A ping from port 2 comes back to port 2 from the gateway, and to no other port.
+    let ping = icmp::request(mac(2), ip(2), gw_mac, ip(1), 0x4242, 7, b"are you there?");
+    put(&p2, &ping);
+    let r = next_frame(&p2, Duration::from_secs(2)).await;
+    let r = r.unwrap_or_else(|| panic!("no echo reply: {:?}", a.port_stats(PortId(2))));
+    assert_eq!((&r[..6], &r[6..12]), (&mac(2).0[..], &gw_mac.0[..]));
+    let p = packet::parse(&r).expect("parses").expect("is IP");
+    assert_eq!((p.src, p.dst), (ip(1).into(), ip(2).into()));
+    assert_eq!(p.l4, L4::Icmp { ty: icmp::TYPE_ECHO_REPLY, code: 0, ident: Some(0x4242) });
+    assert_eq!(checksum(&r[14..34], 0), 0, "IP checksum");
+    assert_eq!(checksum(&r[34..14 + 28 + 14], 0), 0, "ICMP checksum");
+    assert_eq!(&r[40..42], &7u16.to_be_bytes(), "sequence");
+    assert_eq!(&r[42..56], b"are you there?");
+    assert_eq!(r[22], 64, "TTL");
+    quiet("echo request from port 2").await;
+    assert_eq!(a.port_stats(PortId(2)).map(|s| s.ping_answered), Some(1));
+
+    // Port security holds: a ping from another address is neither answered nor forwarded.
+    let spoofed = icmp::request(mac(2), ip(9), gw_mac, ip(1), 1, 1, b"");
+    put(&p2, &spoofed);
+    assert!(next_frame(&p2, Duration::from_millis(300)).await.is_none(), "spoofed ping answered");
+    quiet("spoofed echo request").await;
+    assert_eq!(a.port_stats(PortId(2)).map(|s| (s.spoofed, s.ping_answered)), Some((1, 1)));
+
+    // So do security groups: port 4 may send nothing, so its ping is not answered.
+    put(&p4, &icmp::request(mac(4), ip(4), gw_mac, ip(1), 1, 1, b""));
+    assert!(next_frame(&p4, Duration::from_millis(300)).await.is_none(), "denied ping answered");
+    let s = a.port_stats(PortId(4)).expect("port 4");
+    assert_eq!((s.denied_egress, s.ping_answered), (1, 0));
+
+    // Without port security there are no checks, and the gateway still answers.
+    put(&p5, &icmp::request(mac(5), ip(5), gw_mac, ip(1), 9, 9, b""));
+    let r = next_frame(&p5, Duration::from_secs(2)).await.expect("echo reply on port 5");
+    assert_eq!(&r[..6], &mac(5).0[..]);
+    assert_eq!(a.port_stats(PortId(5)).map(|s| s.ping_answered), Some(1));
+
+    // A fragment is not answered.
+    let mut fragment = icmp::request(mac(2), ip(2), gw_mac, ip(1), 1, 2, b"0123456789abcdef");
+    fragment[20] |= 0x20;
+    fragment[24..26].copy_from_slice(&[0, 0]);
+    let sum = checksum(&fragment[14..34], 0);
+    fragment[24..26].copy_from_slice(&sum.to_be_bytes());
+    put(&p2, &fragment);
+    // A ping longer than the network's MTU is not answered either.
+    put(&p2, &icmp::request(mac(2), ip(2), gw_mac, ip(1), 1, 3, &[0; 1450 - 28 + 1]));
+    assert!(next_frame(&p2, Duration::from_millis(300)).await.is_none(), "fragment or big ping answered");
+    assert_eq!(a.port_stats(PortId(2)).map(|s| s.ping_answered), Some(1));
 }
