@@ -24,7 +24,9 @@ REQUIREMENTS=(
   "libc6-dev        file:/usr/lib/x86_64-linux-gnu/libc.a"  # nodeos is linked statically for the image
   "qemu-system-x86  cmd:qemu-system-x86_64"          # the QEMU pool and PXE tests boot the image
   "ipxe-qemu        file:/usr/lib/ipxe/qemu/efi-virtio.rom"  # the NIC boot ROM of the PXE test
-  "e2fsprogs        cmd:mkfs.ext4"                   # the QEMU machines' labelled data disks
+  "e2fsprogs        cmd:mkfs.ext4 cmd:debugfs"       # the QEMU machines' data disks; the Linux guest's root read back
+  "cpio             cmd:cpio"                        # the Linux guest's initramfs
+  "acpica-tools     cmd:acpiexec"                    # ACPICA interprets the VMM's DSDT in the ACPI tests
   "dosfstools       cmd:fsck.fat"                    # checks the cloud-init seed's FAT images
   "etcd-server      cmd:etcd"                        # the peer of `make bench-meta`
   "etcd-client      cmd:etcdctl"

@@ -571,6 +571,16 @@ kernel/arch/x86/kvm/kvm-intel.ko: kernel/arch/x86/kvm/kvm.ko kernel/virt/lib/irq
         );
     }
 
+    #[test]
+    fn the_shipped_list_carries_kvm_for_both_cpu_vendors() {
+        // The node loads the one its CPU takes (nodeos init's `Kvm`); the image must hold both.
+        let list = Path::new(env!("CARGO_MANIFEST_DIR")).join("../initramfs/modules.txt");
+        let names = read_list(&list).unwrap();
+        for kvm in ["kvm", "kvm_intel", "kvm_amd"] {
+            assert!(names.iter().any(|n| n == kvm), "{} lacks {kvm}", list.display());
+        }
+    }
+
     struct Support(Result<bool, String>);
     impl DecompressSupport for Support {
         fn can_load(&self, _: ModuleCompression) -> Result<bool, String> {

@@ -91,6 +91,8 @@ pub struct Lab {
     pub cpus: u32,
     /// Each machine's data disk.
     pub disk_mib: u64,
+    /// Appended to every machine's kernel command line (` nodeos.x=y ...`).
+    pub extra_cmdline: String,
 }
 
 impl Lab {
@@ -108,6 +110,7 @@ impl Lab {
             memory_mib: 1024,
             cpus: 1,
             disk_mib: 256,
+            extra_cmdline: String::new(),
         })
     }
 
@@ -137,8 +140,8 @@ impl Lab {
     pub fn cmdline(&self, m: &Machine) -> String {
         format!(
             "console=ttyS0,115200 panic=-1 nodeos.pool={POOL_NAME} nodeos.key={} nodeos.bootstrap_expect={} \
-             nodeos.ip={}/24 nodeos.hostname=qnode{} nodeos.image={}",
-            self.key, self.bootstrap_expect, m.ip, m.index, self.image_hash
+             nodeos.ip={}/24 nodeos.hostname=qnode{} nodeos.image={}{}",
+            self.key, self.bootstrap_expect, m.ip, m.index, self.image_hash, self.extra_cmdline
         )
     }
 
@@ -304,13 +307,20 @@ impl Lab {
 
     /// `nodeos --endpoint <m> -o json ARGS`.
     pub async fn cli(&self, m: &Machine, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let out = self.cli_text(m, &[&["-o", "json"], args].concat(), Duration::from_secs(30)).await?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("`nodeos {}` printed no JSON: {out}", args.join(" ")))
+    }
+
+    /// `nodeos --endpoint <m> ARGS` within `within`: what it printed.
+    pub async fn cli_text(&self, m: &Machine, args: &[&str], within: Duration) -> anyhow::Result<String> {
         let out = tokio::process::Command::new(&self.bin)
-            .args(["--endpoint", &m.api(), "--request-timeout", "10", "-o", "json"])
+            .args(["--endpoint", &m.api(), "--request-timeout", "10"])
             .args(args)
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output();
-        let out = tokio::time::timeout(Duration::from_secs(30), out).await.context("CLI timed out")??;
+        let out = tokio::time::timeout(within, out).await.context("CLI timed out")??;
         if !out.status.success() {
             bail!(
                 "`nodeos {}` on {}: {}",
@@ -319,7 +329,7 @@ impl Lab {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Waits until every healthy member, as `via` sees them, reports this image's hash (a

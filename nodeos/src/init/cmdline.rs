@@ -16,6 +16,7 @@
 //! | `nodeos.data` | ext4 label of the data disk (1..=16 bytes), or `ram` | `nodeos-data` |
 //! | `nodeos.image` | the image hash the node reports | none |
 //! | `nodeos.debug` | flag, or `=0/1` | off |
+//! | `nodeos.nbd_public` | flag, or `=0/1`: serve the volumes' NBD exports on the management address, not only on loopback (unauthenticated: labs and tests only) | off |
 //!
 //! The command line wins over the file; within one source the last mention
 //! wins; `-` and `_` are the same in key names, as for every kernel parameter.
@@ -39,8 +40,20 @@ const MAX_HOSTNAME_LEN: usize = 64;
 /// Longest image hash accepted.
 const MAX_IMAGE_LEN: usize = 128;
 
-const KEYS: &[&str] =
-    &["pool", "key", "bootstrap_expect", "seeds", "ip", "dns", "iface", "hostname", "data", "image", "debug"];
+const KEYS: &[&str] = &[
+    "pool",
+    "key",
+    "bootstrap_expect",
+    "seeds",
+    "ip",
+    "dns",
+    "iface",
+    "hostname",
+    "data",
+    "image",
+    "debug",
+    "nbd_public",
+];
 
 /// The pool key text. Never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -88,6 +101,7 @@ pub struct InitConfig {
     pub data: DataConfig,
     pub image: Option<String>,
     pub debug: bool,
+    pub nbd_public: bool,
 }
 
 impl Default for InitConfig {
@@ -104,6 +118,7 @@ impl Default for InitConfig {
             data: DataConfig::Label(DEFAULT_DATA_LABEL.to_owned()),
             image: None,
             debug: false,
+            nbd_public: false,
         }
     }
 }
@@ -214,12 +229,17 @@ fn apply(cfg: &mut InitConfig, origin: Origin, key: &str, value: Option<&str>) -
         return Err(ConfigError::Unknown { origin, key: key.to_owned() });
     };
     let invalid = |why: String| ConfigError::Invalid { origin, key, why };
-    if key == "debug" {
-        cfg.debug = match value {
+    if key == "debug" || key == "nbd_public" {
+        let on = match value {
             None | Some("1" | "true" | "yes" | "on") => true,
             Some("0" | "false" | "no" | "off") => false,
             Some(v) => return Err(invalid(format!("is {v:?}; it takes no value, or one of 0, 1, on, off"))),
         };
+        if key == "debug" {
+            cfg.debug = on
+        } else {
+            cfg.nbd_public = on
+        }
         return Ok(());
     }
     let Some(v) = value else { return Err(invalid("needs a value (key=value)".into())) };
@@ -401,7 +421,7 @@ mod tests {
         let line = format!(
             "BOOT_IMAGE=/vmlinuz console=ttyS0 nodeos.pool=lab nodeos.key={KEY} nodeos.bootstrap_expect=5 \
              nodeos.seeds=10.0.0.2:7700,node3:7700 nodeos.ip=10.0.0.5/24,10.0.0.1 nodeos.dns=10.0.0.53 \
-             nodeos.iface=eth1 nodeos.hostname=n1.lab nodeos.data=fast-disk nodeos.image=b3:abc123 nodeos.debug quiet"
+             nodeos.iface=eth1 nodeos.hostname=n1.lab nodeos.data=fast-disk nodeos.image=b3:abc123 nodeos.debug nodeos.nbd-public=on quiet"
         );
         let (cfg, problems) = parse(&line, None);
         assert!(problems.is_empty(), "{problems:?}");
@@ -423,6 +443,7 @@ mod tests {
         assert_eq!(cfg.data, DataConfig::Label("fast-disk".into()));
         assert_eq!(cfg.image.as_deref(), Some("b3:abc123"));
         assert!(cfg.debug);
+        assert!(cfg.nbd_public);
     }
 
     #[test]

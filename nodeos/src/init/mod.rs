@@ -284,23 +284,54 @@ fn boot(signals: supervisor::SigSet) -> ! {
         warn!(error = %e, "Ctrl-Alt-Del stays an instant reboot");
     }
     duty("file limit", raise_file_limit);
-    duty("kernel modules", || match modules::release_dir().and_then(|d| modules::load_all(&d)) {
-        Ok(r) => {
-            for (name, e) in &r.failed {
-                if e.no_hardware() {
-                    info!(module = %name, "module skipped: no such hardware");
-                } else {
-                    warn!(module = %name, error = %chain(e), "module not loaded");
-                }
-            }
-            info!(
-                loaded = r.loaded.len(),
-                present = r.present.len(),
-                failed = r.failed.len(),
-                "kernel modules loaded"
-            );
+    duty("kernel modules", || {
+        // Only the KVM module this CPU can use; without cpuinfo, both are tried.
+        let kvm = std::fs::read_to_string(modules::CPUINFO).map(|t| modules::Kvm::of_cpuinfo(&t));
+        if let Err(e) = &kvm {
+            warn!(error = %e, path = modules::CPUINFO, "cannot read the CPU flags; trying every KVM module");
         }
-        Err(e) => warn!(error = %chain(&e), "no kernel modules loaded"),
+        let skip = |name: &str| kvm.as_ref().is_ok_and(|k| k.skips(name));
+        match modules::release_dir().and_then(|d| modules::load_all(&d, skip)) {
+            Ok(r) => {
+                for (name, e) in &r.failed {
+                    if e.no_hardware() {
+                        info!(module = %name, "module skipped: no such hardware");
+                    } else {
+                        warn!(module = %name, error = %chain(e), "module not loaded");
+                    }
+                }
+                info!(
+                    loaded = r.loaded.len(),
+                    present = r.present.len(),
+                    skipped = r.skipped.len(),
+                    failed = r.failed.len(),
+                    "kernel modules loaded"
+                );
+            }
+            Err(e) => warn!(error = %chain(&e), "no kernel modules loaded"),
+        }
+        let Ok(kvm) = kvm else { return };
+        match modules::kvm_status(kvm, Path::new(modules::SYS_MODULE)) {
+            modules::KvmStatus::Ready { module, nested_paging } => {
+                let nested_paging = match nested_paging {
+                    Some(true) => "on",
+                    Some(false) => "off",
+                    None => "unknown",
+                };
+                info!(module, nested_paging, "KVM ready: this node can run VMs");
+            }
+            modules::KvmStatus::NotLoaded { module } => {
+                warn!(
+                    module,
+                    "the CPU has hardware virtualization but its KVM module is not loaded: VMs cannot run on this node"
+                )
+            }
+            modules::KvmStatus::Unsupported => {
+                warn!(
+                    "the CPU has no hardware virtualization (no vmx or svm flag): VMs cannot run on this node"
+                )
+            }
+        }
     });
     let hostname = duty("host name", || {
         let name = cfg.hostname.clone().unwrap_or_else(|| default_hostname(cfg.iface.as_deref()));

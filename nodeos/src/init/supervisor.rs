@@ -43,6 +43,8 @@ pub const POWEROFF_SIGNAL: Signal = Signal::SIGUSR2;
 pub const REBOOT_SIGNAL: Signal = Signal::SIGTERM;
 /// The environment variable that tells the daemon PID 1 started it.
 pub const INIT_ENV: &str = "NODEOS_INIT";
+/// The NBD port with `nodeos.nbd_public` (the daemon's default port, on loopback).
+pub const NBD_PORT: u16 = 10809;
 /// The API port the daemon listens on (its default `--listen`).
 pub const API_PORT: u16 = 7700;
 /// Longest sleep of the loop.
@@ -112,6 +114,9 @@ pub fn daemon_args(cfg: &InitConfig, key_file: &Path, iface: &str, addr: Ipv4Add
     }
     if let Some(h) = &cfg.image {
         a.extend(["--image-hash".into(), h.clone()]);
+    }
+    if cfg.nbd_public {
+        a.extend(["--nbd-listen".into(), SocketAddr::from((addr, NBD_PORT)).to_string()]);
     }
     a
 }
@@ -381,6 +386,9 @@ mod tests {
             args.join(" "),
             "node --data-dir /var/lib/nodeos --pool lab --pool-key-file /k --advertise 10.0.0.6:7700 --discovery-iface eth1"
         );
+        let (cfg, _) = cmdline::parse("nodeos.pool=lab nodeos.nbd_public", None);
+        let args = daemon_args(&cfg, Path::new("/k"), "eth1", Ipv4Addr::new(10, 0, 0, 6));
+        assert!(args.join(" ").ends_with("--nbd-listen 10.0.0.6:10809"), "{args:?}");
     }
 
     /// The daemon's own parser takes what PID 1 passes.
@@ -388,7 +396,7 @@ mod tests {
     fn the_daemon_parser_accepts_it() {
         use clap::Parser;
         let (cfg, _) = cmdline::parse(
-            "nodeos.pool=lab nodeos.bootstrap_expect=5 nodeos.seeds=a:1 nodeos.image=b3:ff",
+            "nodeos.pool=lab nodeos.bootstrap_expect=5 nodeos.seeds=a:1 nodeos.image=b3:ff nodeos.nbd_public",
             None,
         );
         let mut argv = vec!["nodeos".to_owned()];

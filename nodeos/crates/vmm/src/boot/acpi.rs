@@ -284,6 +284,8 @@ fn dsdt_body(vcpus: u8) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::process::Command;
     use std::ptr::NonNull;
     use std::sync::Arc;
 
@@ -385,6 +387,283 @@ mod tests {
             assert_eq!(cpus, (0..vcpus).map(|i| (i, i, 1)).collect::<Vec<_>>());
             assert_eq!(ioapics, vec![(vcpus + 1, IOAPIC_START as u32, 0)]);
             assert_eq!(nmis, vec![(ALL_PROCESSORS, 1)]);
+        }
+    }
+
+    // The DSDT run by a real AML interpreter: ACPICA's `acpiexec` (Debian package
+    // `acpica-tools`), the reference implementation and the interpreter Linux embeds. The
+    // Rust ones cannot build on the pinned stable toolchain: `acpi` 6.x and 7.0.0-pre1
+    // declare `#![feature(allocator_api)]` / `#![feature(allocator_ext)]`, `aml` 0.16
+    // `#![feature(decl_macro)]` (E0554 on stable).
+
+    /// Runs `acpiexec` in batch mode on the DSDT for `vcpus` vCPUs, with the hardware-reduced
+    /// FADT the VMM gives (`-r`). Operation regions read `io_fill` (`-fv`); `trace_regions`
+    /// logs every region access with its address (`-x`, ACPI_LV_OPREGION). `None` (and a loud
+    /// skip) when acpiexec is not installed.
+    fn acpiexec(
+        test: &str,
+        vcpus: u8,
+        io_fill: u8,
+        trace_regions: bool,
+        commands: &[String],
+    ) -> Option<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let dsdt = dir.path().join("dsdt.aml");
+        let placed = build(vcpus, vcpus + 1).unwrap();
+        std::fs::write(&dsdt, &placed.iter().find(|t| t.bytes.starts_with(b"DSDT")).unwrap().bytes).unwrap();
+        let mut cmd = Command::new("acpiexec");
+        cmd.args(["-r", "-fv", &io_fill.to_string()]);
+        if trace_regions {
+            cmd.args(["-x", "0x800"]);
+        }
+        let out = match cmd.arg("-b").arg(commands.join("; ")).arg(&dsdt).output() {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                nodeos_types::testing::skip(test, "no acpiexec (Debian package acpica-tools)");
+                return None;
+            }
+            Err(e) => panic!("cannot run acpiexec: {e}"),
+        };
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "acpiexec failed: {}\n{text}\n{stderr}", out.status);
+        assert!(text.contains("1 ACPI AML tables successfully acquired and loaded"), "{text}\n{stderr}");
+        for bad in ["ACPI Error", "ACPI Exception", "ACPI Warning"] {
+            assert!(!text.contains(bad) && !stderr.contains(bad), "{bad} from acpiexec:\n{text}\n{stderr}");
+        }
+        Some(text)
+    }
+
+    /// The lines acpiexec printed for one command, after its first line `marker`
+    /// (`Evaluating \PATH` for evaluate/execute, `Device: \PATH` for resources).
+    fn section<'a>(out: &'a str, marker: &str) -> Vec<&'a str> {
+        let starts = |l: &str| l.starts_with("Evaluating \\") || l.starts_with("Device: \\");
+        let mut lines = out.lines().skip_while(|l| *l != marker);
+        assert!(lines.next().is_some(), "acpiexec printed no `{marker}`:\n{out}");
+        lines.take_while(|l| !starts(l)).collect()
+    }
+
+    /// `evaluate PATH`: the integers of the result (one, or a package's).
+    fn integers(out: &str, path: &str) -> Vec<u64> {
+        section(out, &format!("Evaluating {path}"))
+            .iter()
+            .filter_map(|l| l.trim().strip_prefix("[Integer] = "))
+            .map(|v| u64::from_str_radix(v, 16).unwrap())
+            .collect()
+    }
+
+    /// `evaluate PATH` of a string: `[String] Length 08 = "ACPI0007"`.
+    fn string(out: &str, path: &str) -> String {
+        let sec = section(out, &format!("Evaluating {path}"));
+        let line = sec.iter().find_map(|l| l.trim().strip_prefix("[String] "));
+        let value = line.and_then(|l| l.split_once(" = ")).map(|(_, v)| v.trim_matches('"'));
+        value.unwrap_or_else(|| panic!("{path} is no string: {sec:?}")).to_owned()
+    }
+
+    /// An EISA id as the guest's OS turns the integer `_HID` into text ("PNP0A03").
+    fn eisa_id(v: u64) -> String {
+        let v = u32::try_from(v).unwrap().swap_bytes();
+        let letter = |shift: u32| char::from(b'@' + ((v >> shift) & 0x1f) as u8);
+        format!("{}{}{}{:04X}", letter(26), letter(21), letter(16), v & 0xffff)
+    }
+
+    /// One resource of a `_CRS` as ACPICA's resource manager decoded it.
+    #[derive(Debug)]
+    struct Resource {
+        kind: String,
+        fields: BTreeMap<String, String>,
+    }
+
+    impl Resource {
+        fn field(&self, key: &str) -> &str {
+            self.fields.get(key).unwrap_or_else(|| panic!("no {key} in {self:?}"))
+        }
+
+        fn hex(&self, key: &str) -> u64 {
+            u64::from_str_radix(self.field(key), 16).unwrap()
+        }
+    }
+
+    /// `resources PATH`: the decoded `_CRS`, as `[NN] Kind` blocks of `Key : Value` lines.
+    fn resources(out: &str, path: &str) -> Vec<Resource> {
+        let mut list: Vec<Resource> = Vec::new();
+        for line in section(out, &format!("Device: {path}")) {
+            if line.starts_with("Resource Conversion Comparison") {
+                break;
+            }
+            if let Some((_, kind)) = line.strip_prefix('[').and_then(|l| l.split_once("] ")) {
+                list.push(Resource { kind: kind.to_owned(), fields: BTreeMap::new() });
+            } else if let (Some(r), Some((k, v))) = (list.last_mut(), line.split_once(" : ")) {
+                r.fields.insert(k.trim().to_owned(), v.trim().to_owned());
+            }
+        }
+        assert!(list.last().is_some_and(|r| r.kind == "EndTag Resource"), "{path}: {list:?}");
+        list
+    }
+
+    /// Fixed I/O ports: (first port, length).
+    fn io_ports(list: &[Resource]) -> Vec<(u64, u64)> {
+        let io = list.iter().filter(|r| r.kind == "I/O Resource");
+        io.map(|r| {
+            assert_eq!(r.hex("Address Minimum"), r.hex("Address Maximum"), "a fixed port: {r:?}");
+            (r.hex("Address Minimum"), r.hex("Address Length"))
+        })
+        .collect()
+    }
+
+    /// Interrupts: (GSI, triggering, polarity).
+    fn irqs(list: &[Resource]) -> Vec<(u64, String, String)> {
+        let irqs = list.iter().filter(|r| r.kind == "Extended IRQ Resource");
+        irqs.map(|r| {
+            assert_eq!(r.field("Interrupt Count"), "01");
+            (r.hex("Dword00"), r.field("Triggering").to_owned(), r.field("Polarity").to_owned())
+        })
+        .collect()
+    }
+
+    /// Address space windows the bridge decodes: (resource type, first, last).
+    fn windows(list: &[Resource]) -> Vec<(String, u64, u64)> {
+        let spaces = list.iter().filter(|r| r.kind.ends_with("Address Space Resource"));
+        spaces
+            .map(|r| {
+                assert_eq!(r.hex("Address Length"), r.hex("Address Maximum") - r.hex("Address Minimum") + 1);
+                (r.field("Resource Type").to_owned(), r.hex("Address Minimum"), r.hex("Address Maximum"))
+            })
+            .collect()
+    }
+
+    fn edge_high(gsi: u32) -> (u64, String, String) {
+        (gsi.into(), "Edge".into(), "ActiveHigh".into())
+    }
+
+    #[test]
+    fn acpica_evaluates_s5_and_the_pci_host_bridge() {
+        let test = "acpica_evaluates_s5_and_the_pci_host_bridge";
+        let commands =
+            ["evaluate \\_S5", "evaluate \\_SB.PCI0._HID", "resources \\_SB.PCI0"].map(String::from);
+        let Some(out) = acpiexec(test, 1, 0, false, &commands) else { return };
+
+        let s5 = section(&out, "Evaluating \\_S5");
+        assert!(s5.iter().any(|l| l.contains("[Package] Contains 2 Elements")), "{s5:?}");
+        assert_eq!(
+            integers(&out, "\\_S5"),
+            vec![S5_SLEEP_TYPE.into(), 0],
+            "the type AcpiPlatform powers off on"
+        );
+
+        let hid = integers(&out, "\\_SB.PCI0._HID");
+        assert_eq!(hid.iter().map(|&v| eisa_id(v)).collect::<Vec<_>>(), vec!["PNP0A03"]);
+
+        let crs = resources(&out, "\\_SB.PCI0");
+        assert_eq!(io_ports(&crs), vec![(PCI_CONFIG_PORT, 8)], "the config ports 0xCF8..=0xCFF");
+        let w = |kind: &str, first: u64, last: u64| (kind.to_owned(), first, last);
+        assert_eq!(
+            windows(&crs),
+            vec![
+                w("Bus Number Range", 0, 0),
+                w("I/O Range", 0, PCI_CONFIG_PORT - 1),
+                w("I/O Range", 0xd00, 0xffff),
+                w("Memory Range", MMIO32_START, MMIO32_END - 1),
+            ],
+            "bus 0, the I/O space but the config ports, the BAR window"
+        );
+        let mmio = crs.iter().find(|r| r.kind == "32-Bit DWORD Address Space Resource").unwrap();
+        assert_eq!(mmio.field("Consumer/Producer"), "ResourceProducer");
+        assert_eq!(mmio.field("Caching"), "NonCacheable");
+        assert_eq!(mmio.field("Write Protect"), "ReadWrite");
+    }
+
+    #[test]
+    fn acpica_finds_the_legacy_devices_with_their_ports_and_irqs() {
+        let test = "acpica_finds_the_legacy_devices_with_their_ports_and_irqs";
+        let devices = ["COM1", "PS2K", "RTC", "GED"];
+        let mut commands: Vec<String> = devices
+            .iter()
+            .flat_map(|d| [format!("evaluate \\_SB.{d}._HID"), format!("resources \\_SB.{d}")])
+            .collect();
+        // The power button has no resources (acpiexec's `resources` prints nothing then).
+        commands.extend(["evaluate \\_SB.PWRB._HID", "evaluate \\_SB.PWRB._CRS"].map(String::from));
+        let Some(out) = acpiexec(test, 1, 0, false, &commands) else { return };
+        let eisa = |d: &str| {
+            integers(&out, &format!("\\_SB.{d}._HID")).iter().map(|&v| eisa_id(v)).collect::<Vec<_>>()
+        };
+        let crs = |d: &str| resources(&out, &format!("\\_SB.{d}"));
+
+        assert_eq!(eisa("COM1"), vec!["PNP0501"]);
+        assert_eq!(io_ports(&crs("COM1")), vec![(COM1_PORT, 8)]);
+        assert_eq!(irqs(&crs("COM1")), vec![edge_high(COM1_IRQ)]);
+
+        assert_eq!(eisa("PS2K"), vec!["PNP0303"]);
+        assert_eq!(io_ports(&crs("PS2K")), vec![(I8042_PORT, 1), (I8042_PORT + 4, 1)]);
+        assert_eq!(irqs(&crs("PS2K")), vec![edge_high(I8042_IRQ)]);
+
+        assert_eq!(eisa("RTC"), vec!["PNP0B00"]);
+        assert_eq!(io_ports(&crs("RTC")), vec![(RTC_PORT, 2)]);
+        assert_eq!(irqs(&crs("RTC")), vec![edge_high(RTC_IRQ)]);
+
+        assert_eq!(eisa("PWRB"), vec!["PNP0C0C"]);
+        let pwrb_crs = section(&out, "Evaluating \\_SB.PWRB._CRS");
+        assert!(pwrb_crs.iter().any(|l| l.contains("AE_NOT_FOUND")), "{pwrb_crs:?}");
+
+        assert_eq!(string(&out, "\\_SB.GED._HID"), "ACPI0013");
+        assert_eq!(io_ports(&crs("GED")), vec![]);
+        assert_eq!(irqs(&crs("GED")), vec![edge_high(GED_IRQ)]);
+    }
+
+    #[test]
+    fn acpica_finds_one_processor_device_per_vcpu() {
+        let test = "acpica_finds_one_processor_device_per_vcpu";
+        for vcpus in [1u8, 2, 4] {
+            let cpu = |i: u8| format!("\\_SB.C{i:03X}");
+            let mut commands: Vec<String> = (0..vcpus)
+                .flat_map(|i| [format!("evaluate {}._HID", cpu(i)), format!("evaluate {}._UID", cpu(i))])
+                .collect();
+            commands.push(format!("evaluate {}._HID", cpu(vcpus)));
+            let Some(out) = acpiexec(test, vcpus, 0, false, &commands) else { return };
+            for i in 0..vcpus {
+                assert_eq!(string(&out, &format!("{}._HID", cpu(i))), "ACPI0007");
+                assert_eq!(
+                    integers(&out, &format!("{}._UID", cpu(i))),
+                    vec![u64::from(i)],
+                    "UID = MADT processor UID"
+                );
+            }
+            let past = section(&out, &format!("Evaluating {}._HID", cpu(vcpus)));
+            assert!(past.iter().any(|l| l.contains("AE_NOT_FOUND")), "{vcpus} vCPUs: {past:?}");
+            // ACPICA's count of every device in the table: the six platform ones and the CPUs.
+            let load = out.lines().find(|l| l.starts_with("Table [DSDT")).unwrap();
+            let words: Vec<&str> = load.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "Devices,").unwrap();
+            assert_eq!(words[at - 1], (6 + vcpus).to_string(), "{load}");
+        }
+    }
+
+    #[test]
+    fn acpica_runs_the_ged_event_method_and_notifies_the_power_button() {
+        let test = "acpica_runs_the_ged_event_method_and_notifies_the_power_button";
+        let read = format!(
+            "Operation Region request on SystemIO at {:#x}, BitWidth 0x8, RegionLength 0x1",
+            ACPI_PORT + GED_OFFSET
+        );
+        let notify = "Received a Device Notify on [PWRB]";
+        // What the GED register reads: the power button's bit, nothing pending, other bits only.
+        for (pending, notified) in [(GED_POWER_BUTTON, true), (0, false), (!GED_POWER_BUTTON, false)] {
+            let commands = [format!("execute \\_SB.GED._EVT {GED_IRQ}")];
+            let Some(out) = acpiexec(test, 1, pending, true, &commands) else { return };
+            let evt = section(&out, "Evaluating \\_SB.GED._EVT");
+            let reads = evt.iter().filter(|l| l.contains(&read)).count();
+            assert_eq!(reads, 1, "_EVT reads the GED register once ({pending:#x}): {evt:#?}");
+            let notes: Vec<_> = evt.iter().filter(|l| l.contains(notify)).collect();
+            if notified {
+                assert_eq!(notes.len(), 1, "{evt:#?}");
+                assert!(notes[0].contains(&format!("Value {NOTIFY_BUTTON_PRESSED:#x}")), "{notes:?}");
+            } else {
+                assert_eq!(notes, Vec::<&&str>::new(), "pending {pending:#x}");
+            }
+            assert!(
+                evt.iter().any(|l| l.starts_with("No object was returned")),
+                "_EVT ran to its end: {evt:#?}"
+            );
         }
     }
 }
