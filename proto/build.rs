@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         "nodeos/v1/peer.proto",
         "nodeos/v1/vm.proto",
         "nodeos/v1/volume.proto",
+        "nodeos/v1/image.proto",
         "nodeos/v1/network.proto",
         "nodeos/v1/node.proto",
         "nodeos/v1/pxe.proto",

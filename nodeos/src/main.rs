@@ -43,6 +43,9 @@ enum Cmd {
     /// Replicated block volumes, their snapshots and clones; image import.
     #[command(subcommand)]
     Volume(cli::volume::VolumeCmd),
+    /// Guest kernels and initramfs images in the pool, for `vm create --kernel image:NAME`.
+    #[command(subcommand)]
+    Image(cli::image::ImageCmd),
     /// Tenant networks carried between nodes in VXLAN.
     #[command(subcommand)]
     Network(cli::network::NetworkCmd),
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
         Cmd::Meta(m) => cli::run(&args.global, |c| Box::pin(cli::meta::run(c, m))),
         Cmd::Vm(v) => cli::run(&args.global, |c| Box::pin(cli::vm::run(c, v))),
         Cmd::Volume(v) => cli::run(&v.global(&args.global), |c| Box::pin(cli::volume::run(c, v))),
+        Cmd::Image(i) => cli::run(&i.global(&args.global), |c| Box::pin(cli::image::run(c, i))),
         Cmd::Network(n) => cli::run(&args.global, |c| Box::pin(cli::network::run_network(c, n))),
         Cmd::Port(p) => cli::run(&args.global, |c| Box::pin(cli::network::run_port(c, p))),
         Cmd::SecurityGroup(g) => cli::run(&args.global, |c| Box::pin(cli::network::run_security_group(c, g))),

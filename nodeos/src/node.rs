@@ -35,7 +35,7 @@ use nodeos_types::auth::PoolKey;
 use nodeos_volumes::exports::VolumeExports;
 use nodeos_volumes::{Controller, ControllerConfig, Volumes};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::datadir::DataDir;
 
@@ -283,6 +283,22 @@ pub fn main(args: DaemonArgs) -> ExitCode {
     }
 }
 
+/// What KVM offers VMs on this node, for the pool's CPU baseline; `None`
+/// without KVM (such a node runs no VMs, so it does not narrow the baseline).
+fn local_cpu() -> Option<nodeos_types::cpu::CpuModel> {
+    match nodeos_hv::Hypervisor::new() {
+        Ok(hv) => {
+            let model = nodeos_hv::cpu_model(hv.supported_cpuid());
+            info!(vendor = %model.vendor, brand = %model.brand, "CPU recorded for the pool's baseline");
+            Some(model)
+        }
+        Err(e) => {
+            warn!(error = %e, "no KVM here: this node runs no VMs");
+            None
+        }
+    }
+}
+
 fn hostname() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
 }
@@ -348,6 +364,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             block_address: cfg.block_advertise.to_string(),
             vxlan_address: cfg.vxlan_advertise.to_string(),
             block_capacity: capacity,
+            cpu: local_cpu(),
         },
         meta.clone(),
     );

@@ -5,6 +5,7 @@
 //! - `nodeos/v1/metadata.proto`: `MetadataService`, the operator's key space.
 //! - `nodeos/v1/vm.proto`: `VmService`, virtual machines and their consoles.
 //! - `nodeos/v1/volume.proto`: `VolumeService`, replicated volumes, snapshots, clones, import.
+//! - `nodeos/v1/image.proto`: `ImageService`, guest kernels and initramfs images VMs boot from.
 //! - `nodeos/v1/network.proto`: `NetworkService`, tenant networks, their ports, security
 //!   groups and each node's switch.
 //! - `nodeos/v1/node.proto`: `NodeService`, power-off and reboot of one node.

@@ -36,6 +36,7 @@ proto_enums!(
     NodeHealth: "NODE_HEALTH_",
     EventKind: "EVENT_KIND_",
     PowerAction: "POWER_ACTION_",
+    ImageKind: "IMAGE_KIND_",
 );
 
 /// The value's proto name without its enum's prefix, in lowercase
@@ -76,6 +77,7 @@ mod tests {
         assert_eq!(enum_name::<v1::NodeRole>(v1::NodeRole::Leader as i32), "leader");
         assert_eq!(enum_name::<v1::NodeHealth>(v1::NodeHealth::Unreachable as i32), "unreachable");
         assert_eq!(enum_name::<v1::PowerAction>(v1::PowerAction::Poweroff as i32), "poweroff");
+        assert_eq!(enum_name::<v1::ImageKind>(v1::ImageKind::Initrd as i32), "initrd");
         assert_eq!(enum_name::<v1::EventKind>(0), "unspecified");
         assert_eq!(enum_name::<v1::NodeRole>(99), "99");
     }

@@ -159,11 +159,12 @@ async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::R
     let bad = [
         (spec(Path::new("/nonexistent/kernel"), "", 64), "kernel"),
         (pb::VmSpec { vcpus: 0, ..spec(&guest, "", 64) }, "vcpus"),
-        (spec(&guest, "", 64 * 1024 * 1024), "memory_mib"),
+        (spec(&guest, "", 64 * 1024 * 1024), "--memory"),
         (
             spec(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml").as_path(), "", 64),
-            "neither a bzImage nor an ELF",
+            "is not bootable: it is neither an ELF64 image nor a bzImage",
         ),
+        (spec(&guest, &"x".repeat(2048), 64), "--cmdline is 2048 bytes"),
         (
             pb::VmSpec {
                 cloud_init: Some(pb::CloudInit {
@@ -172,7 +173,7 @@ async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::R
                 }),
                 ..spec(&guest, "", 64)
             },
-            "cloud_init.user_data is 65537 bytes; the limit is 65536",
+            "--user-data is 65537 bytes; the NoCloud limit is 65536",
         ),
         (
             pb::VmSpec {
@@ -182,7 +183,7 @@ async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::R
                 }),
                 ..spec(&guest, "", 64)
             },
-            "cloud_init.ssh_authorized_keys[0]",
+            "--ssh-key: the 1st key",
         ),
     ];
     for (s, want) in bad {
@@ -199,12 +200,14 @@ async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::R
         "refused creates left records"
     );
 
-    // A kernel with the right magic that does not load: the start fails with
-    // the loader's reason, and no worker is left behind.
+    // A kernel that stops loading after the VM was created (create reads its
+    // headers): the start fails with the loader's reason, and no worker is
+    // left behind.
     let scratch = tempfile::tempdir()?;
     let broken = scratch.path().join("broken.elf");
-    std::fs::write(&broken, b"\x7fELF\x02\x01\x01 this is not a kernel")?;
+    std::fs::copy(&guest, &broken)?;
     vms.create(pb::CreateVmRequest { name: "broken".into(), spec: Some(spec(&broken, "", 32)) }).await?;
+    std::fs::write(&broken, b"\x7fELF\x02\x01\x01 this is not a kernel")?;
     let e = vms.start(pb::VmRef { vm: "broken".into() }).await.expect_err("unloadable kernel");
     ensure!(e.code() == Code::FailedPrecondition && e.message().contains("kernel"), "{e:?}");
     let v = vms.get(pb::VmRef { vm: "broken".into() }).await?.into_inner();

@@ -3,10 +3,12 @@
 //! # Layout
 //! - `mod.rs`: global flags, connecting, the one-line error report.
 //! - `output.rs`: table and JSON rendering.
-//! - `pool.rs`, `node.rs`, `meta.rs`, `vm.rs`, `volume.rs`, `pxe.rs`: one file per command group.
+//! - `pool.rs`, `node.rs`, `meta.rs`, `vm.rs`, `volume.rs`, `image.rs`, `pxe.rs`: one file per
+//!   command group.
 //! - `network.rs`: `network`, `port`, `security-group` and `switch`, the groups of
 //!   the network service.
 
+pub mod image;
 pub mod meta;
 pub mod network;
 pub mod node;

@@ -101,6 +101,14 @@ pub async fn run(ctx: Ctx, action: NodeAction) -> Result<(), CliError> {
                             "image hash".into(),
                             if n.image_hash.is_empty() { "-".into() } else { n.image_hash.clone() },
                         ],
+                        vec![
+                            "cpu".into(),
+                            if n.cpu.is_empty() { "- (no KVM)".into() } else { n.cpu.clone() },
+                        ],
+                        vec![
+                            "cpu features hidden by the pool baseline".into(),
+                            n.cpu_features_beyond_baseline.to_string(),
+                        ],
                     ];
                     output::print(ctx.output, &n, &["FIELD", "VALUE"], rows)
                 }

@@ -62,14 +62,16 @@ pub struct CreateArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     pub memory: u64,
-    /// Kernel image on the node: bzImage, ELF vmlinux or PVH ELF.
+    /// The kernel: a file on the node (bzImage, ELF vmlinux or PVH ELF), or a
+    /// pool image, image:NAME (see `nodeos image upload`).
     #[arg(long)]
     pub kernel: String,
+    /// The initramfs: a file on the node, or a pool image, image:NAME.
     #[arg(long, default_value = "")]
     pub initrd: String,
     #[arg(long, default_value = "")]
     pub cmdline: String,
-    /// A disk: an image file on the node (PATH) or a pool volume (volume:ID);
+    /// A disk: an image file on the node (PATH) or a pool volume (volume:NAME or volume:ID);
     /// append ",ro" for read-only. Repeatable.
     #[arg(long = "disk")]
     pub disks: Vec<String>,
@@ -116,6 +118,7 @@ fn show(format: Format, v: pb::Vm) -> Result<(), CliError> {
         vec!["vcpus".into(), s.vcpus.to_string()],
         vec!["memory".into(), format!("{} MiB", s.memory_mib)],
         vec!["kernel".into(), s.kernel],
+        vec!["initrd".into(), s.initrd],
         vec!["cmdline".into(), s.cmdline],
         vec!["disks".into(), s.disks.iter().map(disk_text).collect::<Vec<_>>().join(" ")],
         vec!["nics".into(), s.nics.iter().map(nic_text).collect::<Vec<_>>().join(" ")],
@@ -125,7 +128,7 @@ fn show(format: Format, v: pb::Vm) -> Result<(), CliError> {
     output::print(format, &v, &["FIELD", "VALUE"], rows)
 }
 
-/// `PATH[,ro]` or `volume:ID[,ro]`.
+/// `PATH[,ro]` or `volume:NAME_OR_ID[,ro]`.
 fn parse_disk(s: &str) -> pb::DiskSpec {
     let (s, read_only) = match s.strip_suffix(",ro") {
         Some(p) => (p, true),

@@ -309,7 +309,7 @@ fn read_error(path: &Path, e: std::io::Error) -> CliError {
 }
 
 /// A byte progress bar on standard error, or none when that is not a terminal.
-fn progress_bar(total: u64) -> ProgressBar {
+pub fn progress_bar(total: u64) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }

@@ -1,6 +1,7 @@
 //! Errors to gRPC `Status`: the only place this mapping lives.
 
 use nodeos_block::device::DeviceError;
+use nodeos_compute::images::ImageError;
 use nodeos_meta::MetaError;
 use nodeos_meta::WatchError;
 use nodeos_network::NetworkError;
@@ -52,6 +53,26 @@ pub fn import_status(e: ImportError) -> Status {
         ImportError::Volume(v) => volume_status(v),
         ImportError::Write(d) => device_status(&d),
         ImportError::Task(_) => Status::internal(chain(&e)),
+    }
+}
+
+/// Maps an image error: the upload's faults and bad bytes are the caller's.
+pub fn image_status(e: ImageError) -> Status {
+    match e {
+        ImageError::Invalid(_)
+        | ImageError::NotBootable(_)
+        | ImageError::Sha256 { .. }
+        | ImageError::Kind { .. } => Status::invalid_argument(chain(&e)),
+        ImageError::NotFound(_) => Status::not_found(chain(&e)),
+        ImageError::NameTaken(_) => Status::already_exists(chain(&e)),
+        ImageError::InUse { .. } => Status::failed_precondition(chain(&e)),
+        ImageError::Conflict => Status::aborted(chain(&e)),
+        ImageError::Corrupt { .. } => Status::data_loss(chain(&e)),
+        ImageError::Volume(v) => volume_status(*v),
+        ImageError::Write(i) => import_status(i),
+        ImageError::Read(d) => device_status(&d),
+        ImageError::Meta(m) => meta_status(*m),
+        ImageError::Io { .. } | ImageError::Record(_) => Status::internal(chain(&e)),
     }
 }
 

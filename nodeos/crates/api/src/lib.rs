@@ -5,6 +5,7 @@
 //! - `metadata.rs`: `MetadataService`, the operator's `custom/` key space, public.
 //! - `vm.rs`: `VmService`, VMs and their consoles, public.
 //! - `volume.rs`: `VolumeService`, block volumes, snapshots, clones and image import, public.
+//! - `image.rs`: `ImageService`, guest kernels and initramfs images in the pool, public.
 //! - `network.rs`: `NetworkService`, tenant networks, ports, security groups and the
 //!   switch counters of each node, public.
 //! - `node.rs`: `NodeService`, power-off and reboot of a node under the image's PID 1, public.
@@ -16,11 +17,12 @@
 //! - `server.rs`: [`serve`], one tonic server with every service, reflection and message limits.
 //!
 //! The services hold handles ([`nodeos_meta::MetaHandle`], [`nodeos_pool::Formation`],
-//! [`nodeos_volumes::Volumes`], [`nodeos_network::Networks`],
+//! [`nodeos_volumes::Volumes`], [`nodeos_compute::Images`], [`nodeos_network::Networks`],
 //! [`nodeos_switch::switch::SwitchHandle`])
 //! and never touch storage directly.
 
 pub mod error;
+pub mod image;
 pub mod metadata;
 pub mod network;
 pub mod node;

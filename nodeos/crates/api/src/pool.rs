@@ -56,6 +56,7 @@ impl PoolApi {
             .filter_map(|kv| serde_json::from_slice::<NodeRecord>(&kv.value).ok())
             .map(|r| (r.id, r))
             .collect();
+        let baseline = nodeos_types::cpu::baseline(records.values().filter_map(|r| r.cpu.as_ref()));
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let mut ids: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
@@ -107,6 +108,14 @@ impl PoolApi {
                     matched_index: matched.unwrap_or(0),
                     joined_at_ms: rec.map(|r| r.joined_at_ms).unwrap_or(0),
                     image_hash: rec.map(|r| r.image_hash.clone()).unwrap_or_default(),
+                    cpu: rec
+                        .and_then(|r| r.cpu.as_ref())
+                        .map(|c| format!("{}, {}", c.vendor, c.brand))
+                        .unwrap_or_default(),
+                    cpu_features_beyond_baseline: rec
+                        .and_then(|r| r.cpu.as_ref())
+                        .zip(baseline.as_ref())
+                        .map_or(0, |(c, b)| c.beyond(b)),
                 }
             })
             .collect();

@@ -7,6 +7,7 @@ use nodeos_meta::MetaHandle;
 use nodeos_meta::network::MAX_PEER_MESSAGE;
 use nodeos_network::Networks;
 use nodeos_pool::Formation;
+use nodeos_proto::v1::image_service_server::ImageServiceServer;
 use nodeos_proto::v1::metadata_service_server::MetadataServiceServer;
 use nodeos_proto::v1::network_service_server::NetworkServiceServer;
 use nodeos_proto::v1::node_service_server::NodeServiceServer;
@@ -20,6 +21,7 @@ use nodeos_switch::switch::SwitchHandle;
 use nodeos_volumes::Volumes;
 use tokio::net::TcpListener;
 
+use crate::image::{ImageApi, MAX_UPLOAD_CHUNK};
 use crate::metadata::MetadataApi;
 use crate::network::NetworkApi;
 use crate::node::NodeApi;
@@ -70,12 +72,17 @@ pub async fn serve(
     let metadata = MetadataServiceServer::new(MetadataApi::new(meta.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE + 64 * 1024)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE * 4);
+    let images = compute.images().clone();
     let vm = VmServiceServer::new(VmApi::new(compute, meta.clone(), networks.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE);
     // An import chunk is a whole message: room for its largest data plus framing.
-    let volume = VolumeServiceServer::new(VolumeApi::new(volumes))
+    let volume = VolumeServiceServer::new(VolumeApi::new(volumes, images.clone()))
         .max_decoding_message_size(MAX_IMPORT_CHUNK + 64 * 1024)
+        .max_encoding_message_size(MAX_PUBLIC_MESSAGE * 4);
+    // Likewise an upload chunk.
+    let image = ImageServiceServer::new(ImageApi::new(images))
+        .max_decoding_message_size(MAX_UPLOAD_CHUNK + 64 * 1024)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE * 4);
     let network = NetworkServiceServer::new(NetworkApi::new(networks, switch, meta.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
@@ -100,6 +107,7 @@ pub async fn serve(
         .add_service(metadata)
         .add_service(vm)
         .add_service(volume)
+        .add_service(image)
         .add_service(network)
         .add_service(node)
         .add_service(pxe)

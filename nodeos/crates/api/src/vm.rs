@@ -19,7 +19,8 @@ use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::vm_service_client::VmServiceClient;
 use nodeos_proto::v1::vm_service_server::VmService;
 use nodeos_types::records::{CloudInit, DiskSpec, NicSpec, VmRecord, VmSpec};
-use nodeos_types::{NodeId, PortId, VmId};
+use nodeos_types::{NodeId, PortId, VmId, VolumeId};
+use nodeos_volumes::VolumeError;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -65,6 +66,26 @@ impl VmApi {
             .collect()
     }
 
+    /// Volume disks named by volume name get the volume's id (a VM records ids).
+    async fn volume_ids(&self, disks: &mut [pb::DiskSpec]) -> Result<(), Status> {
+        for d in disks.iter_mut() {
+            if d.volume.is_empty() || d.volume.parse::<VolumeId>().is_ok() {
+                continue;
+            }
+            match self.compute.volumes().get_available(&d.volume).await {
+                Ok((v, _)) => d.volume = v.id.to_string(),
+                Err(VolumeError::NotFound(_)) => {
+                    return Err(Status::invalid_argument(format!(
+                        "--disk volume:{}: no such volume in this pool",
+                        d.volume
+                    )));
+                }
+                Err(e) => return Err(crate::error::volume_status(e)),
+            }
+        }
+        Ok(())
+    }
+
     async fn answer(&self, r: VmRecord, pid: Option<u32>) -> pb::Vm {
         let nets = self.port_networks([&r]).await;
         to_pb(r, pid, &nets)
@@ -99,6 +120,9 @@ pub fn compute_status(e: ComputeError) -> Status {
         ComputeError::NicNetwork(_) => Status::invalid_argument(e.to_string()),
         ComputeError::Switch(_) => Status::failed_precondition(chain(&e)),
         ComputeError::Seed(_) => Status::internal(chain(&e)),
+        // A VM's image is gone, of the wrong kind, unreadable or corrupt:
+        // the VM cannot start until that changes.
+        ComputeError::Image { .. } => Status::failed_precondition(chain(&e)),
     }
 }
 
@@ -248,7 +272,10 @@ macro_rules! on_owner {
 #[tonic::async_trait]
 impl VmService for VmApi {
     async fn create(&self, req: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        if let Some(spec) = &mut r.spec {
+            self.volume_ids(&mut spec.disks).await?;
+        }
         let (spec, nets) = spec_from_pb(r.spec)?;
         let rec = self.compute.create(&r.name, spec, nets).await.map_err(compute_status)?;
         Ok(Response::new(self.answer(rec, None).await))

@@ -5,6 +5,8 @@
 //! change by compare-and-swap, and an import writes to the replicas over the
 //! network from whichever node received the stream.
 
+use futures::StreamExt;
+use nodeos_compute::images::Images;
 use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::import_request::Msg;
 use nodeos_proto::v1::volume_service_server::VolumeService;
@@ -14,7 +16,7 @@ use nodeos_volumes::import::{Import, ImportError, ImportStart};
 use nodeos_volumes::{NewVolume, Volumes};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::error::{import_status, volume_status};
+use crate::error::{image_status, import_status, volume_status};
 
 /// Largest `ImportChunk.data`; the server's message limit leaves room for it.
 pub use nodeos_volumes::import::MAX_IMPORT_CHUNK;
@@ -22,11 +24,13 @@ pub use nodeos_volumes::import::MAX_IMPORT_CHUNK;
 #[derive(Debug, Clone)]
 pub struct VolumeApi {
     volumes: Volumes,
+    /// Images own their volumes: deleting one goes through its image.
+    images: Images,
 }
 
 impl VolumeApi {
-    pub fn new(volumes: Volumes) -> Self {
-        VolumeApi { volumes }
+    pub fn new(volumes: Volumes, images: Images) -> Self {
+        VolumeApi { volumes, images }
     }
 }
 
@@ -136,6 +140,14 @@ impl VolumeService for VolumeApi {
 
     async fn delete(&self, req: Request<pb::DeleteVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
+        let (target, _) = self.volumes.get(&r.volume).await.map_err(volume_status)?;
+        let images = self.images.list().await.map_err(image_status)?;
+        if let Some(image) = images.iter().find(|i| i.volume == target.id) {
+            return Err(Status::failed_precondition(format!(
+                "volume {} holds image {}; `nodeos image delete {}` deletes both",
+                target.name, image.name, image.name
+            )));
+        }
         let rec = self.volumes.delete(&r.volume, r.force).await.map_err(volume_status)?;
         Ok(Response::new(to_pb(rec, true)))
     }
@@ -215,31 +227,18 @@ async fn import(
         sparse: start.sparse,
         takeover: start.takeover,
     };
-    let mut job = Import::start(&volumes, start).await.map_err(import_status)?;
-    let fed: Result<(), ImportError> = async {
-        while let Some(m) = input
-            .message()
-            .await
-            .map_err(|s| ImportError::Invalid(format!("the import stream broke: {}", s.message())))?
-        {
-            match m.msg {
-                Some(Msg::Chunk(c)) => job.chunk(c.offset, c.data).await?,
-                Some(Msg::Start(_)) => {
-                    return Err(ImportError::Invalid(
-                        "only the first import message may be an ImportStart".into(),
-                    ));
-                }
-                None => return Err(ImportError::Invalid("an import message must carry a chunk".into())),
-            }
+    let job = Import::start(&volumes, start).await.map_err(import_status)?;
+    let chunks = input.map(|m| match m {
+        Ok(pb::ImportRequest { msg: Some(Msg::Chunk(c)) }) => Ok((c.offset, c.data)),
+        Ok(pb::ImportRequest { msg: Some(Msg::Start(_)) }) => {
+            Err(ImportError::Invalid("only the first import message may be an ImportStart".into()))
         }
-        Ok(())
-    }
-    .await;
-    let summary = match fed {
-        Ok(()) => job.finish().await,
-        Err(e) => Err(job.abort(e).await),
-    }
-    .map_err(import_status)?;
+        Ok(pb::ImportRequest { msg: None }) => {
+            Err(ImportError::Invalid("an import message must carry a chunk".into()))
+        }
+        Err(s) => Err(ImportError::Invalid(format!("the import stream broke: {}", s.message()))),
+    });
+    let summary = job.run(chunks).await.map_err(import_status)?;
     Ok(pb::ImportResponse {
         bytes_written: summary.written,
         bytes_skipped: summary.skipped,

@@ -6,6 +6,7 @@ use nodeos_switch::switch::SwitchError;
 use nodeos_types::NodeId;
 use nodeos_volumes::VolumeError;
 
+use crate::images::ImageError;
 use crate::process::ProcessError;
 use crate::seed::SeedError;
 use crate::spec::SpecError;
@@ -47,6 +48,13 @@ pub enum ComputeError {
     Switch(#[source] SwitchError),
     #[error("cloud-init seed disk")]
     Seed(#[from] SeedError),
+    /// A pool image a VM boots from: `what` says which ("kernel image k").
+    #[error("{what}")]
+    Image {
+        what: String,
+        #[source]
+        source: Box<ImageError>,
+    },
 }
 
 impl From<NetworkError> for ComputeError {

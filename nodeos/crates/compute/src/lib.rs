@@ -2,7 +2,11 @@
 //!
 //! # Layout
 //! - `spec.rs`: checks a requested [`VmSpec`](nodeos_types::records::VmSpec) against
-//!   the host (kernel file, free memory, disks, MACs) before anything is recorded.
+//!   the host and the VMM's rules (kernel, initramfs and command line against
+//!   its memory, free memory, disks, MACs) before anything is recorded.
+//! - `images.rs`: [`images::Images`], guest kernels and initramfs images stored in
+//!   the pool (a record and a replicated volume each): upload with format and
+//!   hash checks, delete while no VM names them, materialise for a VM's start.
 //! - `records.rs`: VM records in meta, and the sans-IO verdicts on them (how a
 //!   worker's end is recorded, which VMs lost their worker with the node).
 //! - `process.rs`: [`process::Launcher`] (how workers come to life) and
@@ -23,6 +27,7 @@
 //! VM record.
 
 pub mod error;
+pub mod images;
 pub mod process;
 pub mod records;
 pub mod seed;
@@ -31,4 +36,5 @@ pub mod supervisor;
 pub mod tap;
 
 pub use error::ComputeError;
+pub use images::{ImageError, Images};
 pub use supervisor::{Compute, ComputeConfig, NicNetwork};

@@ -11,7 +11,7 @@ use std::process::ExitStatus;
 
 use nodeos_meta::command::{Compare, Op, Txn};
 use nodeos_meta::{Command, Consistency, MetaHandle};
-use nodeos_types::records::{VMS_PREFIX, VmRecord, VmState, vm_key, vm_name_key};
+use nodeos_types::records::{NODES_PREFIX, NodeRecord, VMS_PREFIX, VmRecord, VmState, vm_key, vm_name_key};
 use nodeos_types::{NodeId, VmId, unix_millis};
 use nodeos_vmm::control::StopReason;
 
@@ -38,6 +38,19 @@ impl VmRecords {
         kvs.into_iter()
             .map(|kv| serde_json::from_slice(&kv.value).map_err(|_| ComputeError::Record(kv.key)))
             .collect()
+    }
+
+    /// The pool's CPU baseline: the intersection of what KVM offers on every
+    /// node that recorded its CPU (linearizable); `None` when none did.
+    pub async fn cpu_baseline(&self) -> Result<Option<nodeos_types::cpu::CpuModel>, ComputeError> {
+        let (kvs, _) = self.meta.range(NODES_PREFIX, 0, Consistency::Linearizable).await?;
+        let nodes = kvs
+            .into_iter()
+            .map(|kv| {
+                serde_json::from_slice::<NodeRecord>(&kv.value).map_err(|_| ComputeError::Record(kv.key))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(nodeos_types::cpu::baseline(nodes.iter().filter_map(|n| n.cpu.as_ref())))
     }
 
     /// A VM by id or name (linearizable). A name may look like an id, so an

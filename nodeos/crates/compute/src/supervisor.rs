@@ -1,6 +1,7 @@
 //! [`Compute`]: this node's VMs: their records in meta and their live workers.
 //!
-//! Starting a VM is four jobs, each its own function: plug its NICs
+//! Starting a VM is five jobs, each its own function: fetch the pool images
+//! it boots from into its directory ([`Compute::boot_files`]), plug its NICs
 //! ([`Compute::plug_nics`]), open its disks ([`Compute::open_disks`]), launch
 //! its worker and wait until the vCPUs run ([`Compute::launch`]), then watch
 //! it ([`Compute::monitor`], and [`Compute::follow_volume`] per volume disk).
@@ -20,7 +21,10 @@ use nodeos_network::networks::NewPort;
 use nodeos_switch::switch::{SwitchError, SwitchHandle};
 use nodeos_types::auth::PoolKey;
 use nodeos_types::net::MacAddr;
-use nodeos_types::records::{PortKind, VmRecord, VmSpec, VmState, VolumeRecord, volume_key};
+use nodeos_types::records::{
+    IMAGE_REF_PREFIX, ImageKind, ImageRecord, PortKind, VmRecord, VmSpec, VmState, VolumeRecord, image_ref,
+    volume_key,
+};
 use nodeos_types::{NodeId, PortId, VmId, VolumeId};
 use nodeos_vmm::config::{DiskConfig, NicConfig, VolumeDisk, WorkerConfig};
 use nodeos_vmm::control::{StopReason, ToWorker, WorkerEvent};
@@ -29,10 +33,11 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::error::{ComputeError, io};
+use crate::images::{ImageError, Images};
 use crate::process::{self, Launcher, ProcessError, Spawned, WorkerProcess};
 use crate::records::{self, VmRecords};
 use crate::seed::Seed;
-use crate::spec::{self, SpecError};
+use crate::spec::{self, SpecError, SpecImages};
 use crate::tap;
 
 /// How long a worker may take to build its VM and start vCPUs.
@@ -83,6 +88,14 @@ struct Disks {
     slots: Vec<WriterSlot>,
 }
 
+/// The files a VM's worker boots: host paths as the spec gives them, or pool
+/// images materialised into the VM's directory.
+#[derive(Debug)]
+struct BootFiles {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+}
+
 /// A VM with a live worker on this node.
 #[derive(Debug)]
 struct Live {
@@ -110,6 +123,7 @@ struct Inner {
     cfg: ComputeConfig,
     records: VmRecords,
     volumes: Volumes,
+    images: Images,
     networks: Networks,
     switch: SwitchHandle,
     launcher: Arc<dyn Launcher>,
@@ -131,7 +145,8 @@ impl Compute {
         let c = Compute {
             inner: Arc::new(Inner {
                 cfg,
-                records: VmRecords::new(meta),
+                records: VmRecords::new(meta.clone()),
+                images: Images::new(meta, volumes.clone()),
                 volumes,
                 networks,
                 switch,
@@ -193,6 +208,16 @@ impl Compute {
         self.inner.cfg.node_id
     }
 
+    /// The pool's guest images, which VMs boot from.
+    pub fn images(&self) -> &Images {
+        &self.inner.images
+    }
+
+    /// The pool's volumes, which VM disks may be.
+    pub fn volumes(&self) -> &Volumes {
+        &self.inner.volumes
+    }
+
     fn vm_dir(&self, id: VmId) -> PathBuf {
         self.inner.cfg.state_dir.join(id.to_string())
     }
@@ -228,7 +253,18 @@ impl Compute {
         for n in &nets {
             spec.nics[n.nic].port = Some(PortId(0));
         }
-        spec::check(name, &spec)?;
+        let images = SpecImages {
+            kernel: self.find_image("--kernel", Some(&spec.kernel)).await?,
+            initrd: self.find_image("--initrd", spec.initrd.as_deref()).await?,
+        };
+        spec::check(name, &spec, &images)?;
+        // The VM keeps the image it was created with, whatever is named so later.
+        if let Some(k) = &images.kernel {
+            spec.kernel = format!("{IMAGE_REF_PREFIX}{}", k.id);
+        }
+        if let Some(i) = &images.initrd {
+            spec.initrd = Some(format!("{IMAGE_REF_PREFIX}{}", i.id));
+        }
         let mut made = Vec::new();
         for n in &nets {
             let mac = spec.nics[n.nic]
@@ -266,6 +302,23 @@ impl Compute {
         }
         info!(vm = %r.id, name = %r.name, "VM created");
         Ok(r)
+    }
+
+    /// The pool image `source` names (`image:<name or id>`), if it names one
+    /// that exists; the spec check refuses a name that is not found.
+    async fn find_image(
+        &self,
+        flag: &str,
+        source: Option<&str>,
+    ) -> Result<Option<ImageRecord>, ComputeError> {
+        let Some(wanted) = source.and_then(image_ref) else { return Ok(None) };
+        match self.inner.images.get(wanted).await {
+            Ok(r) => Ok(Some(r)),
+            Err(ImageError::NotFound(_)) => Ok(None),
+            Err(e) => {
+                Err(ComputeError::Image { what: format!("{flag} image {wanted:?}"), source: Box::new(e) })
+            }
+        }
     }
 
     /// Hands a NIC socket to the switch, waiting a moment for the switch to
@@ -321,7 +374,10 @@ impl Compute {
         spec::check_memory(r.spec.memory_mib)?;
         let dir = self.vm_dir(r.id);
         std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
-        // NICs first: a tap that cannot be opened fails the start before any disk is taken.
+        // Images first: they take nothing that must be given back.
+        let boot = self.boot_files(&r).await?;
+        let cpu_baseline = self.inner.records.cpu_baseline().await?;
+        // Then NICs: a tap that cannot be opened fails the start before any disk is taken.
         let nics = self.plug_nics(&r).await?;
         let disks = match self.open_disks(&r).await {
             Ok(d) => d,
@@ -330,7 +386,44 @@ impl Compute {
                 return Err(e);
             }
         };
-        self.launch(r, nics, disks).await
+        self.launch(r, boot, cpu_baseline, nics, disks).await
+    }
+
+    /// The kernel and initramfs files of a VM: host paths as given; pool
+    /// images read from their volumes into the VM's directory (once per
+    /// image: a later start finds them there) and checked against their hash.
+    async fn boot_files(&self, r: &VmRecord) -> Result<BootFiles, ComputeError> {
+        let kernel = self.boot_file(r, "kernel", &r.spec.kernel, ImageKind::Kernel).await?;
+        let initrd = match &r.spec.initrd {
+            Some(i) => Some(self.boot_file(r, "initrd", i, ImageKind::Initrd).await?),
+            None => None,
+        };
+        Ok(BootFiles { kernel, initrd })
+    }
+
+    async fn boot_file(
+        &self,
+        r: &VmRecord,
+        field: &'static str,
+        source: &str,
+        kind: ImageKind,
+    ) -> Result<PathBuf, ComputeError> {
+        let Some(wanted) = image_ref(source) else { return Ok(PathBuf::from(source)) };
+        let named = |image: &str, e: ImageError| ComputeError::Image {
+            what: format!("{field} image {image}"),
+            source: Box::new(e),
+        };
+        let images = &self.inner.images;
+        let image = images.get(wanted).await.map_err(|e| named(wanted, e))?;
+        if image.kind != kind {
+            let e = ImageError::Kind {
+                name: image.name.clone(),
+                found: image.kind.as_str(),
+                wanted: kind.as_str(),
+            };
+            return Err(named(&image.name, e));
+        }
+        images.materialise(&image, &self.vm_dir(r.id), field).await.map_err(|e| named(&image.name, e))
     }
 
     /// Makes each NIC's socket pair and plugs the node's end into the switch
@@ -468,17 +561,25 @@ impl Compute {
     /// Launches the worker with its NICs and disks and waits until its vCPUs
     /// run; from then on [`Compute::monitor`] owns its end. A worker that
     /// does not start is killed and reaped, and everything is given back.
-    async fn launch(&self, mut r: VmRecord, nics: Nics, disks: Disks) -> Result<VmRecord, ComputeError> {
+    async fn launch(
+        &self,
+        mut r: VmRecord,
+        boot: BootFiles,
+        cpu_baseline: Option<nodeos_types::cpu::CpuModel>,
+        nics: Nics,
+        disks: Disks,
+    ) -> Result<VmRecord, ComputeError> {
         let config = WorkerConfig {
             vm_id: r.id.to_string(),
             vcpus: r.spec.vcpus,
             memory_mib: r.spec.memory_mib,
-            kernel: r.spec.kernel.clone().into(),
-            initrd: r.spec.initrd.clone().map(Into::into),
+            kernel: boot.kernel,
+            initrd: boot.initrd,
             cmdline: r.spec.cmdline.clone(),
             disks: disks.configs,
             nics: nics.configs,
             console_log: self.console_path(r.id),
+            cpu_baseline,
         };
         let log_path = self.vm_dir(r.id).join("worker.log");
         let spawned = std::fs::OpenOptions::new()
@@ -729,7 +830,7 @@ impl Compute {
     }
 
     /// Removes a stopped or crashed VM: its records, its ports and its
-    /// directory (console log, worker log, cloud-init seed).
+    /// directory (console log, worker log, cloud-init seed, images).
     pub async fn delete(&self, vm: &str) -> Result<(), ComputeError> {
         let r = self.resolve(vm).await?;
         self.here(&r)?;

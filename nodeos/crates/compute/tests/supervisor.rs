@@ -1,7 +1,8 @@
-//! The VM supervisor against a real metadata store (`nodeos_meta::testing`)
-//! and a fake worker that speaks the real control protocol on the real
-//! control socket: VM lifecycle, refusals, crashes, and the records that
-//! follow them. No root, no KVM.
+//! The VM supervisor against a real metadata store (`nodeos_meta::testing`),
+//! a replica server on loopback for volumes and images, and a fake worker
+//! that speaks the real control protocol on the real control socket: VM
+//! lifecycle, refusals, crashes, images, and the records that follow them.
+//! No root, no KVM.
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,15 +15,19 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{MsgFlags, recv, send};
+use nodeos_block::replica::Replica;
+use nodeos_block::store::mem::MemStore;
 use nodeos_block::transport::TcpTransport;
+use nodeos_compute::images::UploadStart;
 use nodeos_compute::process::{Launched, Launcher, ProcessError};
 use nodeos_compute::{Compute, ComputeConfig, ComputeError, NicNetwork};
-use nodeos_meta::testing::{TestPool, test_key};
+use nodeos_meta::testing::{TestPool, node_record, test_key};
 use nodeos_meta::{Command, MetaHandle};
 use nodeos_network::Networks;
 use nodeos_switch::switch::SwitchHandle;
-use nodeos_types::records::{CloudInit, DiskSpec, NicSpec, VmSpec, VmState, vm_key};
+use nodeos_types::records::{CloudInit, DiskSpec, ImageKind, NicSpec, NodeRecord, VmSpec, VmState, vm_key};
 use nodeos_types::{NodeId, VmId};
+use nodeos_vmm::boot::testdata::BzImageSpec;
 use nodeos_vmm::config::{DiskConfig, WorkerConfig};
 use nodeos_vmm::control::{self, FromWorker, StopReason, ToWorker, WorkerEvent};
 use nodeos_volumes::Volumes;
@@ -177,12 +182,23 @@ async fn compute_on(meta: MetaHandle, launcher: Arc<FakeLauncher>, dir: &TempDir
     )
 }
 
+/// A replica server on loopback over an in-memory store, recorded as the
+/// replica server of node `ME`: volumes and images of the test pool live there.
+async fn serve_replicas(pool: &TestPool) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let replica = Arc::new(Replica::new(Arc::new(MemStore::new())));
+    tokio::spawn(nodeos_block::server::serve(listener, replica, ME, test_key(), std::future::pending()));
+    pool.put_node(&NodeRecord { block_address: address, ..node_record(ME) }).await.unwrap();
+}
+
 impl Bed {
     async fn new() -> Bed {
         let pool = TestPool::single().await.unwrap();
+        serve_replicas(&pool).await;
         let dir = tempfile::tempdir().unwrap();
         let kernel = dir.path().join("vmlinux");
-        std::fs::write(&kernel, b"\x7fELF a kernel as far as the spec check goes").unwrap();
+        std::fs::write(&kernel, BzImageSpec::default().build()).unwrap();
         let launcher = Arc::new(FakeLauncher::default());
         let compute = compute_on(pool.first(), launcher.clone(), &dir).await;
         let networks = Networks::new(pool.first());
@@ -457,11 +473,11 @@ async fn a_vm_with_cloud_init_gets_its_seed_as_the_last_read_only_disk() {
 async fn bad_cloud_init_is_refused_naming_the_field_and_records_nothing() {
     let bed = Bed::new().await;
     let bad = [
-        (CloudInit { user_data: vec![b'x'; 64 * 1024 + 1], ..CloudInit::default() }, "cloud_init.user_data"),
-        (CloudInit { hostname: "bad_host".into(), ..CloudInit::default() }, "cloud_init.hostname"),
+        (CloudInit { user_data: vec![b'x'; 64 * 1024 + 1], ..CloudInit::default() }, "--user-data"),
+        (CloudInit { hostname: "bad_host".into(), ..CloudInit::default() }, "--hostname"),
         (
             CloudInit { ssh_authorized_keys: vec!["ssh-ed25519 AAAA\nx".into()], ..CloudInit::default() },
-            "cloud_init.ssh_authorized_keys[0]",
+            "--ssh-key: the 1st key",
         ),
     ];
     for (ci, field) in bad {
@@ -472,4 +488,110 @@ async fn bad_cloud_init_is_refused_naming_the_field_and_records_nothing() {
         assert!(e.to_string().starts_with(field), "{field}: {e}");
     }
     assert!(bed.compute.list().await.unwrap().is_empty(), "refused creates left records");
+}
+
+/// Uploads `bytes` as an image in chunks of 1 MiB.
+async fn upload(bed: &Bed, name: &str, kind: ImageKind, bytes: &[u8]) -> nodeos_types::records::ImageRecord {
+    let start =
+        UploadStart { name: name.into(), kind, total_bytes: bytes.len() as u64, sha256: String::new() };
+    let chunks: Vec<_> = bytes.chunks(1 << 20).map(|c| Ok(c.to_vec())).collect();
+    bed.compute.images().upload(start, futures::stream::iter(chunks)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_booting_pool_images_gets_their_exact_bytes_in_its_directory() {
+    use sha2::Digest;
+    let bed = Bed::new().await;
+    let mut kernel = BzImageSpec::default().build();
+    kernel.extend_from_slice(&[0x5a; 1234]); // not a whole number of blocks
+    let mut initrd: Vec<u8> = (0..(3 << 20) + 17).map(|i: u32| (i * 7 % 251) as u8).collect();
+    initrd[(1 << 20)..(2 << 20)].fill(0); // zero blocks the upload skips
+    let k = upload(&bed, "k", ImageKind::Kernel, &kernel).await;
+    let i = upload(&bed, "i", ImageKind::Initrd, &initrd).await;
+    assert_eq!(
+        (k.size_bytes, k.sha256.clone()),
+        (kernel.len() as u64, hex::encode(sha2::Sha256::digest(&kernel)))
+    );
+    assert_eq!(i.size_bytes, initrd.len() as u64);
+
+    let mut s = bed.spec();
+    s.kernel = "image:k".into();
+    s.initrd = Some(format!("image:{}", i.id));
+    let r = bed.compute.create("imaged", s, vec![]).await.unwrap();
+    // The record names the images by id, whatever they were asked by.
+    assert_eq!(
+        (r.spec.kernel.clone(), r.spec.initrd.clone()),
+        (format!("image:{}", k.id), Some(format!("image:{}", i.id)))
+    );
+    bed.compute.start("imaged").await.unwrap();
+    let cfg = bed.launcher.last_config();
+    let vm_dir = bed._dir.path().join("vms").join(r.id.to_string());
+    assert_eq!(cfg.kernel, vm_dir.join(format!("kernel.{}", k.sha256)));
+    assert_eq!(cfg.initrd, Some(vm_dir.join(format!("initrd.{}", i.sha256))));
+    assert_eq!(std::fs::read(&cfg.kernel).unwrap(), kernel, "the kernel's exact bytes");
+    assert_eq!(std::fs::read(cfg.initrd.as_ref().unwrap()).unwrap(), initrd, "the initrd's exact bytes");
+
+    // An image a VM names cannot be deleted; the VM gone, it can.
+    let e = bed.compute.images().delete("k").await.unwrap_err();
+    assert_eq!(e.to_string(), "image k is used by VM imaged; delete the VM first");
+    bed.compute.stop("imaged", true, Duration::from_secs(5)).await.unwrap();
+
+    // A start after the image's bytes changed under it is refused, naming the image.
+    let copy = bed._dir.path().join("kernel-copy");
+    std::fs::rename(&cfg.kernel, &copy).unwrap();
+    let volume = nodeos_volumes::import::Import::start(
+        &Volumes::new(bed.pool.first(), TcpTransport::new(test_key())),
+        nodeos_volumes::import::ImportStart {
+            volume: k.volume.to_string(),
+            total_bytes: 4096,
+            sparse: false,
+            takeover: false,
+        },
+    )
+    .await
+    .unwrap();
+    volume.run(futures::stream::iter(vec![Ok((0, vec![0xff; 4096]))])).await.unwrap();
+    let e = bed.compute.start("imaged").await.unwrap_err();
+    let why = nodeos_types::error_chain(&e);
+    assert!(why.starts_with("kernel image k: the "), "{why}");
+    assert!(why.contains(&format!("not to the image's {}", k.sha256)), "{why}");
+    assert!(!cfg.kernel.exists(), "a corrupt copy is not kept");
+
+    bed.compute.delete("imaged").await.unwrap();
+    bed.compute.images().delete("k").await.unwrap();
+    bed.compute.images().delete("i").await.unwrap();
+    assert!(bed.compute.images().list().await.unwrap().is_empty());
+    let e = bed
+        .compute
+        .create("gone", VmSpec { kernel: "image:k".into(), ..bed.spec() }, vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "--kernel image \"k\": no such image in this pool");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_gets_the_pools_cpu_baseline_the_intersection_of_every_nodes_cpu() {
+    use nodeos_types::cpu::{CpuModel, FEATURE_WORDS};
+    let bed = Bed::new().await;
+    bed.compute.create("plain", bed.spec(), vec![]).await.unwrap();
+    bed.compute.start("plain").await.unwrap();
+    assert_eq!(bed.launcher.last_config().cpu_baseline, None, "no node recorded its CPU");
+
+    let cpu = |bits: u32| CpuModel {
+        vendor: "AuthenticAMD".into(),
+        brand: "test".into(),
+        features: FEATURE_WORDS.iter().map(|w| (*w, bits)).collect(),
+    };
+    let key = nodeos_types::records::node_key(ME);
+    let (kv, _) = bed.pool.first().get(&key, nodeos_meta::Consistency::Linearizable).await.unwrap();
+    let mut me: NodeRecord = serde_json::from_slice(&kv.expect("my record").value).unwrap();
+    me.cpu = Some(cpu(0b1110));
+    bed.pool.put_node(&me).await.unwrap();
+    // Another node with fewer features; a node without KVM does not narrow the baseline.
+    bed.pool.put_node(&NodeRecord { cpu: Some(cpu(0b0111)), ..node_record(NodeId(ME.0 + 1)) }).await.unwrap();
+    bed.pool.put_node(&node_record(NodeId(ME.0 + 2))).await.unwrap();
+    bed.compute.create("narrowed", bed.spec(), vec![]).await.unwrap();
+    bed.compute.start("narrowed").await.unwrap();
+    let base = bed.launcher.last_config().cpu_baseline.expect("a baseline");
+    assert!(FEATURE_WORDS.iter().all(|w| base.word(*w) == 0b0110), "{base:?}");
 }

@@ -22,6 +22,7 @@
 //! Masks cannot add features KVM does not support.
 
 use kvm_bindings::kvm_cpuid_entry2;
+use nodeos_types::cpu::{CpuModel, CpuReg as CpuModelReg, FEATURE_WORDS, FeatureWord};
 use serde::{Deserialize, Serialize};
 
 /// Leaf 1 ECX: the TSC-deadline mode of the LAPIC timer.
@@ -213,6 +214,74 @@ fn fix_xsave(entries: &mut [kvm_cpuid_entry2]) {
     }
 }
 
+/// Bits of the feature words that [`build`] sets per VM (the hypervisor bit,
+/// TSC-deadline from the capability, HTT from the vCPU count): never masked
+/// by a baseline, never part of a node's model.
+fn managed_bits(word: FeatureWord) -> u32 {
+    match (word.leaf, word.reg) {
+        (1, CpuModelReg::Ecx) => LEAF1_ECX_HYPERVISOR | LEAF1_ECX_TSC_DEADLINE,
+        (1, CpuModelReg::Edx) => LEAF1_EDX_HTT,
+        _ => 0,
+    }
+}
+
+fn model_reg(reg: CpuModelReg) -> CpuidReg {
+    match reg {
+        CpuModelReg::Eax => CpuidReg::Eax,
+        CpuModelReg::Ebx => CpuidReg::Ebx,
+        CpuModelReg::Ecx => CpuidReg::Ecx,
+        CpuModelReg::Edx => CpuidReg::Edx,
+    }
+}
+
+fn reg_of(e: &kvm_cpuid_entry2, reg: CpuidReg) -> u32 {
+    match reg {
+        CpuidReg::Eax => e.eax,
+        CpuidReg::Ebx => e.ebx,
+        CpuidReg::Ecx => e.ecx,
+        CpuidReg::Edx => e.edx,
+    }
+}
+
+/// What KVM offers VMs on this node (`supported`: `KVM_GET_SUPPORTED_CPUID`).
+pub fn cpu_model(supported: &[kvm_cpuid_entry2]) -> CpuModel {
+    let bytes = |regs: [u32; 4]| regs.iter().flat_map(|r| r.to_le_bytes()).collect::<Vec<u8>>();
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).trim_matches(char::from(0)).trim().to_owned();
+    let vendor = find(supported, 0, 0).map_or_else(String::new, |e| {
+        let mut b = bytes([e.ebx, e.edx, e.ecx, 0]);
+        b.truncate(12);
+        text(b)
+    });
+    let brand = (0x8000_0002..=0x8000_0004)
+        .filter_map(|leaf| find(supported, leaf, 0))
+        .flat_map(|e| bytes([e.eax, e.ebx, e.ecx, e.edx]))
+        .collect();
+    let features = FEATURE_WORDS
+        .iter()
+        .map(|w| {
+            let bits = find(supported, w.leaf, w.subleaf).map_or(0, |e| reg_of(e, model_reg(w.reg)));
+            (*w, bits & !managed_bits(*w))
+        })
+        .collect();
+    CpuModel { vendor, brand: text(brand), features }
+}
+
+impl CpuidPolicy {
+    /// The policy hiding from `supported` every feature the pool `baseline`
+    /// lacks, so a VM sees the same CPU on every node.
+    pub fn for_baseline(supported: &[kvm_cpuid_entry2], baseline: &CpuModel) -> Self {
+        let mine = cpu_model(supported);
+        let mut policy = CpuidPolicy::default();
+        for w in FEATURE_WORDS {
+            let clear = mine.word(*w) & !baseline.word(*w) & !managed_bits(*w);
+            if clear != 0 {
+                policy = policy.hide(w.leaf, Some(w.subleaf), model_reg(w.reg), clear);
+            }
+        }
+        policy
+    }
+}
+
 fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> Option<&kvm_cpuid_entry2> {
     entries.iter().find(|e| e.function == function && e.index == index)
 }
@@ -374,5 +443,42 @@ mod tests {
         let policy = CpuidPolicy::default().hide(7, Some(0), CpuidReg::Ebx, 1 << 5);
         let text = serde_json::to_string(&policy).unwrap();
         assert_eq!(serde_json::from_str::<CpuidPolicy>(&text).unwrap(), policy);
+    }
+
+    #[test]
+    fn a_baseline_hides_what_other_nodes_lack_and_leaves_per_vm_bits_alone() {
+        // Leaf 0 "AuthenticAMD"; leaf 1 ECX: SSE3 | AVX (28) | hypervisor; leaf 7 EBX: AVX2 (5) | BMI2 (8).
+        let amd = [u32::from_le_bytes(*b"Auth"), u32::from_le_bytes(*b"enti"), u32::from_le_bytes(*b"cAMD")];
+        let supported = vec![
+            entry(0, 0, 0xd, amd[0], amd[2], amd[1]),
+            entry(1, 0, 0, 0, 1 | (1 << 28) | LEAF1_ECX_HYPERVISOR, 1),
+            entry(7, 0, 0, (1 << 5) | (1 << 8), 0, 0),
+        ];
+        let mine = cpu_model(&supported);
+        assert_eq!(mine.vendor, "AuthenticAMD");
+        let ecx1 = FEATURE_WORDS[0];
+        assert_eq!(mine.word(ecx1), 1 | (1 << 28), "the hypervisor bit is per VM, not a node feature");
+        // Another node without AVX2 and AVX.
+        let mut other = mine.clone();
+        for (w, bits) in &mut other.features {
+            if w.leaf == 7 && w.subleaf == 0 && w.reg == CpuModelReg::Ebx {
+                *bits &= !(1 << 5);
+            }
+            if *w == ecx1 {
+                *bits &= !(1 << 28);
+            }
+        }
+        let base = nodeos_types::cpu::baseline([&mine, &other]).unwrap();
+        let policy = CpuidPolicy::for_baseline(&supported, &base);
+        let params = CpuidParams { apic_id: 0, vcpu_count: 2, tsc_deadline_timer: true };
+        let out = build(&supported, &params, &policy);
+        let l1 = find(&out, 1, 0).unwrap();
+        assert_eq!(l1.ecx & (1 << 28), 0, "AVX hidden");
+        assert_ne!(l1.ecx & 1, 0, "SSE3 kept");
+        assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+        assert_ne!(l1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+        assert_eq!(find(&out, 7, 0).unwrap().ebx, 1 << 8, "AVX2 hidden, BMI2 kept");
+        // On a node that is the baseline, nothing is hidden.
+        assert_eq!(CpuidPolicy::for_baseline(&supported, &mine), CpuidPolicy::default());
     }
 }

@@ -40,7 +40,7 @@ use kvm_ioctls::{Cap, Kvm};
 
 pub use cpuid::{
     CpuidMask, CpuidParams, CpuidPolicy, CpuidReg, LEAF_XSAVE, LEAF1_ECX_HYPERVISOR, LEAF1_ECX_TSC_DEADLINE,
-    LEAF1_EDX_HTT, build as build_cpuid, xcr0_offered,
+    LEAF1_EDX_HTT, build as build_cpuid, cpu_model, xcr0_offered,
 };
 pub use error::HvError;
 /// The raw KVM structures that appear in this crate's API (registers, segments, ...).

@@ -61,6 +61,7 @@ pub fn node_record(id: NodeId) -> NodeRecord {
         block_address: format!("node-{id}:7800"),
         block_capacity: 1 << 40,
         vxlan_address: format!("10.255.0.{}:4789", id.0 % 256),
+        cpu: None,
     }
 }
 

@@ -58,6 +58,8 @@ pub struct FormationConfig {
     pub vxlan_address: String,
     /// Bytes this node's replica store may hold, asked at every upkeep.
     pub block_capacity: CapacityProbe,
+    /// What KVM offers VMs here, recorded for the pool's CPU baseline.
+    pub cpu: Option<nodeos_types::cpu::CpuModel>,
 }
 
 /// Asks the replica store how many bytes it may hold.
@@ -445,6 +447,7 @@ mod tests {
             block_address: String::new(),
             vxlan_address: String::new(),
             block_capacity: CapacityProbe(Arc::new(|| 3 << 30)),
+            cpu: None,
         }
     }
 

@@ -137,6 +137,7 @@ pub fn node_record(
         block_address: cfg.block_address.clone(),
         block_capacity: capacity / CAPACITY_STEP * CAPACITY_STEP,
         vxlan_address: cfg.vxlan_address.clone(),
+        cpu: cfg.cpu.clone(),
     };
     (old != Some(&want)).then_some(want)
 }
@@ -279,6 +280,7 @@ mod tests {
             block_address: "10.0.0.1:7701".into(),
             vxlan_address: "10.0.0.1:4789".into(),
             block_capacity: CapacityProbe(Arc::new(|| 0)),
+            cpu: None,
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - `lib.rs`: [`NodeId`], [`VmId`], [`VolumeId`], [`NetworkId`], [`PortId`],
-//!   [`SecurityGroupId`], [`PoolId`], the id parse error.
+//!   [`SecurityGroupId`], [`ImageId`], [`PoolId`], the id parse error.
+//! - `cpu.rs`: a node's [`cpu::CpuModel`] and the pool's CPU [`cpu::baseline`].
 //! - `net.rs`: address blocks ([`net::Cidr`]) and security-group rules.
 //! - `records.rs`: the typed records stored in the pool's metadata key space
 //!   ([`records::PoolRecord`], [`records::NodeRecord`]) and the key layout.
@@ -12,6 +13,7 @@
 //! numbers, and parse back from exactly that form.
 
 pub mod auth;
+pub mod cpu;
 pub mod net;
 pub mod records;
 #[cfg(feature = "testing")]
@@ -122,6 +124,11 @@ id_type!(
     /// A security group's identity, made when it is created.
     SecurityGroupId,
     "security group"
+);
+id_type!(
+    /// A guest image's identity (a kernel or initramfs in the pool), made when it is uploaded.
+    ImageId,
+    "image"
 );
 
 /// A pool's identity: made once, when the pool's first leader initialises it.

@@ -17,6 +17,8 @@
 //! | `ipam/<network id>/<ipv4>` | the port id holding that address |
 //! | `security-groups/<id>` | [`SecurityGroupRecord`] |
 //! | `security-group-names/<name>` | the security group id holding that name |
+//! | `images/<image id>` | [`ImageRecord`] |
+//! | `image-names/<name>` | the image id holding that name |
 //! | `pxe` | [`PxeSettingsRecord`] (one key) |
 //! | `custom/<anything>` | operator bytes, never interpreted |
 
@@ -25,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 
 use crate::net::{Cidr, MacAddr, SecurityRule};
-use crate::{NetworkId, NodeId, PoolId, PortId, SecurityGroupId, VmId, VolumeId};
+use crate::{ImageId, NetworkId, NodeId, PoolId, PortId, SecurityGroupId, VmId, VolumeId};
 
 /// Key of the single [`PoolRecord`].
 pub const POOL_KEY: &str = "pool";
@@ -58,6 +60,19 @@ pub fn volume_key(id: VolumeId) -> String {
 
 pub fn volume_name_key(name: &str) -> String {
     format!("{VOLUME_NAMES_PREFIX}{name}")
+}
+
+/// Prefix of [`ImageRecord`] keys.
+pub const IMAGES_PREFIX: &str = "images/";
+/// Prefix of the image name index.
+pub const IMAGE_NAMES_PREFIX: &str = "image-names/";
+
+pub fn image_key(id: ImageId) -> String {
+    format!("{IMAGES_PREFIX}{id}")
+}
+
+pub fn image_name_key(name: &str) -> String {
+    format!("{IMAGE_NAMES_PREFIX}{name}")
 }
 
 /// Prefix of [`NetworkRecord`] keys.
@@ -143,6 +158,10 @@ pub struct NodeRecord {
     /// on nodes without a switch.
     #[serde(default)]
     pub vxlan_address: String,
+    /// What KVM offers VMs on this node; `None` on a node without KVM (it
+    /// runs no VMs and does not narrow the pool's CPU baseline).
+    #[serde(default)]
+    pub cpu: Option<crate::cpu::CpuModel>,
 }
 
 /// What a VM is made of. Paths are on the node that runs it.
@@ -150,7 +169,9 @@ pub struct NodeRecord {
 pub struct VmSpec {
     pub vcpus: u8,
     pub memory_mib: u64,
+    /// A file on the VM's node, or a pool image: `image:<image id>` (see [`image_ref`]).
     pub kernel: String,
+    /// Like `kernel`.
     #[serde(default)]
     pub initrd: Option<String>,
     #[serde(default)]
@@ -328,6 +349,104 @@ pub struct VolumeRecord {
     pub warning: String,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+}
+
+/// How a VM spec names a pool image instead of a file: `image:<name or id>`
+/// as asked, `image:<id>` once recorded.
+pub const IMAGE_REF_PREFIX: &str = "image:";
+
+/// The image a VM's `kernel` or `initrd` names, if it names one rather than a file.
+pub fn image_ref(source: &str) -> Option<&str> {
+    source.strip_prefix(IMAGE_REF_PREFIX)
+}
+
+/// What an image holds; it decides which checks its bytes pass at upload and
+/// which VM field may use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageKind {
+    /// A guest kernel that the VMM boots directly.
+    Kernel,
+    /// A guest initramfs (any bytes).
+    Initrd,
+}
+
+impl ImageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageKind::Kernel => "kernel",
+            ImageKind::Initrd => "initrd",
+        }
+    }
+}
+
+/// How the VMM enters a kernel, as its header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KernelFormat {
+    /// A bzImage, entered through the Linux 64-bit boot protocol.
+    BzImage {
+        /// Boot protocol version of its setup header (0x020f = 2.15).
+        protocol: u16,
+    },
+    /// An ELF64 vmlinux; entered through PVH when it carries the Xen PVH
+    /// note, else through the Linux 64-bit boot protocol.
+    Elf { pvh: bool },
+}
+
+impl KernelFormat {
+    /// Whether the kernel is entered in 64-bit mode through identity-mapped
+    /// page tables (everything but PVH).
+    pub fn linux64(self) -> bool {
+        !matches!(self, KernelFormat::Elf { pvh: true })
+    }
+}
+
+impl std::fmt::Display for KernelFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelFormat::BzImage { protocol } => {
+                write!(f, "bzImage, boot protocol {}.{:02}", protocol >> 8, protocol & 0xff)
+            }
+            KernelFormat::Elf { pvh: true } => f.write_str("ELF64 with a PVH entry"),
+            KernelFormat::Elf { pvh: false } => f.write_str("ELF64 vmlinux"),
+        }
+    }
+}
+
+/// What the VMM's loader needs of a VM to boot a kernel, read from the
+/// kernel's headers (`nodeos_vmm::boot::probe`): recorded with a kernel image,
+/// so that a VM's memory, initramfs and command line are checked against it
+/// when the VM is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelInfo {
+    pub format: KernelFormat,
+    /// End (exclusive guest address) of the memory the kernel occupies
+    /// before it reads the memory map; the initramfs goes above it.
+    pub kernel_end: u64,
+    /// The initramfs must end at or below this guest address (and below the
+    /// end of low RAM); `u64::MAX` when only low RAM limits it.
+    pub initrd_limit: u64,
+    /// Longest command line the kernel takes, without the NUL.
+    pub cmdline_max: u64,
+}
+
+/// A guest kernel or initramfs stored in the pool: its bytes are the first
+/// `size_bytes` bytes of `volume`, a replicated volume of its own, and hash to
+/// `sha256`. An image never changes; VMs name it as `image:<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub id: ImageId,
+    pub name: String,
+    pub kind: ImageKind,
+    /// Exact length of the image (its volume is rounded up to whole blocks).
+    pub size_bytes: u64,
+    /// SHA-256 of the image's bytes, lowercase hex.
+    pub sha256: String,
+    /// The volume holding the bytes.
+    pub volume: VolumeId,
+    /// What a kernel image needs of a VM; `None` for other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelInfo>,
+    pub created_at_ms: u64,
 }
 
 /// Default MTU offered to a network's ports: a 1500-byte fabric less the
@@ -513,6 +632,7 @@ mod tests {
             vxlan_address: String::new(),
             block_capacity: 0,
             joined_at_ms: 1,
+            cpu: None,
         };
         let j = serde_json::to_vec(&r).expect("serializable");
         assert_eq!(serde_json::from_slice::<NodeRecord>(&j).expect("parses"), r);

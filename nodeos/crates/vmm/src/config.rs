@@ -26,6 +26,10 @@ pub struct WorkerConfig {
     pub nics: Vec<NicConfig>,
     /// File the serial console is appended to.
     pub console_log: PathBuf,
+    /// The pool's CPU baseline: features beyond it are hidden from the guest,
+    /// so it sees the same CPU on every node. `None`: all KVM offers here.
+    #[serde(default)]
+    pub cpu_baseline: Option<nodeos_types::cpu::CpuModel>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +129,7 @@ mod tests {
             disks: vec![],
             nics: vec![NicConfig { mac: [0x52, 0x54, 0, 0, 0, 1], fd_index: 0 }],
             console_log: "/c".into(),
+            cpu_baseline: None,
         }
     }
 

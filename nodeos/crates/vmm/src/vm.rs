@@ -10,7 +10,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
-use nodeos_hv::{HvError, Hypervisor};
+use nodeos_hv::{CpuidPolicy, HvError, Hypervisor};
 use tracing::{info, warn};
 
 use crate::boot::{self, BootConfig, BootError};
@@ -24,10 +24,10 @@ use crate::devices::pci::{PCI_CONFIG_LEN, PCI_CONFIG_PORT, PciError, PciRoot};
 use crate::devices::platform::{self, PlatformEvents, PlatformRequest};
 use crate::devices::rtc::{self, RTC_IRQ, Rtc, RtcConfig, RtcError};
 use crate::devices::serial::{COM1_IRQ, COM1_LEN, COM1_PORT, Serial};
-use crate::devices::virtio::{VirtioPciDevice, VirtioPciError};
 use crate::devices::virtio::block::{Block, BlockBackend, FileBackend, VolumeBackend};
 use crate::devices::virtio::net::{Net, SeqpacketBackend};
 use crate::devices::virtio::rng::{RateLimit, Rng};
+use crate::devices::virtio::{VirtioPciDevice, VirtioPciError};
 use crate::interrupts::{KvmIoEvents, KvmIrqLine, KvmMsiAllocator};
 use crate::memory::{self, GuestMem, MemoryError};
 use crate::vcpu::{EndSignal, VcpuError, VcpuSet};
@@ -119,7 +119,7 @@ impl Vm {
         let (mem, mem_file) = memory::create(cfg.memory_mib)?;
         let mem = Arc::new(mem);
         kvm_vm.add_guest_memory(mem.clone(), false)?;
-        let setup = boot::load_kernel(
+        let mut setup = boot::load_kernel(
             &mem,
             &BootConfig {
                 kernel: cfg.kernel.clone(),
@@ -130,6 +130,10 @@ impl Vm {
             },
         )?;
         info!(entry = format_args!("{:#x}", setup.entry.0), protocol = ?setup.protocol, "kernel loaded");
+        if let Some(base) = &cfg.cpu_baseline {
+            setup.cpuid_policy = CpuidPolicy::for_baseline(hv.supported_cpuid(), base);
+            info!(hidden = setup.cpuid_policy.masks.len(), "CPU features beyond the pool baseline hidden");
+        }
 
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());

@@ -4,9 +4,11 @@
 //! next chunk arrives, flushes, and always gives the slot back: on success,
 //! on a bad chunk, and when the sender goes away.
 //!
-//! The API's `VolumeService.Import` feeds it; any other front end (a local
-//! file, an HTTP fetch) can too.
+//! The API's `VolumeService.Import` feeds it with [`Import::run`], and so does
+//! compute's image upload; any other front end (a local file, an HTTP fetch)
+//! can too.
 
+use futures::{Stream, StreamExt};
 use nodeos_block::client::VolumeClient;
 use nodeos_block::device::{BLOCK_SIZE, BlockDevice, DeviceError};
 use nodeos_block::transport::{TcpTransport, Transport};
@@ -97,6 +99,28 @@ impl<T: Transport + Clone> Import<T> {
             self.writes.spawn(async move { c.write(at, bytes, false).await });
         }
         Ok(())
+    }
+
+    /// Feeds every chunk of `chunks` (offset, bytes) in order, then finishes;
+    /// the first error (a bad chunk, or one the stream yields) aborts the
+    /// import instead. Either way the slot is given back before this returns.
+    pub async fn run<S>(mut self, chunks: S) -> Result<ImportSummary, ImportError>
+    where
+        S: Stream<Item = Result<(u64, Vec<u8>), ImportError>>,
+    {
+        let fed = async {
+            let mut chunks = std::pin::pin!(chunks);
+            while let Some(chunk) = chunks.next().await {
+                let (offset, data) = chunk?;
+                self.chunk(offset, data).await?;
+            }
+            Ok(())
+        }
+        .await;
+        match fed {
+            Ok(()) => self.finish().await,
+            Err(e) => Err(self.abort(e).await),
+        }
     }
 
     async fn wait_one(&mut self) -> Result<(), ImportError> {

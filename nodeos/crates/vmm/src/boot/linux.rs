@@ -37,7 +37,7 @@ pub(super) const STARTUP_64_OFFSET: u64 = 0x200;
 /// `init_size`, which placing the initramfs safely needs.
 pub(super) const MIN_PROTOCOL: u16 = 0x020a;
 /// Protocol 2.12 (0x20c) added `xloadflags`.
-const XLOADFLAGS_PROTOCOL: u16 = 0x020c;
+pub(super) const XLOADFLAGS_PROTOCOL: u16 = 0x020c;
 /// `kernel_alignment` (0x230) for an ELF vmlinux: x86-64's CONFIG_PHYSICAL_ALIGN maximum (16 MiB).
 pub(super) const ELF_KERNEL_ALIGNMENT: u32 = 0x100_0000;
 /// `initrd_addr_max` for an ELF vmlinux, as x86-64 kernels declare in their header.

@@ -7,6 +7,8 @@
 //!   [`setup_vcpu`]; the low-memory map below; [`BootError`].
 //! - `linux.rs`: bzImage and ELF vmlinux loading, the zero page (`boot_params`).
 //! - `pvh.rs`: ELF kernels with a Xen PVH note: `hvm_start_info`, module list, memory map.
+//! - `probe.rs`: what a kernel file is and needs, from its headers alone, by the
+//!   loader's rules (for the node, which checks kernels before any worker runs).
 //! - `e820.rs`: the guest's memory map (shared by the zero page and PVH).
 //! - `gdt.rs`: the boot GDT and its conversion to `kvm_segment`.
 //! - `paging.rs`: identity page tables for the Linux 64-bit entry.
@@ -40,10 +42,11 @@ mod gdt;
 mod linux;
 mod mptable;
 mod paging;
+pub mod probe;
 mod pvh;
 mod regs;
-#[cfg(test)]
-mod testdata;
+#[cfg(any(test, feature = "testing"))]
+pub mod testdata;
 
 use std::fs::File;
 use std::io::Read;

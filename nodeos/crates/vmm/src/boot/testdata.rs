@@ -1,11 +1,12 @@
 //! Synthetic kernels for the boot tests: a bzImage with a real setup header
 //! and an ELF64 with optional PVH note, built byte by byte from the specs
-//! (boot.rst for the header offsets, the ELF-64 object file format).
+//! (boot.rst for the header offsets, the ELF-64 object file format). Other
+//! crates' tests get them with the feature `testing`.
 
 /// A bzImage's setup header fields (offsets from boot.rst) and its
 /// protected-mode payload.
 #[derive(Debug, Clone)]
-pub(crate) struct BzImageSpec {
+pub struct BzImageSpec {
     pub setup_sects: u8,
     pub version: u16,
     pub loadflags: u8,
@@ -38,12 +39,12 @@ impl Default for BzImageSpec {
 
 impl BzImageSpec {
     /// Puts `code` at the 64-bit entry (payload offset 0x200).
-    pub(crate) fn with_startup_64(mut self, code: &[u8]) -> Self {
+    pub fn with_startup_64(mut self, code: &[u8]) -> Self {
         self.payload[0x200..0x200 + code.len()].copy_from_slice(code);
         self
     }
 
-    pub(crate) fn build(&self) -> Vec<u8> {
+    pub fn build(&self) -> Vec<u8> {
         let setup_len = (usize::from(self.setup_sects) + 1) * 512;
         let mut img = vec![0u8; setup_len];
         let put =
@@ -72,7 +73,7 @@ impl BzImageSpec {
 
 /// One PT_LOAD segment: physical (= virtual) address, file bytes, memory size.
 #[derive(Debug, Clone)]
-pub(crate) struct Segment {
+pub struct Segment {
     pub paddr: u64,
     pub data: Vec<u8>,
     pub memsz: u64,
@@ -87,7 +88,7 @@ const XEN_NOTE_PHYS32_ENTRY: u32 = 18;
 
 /// An ELF64 x86-64 executable with `segments` and, if `pvh_entry` is set, a
 /// PT_NOTE holding the Xen PVH entry note.
-pub(crate) fn elf(entry: u64, segments: &[Segment], pvh_entry: Option<u32>) -> Vec<u8> {
+pub fn elf(entry: u64, segments: &[Segment], pvh_entry: Option<u32>) -> Vec<u8> {
     let phnum = segments.len() + usize::from(pvh_entry.is_some());
     let mut note = Vec::new();
     if let Some(pvh) = pvh_entry {
