@@ -52,7 +52,7 @@ root_dirs() { mkdir -p "$1"/{bin,sbin,proc,sys,dev,tmp,etc,mnt,run,seed}; cp "$B
 # The initramfs: modules, then the root volume.
 I=$W/initrd; root_dirs "$I"; mkdir -p "$I/mods" "$I/newroot"
 : > "$I/mods/order"
-for m in $(closure virtio_pci virtio_blk virtio_net virtio_rng crc32c_generic ext4 vfat nls_cp437 nls_iso8859_1 nls_utf8 button evdev); do
+for m in $(closure virtio_pci virtio_blk virtio_net virtio_rng crc32c_generic ext4 vfat nls_cp437 nls_ascii nls_utf8 button evdev); do
   f=$(basename "$m"); case $f in
     *.ko) cp "$MODDIR/$m" "$I/mods/$f" ;;
     *.ko.xz) xz -dc "$MODDIR/$m" > "$I/mods/${f%.xz}"; f=${f%.xz} ;;
@@ -82,9 +82,16 @@ say() { echo "guest-check: $1 $(up) $2"; }
 fail() { echo "guest-fail: $*"; }
 mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
 say userspace "root=$(awk '$2=="/"{print $1}' /proc/mounts)"
-# cloud-init's NoCloud seed: the disk labelled CIDATA (the last one).
-seed=$(blkid | grep -i 'LABEL="cidata"' | cut -d: -f1 | head -1)
-if [ -n "$seed" ] && mount -t vfat -o ro "$seed" /seed; then
+# cloud-init's NoCloud seed: the FAT disk holding meta-data (nodeos attaches it last).
+seed=""
+for d in /dev/vd?; do
+  [ "$d" = /dev/vda ] && continue
+  if mount -t vfat -o ro "$d" /seed 2>/dev/null; then
+    [ -f /seed/meta-data ] && { seed=$d; break; }
+    umount /seed
+  fi
+done
+if [ -n "$seed" ]; then
   # user-data here is a shell fragment: TOKEN=... PEER=...
   . /seed/user-data
   host=$(sed -n 's/^local-hostname: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' /seed/meta-data)
@@ -92,7 +99,7 @@ if [ -n "$seed" ] && mount -t vfat -o ro "$seed" /seed; then
   hostname "$host"
   say cloud-init "hostname=$host instance=$inst seed=$seed"
 else
-  fail "cloud-init: no CIDATA seed disk ($(blkid | tr '\n' ' '))"
+  fail "cloud-init: no seed disk with meta-data among $(echo /dev/vd?)"
 fi
 # The root volume: a file the host reads back through the NBD export.
 echo "proof $TOKEN" > /proof.txt && sync && say volume "token=$TOKEN"
@@ -111,12 +118,14 @@ ip link set lo up; ip link set eth0 up
 if udhcpc -i eth0 -n -q -t 20 -T 3 -s /tmp/dhcp >/dev/null 2>&1; then
   read ip gw < /tmp/lease
   say dhcp "ip=$ip gateway=$gw"
-  ok=""
-  for i in $(seq 120); do
-    ping -c 1 -W 2 "$gw" >/dev/null 2>&1 && ping -c 1 -W 2 "$PEER" >/dev/null 2>&1 && { ok=1; break; }
-    sleep 1
-  done
-  [ -n "$ok" ] && say ping "gateway=$gw peer=$PEER" || fail "ping: gateway $gw or peer $PEER does not answer"
+  # The gateway at once; the other VM once it is up (it may boot later).
+  if ping -c 3 -W 3 "$gw" >/dev/null 2>&1; then
+    ok=""
+    for i in $(seq 150); do ping -c 1 -W 2 "$PEER" >/dev/null 2>&1 && { ok=1; break; }; sleep 1; done
+    [ -n "$ok" ] && say ping "gateway=$gw peer=$PEER" || fail "ping: the peer $PEER does not answer"
+  else
+    fail "ping: the gateway $gw does not answer"
+  fi
 else
   fail "dhcp: no lease on eth0"
 fi

@@ -246,6 +246,9 @@ async fn linux_vms_boot_on_a_two_node_qemu_pool_with_volume_network_cloud_init_a
     lab.cli_text(&ms[1], &["image", "upload", &initrd, "--name", "proof-initrd", "--kind", "initrd"], upload)
         .await?;
     lab.cli(&ms[0], &["network", "create", "proofnet", "--cidr", NET_CIDR]).await?;
+    // A port without groups accepts no new inbound connections: the VMs ping each other.
+    let icmp_in = format!("ingress icmp {NET_CIDR}");
+    lab.cli(&ms[0], &["security-group", "create", "proof", "--rule", &icmp_in]).await?;
 
     let rootfs = guest_dir.join("rootfs.img").display().to_string();
     let rootfs_size = std::fs::metadata(&rootfs)?.len();
@@ -278,7 +281,7 @@ async fn linux_vms_boot_on_a_two_node_qemu_pool_with_volume_network_cloud_init_a
                     "--disk",
                     &format!("volume:{root}"),
                     "--nic",
-                    &format!("network=proofnet,ip={}", vm_ip(i)),
+                    &format!("network=proofnet,ip={},sg=proof", vm_ip(i)),
                     "--user-data",
                     &user_data.display().to_string(),
                     "--hostname",
