@@ -12,7 +12,7 @@ use nodeos_proto::v1::upload_image_request::Msg;
 use sha2::{Digest, Sha256};
 
 use super::output;
-use super::volume::{human, progress_bar};
+use super::volume::{human, open_sized, progress_bar, read_error, stream_file};
 use super::{CliError, Ctx, Format, Global};
 
 /// Bytes per upload message (a multiple of 4096, as every chunk but the last must be).
@@ -123,10 +123,6 @@ pub async fn run(ctx: Ctx, cmd: ImageCmd) -> Result<(), CliError> {
     }
 }
 
-fn read_error(path: &Path, e: std::io::Error) -> CliError {
-    CliError::Status(format!("cannot read {}: {e}", path.display()))
-}
-
 /// The SHA-256 of the file's first `total` bytes, with a progress bar.
 fn file_sha256(file: &mut std::fs::File, path: &Path, total: u64) -> Result<String, CliError> {
     let bar = progress_bar(total);
@@ -151,12 +147,7 @@ async fn upload(
     c: &mut ImageServiceClient<tonic::transport::Channel>,
     a: UploadArgs,
 ) -> Result<pb::Image, CliError> {
-    let mut file = std::fs::File::open(&a.file).map_err(|e| read_error(&a.file, e))?;
-    let total = file.seek(SeekFrom::End(0)).map_err(|e| read_error(&a.file, e))?;
-    file.seek(SeekFrom::Start(0)).map_err(|e| read_error(&a.file, e))?;
-    if total == 0 {
-        return Err(CliError::Status(format!("{} is empty: nothing to upload", a.file.display())));
-    }
+    let (mut file, total) = open_sized(&a.file, "upload")?;
     let sha256 = match a.sha256 {
         Some(s) => s,
         None => file_sha256(&mut file, &a.file, total)?,
@@ -166,37 +157,13 @@ async fn upload(
         Kind::Initrd => pb::ImageKind::Initrd,
     };
     let start = pb::UploadImageStart { name: a.name, kind: kind as i32, total_bytes: total, sha256 };
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadImageRequest>(4);
-    tx.send(pb::UploadImageRequest { msg: Some(Msg::Start(start)) })
-        .await
-        .map_err(|_| CliError::Status("upload stream closed before it started".into()))?;
-    let bar = progress_bar(total);
-    let reader_bar = bar.clone();
-    // Read on a blocking thread; the bounded channel paces it to what the server takes.
-    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let mut src = file.take(total);
-        loop {
-            let mut data = Vec::with_capacity(UPLOAD_CHUNK);
-            let n = (&mut src).take(UPLOAD_CHUNK as u64).read_to_end(&mut data)?;
-            if n == 0 {
-                reader_bar.set_message("checking");
-                return Ok(());
-            }
-            let chunk = pb::UploadImageChunk { data };
-            // A closed stream means the call ended; its status says why.
-            if tx.blocking_send(pb::UploadImageRequest { msg: Some(Msg::Chunk(chunk)) }).is_err() {
-                return Ok(());
-            }
-            reader_bar.inc(n as u64);
-        }
-    });
-    let result = c.upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
-    let read = reader.await;
-    bar.finish_and_clear();
-    match read {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(read_error(&a.file, e)),
-        Err(e) => return Err(CliError::Status(format!("reading {} failed: {e}", a.file.display()))),
-    }
-    Ok(result?.into_inner())
+    stream_file(
+        (file, total, &a.file),
+        UPLOAD_CHUNK,
+        pb::UploadImageRequest { msg: Some(Msg::Start(start)) },
+        |_, data| pb::UploadImageRequest { msg: Some(Msg::Chunk(pb::UploadImageChunk { data })) },
+        "checking",
+        |s| c.upload(s),
+    )
+    .await
 }

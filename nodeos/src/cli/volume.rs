@@ -304,8 +304,70 @@ pub async fn run(ctx: Ctx, cmd: VolumeCmd) -> Result<(), CliError> {
     }
 }
 
-fn read_error(path: &Path, e: std::io::Error) -> CliError {
+pub fn read_error(path: &Path, e: std::io::Error) -> CliError {
     CliError::Status(format!("cannot read {}: {e}", path.display()))
+}
+
+/// `path` opened at its start, and its size (seeking finds the size of block
+/// devices too, whose metadata says 0). An empty file is refused: nothing to `verb`.
+pub fn open_sized(path: &Path, verb: &str) -> Result<(std::fs::File, u64), CliError> {
+    let mut file = std::fs::File::open(path).map_err(|e| read_error(path, e))?;
+    let total = file.seek(SeekFrom::End(0)).map_err(|e| read_error(path, e))?;
+    file.seek(SeekFrom::Start(0)).map_err(|e| read_error(path, e))?;
+    if total == 0 {
+        return Err(CliError::Status(format!("{} is empty: nothing to {verb}", path.display())));
+    }
+    Ok((file, total))
+}
+
+/// Streams `file` (`total` bytes from its start) to a client-streaming call:
+/// `first`, then `chunk(offset, data)` messages of `chunk_len` bytes, with a
+/// progress bar that says `done` once everything is read. The file is read on
+/// a blocking thread; a bounded channel paces it to what the server takes.
+pub async fn stream_file<Req, Resp, Call, Fut>(
+    (file, total, path): (std::fs::File, u64, &Path),
+    chunk_len: usize,
+    first: Req,
+    chunk: impl Fn(u64, Vec<u8>) -> Req + Send + 'static,
+    done: &'static str,
+    call: Call,
+) -> Result<Resp, CliError>
+where
+    Req: Send + 'static,
+    Call: FnOnce(tokio_stream::wrappers::ReceiverStream<Req>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Req>(4);
+    tx.send(first).await.map_err(|_| CliError::Status("the stream closed before it started".into()))?;
+    let bar = progress_bar(total);
+    let reader_bar = bar.clone();
+    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut src = file.take(total);
+        let mut offset = 0u64;
+        loop {
+            let mut data = Vec::with_capacity(chunk_len);
+            let n = (&mut src).take(chunk_len as u64).read_to_end(&mut data)?;
+            if n == 0 {
+                reader_bar.set_message(done);
+                return Ok(());
+            }
+            // A closed stream means the call ended; its status says why.
+            if tx.blocking_send(chunk(offset, data)).is_err() {
+                return Ok(());
+            }
+            reader_bar.inc(n as u64);
+            offset += n as u64;
+        }
+    });
+    let result = call(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    let read = reader.await;
+    bar.finish_and_clear();
+    match read {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(read_error(path, e)),
+        Err(e) => return Err(CliError::Status(format!("reading {} failed: {e}", path.display()))),
+    }
+    Ok(result?.into_inner())
 }
 
 /// A byte progress bar on standard error, or none when that is not a terminal.
@@ -368,52 +430,19 @@ struct Imported {
 }
 
 async fn import(c: &mut VolumeServiceClient<Channel>, format: Format, a: ImportArgs) -> Result<(), CliError> {
-    let mut file = std::fs::File::open(&a.file).map_err(|e| read_error(&a.file, e))?;
-    // Seeking finds the size of block devices too, whose metadata says 0.
-    let total = file.seek(SeekFrom::End(0)).map_err(|e| read_error(&a.file, e))?;
-    file.seek(SeekFrom::Start(0)).map_err(|e| read_error(&a.file, e))?;
-    if total == 0 {
-        return Err(CliError::Status(format!("{} is empty: nothing to import", a.file.display())));
-    }
+    let (file, total) = open_sized(&a.file, "import")?;
     let (volume, sparse) = import_target(c, &a, total).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ImportRequest>(4);
     let start = pb::ImportStart { volume: volume.clone(), takeover: a.takeover, total_bytes: total, sparse };
-    tx.send(pb::ImportRequest { msg: Some(Msg::Start(start)) })
-        .await
-        .map_err(|_| CliError::Status("import stream closed before it started".into()))?;
-    let bar = progress_bar(total);
-    let reader_bar = bar.clone();
-    // The file is read on a blocking thread; the bounded channel paces it to
-    // what the server takes.
-    let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let mut src = file.take(total);
-        let mut offset = 0u64;
-        loop {
-            let mut data = Vec::with_capacity(IMPORT_CHUNK);
-            let n = (&mut src).take(IMPORT_CHUNK as u64).read_to_end(&mut data)?;
-            if n == 0 {
-                // What was sent is still in buffers on its way to the replicas.
-                reader_bar.set_message("flushing");
-                return Ok(());
-            }
-            let chunk = pb::ImportChunk { offset, data };
-            // A closed stream means the call ended; its status says why.
-            if tx.blocking_send(pb::ImportRequest { msg: Some(Msg::Chunk(chunk)) }).is_err() {
-                return Ok(());
-            }
-            reader_bar.inc(n as u64);
-            offset += n as u64;
-        }
-    });
-    let result = c.import(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
-    let read = reader.await;
-    bar.finish_and_clear();
-    match read {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(read_error(&a.file, e)),
-        Err(e) => return Err(CliError::Status(format!("reading {} failed: {e}", a.file.display()))),
-    }
-    let r = result?.into_inner();
+    let r = stream_file(
+        (file, total, &a.file),
+        IMPORT_CHUNK,
+        pb::ImportRequest { msg: Some(Msg::Start(start)) },
+        |offset, data| pb::ImportRequest { msg: Some(Msg::Chunk(pb::ImportChunk { offset, data })) },
+        // What was sent is still in buffers on its way to the replicas.
+        "flushing",
+        |s| c.import(s),
+    )
+    .await?;
     let row = vec![volume.clone(), human(r.bytes_written), human(r.bytes_skipped), r.generation.to_string()];
     let imported = Imported { volume, response: r };
     output::print(format, &imported, &["VOLUME", "WRITTEN", "SKIPPED (ZERO)", "GENERATION"], vec![row])
