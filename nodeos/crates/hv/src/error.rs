@@ -120,4 +120,32 @@ pub enum HvError {
     MsrsPartial { id: u32, done: usize, wanted: usize, first_refused: u32 },
     #[error("{what}: too many entries ({count})")]
     TooManyEntries { what: &'static str, count: usize },
+    /// `chip` is "PIC master", "PIC slave" or "IOAPIC".
+    #[error("cannot read the {chip} state")]
+    GetIrqchip {
+        chip: &'static str,
+        #[source]
+        source: Errno,
+    },
+    #[error("cannot restore the {chip} state")]
+    SetIrqchip {
+        chip: &'static str,
+        #[source]
+        source: Errno,
+    },
+    #[error("cannot read the PIT state")]
+    GetPit(#[source] Errno),
+    #[error("cannot restore the PIT state")]
+    SetPit(#[source] Errno),
+    #[error("cannot read the KVM clock")]
+    GetClock(#[source] Errno),
+    #[error("cannot set the KVM clock to {clock_ns} ns")]
+    SetClock {
+        clock_ns: u64,
+        #[source]
+        source: Errno,
+    },
+    /// A saved VM state refused before any of it reached KVM.
+    #[error("VM state: {field} is {found:#x}, {allowed}")]
+    InvalidVmState { field: &'static str, found: u64, allowed: &'static str },
 }

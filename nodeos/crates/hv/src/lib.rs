@@ -5,8 +5,13 @@
 //!   the capabilities nodeos needs, creates VMs) and [`testing`] (skip-without-KVM
 //!   and a threaded run loop for tests here and in the VMM).
 //! - `error.rs`: [`HvError`], one variant per failing step.
-//! - `vm.rs`: [`Vm`]: in-kernel PIC/IOAPIC/PIT, memory slots and dirty logging,
-//!   irqfd, ioeventfd, IRQ lines, MSI routes, vCPU creation.
+//! - `vm.rs`: [`Vm`]: in-kernel PIC/IOAPIC/PIT, memory slots (guest memory
+//!   of any vm-memory dirty bitmap) and KVM's dirty log, irqfd, ioeventfd,
+//!   IRQ lines, MSI routes, vCPU creation.
+//! - `state.rs`: [`VmState`], the VM-wide state for snapshot and migration
+//!   (PIC pair, IOAPIC, PIT, KVM clock): [`Vm::save_state`],
+//!   [`Vm::restore_state`], [`Vm::get_clock`]/[`Vm::set_clock`], and the
+//!   order a restore must follow.
 //! - `routing.rs`: the GSI routing table (KVM's legacy defaults + MSI routes).
 //! - `vcpu.rs`: [`Vcpu`]: `run` and its [`VcpuExit`], register and device
 //!   state, [`VcpuState`] for save/restore, [`VcpuKicker`] to interrupt `run`
@@ -19,6 +24,8 @@
 //! exist). Guest memory registered with [`Vm::add_guest_memory`] is held by an
 //! `Arc` inside the VM state that every [`Vcpu`] also holds: the host mapping
 //! outlives every KVM slot that points at it and every vCPU that could use it.
+//! Saved state goes back VM first, vCPUs next, clock last, all before any
+//! vCPU runs (see `state.rs`).
 //!
 //! # Threads
 //! [`Vm`] is `Send + Sync` (share it as `Arc<Vm>`); a [`Vcpu`] is owned by its
@@ -30,6 +37,7 @@
 mod cpuid;
 mod error;
 mod routing;
+mod state;
 mod vcpu;
 mod vm;
 
@@ -46,6 +54,7 @@ pub use error::HvError;
 /// The raw KVM structures that appear in this crate's API (registers, segments, ...).
 pub use kvm_bindings;
 pub use routing::{FIRST_MSI_GSI, IOAPIC_PINS};
+pub use state::{IOAPIC_BASE_ADDRESS, VmState};
 pub use vcpu::{
     APIC_LVT_LINT0, APIC_LVT_LINT1, APIC_MODE_EXTINT, APIC_MODE_NMI, FpuState, InternalError, MpState,
     MsrEntry, SAVED_MSRS, Vcpu, VcpuExit, VcpuKicker, VcpuState, install_kick_handler, kick_signal,
@@ -81,6 +90,8 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::MpState, "KVM_CAP_MP_STATE"),
     (Cap::VcpuEvents, "KVM_CAP_VCPU_EVENTS"),
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    // KVM_GET_CLOCK / KVM_SET_CLOCK, for `Vm::save_state` and `restore_state`.
+    (Cap::AdjustClock, "KVM_CAP_ADJUST_CLOCK"),
 ];
 
 /// An open KVM device whose API version and capabilities have been checked.

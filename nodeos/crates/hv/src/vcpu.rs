@@ -477,6 +477,11 @@ impl Vcpu {
         self.fd.set_xcrs(&xcrs).map_err(self.ioctl_err("set_xcrs"))
     }
 
+    /// The rate of this vCPU's TSC, kHz (`KVM_GET_TSC_KHZ`).
+    pub fn tsc_khz(&self) -> Result<u32, HvError> {
+        self.fd.get_tsc_khz().map_err(self.ioctl_err("get_tsc_khz"))
+    }
+
     /// Captures the vCPU's state; the vCPU must not be running.
     pub fn save_state(&self) -> Result<VcpuState, HvError> {
         // MP state first: reading it makes KVM process pending INIT/SIPI into

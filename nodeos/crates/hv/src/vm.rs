@@ -1,6 +1,14 @@
 //! A KVM VM: in-kernel interrupt controllers, memory slots, eventfd plumbing,
 //! GSI routing and vCPU creation.
+//!
+//! # Dirty tracking
+//! Two logs together cover every write to guest memory during a live
+//! migration: KVM's dirty log ([`Vm::dirty_log`]) sees what vCPUs write, and
+//! the vm-memory bitmap `B` of a `GuestMemoryMmap<B>` (an `AtomicBitmap` in
+//! the VMM) sees what the VMM writes through vm-memory (used rings, RX
+//! buffers, block reads). Neither sees the other's writes.
 
+use std::any::Any;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
@@ -8,6 +16,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use tracing::debug;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -63,8 +72,11 @@ struct SlotRecord {
 struct Memory {
     slots: Vec<SlotRecord>,
     /// Every guest memory whose regions are (or were being) registered as
-    /// slots; never shrinks while the VM lives.
-    keep_alive: Vec<Arc<GuestMemoryMmap>>,
+    /// slots; never shrinks while the VM lives. Type-erased so that memories
+    /// with different dirty bitmaps can be held alike: the `Arc` still owns
+    /// the `GuestMemoryMmap<B>`, hence each region's mapping. Nothing ever
+    /// downcasts it.
+    keep_alive: Vec<Arc<dyn Any + Send + Sync>>,
 }
 
 /// The state a [`Vcpu`] keeps alive: the VM fd and the memory its slots point at.
@@ -91,12 +103,16 @@ impl VmShared {
             userspace_addr: record.host_addr,
         };
         // SAFETY: `host_addr..host_addr + slot.size` is the mapping of a region
-        // of a `GuestMemoryMmap` that `Memory::keep_alive` holds (it was pushed
-        // there before the slot was first registered) and that is only dropped
-        // after `VmShared::drop` has deleted every slot; every `Vcpu` holds an
-        // `Arc<VmShared>`, so no vCPU can run after the memory is gone. Slots
-        // never overlap (checked in `add_guest_memory`). With `size == 0` the
-        // call deletes the slot and KVM reads no host memory.
+        // of a `GuestMemoryMmap<B>` that `Memory::keep_alive` holds (it was
+        // pushed there, type-erased, before the slot was first registered) and
+        // that is only dropped after `VmShared::drop` has deleted every slot.
+        // A region's mapping is unmapped only when the last `Arc<MmapRegion>`
+        // goes, and the held collection owns one, whatever other collections
+        // share it. Every `Vcpu` holds an `Arc<VmShared>`, so no vCPU can run
+        // after the memory is gone. The bitmap `B` is bookkeeping beside the
+        // mapping: KVM writes the mapping directly and never touches `B`.
+        // Slots never overlap (checked in `add_guest_memory`). With
+        // `size == 0` the call deletes the slot and KVM reads no host memory.
         unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| HvError::SetMemorySlot {
             slot: record.slot.slot,
             guest_addr: record.slot.guest_addr,
@@ -127,6 +143,11 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// The VM fd, for the save/restore ioctls in `state.rs`.
+    pub(crate) fn fd(&self) -> &VmFd {
+        &self.shared.fd
+    }
+
     pub(crate) fn new(fd: VmFd, caps: Arc<HostCaps>) -> Result<Self, HvError> {
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(|source| HvError::SetIdentityMapAddress { addr: KVM_IDENTITY_MAP_ADDR, source })?;
@@ -147,11 +168,19 @@ impl Vm {
     /// as the VM or any of its vCPUs exists.
     ///
     /// Regions must be page-aligned and must not overlap slots already added.
-    pub fn add_guest_memory(
+    ///
+    /// `B` is vm-memory's dirty bitmap: `()` tracks nothing; an `AtomicBitmap`
+    /// records the VMM's own writes through `mem` for migration. Guest
+    /// writes bypass it (KVM writes the mapping directly): they are in
+    /// [`Vm::dirty_log`] when `dirty_log` is on.
+    pub fn add_guest_memory<B>(
         &self,
-        mem: Arc<GuestMemoryMmap>,
+        mem: Arc<GuestMemoryMmap<B>>,
         dirty_log: bool,
-    ) -> Result<Vec<MemorySlot>, HvError> {
+    ) -> Result<Vec<MemorySlot>, HvError>
+    where
+        B: Bitmap + Send + Sync + 'static,
+    {
         let mut memory = self.shared.memory();
         let mut planned = Vec::new();
         for region in mem.iter() {
@@ -209,8 +238,15 @@ impl Vm {
         Ok(())
     }
 
-    /// The pages of `slot` written since the previous call (or since logging
-    /// started), one bit per 4 KiB page; reading clears the log.
+    /// The pages of `slot` that vCPUs wrote since the previous call (or since
+    /// logging started), one bit per 4 KiB page.
+    ///
+    /// KVM clears the log on read (`KVM_GET_DIRTY_LOG` without manual
+    /// protect): each call hands out the pages written since the last one,
+    /// once. A caller that drops a result (a failed send) must treat those
+    /// pages as dirty itself; a write racing the read lands in this result or
+    /// the next. Writes the VMM makes through the mapping are not here: see
+    /// the bitmap of [`Vm::add_guest_memory`].
     pub fn dirty_log(&self, slot: u32) -> Result<Vec<u64>, HvError> {
         let record = self
             .shared
@@ -226,7 +262,8 @@ impl Vm {
             .map_err(|source| HvError::DirtyLog { slot, source })
     }
 
-    /// [`Vm::dirty_log`] of every slot with dirty logging on.
+    /// [`Vm::dirty_log`] of every slot with dirty logging on (so it clears
+    /// every log it reads).
     pub fn dirty_pages(&self) -> Result<Vec<DirtyBitmap>, HvError> {
         let slots: Vec<MemorySlot> = self.memory_slots().into_iter().filter(|s| s.dirty_log).collect();
         slots.into_iter().map(|slot| Ok(DirtyBitmap { slot, bitmap: self.dirty_log(slot.slot)? })).collect()
@@ -331,6 +368,7 @@ mod tests {
     use crate::VcpuExit;
     use crate::testing::hypervisor_or_skip;
     use crate::vcpu::tests::{real_mode_vcpu, run_to_halt};
+    use vm_memory::bitmap::AtomicBitmap;
     use vm_memory::{Bytes, GuestAddress};
 
     fn one_mib() -> Arc<GuestMemoryMmap> {
@@ -349,7 +387,10 @@ mod tests {
             matches!(err, HvError::MemoryRegion { reason: "overlaps a slot already registered", .. }),
             "{err}"
         );
-        let high = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(1 << 32), 1 << 20)]).unwrap());
+        // Typed: `add_guest_memory` takes any bitmap, so `from_ranges` alone
+        // would not say which.
+        let high: Arc<GuestMemoryMmap> =
+            Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(1 << 32), 1 << 20)]).unwrap());
         let slots = vm.add_guest_memory(high, true).unwrap();
         assert_eq!(slots[0].slot, 1);
         assert_eq!(vm.memory_slots().len(), 2);
@@ -382,6 +423,38 @@ mod tests {
         assert!(vm.dirty_pages().unwrap().is_empty());
         vm.set_dirty_logging(true).unwrap();
         assert_eq!(vm.dirty_pages().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn atomic_bitmap_sees_vmm_writes_and_kvm_sees_guest_writes() {
+        let Some(hv) = hypervisor_or_skip("atomic_bitmap_sees_vmm_writes_and_kvm_sees_guest_writes") else {
+            return;
+        };
+        let vm = hv.create_vm().unwrap();
+        let mem: Arc<GuestMemoryMmap<AtomicBitmap>> =
+            Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let slots = vm.add_guest_memory(mem.clone(), true).unwrap();
+        assert_eq!(slots, vec![MemorySlot { slot: 0, guest_addr: 0, size: 1 << 20, dirty_log: true }]);
+
+        // The VMM writes the code (mov byte [0x3000], 0x42 ; hlt); the guest
+        // writes 0x3000.
+        mem.write_slice(&[0xc6, 0x06, 0x00, 0x30, 0x42, 0xf4], GuestAddress(0x1000)).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.set_cpuid(1, &crate::CpuidPolicy::default()).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_regs(&kvm_bindings::kvm_regs { rip: 0x1000, rflags: 0x2, ..Default::default() }).unwrap();
+        run_to_halt(vcpu);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3000)).unwrap(), 0x42);
+
+        let bitmap = mem.find_region(GuestAddress(0)).unwrap().bitmap();
+        assert!(bitmap.dirty_at(0x1000), "the VMM's write is in the bitmap");
+        assert!(!bitmap.dirty_at(0x3000), "the guest's write bypasses the bitmap");
+        let kvm_log: Vec<u64> = vm.dirty_pages().unwrap()[0].dirty_pages().collect();
+        assert!(kvm_log.contains(&0x3000), "the guest's write is in KVM's log: {kvm_log:x?}");
+        assert!(!kvm_log.contains(&0x1000), "the VMM's write is not: {kvm_log:x?}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - `vm.rs`: [`vm::Vm`], one VM assembled from its config; `vcpu.rs`: vCPU threads,
 //!   pause/resume, the VM's end signal; `worker.rs`: the worker process's main.
 //! - `seccomp.rs`: the system-call filter every worker thread runs under.
+//! - `state.rs`: saved device state (snapshot, migration) and [`state::StateError`].
 //! - `memory.rs`: the guest physical address map and guest memory (a shared memfd).
 //! - `boot/`: x86-64 direct boot: Linux bzImage / ELF vmlinux (boot params, e820,
 //!   command line, initramfs), PVH ELF (start info, memory map), GDT, identity page
@@ -27,7 +28,9 @@ pub mod control;
 pub mod devices;
 pub mod interrupts;
 pub mod memory;
+pub mod migration;
 pub mod seccomp;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 pub mod worker;

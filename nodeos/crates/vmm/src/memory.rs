@@ -10,13 +10,18 @@
 //!
 //! Guest memory is one memfd mapped shared, so that snapshot and live migration
 //! can read it from another mapping, and a later restore can map it again.
+//! Every write the VMM makes through it (devices filling buffers, used rings)
+//! sets a bit in a per-page bitmap, because KVM's dirty log only sees the
+//! guest's own writes and a live migration needs both.
 
 use std::fs::File;
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
-/// Guest memory as every part of the worker sees it.
-pub type GuestMem = GuestMemoryMmap;
+/// Guest memory as every part of the worker sees it: writes by the VMM are
+/// recorded in the regions' [`AtomicBitmap`]s (see `migration::dirty`).
+pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
 
 /// End of low RAM: the 32-bit MMIO window starts here.
 pub const MMIO32_START: u64 = 0xC000_0000;
@@ -76,7 +81,7 @@ pub fn create(mib: u64) -> Result<(GuestMem, File), MemoryError> {
         regions.push((addr, len as usize, Some(FileOffset::new(dup, offset))));
         offset += len;
     }
-    let mem = GuestMemoryMmap::from_ranges_with_files(regions).map_err(MemoryError::Map)?;
+    let mem = GuestMem::from_ranges_with_files(regions).map_err(MemoryError::Map)?;
     Ok((mem, file))
 }
 

@@ -2,9 +2,12 @@
 //! port and MMIO exits to the buses.
 //!
 //! Pause parks every thread outside `KVM_RUN` (a kick gets a running vCPU
-//! out); resume unparks them; stop ends the loops and joins the threads. A vCPU
-//! that cannot go on (triple fault, entry failure, emulation failure) ends the
-//! VM through the [`EndSignal`].
+//! out); resume unparks them; stop ends the loops, joins the threads and hands
+//! the vCPUs back, their last exit completed inside KVM so that their saved
+//! state is exact (a snapshot or a migration saves them; an aborted
+//! migration starts them again with [`VcpuSet::start`]). A vCPU that cannot go
+//! on (triple fault, entry failure, emulation failure) ends the VM through the
+//! [`EndSignal`].
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -75,7 +78,7 @@ pub enum VcpuError {
 /// The running vCPU threads of one VM.
 #[derive(Debug)]
 pub struct VcpuSet {
-    threads: Vec<(JoinHandle<()>, VcpuKicker)>,
+    threads: Vec<(JoinHandle<Vcpu>, VcpuKicker)>,
     ctl: Arc<RunControl>,
 }
 
@@ -130,8 +133,10 @@ impl VcpuSet {
         self.ctl.resumed.notify_all();
     }
 
-    /// Ends every loop and joins the threads.
-    pub fn stop(&mut self) {
+    /// Ends every loop, joins the threads and returns the vCPUs in id order
+    /// (a thread that does not stop within 5 s is left to process exit and
+    /// its vCPU is missing from the result).
+    pub fn stop(&mut self) -> Vec<Vcpu> {
         self.ctl.stop.store(true, Ordering::SeqCst);
         self.resume();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -139,13 +144,19 @@ impl VcpuSet {
             self.kick_all();
             std::thread::sleep(Duration::from_millis(2));
         }
+        let mut vcpus = Vec::new();
         for (t, _) in self.threads.drain(..) {
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
+            if !t.is_finished() {
                 error!("a vCPU thread did not stop; leaving it to process exit");
+                continue;
+            }
+            match t.join() {
+                Ok(v) => vcpus.push(v),
+                Err(_) => error!("a vCPU thread panicked"),
             }
         }
+        vcpus.sort_by_key(Vcpu::id);
+        vcpus
     }
 }
 
@@ -157,11 +168,27 @@ impl Drop for VcpuSet {
     }
 }
 
-fn run_loop(mut vcpu: Vcpu, ctl: Arc<RunControl>, pio: Arc<Bus>, mmio: Arc<Bus>, end: EndSignal) {
+/// Completes the vCPU's last exit inside KVM: KVM applies the data of an
+/// `IN` or MMIO read, and finishes a string I/O instruction, only on the next
+/// `KVM_RUN`, so a state saved before that would be wrong. An immediate-exit
+/// `KVM_RUN` does this without running guest code.
+fn complete_exit(vcpu: &mut Vcpu) {
+    let id = vcpu.id();
+    vcpu.set_immediate_exit(true);
+    match vcpu.run() {
+        Ok(VcpuExit::Interrupted) => {}
+        Ok(other) => warn!(vcpu = id, exit = ?other, "unexpected exit while completing the last one"),
+        Err(e) => warn!(vcpu = id, error = %e, "cannot complete the vCPU's last exit"),
+    }
+    vcpu.set_immediate_exit(false);
+}
+
+fn run_loop(mut vcpu: Vcpu, ctl: Arc<RunControl>, pio: Arc<Bus>, mmio: Arc<Bus>, end: EndSignal) -> Vcpu {
     let id = vcpu.id();
     loop {
         if ctl.stop.load(Ordering::SeqCst) {
-            return;
+            complete_exit(&mut vcpu);
+            return vcpu;
         }
         {
             let mut paused = ctl.paused.lock().unwrap_or_else(|p| p.into_inner());
@@ -226,7 +253,7 @@ fn run_loop(mut vcpu: Vcpu, ctl: Arc<RunControl>, pio: Arc<Bus>, mmio: Arc<Bus>,
         };
         if let Some(r) = reason {
             end.set(r);
-            return;
+            return vcpu;
         }
     }
 }

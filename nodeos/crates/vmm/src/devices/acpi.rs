@@ -13,12 +13,20 @@
 //!   ACPI button driver turns into a power-off.
 //!
 //! Guest requests go to [`PlatformEvents`], like the legacy power-off ports.
+//!
+//! # Saved state
+//! Only the GED's pending events ([`AcpiState`]): the sleep control
+//! and reset registers act on a write and keep nothing (Linux writes
+//! `SLP_TYP | SLP_EN` in one go and never reads it back), and sleep status
+//! always reads 0. The GED line and the platform events are the
+//! destination's own.
 
 use std::sync::Arc;
 
 use super::bus::BusDevice;
 use super::interrupt::IrqLine;
 use super::platform::{PlatformEvents, PlatformRequest};
+use crate::state::StateError;
 
 pub const ACPI_PORT: u64 = 0x600;
 pub const ACPI_LEN: u64 = 4;
@@ -39,6 +47,15 @@ pub const GED_POWER_BUTTON: u8 = 1;
 const SLP_EN: u8 = 1 << 5;
 const SLP_TYP_SHIFT: u8 = 2;
 const SLP_TYP_MASK: u8 = 0b111;
+/// Every GED event bit the DSDT's `_EVT` handles.
+const GED_EVENTS: u8 = GED_POWER_BUTTON;
+
+/// The ACPI registers' state, saved by [`AcpiPlatform::save`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AcpiState {
+    /// GED events raised and not yet read by the guest ([`GED_POWER_BUTTON`]).
+    pub ged_pending: u8,
+}
 
 /// The sleep, reset and GED registers.
 pub struct AcpiPlatform {
@@ -62,6 +79,34 @@ impl AcpiPlatform {
     /// A guest without ACPI, or that ignores the button, does nothing.
     pub fn press_power_button(&mut self) {
         self.ged_pending |= GED_POWER_BUTTON;
+        self.raise_ged();
+    }
+
+    /// The pending GED events.
+    pub fn save(&self) -> AcpiState {
+        AcpiState { ged_pending: self.ged_pending }
+    }
+
+    /// Loads `state`, keeping this device's GED line and platform events.
+    /// Pending events raise the GED again: its `_EVT` reads and clears the
+    /// register, so an extra interrupt finds nothing and does nothing, while
+    /// one lost in the move would leave a power-button press unanswered. On
+    /// error the device is unchanged.
+    pub fn restore(&mut self, state: AcpiState) -> Result<(), StateError> {
+        if state.ged_pending & !GED_EVENTS != 0 {
+            return Err(StateError::new(
+                "acpi",
+                format!("ged_pending {:#04x} has bits outside {GED_EVENTS:#04x}", state.ged_pending),
+            ));
+        }
+        self.ged_pending = state.ged_pending;
+        if self.ged_pending != 0 {
+            self.raise_ged();
+        }
+        Ok(())
+    }
+
+    fn raise_ged(&self) {
         if let Some(irq) = &self.ged_irq
             && let Err(e) = irq.trigger()
         {
@@ -159,5 +204,61 @@ mod tests {
         bus.read(ACPI_PORT + SLEEP_STATUS_OFFSET, &mut b);
         assert_eq!(b, [0]);
         assert_eq!(events.take(), None, "the button is a request to the guest, not to the VMM");
+    }
+
+    /// What the guest reads from each register (GED last, as it clears).
+    fn guest_view(bus: &Bus) -> [u8; 4] {
+        let mut v = [0u8; 4];
+        for (i, offset) in
+            [SLEEP_CONTROL_OFFSET, SLEEP_STATUS_OFFSET, RESET_OFFSET, GED_OFFSET].into_iter().enumerate()
+        {
+            let mut b = [0xffu8];
+            bus.read(ACPI_PORT + offset, &mut b);
+            v[i] = b[0];
+        }
+        v
+    }
+
+    #[test]
+    fn save_and_restore_carry_a_pending_power_button() {
+        let (bus, events, _, dev) = platform();
+        // A sleep type the platform does not offer: written, kept nowhere.
+        assert!(bus.write(ACPI_PORT, &[3 << SLP_TYP_SHIFT | SLP_EN]));
+        dev.lock().unwrap().press_power_button();
+        let state = dev.lock().unwrap().save();
+        assert_eq!(state, AcpiState { ged_pending: GED_POWER_BUTTON });
+        let state: AcpiState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+
+        let (bus2, events2, irq2, dev2) = platform();
+        dev2.lock().unwrap().restore(state.clone()).unwrap();
+        assert_eq!(irq2.0.load(Ordering::Relaxed), 1, "the pending event raises the GED again");
+        assert_eq!(dev2.lock().unwrap().save(), state);
+        let view = guest_view(&bus);
+        assert_eq!(view, [0, 0, 0, GED_POWER_BUTTON]);
+        assert_eq!(guest_view(&bus2), view);
+        assert_eq!(dev2.lock().unwrap().save(), dev.lock().unwrap().save());
+        assert_eq!((events.take(), events2.take()), (None, None));
+        // The restored registers still act on writes, through its own events.
+        assert!(bus2.write(ACPI_PORT, &[S5_SLEEP_TYPE << SLP_TYP_SHIFT | SLP_EN]));
+        assert_eq!((events.take(), events2.take()), (None, Some(PlatformRequest::Shutdown)));
+    }
+
+    #[test]
+    fn restoring_nothing_pending_raises_nothing() {
+        let (_, _, irq, dev) = platform();
+        dev.lock().unwrap().restore(AcpiState { ged_pending: 0 }).unwrap();
+        assert_eq!(irq.0.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn unknown_ged_events_are_refused_and_change_nothing() {
+        let (bus, _, irq, dev) = platform();
+        dev.lock().unwrap().press_power_button();
+        for bad in [0x02, 0x80, 0xff] {
+            let e = dev.lock().unwrap().restore(AcpiState { ged_pending: bad }).unwrap_err();
+            assert_eq!(e.device, "acpi");
+        }
+        assert_eq!(irq.0.load(Ordering::Relaxed), 1);
+        assert_eq!(guest_view(&bus), [0, 0, 0, GED_POWER_BUTTON]);
     }
 }

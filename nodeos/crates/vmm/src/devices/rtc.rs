@@ -45,6 +45,19 @@
 //! Lock order: the bus's mutex of the device, then the shared state; the thread
 //! takes only the latter.
 //!
+//! # Saved state
+//! [`RtcState`] is the 128 CMOS bytes (registers A–D with their flags, the
+//! alarm, the time registers the guest may be holding, all NVRAM), the index
+//! port, and the time as two instants: the guest's time and the source host's
+//! wall clock when it was saved. A restore makes the guest's time the saved
+//! one plus the destination's wall clock since `saved_at`, so the clock keeps
+//! running through the migration's downtime as a battery-backed RTC would, the
+//! sub-second phase included; this assumes the hosts' wall clocks agree (NTP),
+//! and a skew between them shows as a step of that size. The seconds and the
+//! periodic ticks the downtime covered are then caught up like a late tick of
+//! the timer thread: one UF, AF if the alarm second is among the last eight
+//! seconds, one PF; the periodic grid is re-derived from the host clock.
+//!
 //! # NVRAM at creation (the SeaBIOS/QEMU conventions)
 //! | byte | meaning |
 //! |------|---------|
@@ -66,6 +79,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::bus::{Bus, BusDevice, BusError};
 use super::interrupt::IrqLine;
+use crate::state::StateError;
 
 /// The index port; the data port follows it.
 pub const RTC_PORT: u64 = 0x70;
@@ -88,6 +102,12 @@ const MAX_WAIT_NS: i128 = NS;
 /// Second boundaries a late tick still compares with the alarm.
 const ALARM_LOOKBACK: i64 = 8;
 const FOUR_GIB: u64 = 1 << 32;
+/// Bytes of CMOS RAM, registers included.
+const CMOS_SIZE: usize = 128;
+/// Range of a saved time: 0000-01-01 to 10100-01-01, what the guest can set
+/// (years up to 9999) plus a century of running; any real host clock too.
+const MIN_SAVED_SECS: i64 = -62_167_219_200;
+const MAX_SAVED_SECS: i64 = 256_558_060_800;
 
 const REG_SEC: u8 = 0x00;
 const REG_SEC_ALARM: u8 = 0x01;
@@ -178,14 +198,14 @@ impl RtcConfig {
     }
 
     /// The 128 bytes the guest finds at power-on, time registers aside.
-    fn nvram(&self) -> Result<[u8; 128], RtcError> {
+    fn nvram(&self) -> Result<[u8; CMOS_SIZE], RtcError> {
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(RtcError::Vcpus(self.vcpus));
         }
         if self.low_ram_bytes > FOUR_GIB {
             return Err(RtcError::LowRam(self.low_ram_bytes));
         }
-        let mut nv = [0u8; 128];
+        let mut nv = [0u8; CMOS_SIZE];
         nv[NV_SHUTDOWN] = 0;
         nv[NV_FLOPPY] = 0;
         nv[NV_EQUIPMENT] = EQUIPMENT_FPU;
@@ -306,7 +326,7 @@ fn bcd_to_bin(r: u8) -> u8 {
 /// The chip's registers and the clock's offset: everything but I/O, driven by
 /// the host time passed in, so the tests can step time.
 struct State {
-    cmos: [u8; 128],
+    cmos: [u8; CMOS_SIZE],
     index: u8,
     nmi_disabled: bool,
     /// Guest time = host time + offset, in nanoseconds.
@@ -322,7 +342,7 @@ struct State {
 }
 
 impl State {
-    fn new(nvram: [u8; 128], now: i128) -> Self {
+    fn new(nvram: [u8; CMOS_SIZE], now: i128) -> Self {
         let mut cmos = nvram;
         cmos[usize::from(REG_A)] = A_DEFAULT;
         cmos[usize::from(REG_B)] = B_DEFAULT;
@@ -435,9 +455,14 @@ impl State {
         Some(NS / i128::from(hz.min(MAX_PERIODIC_HZ)))
     }
 
+    /// SET or the divider reset asks the clock to stand still.
+    fn wants_hold(&self) -> bool {
+        self.reg(REG_B) & B_SET != 0 || self.reg(REG_A) & A_DIVIDER_RESET == A_DIVIDER_RESET
+    }
+
     /// Freezes or commits the clock when SET or the divider reset changed.
     fn update_hold(&mut self, now: i128) {
-        let want = self.reg(REG_B) & B_SET != 0 || self.reg(REG_A) & A_DIVIDER_RESET == A_DIVIDER_RESET;
+        let want = self.wants_hold();
         if want && !self.held {
             let t = self.time(now);
             for r in TIME_REGS {
@@ -619,6 +644,92 @@ fn run_timer(shared: &Shared) {
     }
 }
 
+/// An instant as seconds and nanoseconds since the Unix epoch, UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UnixTime {
+    pub secs: i64,
+    /// 0..1_000_000_000.
+    pub nanos: u32,
+}
+
+impl UnixTime {
+    fn from_ns(ns: i128) -> Self {
+        Self { secs: secs_of(ns), nanos: ns.rem_euclid(NS) as u32 }
+    }
+
+    fn ns(self) -> i128 {
+        i128::from(self.secs) * NS + i128::from(self.nanos)
+    }
+
+    fn check(self, field: &str) -> Result<(), StateError> {
+        if i128::from(self.nanos) >= NS {
+            return Err(StateError::new("rtc", format!("{field}.nanos {} is outside 0..1e9", self.nanos)));
+        }
+        if !(MIN_SAVED_SECS..=MAX_SAVED_SECS).contains(&self.secs) {
+            return Err(StateError::new(
+                "rtc",
+                format!("{field}.secs {} is outside {MIN_SAVED_SECS}..={MAX_SAVED_SECS}", self.secs),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The RTC as saved by [`Rtc::save`]. The host clock, the interrupt line and
+/// the timer thread are the destination's own.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RtcState {
+    /// All 128 CMOS bytes: the time registers (the guest's time while it holds
+    /// the clock with SET or a divider reset, stale otherwise), the alarm,
+    /// registers A (UIP never stored), B, C (the pending flags and IRQF) and
+    /// D, and the NVRAM.
+    pub cmos: Vec<u8>,
+    /// The register the index port selects, 0..=0x7F.
+    pub index: u8,
+    /// Bit 7 of the last index write.
+    pub nmi_disabled: bool,
+    /// The guest's time at `saved_at` (while the clock is held, the time it
+    /// would have had; the registers rule).
+    pub guest_time: UnixTime,
+    /// The source host's wall clock when the state was saved; the flags in
+    /// C are up to date to that instant.
+    pub saved_at: UnixTime,
+}
+
+impl RtcState {
+    /// Refuses what this chip could never have been in. Checked in full
+    /// before a restore touches anything.
+    fn check(&self) -> Result<(), StateError> {
+        let err = |reason: String| Err(StateError::new("rtc", reason));
+        if self.cmos.len() != CMOS_SIZE {
+            return err(format!("cmos holds {} bytes, the chip has {CMOS_SIZE}", self.cmos.len()));
+        }
+        if self.index > 0x7f {
+            return err(format!("index {:#04x} is outside 0..=0x7f", self.index));
+        }
+        let reg = |r: u8| self.cmos[usize::from(r)];
+        let (a, b, c, d) = (reg(REG_A), reg(REG_B), reg(REG_C), reg(REG_D));
+        if a & A_UIP != 0 {
+            return err(format!("register A {a:#04x} stores UIP, which is only ever computed"));
+        }
+        if b & B_SET != 0 && b & B_UIE != 0 {
+            return err(format!("register B {b:#04x} has UIE with SET, which clears it"));
+        }
+        if c & !(C_IRQF | C_EVENTS) != 0 {
+            return err(format!("register C {c:#04x} has bits outside {:#04x}", C_IRQF | C_EVENTS));
+        }
+        // IRQF is exactly "a flag is up and enabled".
+        if (c & C_IRQF != 0) != (c & b & C_EVENTS != 0) {
+            return err(format!("register C {c:#04x} IRQF disagrees with its flags enabled in B {b:#04x}"));
+        }
+        if d != D_VRT {
+            return err(format!("register D {d:#04x}, the chip has {D_VRT:#04x}"));
+        }
+        self.guest_time.check("guest_time")?;
+        self.saved_at.check("saved_at")
+    }
+}
+
 /// The RTC as the worker builds it: put it on the port I/O bus at [`RTC_PORT`]
 /// (see [`attach`]).
 pub struct Rtc {
@@ -681,6 +792,60 @@ impl Rtc {
         let now = self.shared.clock.now_ns();
         let t = self.shared.lock().time(now);
         (t.year, t.month, t.day, t.hour, t.minute, t.second)
+    }
+
+    /// The chip's state. Brings the flags up to date first, as any access does
+    /// (which pulses the line for events enabled and due, as the timer thread
+    /// would).
+    pub fn save(&self) -> RtcState {
+        let now = self.shared.clock.now_ns();
+        let (state, pulse) = {
+            let mut st = self.shared.lock();
+            let pulse = st.tick(now);
+            let state = RtcState {
+                cmos: st.cmos.to_vec(),
+                index: st.index,
+                nmi_disabled: st.nmi_disabled,
+                guest_time: UnixTime::from_ns(st.guest_ns(now)),
+                saved_at: UnixTime::from_ns(now),
+            };
+            (state, pulse)
+        };
+        if pulse {
+            self.shared.pulse();
+        }
+        state
+    }
+
+    /// Loads `state`, keeping this RTC's host clock, interrupt line and timer
+    /// thread. The guest's time continues from the saved one by the host wall
+    /// clock (see the module's "Saved state"). A pending enabled flag (IRQF)
+    /// pulses the line: on the chip IRQ stays asserted until C is read, and
+    /// our edge line would otherwise never tell the guest. On error the RTC
+    /// is unchanged.
+    pub fn restore(&mut self, state: RtcState) -> Result<(), StateError> {
+        state.check()?;
+        let cmos = <[u8; CMOS_SIZE]>::try_from(state.cmos.as_slice())
+            .map_err(|_| StateError::new("rtc", "cmos: wrong length"))?;
+        let pulse = {
+            let mut st = self.shared.lock();
+            st.cmos = cmos;
+            st.index = state.index;
+            st.nmi_disabled = state.nmi_disabled;
+            st.held = st.wants_hold();
+            let (guest, saved_at) = (state.guest_time.ns(), state.saved_at.ns());
+            st.offset_ns = guest - saved_at;
+            // The next tick sees the time since `saved_at` as one late tick.
+            st.last_guest_ns = guest;
+            st.last_host_ns = saved_at;
+            st.reg(REG_C) & C_IRQF != 0
+        };
+        // The enables and the time moved: the timer thread recomputes its wait.
+        self.shared.wake.notify_all();
+        if pulse {
+            self.shared.pulse();
+        }
+        Ok(())
     }
 
     /// Whether the guest last wrote the index port with bit 7 (NMI disable) set.
@@ -1235,5 +1400,221 @@ mod tests {
         assert!(bus.read(0x71, &mut b));
         assert_eq!(b, [0]);
         assert!(!bus.read(0x72, &mut b));
+    }
+
+    #[test]
+    fn saved_time_bounds_are_the_dates_they_name() {
+        assert_eq!(MIN_SAVED_SECS, days_from_civil(0, 1, 1) * 86_400);
+        assert_eq!(MAX_SAVED_SECS, days_from_civil(10_100, 1, 1) * 86_400);
+    }
+
+    fn rtc_on(clock: &Arc<FakeClock>) -> (Rtc, Arc<CountingIrq>) {
+        let irq = Arc::new(CountingIrq::default());
+        let rtc = Rtc::without_timer(SMALL, Some(irq.clone()), clock.clone()).unwrap();
+        (rtc, irq)
+    }
+
+    /// A guest that set the clock to 2031-05-17 13:45:10.5, armed an alarm for
+    /// second 12 of minute 45 of any hour, wrote NVRAM, enabled 2 Hz periodic,
+    /// alarm and update interrupts, left an update and a periodic flag pending
+    /// (13:45:11.1 now) and selected NVRAM byte 0x40 with NMIs masked.
+    fn busy_rtc() -> (Rtc, Arc<FakeClock>, Arc<CountingIrq>) {
+        let (mut rtc, clock, irq) = rtc_at(T0, 250_000_000);
+        linux_set_time(&mut rtc, [0x31, 0x05, 0x17, 0x13, 0x45, 0x10]);
+        wr(&mut rtc, REG_SEC_ALARM, 0x12);
+        wr(&mut rtc, REG_MIN_ALARM, 0x45);
+        wr(&mut rtc, REG_HOUR_ALARM, 0xff);
+        wr(&mut rtc, 0x40, 0xab);
+        wr(&mut rtc, 0x7f, 0xcd);
+        wr(&mut rtc, 0x5f, 0x07);
+        wr(&mut rtc, REG_A, 0x2f);
+        wr(&mut rtc, REG_B, B_24H | B_PIE | B_AIE | B_UIE);
+        clock.advance_ns(600_000_000);
+        rtc.write(0, &[0x80 | 0x40]);
+        (rtc, clock, irq)
+    }
+
+    /// What the guest reads: the selected byte first (no index write), then
+    /// the time, the control registers, the alarm, NVRAM, and C last.
+    fn guest_view(rtc: &mut Rtc) -> Vec<u8> {
+        let mut b = [0u8];
+        rtc.read(1, &mut b);
+        let mut v = vec![b[0], u8::from(rtc.nmi_disabled())];
+        v.extend(regs(rtc));
+        for r in [REG_A, REG_B, REG_D, REG_SEC_ALARM, REG_MIN_ALARM, REG_HOUR_ALARM, 0x5f, 0x7f, REG_C, REG_C]
+        {
+            v.push(rd(rtc, r));
+        }
+        v
+    }
+
+    #[test]
+    fn save_and_restore_keep_registers_nvram_flags_and_a_running_clock() {
+        let (mut original, clock, _) = busy_rtc();
+        let state = original.save();
+        assert_eq!(state.cmos[usize::from(REG_C)], C_IRQF | C_PF | C_UF);
+        let at = DateTime { year: 2031, month: 5, day: 17, hour: 13, minute: 45, second: 11 };
+        assert_eq!(state.guest_time, UnixTime { secs: at.to_unix(), nanos: 100_000_000 });
+        assert_eq!(state.saved_at, UnixTime { secs: T0, nanos: 850_000_000 });
+        assert_eq!((state.index, state.nmi_disabled, state.cmos[0x40]), (0x40, true, 0xab));
+        let state: RtcState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+
+        // Three seconds of downtime on hosts whose clocks agree.
+        clock.advance_ns(3 * NS);
+        let (mut restored, irq) = rtc_on(&clock);
+        restored.restore(state).unwrap();
+        assert_eq!(irq.count(), 1, "the pending flags interrupt again");
+        assert_eq!(restored.guest_time(), (2031, 5, 17, 13, 45, 14));
+        assert_eq!(restored.save(), original.save());
+
+        let view = guest_view(&mut original);
+        assert_eq!(view[..2], [0xab, 1]);
+        assert_eq!(view[2..10], [0x14, 0x45, 0x13, 0x07, 0x17, 0x05, 0x31, 0x20]);
+        assert_eq!(view[10..17], [0x2f, B_24H | B_PIE | B_AIE | B_UIE, D_VRT, 0x12, 0x45, 0xff, 0x07]);
+        // The downtime crossed the alarm second: caught up like a late tick.
+        assert_eq!(view[18..], [C_IRQF | C_PF | C_AF | C_UF, 0]);
+        assert_eq!(guest_view(&mut restored), view);
+
+        // Both keep running, and on the same second boundaries.
+        clock.advance_ns(3600 * NS + 890_000_000);
+        assert_eq!(regs(&mut restored), regs(&mut original));
+        assert_eq!(restored.guest_time(), (2031, 5, 17, 14, 45, 14));
+        clock.advance_ns(20_000_000);
+        assert_eq!(restored.guest_time(), (2031, 5, 17, 14, 45, 15));
+        assert_eq!(restored.save(), original.save());
+    }
+
+    #[test]
+    fn a_restored_clock_runs_on_from_the_saved_time_by_the_destination_clock() {
+        let (original, _, _) = busy_rtc();
+        let state = original.save();
+        // The destination reads 5 s later than the save: the guest lost nothing.
+        let dest = FakeClock::at(T0 + 5, 850_000_000);
+        let (mut restored, _) = rtc_on(&dest);
+        restored.restore(state).unwrap();
+        assert_eq!(restored.guest_time(), (2031, 5, 17, 13, 45, 16));
+        // The sub-second phase survives: 16.1 s, so the second turns in 0.9 s.
+        dest.advance_ns(890_000_000);
+        assert_eq!(rd(&mut restored, REG_SEC), 0x16);
+        dest.advance_ns(20_000_000);
+        assert_eq!(rd(&mut restored, REG_SEC), 0x17);
+        // A destination clock behind the source's steps the guest back, and
+        // the clock then runs normally.
+        let behind = FakeClock::at(T0 - 10, 850_000_000);
+        let (mut restored, irq) = rtc_on(&behind);
+        restored.restore(original.save()).unwrap();
+        assert_eq!(restored.guest_time(), (2031, 5, 17, 13, 45, 1));
+        rd(&mut restored, REG_C);
+        behind.advance_ns(NS);
+        restored.shared.tick();
+        assert_eq!(rd(&mut restored, REG_C) & C_UF, C_UF);
+        assert!(irq.count() >= 2);
+    }
+
+    #[test]
+    fn a_held_clock_stays_held_with_what_the_guest_wrote() {
+        let (mut original, clock, _) = rtc_at(T0, 0);
+        wr(&mut original, REG_B, B_24H | B_SET);
+        wr(&mut original, REG_HOUR, 0x07);
+        wr(&mut original, REG_WEEKDAY, 0x06);
+        let state = original.save();
+        clock.advance_ns(10 * NS);
+        let (mut restored, irq) = rtc_on(&clock);
+        restored.restore(state).unwrap();
+        assert_eq!(irq.count(), 0);
+        assert_eq!(regs(&mut restored), [0x20, 0x13, 0x07, 0x06, 0x14, 0x11, 0x23, 0x20]);
+        assert_eq!(regs(&mut restored), regs(&mut original));
+        wr(&mut original, REG_B, B_24H);
+        wr(&mut restored, REG_B, B_24H);
+        assert_eq!(restored.guest_time(), (2023, 11, 14, 7, 13, 20));
+        clock.advance_ns(NS);
+        assert_eq!(regs(&mut restored), regs(&mut original));
+        assert_eq!(restored.guest_time(), (2023, 11, 14, 7, 13, 21));
+    }
+
+    #[test]
+    fn the_timer_thread_delivers_after_a_restore() {
+        let mut source = Rtc::new(SMALL, None).unwrap();
+        wr(&mut source, REG_B, B_24H | B_UIE);
+        let state = source.save();
+        let irq = Arc::new(CountingIrq::default());
+        let mut rtc = Rtc::new(SMALL, Some(irq.clone())).unwrap();
+        rtc.restore(state).unwrap();
+        assert!(wait_until(|| irq.count() >= 2));
+        assert_ne!(rd(&mut rtc, REG_C) & C_UF, 0);
+    }
+
+    #[test]
+    fn hostile_states_are_refused_and_change_nothing() {
+        let (mut rtc, _, irq) = busy_rtc();
+        let good = rtc.save();
+        let irqs = irq.count();
+        let c = usize::from(REG_C);
+        let bad: [fn(&mut RtcState); 15] = [
+            |st| st.cmos.push(0),
+            |st| {
+                st.cmos.pop();
+            },
+            |st| st.cmos.clear(),
+            |st| st.index = 0x80,
+            |st| st.cmos[usize::from(REG_A)] |= A_UIP,
+            |st| st.cmos[usize::from(REG_B)] |= B_SET,
+            |st| st.cmos[usize::from(REG_C)] |= 0x01,
+            |st| st.cmos[usize::from(REG_C)] &= !C_IRQF,
+            |st| st.cmos[usize::from(REG_C)] = C_IRQF,
+            |st| st.cmos[usize::from(REG_D)] = 0,
+            |st| st.guest_time.nanos = 1_000_000_000,
+            |st| st.saved_at.nanos = u32::MAX,
+            |st| st.guest_time.secs = i64::MAX,
+            |st| st.guest_time.secs = MIN_SAVED_SECS - 1,
+            |st| st.saved_at.secs = MAX_SAVED_SECS + 1,
+        ];
+        for (i, spoil) in bad.iter().enumerate() {
+            let mut state = good.clone();
+            spoil(&mut state);
+            let e = rtc.restore(state).expect_err(&format!("case {i} accepted"));
+            assert_eq!(e.device, "rtc");
+            assert_eq!(rtc.save(), good, "case {i}");
+        }
+        assert_eq!(irq.count(), irqs);
+        // Flags without their enables and no IRQF are fine.
+        let mut quiet = good.clone();
+        quiet.cmos[usize::from(REG_B)] = B_24H;
+        quiet.cmos[c] = C_PF | C_UF;
+        rtc.restore(quiet).unwrap();
+        assert_eq!(irq.count(), irqs);
+    }
+
+    mod reachable {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(100))]
+
+            /// Every state a guest can reach is accepted by a restore and
+            /// saved again unchanged: the checks refuse only the unreachable.
+            #[test]
+            fn every_reachable_state_round_trips(
+                ops in proptest::collection::vec(
+                    (prop_oneof![0u8..=0x0d, Just(REG_CENTURY), any::<u8>()], any::<u8>(), 0i128..1_500_000_000, any::<bool>()),
+                    0..100,
+                ),
+            ) {
+                let (mut rtc, clock, _) = rtc_at(T0, 0);
+                for (reg, value, step, write) in ops {
+                    if write {
+                        wr(&mut rtc, reg, value);
+                    } else {
+                        rd(&mut rtc, reg);
+                    }
+                    clock.advance_ns(step);
+                    let state = rtc.save();
+                    let (mut fresh, _) = rtc_on(&clock);
+                    prop_assert!(fresh.restore(state.clone()).is_ok(), "refused {state:?}");
+                    prop_assert_eq!(fresh.save(), state);
+                }
+            }
+        }
     }
 }

@@ -5,6 +5,16 @@
 //! BAR type bits, capability ids and links) cannot change. A BAR's low bits
 //! below its size are not writable either, which makes the standard size probe
 //! work by itself: writing all ones reads back the size mask.
+//!
+//! [`PciConfig::save`] / [`PciConfig::restore`] carry the space across a
+//! migration (the convention is in `crate::state`). The bytes are the whole
+//! state: a BAR's programmed address and an unfinished size probe both live in
+//! the BAR register itself, and the masks, BAR declarations and capability
+//! layout come from the device's construction, identical on both hosts.
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::StateError;
 
 /// Bytes of configuration space (no PCIe extended space).
 pub const CONFIG_SPACE_SIZE: usize = 256;
@@ -44,6 +54,7 @@ const STATUS_CAPABILITIES: u16 = 1 << 4;
 const BAR_MEM_64: u32 = 0b10 << 1;
 const BAR_MEM_PREFETCH: u32 = 1 << 3;
 const BAR_MEM_FLAGS: u32 = 0xf;
+const EXPANSION_ROM: usize = 0x30;
 /// Capabilities start right after the header.
 const FIRST_CAPABILITY: usize = 0x40;
 
@@ -89,6 +100,15 @@ pub enum PciConfigError {
         "capability body of {len} bytes and mask of {mask} bytes are not a valid pair (at least 2 bytes)"
     )]
     CapabilityShape { len: usize, mask: usize },
+}
+
+/// A function's configuration space as the guest left it: command, BAR
+/// addresses, capability registers such as the MSI-X control word, interrupt
+/// line, and the read-only fields, which a restore checks against the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciConfigState {
+    /// The whole space, byte for byte ([`CONFIG_SPACE_SIZE`] bytes).
+    pub bytes: Vec<u8>,
 }
 
 /// One function's configuration space.
@@ -295,12 +315,114 @@ impl PciConfig {
         self.set_bytes(offset, &v.to_le_bytes());
     }
 
+    /// The space as the guest sees it, for a snapshot or a migration.
+    pub fn save(&self) -> PciConfigState {
+        PciConfigState { bytes: self.data.to_vec() }
+    }
+
+    /// Loads a space saved from a device built the same way. Refused, with
+    /// nothing changed, if the length is wrong, a BAR's type bits or alignment
+    /// do not fit this device's BAR, or any read-only byte (ids, class, BAR
+    /// size bits, capability structure) differs: the state is from a different
+    /// device. Only the bytes change; who decodes where is the root's business
+    /// (`PciRoot::restore` maps the BARs).
+    pub fn restore(&mut self, state: PciConfigState) -> Result<(), StateError> {
+        self.check(&state)?;
+        self.apply(&state);
+        Ok(())
+    }
+
+    fn check(&self, state: &PciConfigState) -> Result<(), StateError> {
+        let err = |reason: String| StateError::new("pci config", reason);
+        let saved = state.bytes.as_slice();
+        if saved.len() != CONFIG_SPACE_SIZE {
+            return Err(err(format!(
+                "configuration space of {} bytes, this device has {CONFIG_SPACE_SIZE}",
+                saved.len()
+            )));
+        }
+        let dword = |at: usize| u32::from_le_bytes([saved[at], saved[at + 1], saved[at + 2], saved[at + 3]]);
+        // BARs first, so a misplaced BAR is named as such rather than as a
+        // read-only byte (its low bits below the size are read-only).
+        for (index, spec) in self.bars.iter().enumerate() {
+            let Some(spec) = spec else { continue };
+            let reg = BAR0 + 4 * index;
+            let flags = dword(reg) & BAR_MEM_FLAGS;
+            let want = self.read_u32(reg) & BAR_MEM_FLAGS;
+            if flags != want {
+                return Err(err(format!(
+                    "BAR {index} type bits {flags:#x} are not those of this device's {:?} BAR ({want:#x}): \
+                     a different device",
+                    spec.kind
+                )));
+            }
+            let low = u64::from(dword(reg) & !BAR_MEM_FLAGS);
+            let addr = match spec.kind {
+                BarKind::Memory32 => low,
+                BarKind::Memory64 => low | u64::from(dword(reg + 4)) << 32,
+            };
+            if addr & (spec.size - 1) != 0 {
+                return Err(err(format!(
+                    "BAR {index} address {addr:#x} is not aligned to its size {:#x}",
+                    spec.size
+                )));
+            }
+        }
+        for (offset, ((&s, &d), &m)) in saved.iter().zip(&self.data).zip(&self.wmask).enumerate() {
+            if (s ^ d) & !m != 0 {
+                return Err(err(format!(
+                    "{} (byte {offset:#x}) is read-only and differs: saved {s:#04x}, this device {d:#04x}; \
+                     a different device",
+                    field_name(offset)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, state: &PciConfigState) {
+        // A checked state differs only in writable bits; the copy goes through
+        // the mask anyway so a caller that skipped the check cannot break the
+        // read-only fields.
+        for ((d, &s), &m) in self.data.iter_mut().zip(&state.bytes).zip(&self.wmask) {
+            *d = (*d & !m) | (s & m);
+        }
+    }
+
     fn set_wmask_u16(&mut self, offset: usize, v: u16) {
         self.wmask[offset..offset + 2].copy_from_slice(&v.to_le_bytes());
     }
 
     fn set_wmask_u32(&mut self, offset: usize, v: u32) {
         self.wmask[offset..offset + 4].copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// The header field at `offset`, for error messages.
+fn field_name(offset: usize) -> &'static str {
+    match offset {
+        VENDOR_ID..DEVICE_ID => "vendor id",
+        DEVICE_ID..COMMAND => "device id",
+        COMMAND..STATUS => "command",
+        STATUS..REVISION_ID => "status",
+        REVISION_ID => "revision id",
+        CLASS_PROG_IF..CACHE_LINE_SIZE => "class code",
+        CACHE_LINE_SIZE => "cache line size",
+        LATENCY_TIMER => "latency timer",
+        HEADER_TYPE => "header type",
+        0x0f => "BIST",
+        BAR0..0x28 => "BAR register",
+        0x28..SUBSYSTEM_VENDOR_ID => "CardBus CIS pointer",
+        SUBSYSTEM_VENDOR_ID..SUBSYSTEM_ID => "subsystem vendor id",
+        SUBSYSTEM_ID..EXPANSION_ROM => "subsystem id",
+        EXPANSION_ROM..CAPABILITIES_POINTER => "expansion ROM BAR",
+        CAPABILITIES_POINTER => "capabilities pointer",
+        INTERRUPT_LINE => "interrupt line",
+        INTERRUPT_PIN => "interrupt pin",
+        0x3e => "min grant",
+        0x3f => "max latency",
+        FIRST_CAPABILITY.. => "capability",
+        _ => "reserved header byte",
     }
 }
 
@@ -388,5 +510,83 @@ mod tests {
         assert_eq!(c.read_u32(a), 0xc201_4411);
         assert!(c.add_capability(&[0; 200], &[0; 200]).is_err());
         assert!(c.add_capability(&[0], &[0]).is_err());
+    }
+
+    /// A function with a 64-bit BAR, a 32-bit BAR and a capability with one
+    /// writable byte, as a device constructor would build it.
+    fn device() -> PciConfig {
+        let mut c = PciConfig::new(&ids());
+        c.add_bar(0, BarSpec { size: 0x8000, kind: BarKind::Memory64, prefetchable: false }).unwrap();
+        c.add_bar(2, BarSpec { size: 0x1000, kind: BarKind::Memory32, prefetchable: true }).unwrap();
+        c.add_capability(&[0x11, 0, 7, 0], &[0, 0, 0, 0xc0]).unwrap();
+        c
+    }
+
+    #[test]
+    fn save_and_restore_carry_what_the_guest_wrote() {
+        let mut c = device();
+        c.write(COMMAND, &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes());
+        c.write(BAR0, &0x0000_0000u32.to_le_bytes());
+        c.write(BAR0 + 4, &0x10u32.to_le_bytes());
+        // BAR 2 caught mid-probe: it must still read back its size mask.
+        c.write(BAR0 + 8, &[0xff; 4]);
+        c.write(INTERRUPT_LINE, &[11]);
+        c.write(0x43, &[0xc0]);
+        let state = c.save();
+        assert_eq!(state.bytes.len(), CONFIG_SPACE_SIZE);
+        let wire = serde_json::to_string(&state).unwrap();
+
+        let mut d = device();
+        d.restore(serde_json::from_str(&wire).unwrap()).unwrap();
+        assert_eq!(d.save(), state);
+        assert_eq!(d.bar_address(0), Some(0x10_0000_0000));
+        assert_eq!(d.read_u32(BAR0 + 8), 0xffff_f008);
+        assert_eq!(d.command(), COMMAND_MEMORY | COMMAND_BUS_MASTER);
+        assert_eq!(d.read_u8(INTERRUPT_LINE), 11);
+        assert_eq!(d.read_u8(0x43), 0xc0);
+        // Masks came from construction and still hold.
+        d.write(VENDOR_ID, &[0; 2]);
+        assert_eq!(d.read_u16(VENDOR_ID), 0x1af4);
+    }
+
+    #[test]
+    fn restore_refuses_another_device_or_a_misplaced_bar() {
+        let mut source = device();
+        source.write(BAR0 + 8, &0xd000_0000u32.to_le_bytes());
+        let good = source.save();
+        let mut d = device();
+        d.write(INTERRUPT_LINE, &[5]);
+        let before = d.save();
+        let refuse = |d: &mut PciConfig, edit: &dyn Fn(&mut Vec<u8>), why: &str| {
+            let mut state = good.clone();
+            edit(&mut state.bytes);
+            let e = d.restore(state).unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        };
+        refuse(&mut d, &|b| b.truncate(64), "of 64 bytes");
+        refuse(&mut d, &|b| b.resize(4096, 0), "of 4096 bytes");
+        refuse(&mut d, &|b| b[VENDOR_ID] = 0xf5, "vendor id (byte 0x0)");
+        refuse(&mut d, &|b| b[DEVICE_ID] ^= 1, "device id");
+        refuse(&mut d, &|b| b[CLASS_PROG_IF + 2] = 2, "class code");
+        // A 32-bit BAR address inside the BAR's size, and a 64-bit one.
+        refuse(
+            &mut d,
+            &|b| b[BAR0 + 9] |= 0x08,
+            "BAR 2 address 0xd0000800 is not aligned to its size 0x1000",
+        );
+        refuse(&mut d, &|b| b[BAR0] |= 0x10, "BAR 0 address 0x10 is not aligned");
+        // Kind bits: a 32-bit BAR where this device has a 64-bit one.
+        refuse(&mut d, &|b| b[BAR0] &= !0x4, "BAR 0 type bits 0x0");
+        refuse(&mut d, &|b| b[BAR0 + 8] &= !0x8, "BAR 2 type bits");
+        // A BAR this device does not have.
+        refuse(&mut d, &|b| b[BAR0 + 12] = 0x10, "BAR register (byte 0x1c)");
+        // Capability structure: id, link, read-only body.
+        refuse(&mut d, &|b| b[0x40] = 0x05, "capability (byte 0x40)");
+        refuse(&mut d, &|b| b[0x42] = 8, "capability (byte 0x42)");
+        refuse(&mut d, &|b| b[CAPABILITIES_POINTER] = 0x50, "capabilities pointer");
+        refuse(&mut d, &|b| b[INTERRUPT_PIN] = 1, "interrupt pin");
+        assert_eq!(d.save(), before, "a refused restore changes nothing");
+        d.restore(good.clone()).unwrap();
+        assert_eq!(d.save(), good);
     }
 }

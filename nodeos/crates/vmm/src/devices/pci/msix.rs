@@ -6,10 +6,18 @@
 //! entries that can fire: MSI-X enabled, function not masked, entry not masked.
 //! A trigger of a vector that cannot fire sets its pending bit; the interrupt
 //! is delivered when the vector becomes able to fire.
+//!
+//! [`Msix::save`] / [`Msix::restore`] carry the table, the pending bits and the
+//! enable/function-mask state across a migration; they are called by the
+//! owning device with the rest of its state (the virtio transport does), not
+//! by the PCI root, which saves only configuration space.
 
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+
 use crate::devices::interrupt::{InterruptError, MsiMessage, MsiVectors};
+use crate::state::StateError;
 
 pub const MSIX_CAP_ID: u8 = 0x11;
 /// Bytes per table entry.
@@ -43,6 +51,30 @@ impl Entry {
             _ => self.control = v & ENTRY_MASKED,
         }
     }
+}
+
+/// One saved table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixEntryState {
+    /// Message address, low dword (dword aligned).
+    pub addr_lo: u32,
+    pub addr_hi: u32,
+    pub data: u32,
+    /// The vector control's mask bit (its other bits are reserved, read 0).
+    pub masked: bool,
+}
+
+/// The MSI-X state of one device: table, pending bits, and the enable and
+/// function-mask bits of the message control word (which the device's
+/// configuration space also holds; both are saved from the same source).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    /// One per vector, in table order.
+    pub entries: Vec<MsixEntryState>,
+    /// The pending bit of each vector.
+    pub pending: Vec<bool>,
+    pub enabled: bool,
+    pub function_masked: bool,
 }
 
 struct State {
@@ -219,6 +251,79 @@ impl Msix {
         }
     }
 
+    /// The table, pending bits and control bits, for a snapshot or a migration.
+    pub fn save(&self) -> MsixState {
+        let s = self.lock();
+        MsixState {
+            entries: s
+                .entries
+                .iter()
+                .map(|e| MsixEntryState {
+                    addr_lo: e.addr_lo,
+                    addr_hi: e.addr_hi,
+                    data: e.data,
+                    masked: e.control & ENTRY_MASKED != 0,
+                })
+                .collect(),
+            pending: s.pending.clone(),
+            enabled: s.enabled,
+            function_masked: s.function_masked,
+        }
+    }
+
+    /// Loads a state saved from a device with the same number of vectors, then
+    /// makes KVM's routing match it: every entry that can fire (MSI-X enabled,
+    /// function and entry unmasked) is routed through [`MsiVectors::configure`]
+    /// on this host's vectors, every other one unrouted. A pending bit of a
+    /// vector that can fire is delivered and cleared, as a device does when a
+    /// vector gets unmasked; the others stay pending. Because of that delivery,
+    /// restore after the vCPUs' local APIC state, which would otherwise
+    /// overwrite the interrupt.
+    ///
+    /// Refused, with nothing changed, if the entry or pending-bit count differs
+    /// from this device's vector count or a message address is not dword
+    /// aligned. A routing failure is logged and leaves the vector unrouted, as
+    /// for a guest write (its interrupts pend until the next update).
+    pub fn restore(&self, state: MsixState) -> Result<(), StateError> {
+        let err = |reason: String| StateError::new("msix", reason);
+        let mut s = self.lock();
+        let count = s.entries.len();
+        if state.entries.len() != count {
+            return Err(err(format!(
+                "{} table entries, this device has {count} vectors",
+                state.entries.len()
+            )));
+        }
+        if state.pending.len() != count {
+            return Err(err(format!(
+                "{} pending bits, this device has {count} vectors",
+                state.pending.len()
+            )));
+        }
+        if let Some((v, e)) = state.entries.iter().enumerate().find(|(_, e)| e.addr_lo & 0x3 != 0) {
+            return Err(err(format!("entry {v}: message address {:#x} is not dword aligned", e.addr_lo)));
+        }
+        s.entries = state
+            .entries
+            .iter()
+            .map(|e| Entry {
+                addr_lo: e.addr_lo,
+                addr_hi: e.addr_hi,
+                data: e.data,
+                control: if e.masked { ENTRY_MASKED } else { 0 },
+            })
+            .collect();
+        s.pending = state.pending;
+        s.enabled = state.enabled;
+        s.function_masked = state.function_masked;
+        // `routed` is what this host's vectors were told, so syncing pushes
+        // exactly the difference: on a freshly built device, every live entry.
+        for v in 0..count {
+            self.sync(&mut s, v);
+        }
+        Ok(())
+    }
+
     /// A guest read in the PBA (read-only).
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
         let s = self.lock();
@@ -319,5 +424,92 @@ mod tests {
         // Masking an entry withdraws its routing.
         msix.write_table(16 + 12, &1u32.to_le_bytes());
         assert!(fake.configured(1).is_none());
+    }
+
+    #[test]
+    fn restore_routes_the_live_entries_on_the_new_vectors() {
+        let fake = FakeMsi::new(3);
+        let msix = Msix::new(fake.clone());
+        msix.set_control(CONTROL_ENABLE);
+        entry(&msix, 0, 0xfee0_0000, 0x41, false);
+        entry(&msix, 1, 0xfee0_1000, 0x42, true);
+        msix.write_table(2 * 16 + 4, &7u32.to_le_bytes());
+        msix.trigger(1).unwrap();
+        let state = msix.save();
+        assert!(state.enabled && !state.function_masked);
+        assert_eq!(state.pending, vec![false, true, false]);
+        let wire = serde_json::to_string(&state).unwrap();
+
+        let dest = FakeMsi::new(3);
+        let restored = Msix::new(dest.clone());
+        restored.restore(serde_json::from_str(&wire).unwrap()).unwrap();
+        assert_eq!(restored.save(), state);
+        assert_eq!(dest.configured(0), Some(MsiMessage { addr_lo: 0xfee0_0000, addr_hi: 0, data: 0x41 }));
+        assert!(dest.configured(1).is_none(), "masked");
+        assert!(dest.configured(2).is_none(), "masked from reset, only its address changed");
+        assert!(dest.triggers().is_empty());
+        assert_eq!(pba(&restored), 0b10);
+        let mut b = [0u8; 8];
+        restored.read_table(2 * 16, &mut b);
+        assert_eq!(b, [0, 0, 0, 0, 7, 0, 0, 0]);
+        // The restored device keeps working: unmasking delivers the pending interrupt.
+        restored.write_table(16 + 12, &0u32.to_le_bytes());
+        assert_eq!(dest.triggers(), vec![1]);
+        restored.trigger(0).unwrap();
+        assert_eq!(dest.triggers(), vec![1, 0]);
+    }
+
+    #[test]
+    fn restore_delivers_pending_bits_only_of_vectors_that_can_fire() {
+        let live = MsixEntryState { addr_lo: 0xfee0_0000, addr_hi: 0, data: 0x41, masked: false };
+        let state = MsixState {
+            entries: vec![live, MsixEntryState { masked: true, ..live }],
+            pending: vec![true, true],
+            enabled: true,
+            function_masked: false,
+        };
+        let dest = FakeMsi::new(2);
+        let msix = Msix::new(dest.clone());
+        msix.restore(state.clone()).unwrap();
+        assert_eq!(dest.triggers(), vec![0]);
+        assert_eq!(pba(&msix), 0b10);
+
+        // Function masked: nothing routed, everything stays pending until unmasked.
+        let dest = FakeMsi::new(2);
+        let msix = Msix::new(dest.clone());
+        msix.restore(MsixState { function_masked: true, ..state }).unwrap();
+        assert!(dest.configured(0).is_none() && dest.triggers().is_empty());
+        assert_eq!(pba(&msix), 0b11);
+        msix.set_control(CONTROL_ENABLE);
+        assert!(dest.configured(0).is_some());
+        assert_eq!(dest.triggers(), vec![0]);
+    }
+
+    #[test]
+    fn restore_refuses_another_vector_count_and_changes_nothing() {
+        let fake = FakeMsi::new(2);
+        let msix = Msix::new(fake.clone());
+        let before = msix.save();
+        let live = MsixEntryState { addr_lo: 0xfee0_0000, addr_hi: 0, data: 0x41, masked: false };
+        let good = MsixState {
+            entries: vec![live; 2],
+            pending: vec![false; 2],
+            enabled: true,
+            function_masked: false,
+        };
+        let refuse = |state: MsixState, why: &str| {
+            let e = msix.restore(state).unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        };
+        refuse(MsixState { entries: vec![live; 3], ..good.clone() }, "3 table entries, this device has 2");
+        refuse(MsixState { entries: vec![], ..good.clone() }, "0 table entries");
+        refuse(MsixState { pending: vec![false; 64], ..good.clone() }, "64 pending bits");
+        let mut odd = good.clone();
+        odd.entries[1].addr_lo = 0xfee0_0002;
+        refuse(odd, "entry 1: message address 0xfee00002 is not dword aligned");
+        assert_eq!(msix.save(), before);
+        assert!(fake.configured(0).is_none() && fake.configured(1).is_none());
+        msix.restore(good).unwrap();
+        assert!(fake.configured(1).is_some());
     }
 }

@@ -46,6 +46,13 @@ pub trait VirtioDevice: Send {
     /// Writes to the device-specific configuration (ignored by default).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops the I/O thread once the request it is serving is done (in-flight
+    /// I/O drains; nothing is cut in half) and returns the queues as they
+    /// stand, their avail/used positions included, so the transport can save
+    /// them or hand them to a later `activate` that continues exactly there.
+    /// A chain taken but not answered is put back on the avail ring. `None`
+    /// when the device is not active. The device is inactive afterwards.
+    fn quiesce(&mut self) -> Option<Vec<Queue>>;
     fn reset(&mut self);
 }
 
@@ -75,6 +82,36 @@ pub struct Activation {
 
 /// Interrupt state shared by the transport (register reads and writes) and the
 /// device's I/O thread (signals).
+/// [`VirtioInterrupt`]'s registers as saved.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InterruptState {
+    pub isr: u8,
+    pub config_vector: u16,
+    pub queue_vectors: Vec<u16>,
+    pub needs_reset: bool,
+    pub config_generation: u32,
+}
+
+impl InterruptState {
+    /// Checks a saved state against a device with `queues` queues and
+    /// `vectors` MSI-X vectors.
+    pub fn check(&self, queues: usize, vectors: u16) -> Result<(), crate::state::StateError> {
+        let err = |r: String| crate::state::StateError::new("virtio interrupt", r);
+        if self.queue_vectors.len() != queues {
+            return Err(err(format!("{} queue vectors for {queues} queues", self.queue_vectors.len())));
+        }
+        if self.isr & !(ISR_QUEUE | ISR_CONFIG) != 0 {
+            return Err(err(format!("ISR {:#x} has unknown bits", self.isr)));
+        }
+        for v in std::iter::once(&self.config_vector).chain(&self.queue_vectors) {
+            if *v != NO_VECTOR && *v >= vectors {
+                return Err(err(format!("vector {v} beyond the {vectors} MSI-X vectors")));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct VirtioInterrupt {
     msix: Arc<Msix>,
     isr: AtomicU8,
@@ -169,6 +206,30 @@ impl VirtioInterrupt {
 
     /// Device reset: vectors unassigned, ISR and NEEDS_RESET cleared. The
     /// generation keeps counting so a driver never sees an old value again.
+    /// The interrupt registers, for a snapshot or a migration.
+    pub fn save(&self) -> InterruptState {
+        InterruptState {
+            isr: self.isr.load(Ordering::Acquire),
+            config_vector: self.config_vector(),
+            queue_vectors: self.queue_vectors.iter().map(|v| v.load(Ordering::Acquire)).collect(),
+            needs_reset: self.needs_reset(),
+            config_generation: self.config_generation.load(Ordering::Acquire),
+        }
+    }
+
+    /// Loads registers saved by [`VirtioInterrupt::save`]; the caller has
+    /// checked the vectors against its MSI-X table ([`InterruptState::check`]).
+    /// Raises nothing: a pending ISR bit stays pending for the driver to read.
+    pub fn restore(&self, s: &InterruptState) {
+        self.isr.store(s.isr, Ordering::Release);
+        self.config_vector.store(s.config_vector, Ordering::Release);
+        for (slot, v) in self.queue_vectors.iter().zip(&s.queue_vectors) {
+            slot.store(*v, Ordering::Release);
+        }
+        self.needs_reset.store(s.needs_reset, Ordering::Release);
+        self.config_generation.store(s.config_generation, Ordering::Release);
+    }
+
     pub fn reset(&self) {
         self.isr.store(0, Ordering::Release);
         self.needs_reset.store(false, Ordering::Release);

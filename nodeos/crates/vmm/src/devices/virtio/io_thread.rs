@@ -2,8 +2,10 @@
 //!
 //! The thread is spawned on activation with a stop eventfd; [`IoThread::stop`]
 //! (also run on drop) signals it and joins, so a reset never leaves a thread or
-//! its file descriptors behind. Everything the thread owns (queues, eventfd
-//! duplicates, the epoll fd) is dropped when its closure returns.
+//! its file descriptors behind. The closure returns what the device needs
+//! back (its queues, so a pause for migration can read their indices and a
+//! resume can continue from them); everything else it owns (eventfd
+//! duplicates, the epoll fd) is dropped when it returns.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::thread::JoinHandle;
@@ -11,19 +13,20 @@ use std::thread::JoinHandle;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-/// A running I/O thread.
+/// A running I/O thread whose body returns a `T` when stopped.
 #[derive(Debug)]
-pub struct IoThread {
+pub struct IoThread<T: Send + 'static = ()> {
     stop: EventFd,
-    handle: Option<JoinHandle<()>>,
+    handle: Option<JoinHandle<T>>,
 }
 
-impl IoThread {
+impl<T: Send + 'static> IoThread<T> {
     /// Starts `body` on a thread named `name`; `body` gets a duplicate of the stop
-    /// eventfd and must return soon after it becomes readable.
+    /// eventfd and must return soon after it becomes readable, having finished
+    /// the request it was serving (a stop never cuts a request in half).
     pub fn spawn<F>(name: &str, body: F) -> std::io::Result<Self>
     where
-        F: FnOnce(EventFd) + Send + 'static,
+        F: FnOnce(EventFd) -> T + Send + 'static,
     {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let theirs = stop.try_clone()?;
@@ -31,16 +34,22 @@ impl IoThread {
         Ok(Self { stop, handle: Some(handle) })
     }
 
-    /// Signals the thread and waits for it to finish (idempotent).
-    pub fn stop(&mut self) {
-        let Some(handle) = self.handle.take() else { return };
+    /// Signals the thread and waits for it to finish (idempotent); returns
+    /// what its body returned (`None` if it was already stopped, could not be
+    /// signalled, or panicked).
+    pub fn stop(&mut self) -> Option<T> {
+        let handle = self.handle.take()?;
         if let Err(e) = self.stop.write(1) {
             // Without the signal join could hang forever; leak the thread instead.
             tracing::error!(error = %e, "cannot signal a device I/O thread to stop");
-            return;
+            return None;
         }
-        if handle.join().is_err() {
-            tracing::error!("device I/O thread panicked");
+        match handle.join() {
+            Ok(v) => Some(v),
+            Err(_) => {
+                tracing::error!("device I/O thread panicked");
+                None
+            }
         }
     }
 
@@ -49,7 +58,7 @@ impl IoThread {
     }
 }
 
-impl Drop for IoThread {
+impl<T: Send + 'static> Drop for IoThread<T> {
     fn drop(&mut self) {
         self.stop();
     }

@@ -25,16 +25,17 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::device::{Activation, VirtioDevice, VirtioInterrupt};
+use super::device::{Activation, InterruptState, VirtioDevice, VirtioInterrupt};
 use super::{
-    NO_VECTOR, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, TYPE_BLOCK, TYPE_NET,
-    VIRTIO_F_VERSION_1,
+    NO_VECTOR, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET, TYPE_BLOCK, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::devices::interrupt::{InterruptError, IoEvents, MsiAllocator};
 use crate::devices::pci::PciDevice;
 use crate::devices::pci::config::{BarKind, BarSpec, PciConfig, PciConfigError, PciIds};
-use crate::devices::pci::msix::{MSIX_CONTROL, Msix};
+use crate::devices::pci::msix::{MSIX_CONTROL, Msix, MsixState};
 use crate::memory::GuestMem;
+use crate::state::StateError;
 
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 /// Modern device ids are 0x1040 + the virtio device type.
@@ -113,6 +114,74 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     queues: Vec<Queue>,
     active: bool,
+    /// The I/O thread is stopped for a snapshot or migration (`queues` then
+    /// hold its positions); [`VirtioPciDevice::resume_io`] restarts it.
+    io_paused: bool,
+}
+
+/// A virtqueue's registers and ring positions (virtio-queue's `QueueState`,
+/// which is not serializable).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueRegs {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+impl From<virtio_queue::QueueState> for QueueRegs {
+    fn from(q: virtio_queue::QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<&QueueRegs> for virtio_queue::QueueState {
+    fn from(q: &QueueRegs) -> Self {
+        Self {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+        }
+    }
+}
+
+/// A virtio PCI function's transport state: common configuration, queues,
+/// interrupts and MSI-X table. Saved with the device's I/O paused. The PCI
+/// configuration space (BAR addresses, command register) is the root's to save.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VirtioPciState {
+    pub device_type: u16,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    pub status: u8,
+    pub queue_select: u16,
+    pub queues: Vec<QueueRegs>,
+    pub interrupt: InterruptState,
+    pub msix: MsixState,
+    /// The driver had the device running (DRIVER_OK accepted).
+    pub active: bool,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -208,12 +277,18 @@ impl VirtioPciDevice {
             queue_select: 0,
             queues,
             active: false,
+            io_paused: false,
         })
     }
 
     /// Device status as the driver reads it.
     pub fn status(&self) -> u8 {
         self.status | if self.interrupt.needs_reset() { STATUS_NEEDS_RESET } else { 0 }
+    }
+
+    /// The virtio device type (block, net, rng...).
+    pub fn device_type(&self) -> u16 {
+        self.device.device_type()
     }
 
     pub fn is_active(&self) -> bool {
@@ -237,9 +312,110 @@ impl VirtioPciDevice {
         self.queues.get(usize::from(self.queue_select))
     }
 
+    /// Stops the device's I/O thread once the request in hand is done, and
+    /// keeps its queue positions, so the device can be saved with nothing in
+    /// flight. Guest-visible registers do not change; the guest's vCPUs should
+    /// be paused first, so nothing new arrives.
+    pub fn pause_io(&mut self) {
+        if !self.active || self.io_paused {
+            return;
+        }
+        match self.device.quiesce() {
+            Some(queues) if queues.len() == self.queues.len() => self.queues = queues,
+            // The thread died (it reported why): the positions are lost.
+            _ => self.interrupt.set_needs_reset(),
+        }
+        self.io_paused = true;
+    }
+
+    /// Restarts I/O stopped by [`VirtioPciDevice::pause_io`] (or left stopped
+    /// by [`VirtioPciDevice::restore`]) from the queue positions held.
+    pub fn resume_io(&mut self) {
+        if !std::mem::take(&mut self.io_paused) {
+            return;
+        }
+        if self.active && !self.interrupt.needs_reset() {
+            self.activate();
+        }
+    }
+
+    /// The transport's state. Pause I/O first, or the queue positions are
+    /// those of the last activation.
+    pub fn save(&self) -> VirtioPciState {
+        VirtioPciState {
+            device_type: self.device.device_type(),
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            queue_select: self.queue_select,
+            queues: self.queues.iter().map(|q| QueueRegs::from(q.state())).collect(),
+            interrupt: self.interrupt.save(),
+            msix: self.msix.save(),
+            active: self.active,
+        }
+    }
+
+    /// Loads a state saved from the same kind of device. I/O stays stopped
+    /// until [`VirtioPciDevice::resume_io`]. On error nothing changed.
+    pub fn restore(&mut self, s: VirtioPciState) -> Result<(), StateError> {
+        let err = |r: String| StateError::new("virtio transport", r);
+        let kind = self.device.device_type();
+        if s.device_type != kind {
+            return Err(err(format!("saved from a device of type {}, this one is {kind}", s.device_type)));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(err(format!(
+                "{} queues saved, the device has {}",
+                s.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let known =
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK | STATUS_FAILED;
+        if s.status & !known != 0 {
+            return Err(err(format!("status {:#x} has unknown bits", s.status)));
+        }
+        if s.driver_features & !self.device.features() != 0 {
+            return Err(err(format!(
+                "driver features {:#x} beyond those offered {:#x}",
+                s.driver_features,
+                self.device.features()
+            )));
+        }
+        let active = s.active && s.status & STATUS_DRIVER_OK != 0 && s.status & STATUS_FEATURES_OK != 0;
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (index, (regs, mine)) in s.queues.iter().zip(&self.queues).enumerate() {
+            if regs.max_size != mine.max_size() {
+                return Err(err(format!("queue {index} max size {} != {}", regs.max_size, mine.max_size())));
+            }
+            let q = Queue::try_from(virtio_queue::QueueState::from(regs))
+                .map_err(|e| err(format!("queue {index}: {e}")))?;
+            if active && q.ready() && !q.is_valid(&self.mem) {
+                return Err(err(format!("queue {index} lies outside guest memory")));
+            }
+            queues.push(q);
+        }
+        s.interrupt.check(self.queues.len(), self.msix.count()).map_err(|e| err(e.reason))?;
+        // Last fallible step, so a refusal leaves everything as it was.
+        self.msix.restore(s.msix)?;
+        self.device.reset();
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.queue_select = s.queue_select;
+        self.queues = queues;
+        self.interrupt.restore(&s.interrupt);
+        self.active = active;
+        self.io_paused = active;
+        Ok(())
+    }
+
     fn reset(&mut self) {
         self.device.reset();
         self.active = false;
+        self.io_paused = false;
         for q in &mut self.queues {
             q.reset();
         }
@@ -551,6 +727,8 @@ mod tests {
     struct Probe {
         log: Arc<Mutex<Vec<String>>>,
         config: [u8; 8],
+        /// The queues of the running activation (what an I/O thread would hold).
+        queues: Option<Vec<Queue>>,
     }
 
     impl VirtioDevice for Probe {
@@ -581,9 +759,15 @@ mod tests {
             if !ready[0] {
                 return Err(ActivateError::QueueNotReady { index: 0 });
             }
+            self.queues = Some(a.queues);
             Ok(())
         }
+        fn quiesce(&mut self) -> Option<Vec<Queue>> {
+            self.log.lock().unwrap().push("quiesce".into());
+            self.queues.take()
+        }
         fn reset(&mut self) {
+            self.queues = None;
             self.log.lock().unwrap().push("reset".into());
         }
     }

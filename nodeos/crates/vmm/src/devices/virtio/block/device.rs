@@ -45,7 +45,7 @@ pub struct Block {
     backend: Arc<dyn BlockBackend>,
     id: [u8; ID_BYTES],
     counters: Arc<BlockCounters>,
-    thread: Option<IoThread>,
+    thread: Option<IoThread<Queue>>,
     sizes: [u16; 1],
 }
 
@@ -133,6 +133,10 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        self.thread.take()?.stop().map(|q| vec![q])
+    }
+
     fn reset(&mut self) {
         // Dropping the I/O thread signals it and joins it.
         self.thread = None;
@@ -156,7 +160,7 @@ struct BlockWorker {
 }
 
 impl BlockWorker {
-    fn run(mut self, notify: &EventFd, stop: &EventFd) {
+    fn run(mut self, notify: &EventFd, stop: &EventFd) -> Queue {
         let poller = Poller::new().and_then(|p| {
             p.add(borrow_fd(notify), TOKEN_NOTIFY, nix::sys::epoll::EpollFlags::EPOLLIN)?;
             p.add(borrow_fd(stop), TOKEN_STOP, nix::sys::epoll::EpollFlags::EPOLLIN)?;
@@ -167,7 +171,7 @@ impl BlockWorker {
             Err(e) => {
                 tracing::error!(error = %e, "virtio-blk cannot wait for requests");
                 self.interrupt.set_needs_reset();
-                return;
+                return self.queue;
             }
         };
         // Requests the driver queued before the thread started.
@@ -178,12 +182,12 @@ impl BlockWorker {
                 Err(e) => {
                     tracing::error!(error = %e, "virtio-blk wait failed");
                     self.interrupt.set_needs_reset();
-                    return;
+                    return self.queue;
                 }
             };
             for (token, _) in events {
                 if token == TOKEN_STOP {
-                    return;
+                    return self.queue;
                 }
                 drain(notify);
                 self.process();

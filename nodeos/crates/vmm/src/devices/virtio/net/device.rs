@@ -62,7 +62,7 @@ pub struct Net {
     mac: [u8; 6],
     backend: Arc<dyn FrameBackend>,
     counters: Arc<NetCounters>,
-    thread: Option<IoThread>,
+    thread: Option<IoThread<Vec<Queue>>>,
     sizes: [u16; 2],
 }
 
@@ -134,6 +134,10 @@ impl VirtioDevice for Net {
         Ok(())
     }
 
+    fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        self.thread.take()?.stop()
+    }
+
     fn reset(&mut self) {
         // Dropping the I/O thread signals it and joins it.
         self.thread = None;
@@ -196,7 +200,7 @@ impl NetWorker {
         }
     }
 
-    fn run(mut self, rx_fd: &EventFd, tx_fd: &EventFd, stop: &EventFd) {
+    fn run(mut self, rx_fd: &EventFd, tx_fd: &EventFd, stop: &EventFd) -> Vec<Queue> {
         let backend = self.backend.clone();
         let poller = Poller::new().and_then(|p| {
             p.add(borrow_fd(rx_fd), TOKEN_RX, EpollFlags::EPOLLIN)?;
@@ -210,7 +214,7 @@ impl NetWorker {
             Err(e) => {
                 tracing::error!(error = %e, "virtio-net cannot wait for frames");
                 self.interrupt.set_needs_reset();
-                return;
+                return vec![self.rx, self.tx];
             }
         };
         let mut interest = EpollFlags::EPOLLIN;
@@ -235,12 +239,12 @@ impl NetWorker {
                 Err(e) => {
                     tracing::error!(error = %e, "virtio-net wait failed");
                     self.interrupt.set_needs_reset();
-                    return;
+                    return vec![self.rx, self.tx];
                 }
             };
             for (token, flags) in events {
                 match token {
-                    TOKEN_STOP => return,
+                    TOKEN_STOP => return vec![self.rx, self.tx],
                     TOKEN_RX => {
                         drain(rx_fd);
                         self.rx_starved = false;

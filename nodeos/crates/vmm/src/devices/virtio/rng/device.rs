@@ -57,7 +57,7 @@ type Source = Box<dyn FnMut(&mut [u8]) -> usize + Send>;
 pub struct Rng {
     limit: RateLimit,
     counters: Arc<RngCounters>,
-    thread: Option<IoThread>,
+    thread: Option<IoThread<Queue>>,
     sizes: [u16; 1],
 }
 
@@ -116,6 +116,10 @@ impl VirtioDevice for Rng {
             .map_err(ActivateError::Thread)?;
         self.thread = Some(thread);
         Ok(())
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        self.thread.take()?.stop().map(|q| vec![q])
     }
 
     fn reset(&mut self) {
@@ -197,7 +201,7 @@ impl RngWorker {
         }
     }
 
-    fn run(mut self, notify: &EventFd, stop: &EventFd) {
+    fn run(mut self, notify: &EventFd, stop: &EventFd) -> Queue {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).and_then(|e| {
             e.add(borrow_fd(notify), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_NOTIFY))?;
             e.add(borrow_fd(stop), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_STOP))?;
@@ -208,7 +212,7 @@ impl RngWorker {
             Err(e) => {
                 tracing::error!(error = %e, "virtio-rng cannot wait for requests");
                 self.interrupt.set_needs_reset();
-                return;
+                return self.into_queue();
             }
         };
         let mut events = [EpollEvent::empty(); 2];
@@ -222,12 +226,12 @@ impl RngWorker {
                 Err(e) => {
                     tracing::error!(error = %e, "virtio-rng wait failed");
                     self.interrupt.set_needs_reset();
-                    return;
+                    return self.into_queue();
                 }
             };
             let ready = &events[..n];
             if ready.iter().any(|e| e.data() == TOKEN_STOP) {
-                return;
+                return self.into_queue();
             }
             if ready.iter().any(|e| e.data() == TOKEN_NOTIFY) {
                 drain(notify);
@@ -236,6 +240,16 @@ impl RngWorker {
             // which just computes a new deadline).
             deadline = self.process(Instant::now());
         }
+    }
+
+    /// The queue as a resumed device must see it: a held chain was taken from
+    /// the avail ring but never answered, so it goes back (it is always the
+    /// last one taken: nothing is taken while one is held).
+    fn into_queue(mut self) -> Queue {
+        if self.held.take().is_some() {
+            self.queue.set_next_avail(self.queue.next_avail().wrapping_sub(1));
+        }
+        self.queue
     }
 
     fn break_queue(&mut self, why: &dyn std::fmt::Display) {
