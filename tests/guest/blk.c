@@ -36,9 +36,22 @@ static void blk_pattern(u64 *w, u64 sector, u64 seed)
 		w[j] = mix64(((sector << 6) | j) ^ (seed << 32));
 }
 
-/* One synchronous request. type IN/OUT with len bytes at buf, or FLUSH (len 0). */
-static int blk_rw(u32 type, u64 sector, void *buf, u32 len, const char *what)
+/* One synchronous request. type IN/OUT with len bytes at buf, or FLUSH (len 0).
+ * On failure returns -1 and describes it in err ("timeout write sector=8",
+ * "write sector=8 status=1 id=0"); does not print. A request that timed out
+ * stays in flight (header, status and buffer are shared), so the next call
+ * first waits for it and fails ("busy ...") if it still has not completed. */
+static int blk_req(u32 type, u64 sector, void *buf, u32 len, const char *what, char *err,
+		   usize errlen)
 {
+	u32 id, ulen;
+	while (blk_vq.avail_idx != blk_vq.last_used) {
+		if (vq_wait(&blk_vq, &id, &ulen, 10000) != 0) {
+			snprintf(err, errlen, "busy %s sector=%lu: an earlier request never completed",
+				 what, sector);
+			return -1;
+		}
+	}
 	struct vring_desc *d = blk_vq.mem->desc;
 	blk_hdr.type = type;
 	blk_hdr.reserved = 0;
@@ -63,35 +76,44 @@ static int blk_rw(u32 type, u64 sector, void *buf, u32 len, const char *what)
 	d[n].next = 0;
 	vq_push(&blk_vq, 0);
 	vq_kick(&blk_vq);
-	u32 id, ulen;
 	if (vq_wait(&blk_vq, &id, &ulen, 10000) != 0) {
-		FAIL("blk FAIL timeout %s sector=%lu", what, sector);
+		snprintf(err, errlen, "timeout %s sector=%lu", what, sector);
 		return -1;
 	}
 	barrier();
 	if (id != 0 || blk_status != 0) {
-		FAIL("blk FAIL %s sector=%lu status=%u id=%u", what, sector, blk_status, id);
+		snprintf(err, errlen, "%s sector=%lu status=%u id=%u", what, sector, blk_status, id);
 		return -1;
 	}
 	return 0;
 }
 
-int blk_test(int required)
+static int blk_rw(u32 type, u64 sector, void *buf, u32 len, const char *what)
 {
-	const char *who = "blk";
+	char err[128];
+	if (blk_req(type, sector, buf, len, what, err, sizeof(err)) != 0) {
+		FAIL("blk FAIL %s", err);
+		return -1;
+	}
+	return 0;
+}
+
+/* Find, initialise and start the first virtio-blk device (one queue of up to 16).
+ * Prints "<who> capacity=<C> readonly=yes|no flush=yes|no". Returns 0, or -1 (a
+ * FAIL line printed; *missing set if there is simply no device, nothing printed). */
+static int blk_open(const char *who, u64 *capacity, int *ro, int *flush, int *missing)
+{
+	*missing = 0;
 	int idx = virtio_find(0x1042, 0x1001);
 	if (idx < 0) {
-		if (required)
-			FAIL("blk FAIL no virtio-blk device");
-		else
-			LOG("blk skip no virtio-blk device");
+		*missing = 1;
 		return -1;
 	}
 	struct virtio_dev *vd = &blk_dev;
 	if (virtio_init(vd, &pci_devs[idx], VIRTIO_BLK_F_RO | VIRTIO_BLK_F_FLUSH, who) != 0)
 		return -1;
 	if (!vd->device) {
-		FAIL("blk FAIL no device config capability");
+		FAIL("%s FAIL no device config capability", who);
 		return -1;
 	}
 	if (virtio_setup_queue(vd, &blk_vq, 0, &blk_vq_mem, who) != 0)
@@ -99,13 +121,31 @@ int blk_test(int required)
 	if (virtio_driver_ok(vd, who) != 0)
 		return -1;
 
-	u64 capacity = virtio_cfg_read64(vd, 0);
-	int ro = (vd->features & VIRTIO_BLK_F_RO) != 0;
-	int flush = (vd->features & VIRTIO_BLK_F_FLUSH) != 0;
-	LOG("blk capacity=%lu readonly=%s flush=%s", capacity, ro ? "yes" : "no", flush ? "yes" : "no");
-	if (capacity == 0) {
-		FAIL("blk FAIL capacity=0");
+	*capacity = virtio_cfg_read64(vd, 0);
+	*ro = (vd->features & VIRTIO_BLK_F_RO) != 0;
+	*flush = (vd->features & VIRTIO_BLK_F_FLUSH) != 0;
+	LOG("%s capacity=%lu readonly=%s flush=%s", who, *capacity, *ro ? "yes" : "no",
+	    *flush ? "yes" : "no");
+	if (*capacity == 0) {
+		FAIL("%s FAIL capacity=0", who);
 		virtio_reset(vd);
+		return -1;
+	}
+	return 0;
+}
+
+int blk_test(int required)
+{
+	struct virtio_dev *vd = &blk_dev;
+	u64 capacity;
+	int ro, flush, missing;
+	if (blk_open("blk", &capacity, &ro, &flush, &missing) != 0) {
+		if (!missing)
+			return -1;
+		if (required)
+			FAIL("blk FAIL no virtio-blk device");
+		else
+			LOG("blk skip no virtio-blk device");
 		return -1;
 	}
 	u64 nsec = cfg.blk_sectors < capacity ? cfg.blk_sectors : capacity;
@@ -156,4 +196,144 @@ int blk_test(int required)
 fail:
 	virtio_reset(vd);
 	return -1;
+}
+
+/* ---------------------------------------------------------------- dirty mode (dirty_blk=1)
+ * One 4 KiB block per pass p: the README's pattern with seed p at sectors
+ * (p % span) * 8 .. + 7, FLUSH (if negotiated), then the block of pass p-1 is read
+ * back and checked for seed p-1. Errors are counted; at most DBLK_LINES FAIL lines
+ * are printed between two reports (dirty_blk_report). */
+#define DBLK_LINES 4
+
+static struct {
+	int active;
+	int flush;
+	u64 span;	  /* blocks of 8 sectors used, from sector 0 */
+	u64 last_written; /* pass whose block was last written (and flushed) fully, 0 = none */
+	u64 writes;	  /* successful 4 KiB writes */
+	u64 verified;	  /* blocks read back and found intact */
+	u64 errors;	  /* errors since the last report */
+	u32 lines;	  /* FAIL lines printed since the last report */
+} dblk;
+
+static void dblk_error(const char *err)
+{
+	failures++;
+	dblk.errors++;
+	if (dblk.lines++ < DBLK_LINES)
+		LOG("dirty blk FAIL %s", err);
+}
+
+/* 0: the word matches; else 1 with the first bad word's index and expected value. */
+static int blk_check_sector(const u64 *got, u64 sector, u64 seed, u32 *word, u64 *want)
+{
+	for (u32 j = 0; j < SECTOR / 8; j++) {
+		u64 w = j == 0 ? BLK_MAGIC : j == 1 ? sector : j == 2 ? seed
+			: mix64(((sector << 6) | j) ^ (seed << 32));
+		if (got[j] != w) {
+			*word = j;
+			*want = w;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+int dirty_blk_open(u64 span)
+{
+	u64 capacity;
+	int ro, flush, missing;
+	memset(&dblk, 0, sizeof(dblk));
+	if (blk_open("dirty blk", &capacity, &ro, &flush, &missing) != 0) {
+		if (missing)
+			LOG("dirty blk skip no virtio-blk device");
+		return -1;
+	}
+	if (ro) {
+		FAIL("dirty blk FAIL read-only device");
+		virtio_reset(&blk_dev);
+		return -1;
+	}
+	if (span > capacity / CHUNK_SECTORS)
+		span = capacity / CHUNK_SECTORS;
+	if (span == 0) {
+		FAIL("dirty blk FAIL capacity=%lu below one 4 KiB block", capacity);
+		virtio_reset(&blk_dev);
+		return -1;
+	}
+	dblk.active = 1;
+	dblk.flush = flush;
+	dblk.span = span;
+	LOG("dirty blk start capacity=%lu span=%lu flush=%s", capacity, span, flush ? "yes" : "no");
+	return 0;
+}
+
+static void dblk_verify(u64 pass)
+{
+	char err[160];
+	u64 seed = pass - 1;
+	u64 s0 = (seed % dblk.span) * CHUNK_SECTORS;
+	u64 *r = (u64 *)rbuf;
+	for (u32 j = 0; j < sizeof(rbuf) / 8; j++)
+		r[j] = 0xa5a5a5a5a5a5a5a5ULL;
+	if (blk_req(VIRTIO_BLK_T_IN, s0, rbuf, sizeof(rbuf), "read", err, sizeof(err)) != 0) {
+		dblk_error(err);
+		return;
+	}
+	for (u64 k = 0; k < CHUNK_SECTORS; k++) {
+		u32 word;
+		u64 want;
+		const u64 *got = (const u64 *)(rbuf + k * SECTOR);
+		gap_tick(); /* computing is progress: only a stopped vCPU is a gap (dirty.c) */
+		if (blk_check_sector(got, s0 + k, seed, &word, &want)) {
+			snprintf(err, sizeof(err),
+				 "mismatch pass=%lu sector=%lu word=%u expected=%016lx found=%016lx", pass,
+				 s0 + k, word, want, got[word]);
+			dblk_error(err);
+			return;
+		}
+	}
+	dblk.verified++;
+}
+
+void dirty_blk_pass(u64 pass)
+{
+	char err[160];
+	if (!dblk.active)
+		return;
+	u64 s0 = (pass % dblk.span) * CHUNK_SECTORS;
+	int check_prev = pass > 1 && dblk.last_written == pass - 1;
+	if (check_prev && ((pass - 1) % dblk.span) * CHUNK_SECTORS == s0) {
+		dblk_verify(pass); /* span 1: the previous block is the one about to be overwritten */
+		check_prev = 0;
+	}
+	for (u64 k = 0; k < CHUNK_SECTORS; k++) {
+		gap_tick();
+		blk_pattern((u64 *)(wbuf + k * SECTOR), s0 + k, pass);
+	}
+	if (blk_req(VIRTIO_BLK_T_OUT, s0, wbuf, sizeof(wbuf), "write", err, sizeof(err)) != 0) {
+		dblk_error(err);
+	} else {
+		dblk.writes++;
+		if (dblk.flush && blk_req(VIRTIO_BLK_T_FLUSH, 0, NULL, 0, "flush", err, sizeof(err)) != 0)
+			dblk_error(err);
+		else
+			dblk.last_written = pass;
+	}
+	if (check_prev)
+		dblk_verify(pass);
+}
+
+void dirty_blk_report(u64 pass)
+{
+	if (!dblk.active)
+		return;
+	if (dblk.errors)
+		LOG("dirty blk FAIL pass=%lu errors=%lu blk_writes=%lu blk_verified=%lu", pass,
+		    dblk.errors, dblk.writes, dblk.verified);
+	else
+		LOG("dirty blk pass=%lu ok blk_writes=%lu blk_verified=%lu", pass, dblk.writes,
+		    dblk.verified);
+	dblk.errors = 0;
+	dblk.lines = 0;
 }

@@ -24,6 +24,53 @@ static inline u64 rotl1(u64 x)
 	return (x << 1) | (x >> 63);
 }
 
+/* Progress stamps (README, mode=dirty): the TSC is read after every page written,
+ * between the pieces of work done between passes, and (through gap_tick, while
+ * gap_ticking) on every serial byte sent, every poll of a virtqueue and every
+ * sector of the dirty_blk pattern computed. The largest
+ * difference between two consecutive readings since the last report is that
+ * report's max_gap_us: the longest time the vCPU ran no guest code, e.g. a VM paused
+ * by a live migration (the host advances the TSC over the pause). Waiting for a
+ * device or the UART is not a gap, the vCPU runs meanwhile. With dirty_stamp_ms, a
+ * "dirty stamp" line is printed whenever that many ms of TSC time have passed since
+ * the previous one (checked at page writes and between passes only). */
+int gap_ticking;
+static u64 last_tsc, max_gap;
+static u64 stamp_cycles, next_stamp, stamp_seq;
+
+static inline u64 tick(void)
+{
+	u64 t = rdtsc();
+	u64 d = t - last_tsc;
+	if ((i64)d > (i64)max_gap) /* a TSC going backwards is no gap */
+		max_gap = d;
+	last_tsc = t;
+	return t;
+}
+
+void gap_tick(void)
+{
+	tick();
+}
+
+static void __attribute__((noinline)) print_stamp(u64 t)
+{
+	LOG("dirty stamp seq=%lu tsc=%lx", stamp_seq++, t);
+	next_stamp = rdtsc() + stamp_cycles;
+}
+
+static inline void progress(void)
+{
+	u64 t = tick();
+	if (stamp_cycles && (i64)(t - next_stamp) >= 0)
+		print_stamp(t);
+}
+
+static u64 cycles_to_us(u64 c)
+{
+	return c / tsc_khz * 1000 + (c % tsc_khz) * 1000 / tsc_khz;
+}
+
 /* word index k (0 <= k < n) of n per page: spread over the page, first and last included */
 static inline u64 word_at(u64 k, u64 n)
 {
@@ -47,9 +94,20 @@ NORETURN void dirty_loop(void)
 	LOG("dirty start base=0x%lx mib=%lu pages=%lu words_per_page=%lu ram_checked=%s", base,
 	    cfg.dirty_mib, pages, nw, ram_known() ? "yes" : "no");
 
+	int failures_before = failures;
+	if (cfg.dirty_blk)
+		dirty_blk_open(cfg.dirty_blk_span ? cfg.dirty_blk_span : 1);
+	if (cfg.dirty_net)
+		dirty_net_open();
+
 	u64 checksum = 0;
 	u64 corrupt_total = 0;
 	u64 next_report = deadline_ms(1000);
+	if (cfg.dirty_stamp_ms)
+		stamp_cycles = (cfg.dirty_stamp_ms < 3600000 ? cfg.dirty_stamp_ms : 3600000) * tsc_khz;
+	last_tsc = next_stamp = rdtsc(); /* the first stamp (seq=0) comes with the first page */
+	max_gap = 0;
+	gap_ticking = 1;
 	int kbd_e0 = 0;
 	for (u64 pass = 1;; pass++) {
 		u32 lines = 0;
@@ -75,36 +133,57 @@ NORETURN void dirty_loop(void)
 				w[j] = v ^ j;
 			}
 			checksum = rotl1(checksum) ^ v;
+			progress();
 		}
+		dirty_blk_pass(pass);
+		progress();
+		dirty_net_poll();
+		progress();
 		/* The host's graceful-shutdown request: the ACPI power button (a GED
 		 * event at port 0x603, bit 0; reading clears it), or Ctrl-Alt-Del from
 		 * the keyboard controller (Del = E0 71 in scancode set 2, E0 53 once
 		 * translated to set 1). Power off cleanly. */
 		if (inb(0x603) & 1) {
 			LOG("dirty pass=%lu checksum=%016lx power button: powering off", pass, checksum);
-			LOG("summary ok");
-			LOG("done");
-			power_off(0);
+			goto off;
 		}
 		for (int n = 0; n < 16 && (inb(0x64) & 1); n++) {
 			u8 code = inb(0x60);
 			if (kbd_e0 && (code == 0x71 || code == 0x53)) {
 				LOG("dirty pass=%lu checksum=%016lx ctrl-alt-del: powering off", pass, checksum);
-				LOG("summary ok");
-				LOG("done");
-				power_off(0);
+				goto off;
 			}
 			kbd_e0 = code == 0xe0;
 		}
 		if (pass == 1 || expired(next_report)) {
-			if (corrupt_total)
-				LOG("dirty pass=%lu checksum=%016lx CORRUPT pages_total=%lu", pass, checksum,
-				    corrupt_total);
+			char extra[80];
+			u64 rx, tx;
+			u64 gap_us = cycles_to_us(max_gap);
+			max_gap = 0; /* before printing: a pause while these lines go out counts next time */
+			if (dirty_net_counts(&rx, &tx))
+				snprintf(extra, sizeof(extra), " max_gap_us=%lu net_rx=%lu net_tx=%lu", gap_us, rx, tx);
 			else
-				LOG("dirty pass=%lu checksum=%016lx ok", pass, checksum);
+				snprintf(extra, sizeof(extra), " max_gap_us=%lu", gap_us);
+			if (corrupt_total)
+				LOG("dirty pass=%lu checksum=%016lx CORRUPT pages_total=%lu%s", pass, checksum,
+				    corrupt_total, extra);
+			else
+				LOG("dirty pass=%lu checksum=%016lx ok%s", pass, checksum, extra);
+			dirty_blk_report(pass);
 			next_report = deadline_ms(1000);
+			progress();
 		}
 	}
+off:
+	/* graceful power-off: FAIL if dirty_blk/dirty_net reported errors */
+	if (failures != failures_before) {
+		LOG("summary FAIL failures=%d", failures);
+		LOG("done");
+		power_off(1);
+	}
+	LOG("summary ok");
+	LOG("done");
+	power_off(0);
 out:
 	LOG("summary FAIL failures=%d", failures);
 	LOG("done");

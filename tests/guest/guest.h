@@ -79,6 +79,10 @@ struct guest_config {
 	char mode[16];
 	u64 dirty_mib;
 	u64 dirty_words;
+	u64 dirty_stamp_ms; /* dirty: a "dirty stamp" line every this many ms (0 = off) */
+	u64 dirty_blk;	    /* dirty: one 4 KiB virtio-blk write + read-back check per pass */
+	u64 dirty_blk_span; /* dirty: blocks of 4 KiB cycled through */
+	u64 dirty_net;	    /* dirty: echo host frames on virtio-net, polled once per pass */
 	u64 net_frames;
 	u64 net_wait_ms;
 	u64 net_expect;
@@ -194,6 +198,17 @@ int vq_wait(struct virtq *q, u32 *id, u32 *len, u64 timeout_ms);
 int blk_test(int required);
 int net_test(int required);
 NORETURN void dirty_loop(void);
+/* dirty.c: while gap_ticking, serial output and virtqueue polling call gap_tick()
+ * (a TSC reading for max_gap_us: time spent waiting on a device is not a gap) */
+extern int gap_ticking;
+void gap_tick(void);
+/* dirty mode I/O (blk.c, net.c), see README.md */
+int dirty_blk_open(u64 span);
+void dirty_blk_pass(u64 pass);
+void dirty_blk_report(u64 pass);
+int dirty_net_open(void);
+void dirty_net_poll(void);
+int dirty_net_counts(u64 *rx, u64 *tx);
 int exits_bench(void);
 NORETURN void idle_forever(void);
 int blk_bench(void);

@@ -141,6 +141,8 @@ void serial_putc(char c)
 			break;
 		cpu_relax();
 	}
+	if (gap_ticking)
+		gap_tick(); /* mode=dirty: sending is progress, see dirty.c */
 	outb(COM1 + UART_THR, (u8)c);
 }
 

@@ -161,6 +161,10 @@ static void parse_cmdline(void)
 	memcpy(cfg.mode, "all", 4);
 	cfg.dirty_mib = 16;
 	cfg.dirty_words = 8;
+	cfg.dirty_stamp_ms = 0;
+	cfg.dirty_blk = 0;
+	cfg.dirty_blk_span = 64;
+	cfg.dirty_net = 0;
 	cfg.net_frames = 4;
 	cfg.net_wait_ms = 10000;
 	cfg.net_expect = 0;
@@ -202,6 +206,14 @@ static void parse_cmdline(void)
 			set_u64("dirty_mib", v, vlen, &cfg.dirty_mib);
 		else if (KEY("dirty_words"))
 			set_u64("dirty_words", v, vlen, &cfg.dirty_words);
+		else if (KEY("dirty_stamp_ms"))
+			set_u64("dirty_stamp_ms", v, vlen, &cfg.dirty_stamp_ms);
+		else if (KEY("dirty_blk"))
+			set_u64("dirty_blk", v, vlen, &cfg.dirty_blk);
+		else if (KEY("dirty_blk_span"))
+			set_u64("dirty_blk_span", v, vlen, &cfg.dirty_blk_span);
+		else if (KEY("dirty_net"))
+			set_u64("dirty_net", v, vlen, &cfg.dirty_net);
 		else if (KEY("net_frames"))
 			set_u64("net_frames", v, vlen, &cfg.net_frames);
 		else if (KEY("net_wait_ms"))

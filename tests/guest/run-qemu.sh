@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Build the nodeos test guest and boot it under QEMU in several configurations.
 #
-#   tests/guest/run-qemu.sh [CASE...]      cases: boot all q35 readonly missing crash microvm dirty exits blkbench
+#   tests/guest/run-qemu.sh [CASE...]      cases: boot all q35 readonly missing crash microvm dirty dirtyio exits blkbench
 #                                          (default: all of them) and idle (only when named)
 #
 # Environment:
 #   ACCELS="kvm tcg"     accelerators to try (kvm is skipped, loudly, without a usable /dev/kvm)
 #   QEMU=qemu-system-x86_64
 #   RUN_TIMEOUT=120      seconds per QEMU run (every run is bounded by timeout(1))
-#   DIRTY_SECS=15        how long the dirty-mode run lasts (it never ends by itself)
+#   DIRTY_SECS=15        how long each dirty-mode run (dirty, dirtyio) lasts (it never ends by itself)
 #   IDLE_SECS=15         how long the idle-mode run lasts (it never ends by itself)
 #   KEEP_LOGS=1          keep the per-run logs directory even on success
 #
@@ -30,7 +30,7 @@ command -v "$QEMU" >/dev/null || { echo "run-qemu: FAIL $QEMU not found"; exit 1
 
 OUT=$(mktemp -d /tmp/nodeos-test-guest.XXXXXX)
 CASES=("$@")
-[ ${#CASES[@]} -eq 0 ] && CASES=(boot all q35 readonly missing crash microvm dirty exits blkbench)
+[ ${#CASES[@]} -eq 0 ] && CASES=(boot all q35 readonly missing crash microvm dirty dirtyio exits blkbench)
 
 passed=0
 failed=0
@@ -89,7 +89,8 @@ case_boot() { # default pc machine with its default devices, no virtio
 		'^NODEOS-GUEST: pci 00:00\.0 vendor=8086 device=1237 class=060000$' && pass "$name"
 }
 
-# net_case NAME ACCEL APPEND PEER-ARGS -- QEMU-ARGS...  (runs host_peer.py alongside)
+# net_case NAME ACCEL APPEND PEER-ARGS -- QEMU-ARGS...  (runs host_peer.py alongside;
+# QEMU is bounded by NET_CASE_SECS, default RUN_TIMEOUT)
 net_case() {
 	local name=$1 accel=$2 append=$3 peer_args=$4
 	shift 5
@@ -103,7 +104,7 @@ net_case() {
 	local peer=$!
 	local i
 	for i in $(seq 100); do [ -e "$ready" ] && break; sleep 0.1; done # the guest announces only once
-	qemu_run "$log" "$RUN_TIMEOUT" "$accel" "$append" \
+	qemu_run "$log" "${NET_CASE_SECS:-$RUN_TIMEOUT}" "$accel" "$append" \
 		-netdev "socket,id=n0,udp=127.0.0.1:$a,localaddr=127.0.0.1:$b" "$@"
 	local rc=$?
 	wait "$peer"
@@ -200,12 +201,47 @@ case_dirty() { # runs until timeout; needs >= 2 ok reports (so at least one veri
 	local rc=$?
 	[ "$rc" = 124 ] || { fail "$name" "expected timeout (124), got $rc" "$log"; return; }
 	if grep -aEq 'CORRUPT|FAIL' "$log"; then fail "$name" "corruption reported" "$log"; return; fi
-	grep -aEq '^NODEOS-GUEST: dirty pass=1 checksum=309c1d09e7926803 ok$' "$log" ||
+	grep -aEq '^NODEOS-GUEST: dirty pass=1 checksum=309c1d09e7926803 ok max_gap_us=[0-9]+$' "$log" ||
 		{ fail "$name" "pass 1 checksum differs from the reference" "$log"; return; }
+	if grep -aq 'dirty stamp\|dirty blk\|dirty net' "$log"; then fail "$name" "dirty I/O lines without their keys" "$log"; return; fi
 	local n
-	n=$(grep -acE '^NODEOS-GUEST: dirty pass=[0-9]+ checksum=[0-9a-f]{16} ok$' "$log")
+	n=$(grep -acE '^NODEOS-GUEST: dirty pass=[0-9]+ checksum=[0-9a-f]{16} ok max_gap_us=[0-9]+$' "$log")
 	[ "$n" -ge 2 ] || { fail "$name" "only $n dirty reports in ${DIRTY_SECS}s" "$log"; return; }
 	pass "$name ($n reports, last: $(grep -a 'dirty pass=' "$log" | tail -n1 | cut -d' ' -f3))"
+}
+
+case_dirtyio() { # dirty mode with dirty_blk, dirty_net and progress stamps; runs until timeout
+	local name=$1 accel=$2 img=$OUT/$1.img log=$OUT/$1.log
+	truncate -s 1M "$img"
+	local rcs rc prc
+	rcs=$(NET_CASE_SECS=$DIRTY_SECS net_case "$name" "$accel" \
+		"mode=dirty dirty_blk=1 dirty_net=1 dirty_stamp_ms=200" "--frames 1 --pings 3" -- -nodefaults \
+		-drive "file=$img,if=none,format=raw,id=d0" -device virtio-blk-pci,drive=d0 \
+		-device virtio-net-pci,netdev=n0)
+	read -r rc prc <<<"$rcs"
+	[ "$rc" = 124 ] || { fail "$name" "expected timeout (124), got $rc" "$log"; return; }
+	if grep -aEq 'CORRUPT|FAIL' "$log"; then fail "$name" "corruption or failure reported" "$log"; return; fi
+	[ "$prc" = 0 ] || { fail "$name" "host_peer.py exit $prc" "$log"; return; }
+	local p
+	for p in '^NODEOS-GUEST: dirty blk start capacity=2048 span=64 flush=yes$' \
+		'^NODEOS-GUEST: dirty net start mac=52:54:00:12:34:56$' \
+		'^NODEOS-GUEST: dirty pass=1 checksum=309c1d09e7926803 ok max_gap_us=[0-9]+ net_rx=[0-4] net_tx=[1-5]$' \
+		'^NODEOS-GUEST: dirty pass=[0-9]+ checksum=[0-9a-f]{16} ok max_gap_us=[0-9]+ net_rx=4 net_tx=5$' \
+		'^NODEOS-GUEST: dirty blk pass=1 ok blk_writes=1 blk_verified=0$' \
+		'^NODEOS-GUEST: dirty blk pass=[0-9]+ ok blk_writes=[0-9]+ blk_verified=[1-9][0-9]*$' \
+		'^NODEOS-GUEST: dirty stamp seq=0 tsc=[0-9a-f]+$' '^NODEOS-GUEST: dirty stamp seq=1 tsc=[0-9a-f]+$'; do
+		grep -aEq "$p" "$log" || { fail "$name" "missing /$p/" "$log"; return; }
+	done
+	# stamps: seq 0, 1, 2, ... in order, TSC increasing (the last line may be cut by the kill)
+	grep -a '^NODEOS-GUEST: dirty stamp ' "$log" | head -n -1 | awk '{split($4, s, "="); split($5, t, "=");
+		if (s[2] != NR - 1 || (NR > 1 && length(t[2]) < length(prev)) || (NR > 1 && length(t[2]) == length(prev) && t[2] <= prev)) exit 1;
+		prev = t[2]}' || { fail "$name" "stamp lines out of sequence" "$log"; return; }
+	"$PY" "$HERE/verify_blk.py" "$img" --dirty-span 64 >>"$log" 2>&1 ||
+		{ fail "$name" "disk image does not hold the dirty_blk patterns" "$log"; return; }
+	local n s
+	n=$(grep -acE '^NODEOS-GUEST: dirty blk pass=[0-9]+ ok ' "$log")
+	s=$(grep -ac '^NODEOS-GUEST: dirty stamp ' "$log")
+	pass "$name ($n reports, $s stamps, last: $(grep -a 'dirty pass=' "$log" | tail -n1 | cut -d' ' -f3,5-))"
 }
 
 case_exits() { # benchmark mode: outb loop to an unclaimed port, timed with the TSC

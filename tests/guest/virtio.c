@@ -269,6 +269,8 @@ int vq_wait(struct virtq *q, u32 *id, u32 *len, u64 timeout_ms)
 			return 0;
 		if (expired(dl))
 			return -1;
+		if (gap_ticking)
+			gap_tick();
 		cpu_relax();
 	}
 }

@@ -164,7 +164,12 @@ pub fn spawn(
     let Launched { pid, kill, exit } = launcher.launch(worker_end, log)?;
 
     let seq = 1;
-    let start = control::encode(&ToWorker::Start { seq, version: PROTOCOL_VERSION, config })?;
+    let start = control::encode(&ToWorker::Start {
+        seq,
+        version: PROTOCOL_VERSION,
+        config: Box::new(config),
+        incoming: None,
+    })?;
     let raw: Vec<RawFd> = nic_fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };

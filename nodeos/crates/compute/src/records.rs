@@ -132,6 +132,7 @@ pub fn verdict(
         Some(StopReason::GuestShutdown) if clean => (VmState::Stopped, "the guest powered off".to_owned()),
         Some(StopReason::GuestReset) if clean => (VmState::Stopped, "the guest reset itself".to_owned()),
         Some(StopReason::Killed) if clean => (VmState::Stopped, "stopped".to_owned()),
+        Some(StopReason::Migrated) if clean => (VmState::Stopped, "moved to another node".to_owned()),
         Some(StopReason::GuestCrash) => {
             (VmState::Crashed, format!("guest crashed; {}", describe_exit(status)))
         }

@@ -128,7 +128,7 @@ fn run_fake(
         let seq = msg.seq();
         match msg {
             ToWorker::Start { config, .. } => {
-                configs.lock().unwrap().push(config);
+                configs.lock().unwrap().push(*config);
                 if let Some(why) = &script.refuse_start {
                     say(fd, &FromWorker::Failed { seq, error: why.clone() });
                     return ExitStatus::from_raw(1 << 8);
@@ -139,6 +139,11 @@ fn run_fake(
             ToWorker::Pause { .. } => {
                 say(fd, &FromWorker::Ack { seq });
                 say(fd, &FromWorker::Event(WorkerEvent::Paused));
+            }
+            ToWorker::MigrateOut { .. }
+            | ToWorker::MigrationCommitted { .. }
+            | ToWorker::MigrationAbort { .. } => {
+                say(fd, &FromWorker::Failed { seq, error: "this fake worker does not migrate".into() });
             }
             ToWorker::RequestShutdown { .. } => {
                 say(fd, &FromWorker::Ack { seq });

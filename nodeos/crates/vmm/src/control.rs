@@ -7,6 +7,19 @@
 //! SCM_RIGHTS in the order `NicConfig::fd_index` names. The worker answers
 //! every request with exactly one [`FromWorker::Ack`] or [`FromWorker::Failed`]
 //! carrying the request's `seq`, and sends [`FromWorker::Event`]s on its own.
+//!
+//! Live migration: the source's node sends [`ToWorker::MigrateOut`] with the
+//! TCP stream to the destination attached (connected, timeouts set); the
+//! worker reports [`WorkerEvent::MigrationProgress`], then
+//! [`WorkerEvent::MigrationSent`] (VM frozen, the destination holds it) or
+//! [`WorkerEvent::MigrationFailed`] (VM running as before). The node then
+//! sends [`ToWorker::MigrationCommitted`] (the worker ends, reason
+//! [`StopReason::Migrated`]) or [`ToWorker::MigrationAbort`] (the VM runs
+//! again; also cancels a migration still in pre-copy). The destination's
+//! worker gets [`ToWorker::Start`] with `incoming` set and the accepted
+//! stream as the last descriptor; it builds the VM without booting it,
+//! receives it, reports [`WorkerEvent::MigrationReceived`], and runs it on
+//! [`ToWorker::Resume`].
 
 use serde::{Deserialize, Serialize};
 
@@ -24,7 +37,24 @@ pub enum ToWorker {
     Start {
         seq: u64,
         version: u32,
-        config: WorkerConfig,
+        config: Box<WorkerConfig>,
+        /// An incoming live migration: build the VM empty and receive it
+        /// over the last descriptor attached.
+        #[serde(default)]
+        incoming: Option<MigrationKey>,
+    },
+    /// Migrate the VM out over the attached TCP stream.
+    MigrateOut {
+        seq: u64,
+        params: MigrateOut,
+    },
+    /// The hand-over is committed: end without resuming.
+    MigrationCommitted {
+        seq: u64,
+    },
+    /// No hand-over: cancel the migration, or resume a frozen VM.
+    MigrationAbort {
+        seq: u64,
     },
     Pause {
         seq: u64,
@@ -53,10 +83,32 @@ pub enum ToWorker {
     },
 }
 
+/// The pool key's derived bytes, authenticating the migration stream.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationKey(pub [u8; 32]);
+
+impl std::fmt::Debug for MigrationKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MigrationKey(..)")
+    }
+}
+
+/// How a worker migrates its VM out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateOut {
+    pub key: MigrationKey,
+    pub budget: crate::migration::Budget,
+    /// Stream rate cap, bytes per second.
+    pub bandwidth: Option<u64>,
+}
+
 impl ToWorker {
     pub fn seq(&self) -> u64 {
         match self {
             ToWorker::Start { seq, .. }
+            | ToWorker::MigrateOut { seq, .. }
+            | ToWorker::MigrationCommitted { seq }
+            | ToWorker::MigrationAbort { seq }
             | ToWorker::Pause { seq }
             | ToWorker::Resume { seq }
             | ToWorker::RequestShutdown { seq }
@@ -81,6 +133,16 @@ pub enum WorkerEvent {
         rss_kib: u64,
     },
     Paused,
+    /// A pre-copy pass ended.
+    MigrationProgress(crate::migration::Progress),
+    /// The destination holds the VM; this one is frozen until committed or aborted.
+    MigrationSent(crate::migration::Summary),
+    /// The migration ended without a hand-over; the VM runs here as before.
+    MigrationFailed {
+        error: String,
+    },
+    /// (Destination) the VM is here, restored, and waits for Resume.
+    MigrationReceived,
     /// The guest powered off, reset, or the VM was killed; the worker exits next.
     Stopped {
         reason: StopReason,
@@ -94,6 +156,8 @@ pub enum StopReason {
     Killed,
     /// A vCPU hit something it cannot continue from (triple fault, entry failure).
     GuestCrash,
+    /// The VM moved to another node (a committed live migration).
+    Migrated,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -436,7 +436,12 @@ impl Vm {
         }
     }
 
-    pub fn resume(&mut self) -> Result<(), VcpuError> {
+    /// Unparks paused vCPUs; for an incoming migration's VM waiting for its
+    /// hand-over, this is the start ([`Vm::start_incoming`]).
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        if self.incoming.is_some() {
+            return self.start_incoming();
+        }
         if let Vcpus::Running(set) = &self.vcpus {
             set.resume();
         }

@@ -1,21 +1,27 @@
 //! `nodeos vm-worker`: the process that runs one VM.
 //!
-//! Threads: the main thread builds the VM, then serves the control socket;
-//! one thread per vCPU; one I/O thread per active virtio device; a waiter that
-//! turns platform requests (guest power-off or reset) and vCPU failures into
-//! the worker's end. The worker exits 0 after telling the node why it stopped,
-//! and non-zero only when it could not even report.
+//! Threads: the main thread builds the VM (and, for an incoming migration,
+//! receives it), then waits for the VM's end; a control thread serves the
+//! node's requests; one thread per vCPU; one I/O thread per active virtio
+//! device; a waiter that turns platform requests (guest power-off or reset)
+//! and vCPU failures into the worker's end; during an outgoing migration a
+//! sender thread (and its throttle). The worker exits 0 after telling the
+//! node why it stopped, and non-zero only when it could not even report.
 
 use std::io::{IoSliceMut, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{self, ControlMessageOwned, MsgFlags};
 use tracing::{error, info, warn};
 
 use crate::config::WorkerConfig;
-use crate::control::{self, FromWorker, MAX_MESSAGE, PROTOCOL_VERSION, StopReason, ToWorker, WorkerEvent};
+use crate::control::{
+    self, FromWorker, MAX_MESSAGE, MigrateOut, PROTOCOL_VERSION, StopReason, ToWorker, WorkerEvent,
+};
+use crate::migration::{self, send::SendParams};
 use crate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -119,14 +125,14 @@ pub fn main(control_fd: RawFd) -> ExitCode {
     // SAFETY: the node passed this descriptor as our control socket; nothing
     // else in this process refers to it.
     let ctl = Control { fd: Arc::new(unsafe { OwnedFd::from_raw_fd(control_fd) }) };
-    let (config, nic_fds, seq) = match ctl.recv() {
-        Ok((ToWorker::Start { seq, version, config }, fds)) => {
+    let (config, mut fds, seq, incoming) = match ctl.recv() {
+        Ok((ToWorker::Start { seq, version, config, incoming }, fds)) => {
             if version != PROTOCOL_VERSION {
                 let e = WorkerError::Version(version);
                 ctl.send(&FromWorker::Failed { seq, error: e.to_string() });
                 return ExitCode::FAILURE;
             }
-            (config, fds, seq)
+            (config, fds, seq, incoming)
         }
         Ok((other, _)) => {
             ctl.send(&FromWorker::Failed { seq: other.seq(), error: WorkerError::NotStart.to_string() });
@@ -137,9 +143,22 @@ pub fn main(control_fd: RawFd) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // An incoming migration's stream comes after the NICs' sockets.
+    let incoming = match incoming {
+        Some(key) => match fds.pop() {
+            Some(fd) if fds.len() >= config.nics.len() => Some((key, std::net::TcpStream::from(fd))),
+            _ => {
+                ctl.send(&FromWorker::Failed { seq, error: "no migration stream with the start".into() });
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let nic_fds = fds;
     info!(vm = %config.vm_id, vcpus = config.vcpus, memory_mib = config.memory_mib, "building VM");
     let has_volumes = config.disks.iter().any(|d| d.volume.is_some());
-    let vm = match build(config, nic_fds) {
+    let vm_id = config.vm_id.clone();
+    let vm = match build(*config, nic_fds, incoming.is_some()) {
         Ok(vm) => vm,
         Err(e) => {
             let msg = nodeos_types::error_chain(&e);
@@ -158,15 +177,33 @@ pub fn main(control_fd: RawFd) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ctl.send(&FromWorker::Ack { seq });
-    ctl.send(&FromWorker::Event(WorkerEvent::Running { rss_kib: rss }));
     let vm = Arc::new(Mutex::new(vm));
+    match incoming {
+        Some((key, stream)) => {
+            let pool_key = nodeos_types::auth::PoolKey::from_derived(key.0);
+            let mut progress = |p: &migration::Progress| {
+                ctl.send(&FromWorker::Event(WorkerEvent::MigrationProgress(p.clone())));
+            };
+            match migration::receive::receive(&vm, stream, &vm_id, &pool_key, &mut progress) {
+                // The stream closes here: the source needs nothing more from it.
+                Ok(_) => ctl.send(&FromWorker::Event(WorkerEvent::MigrationReceived)),
+                Err(e) => {
+                    let error = nodeos_types::error_chain(&e);
+                    error!(error = %error, "incoming migration failed");
+                    ctl.send(&FromWorker::Event(WorkerEvent::MigrationFailed { error }));
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => ctl.send(&FromWorker::Event(WorkerEvent::Running { rss_kib: rss })),
+    }
     // The control thread serves requests until the node goes away or asks to kill.
     let control_vm = vm.clone();
     let control = ctl.clone();
     let ends = Vm::end_signal(&vm);
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || serve_control(control, control_vm))
+        .spawn(move || serve_control(control, vm_id, control_vm))
         .map(|_| ())
         .unwrap_or_else(|e| error!(error = %e, "cannot start the control thread"));
     let reason = ends.wait();
@@ -178,20 +215,95 @@ pub fn main(control_fd: RawFd) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn build(config: WorkerConfig, nic_fds: Vec<OwnedFd>) -> Result<Vm, VmError> {
+fn build(config: WorkerConfig, nic_fds: Vec<OwnedFd>, incoming: bool) -> Result<Vm, VmError> {
     config.validate().map_err(VmError::Config)?;
     let console = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&config.console_log)
         .map_err(|e| VmError::Console(config.console_log.display().to_string(), e))?;
-    Vm::build(&config, nic_fds, Box::new(ConsoleLog { file: console }))
+    let console = Box::new(ConsoleLog { file: console });
+    if incoming {
+        Vm::build_incoming(&config, nic_fds, console)
+    } else {
+        Vm::build(&config, nic_fds, console)
+    }
 }
 
-fn serve_control(ctl: Control, vm: Arc<Mutex<Vm>>) {
+/// Where this worker's outgoing migration stands.
+#[derive(Debug, Default)]
+enum Outgoing {
+    #[default]
+    Idle,
+    /// Pre-copy under way; setting the flag cancels it.
+    Sending(Arc<AtomicBool>),
+    /// The destination holds the VM; it stays frozen until commit or abort.
+    Frozen,
+}
+
+type OutgoingSlot = Arc<Mutex<Outgoing>>;
+
+fn slot(s: &OutgoingSlot) -> std::sync::MutexGuard<'_, Outgoing> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts the sender thread of an outgoing migration.
+fn migrate_out(
+    ctl: &Control,
+    vm_id: &str,
+    vm: &Arc<Mutex<Vm>>,
+    out: &OutgoingSlot,
+    params: MigrateOut,
+    fds: Vec<OwnedFd>,
+) -> Result<(), String> {
+    let stream = fds.into_iter().next().ok_or("no migration stream attached")?;
+    let stream = std::net::TcpStream::from(stream);
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let mut s = slot(out);
+        if !matches!(*s, Outgoing::Idle) {
+            return Err("a migration of this VM is already under way".into());
+        }
+        *s = Outgoing::Sending(cancel.clone());
+    }
+    let send = SendParams {
+        vm_id: vm_id.to_string(),
+        pool_key: nodeos_types::auth::PoolKey::from_derived(params.key.0),
+        budget: params.budget,
+        bandwidth: params.bandwidth,
+    };
+    let (ctl, vm, slot_out) = (ctl.clone(), vm.clone(), out.clone());
+    let spawned = std::thread::Builder::new().name("mig-send".into()).spawn(move || {
+        let out = slot_out;
+        let mut progress = |p: &migration::Progress| {
+            ctl.send(&FromWorker::Event(WorkerEvent::MigrationProgress(p.clone())));
+        };
+        let result = migration::send::send(&vm, stream, &send, &cancel, &mut progress);
+        match result {
+            Ok(summary) => {
+                *slot(&out) = Outgoing::Frozen;
+                ctl.send(&FromWorker::Event(WorkerEvent::MigrationSent(summary)));
+            }
+            Err(e) => {
+                *slot(&out) = Outgoing::Idle;
+                let error = nodeos_types::error_chain(&e);
+                warn!(error = %error, "migration failed; the VM runs here as before");
+                ctl.send(&FromWorker::Event(WorkerEvent::MigrationFailed { error }));
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        *slot(out) = Outgoing::Idle;
+        return Err(format!("cannot start the migration thread: {e}"));
+    }
+    Ok(())
+}
+
+fn serve_control(ctl: Control, vm_id: String, vm: Arc<Mutex<Vm>>) {
+    let out = OutgoingSlot::default();
     loop {
-        let msg = match ctl.recv() {
-            Ok((m, _)) => m,
+        let (msg, fds) = match ctl.recv() {
+            Ok(m) => m,
             Err(WorkerError::Closed) => {
                 // The node is gone: nobody supervises this VM any more.
                 Vm::request_end(&vm, StopReason::Killed);
@@ -212,7 +324,7 @@ fn serve_control(ctl: Control, vm: Arc<Mutex<Vm>>) {
             ToWorker::Resume { .. } => vm
                 .lock()
                 .map_err(|_| "VM lock poisoned".to_string())
-                .and_then(|mut v| v.resume().map_err(|e| e.to_string())),
+                .and_then(|mut v| v.resume().map_err(|e| nodeos_types::error_chain(&e))),
             ToWorker::RequestShutdown { .. } => {
                 vm.lock().map_err(|_| "VM lock poisoned".to_string()).map(|v| v.request_shutdown())
             }
@@ -223,6 +335,34 @@ fn serve_control(ctl: Control, vm: Arc<Mutex<Vm>>) {
                 .lock()
                 .map_err(|_| "VM lock poisoned".to_string())
                 .and_then(|v| v.update_volume(layout, own)),
+            ToWorker::MigrateOut { params, .. } => migrate_out(&ctl, &vm_id, &vm, &out, params, fds),
+            ToWorker::MigrationCommitted { .. } => {
+                if matches!(*slot(&out), Outgoing::Frozen) {
+                    ctl.send(&FromWorker::Ack { seq });
+                    info!("migration committed: the VM runs on the destination now");
+                    Vm::request_end(&vm, StopReason::Migrated);
+                    return;
+                }
+                Err("no migration waits for a commit".into())
+            }
+            ToWorker::MigrationAbort { .. } => {
+                let mut s = slot(&out);
+                match &*s {
+                    Outgoing::Sending(cancel) => {
+                        cancel.store(true, Ordering::SeqCst);
+                        Ok(())
+                    }
+                    Outgoing::Frozen => {
+                        *s = Outgoing::Idle;
+                        drop(s);
+                        info!("migration aborted after the copy: the VM runs here again");
+                        vm.lock()
+                            .map_err(|_| "VM lock poisoned".to_string())
+                            .and_then(|mut v| v.unfreeze().map_err(|e| nodeos_types::error_chain(&e)))
+                    }
+                    Outgoing::Idle => Err("no migration of this VM is under way".into()),
+                }
+            }
             ToWorker::Kill { .. } => {
                 ctl.send(&FromWorker::Ack { seq });
                 Vm::request_end(&vm, StopReason::Killed);

@@ -45,7 +45,7 @@ mod tests;
 pub use converge::Budget;
 
 /// How far a migration got, for progress reports.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     /// Pre-copy pass (0: the first, all memory).
     pub pass: u32,
@@ -64,7 +64,7 @@ pub struct Progress {
 }
 
 /// What a finished send measured.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub passes: u32,
     pub bytes_sent: u64,
