@@ -8,6 +8,7 @@
 pub mod block;
 pub mod etcd;
 pub mod load;
+pub mod migrate;
 pub mod nodeos;
 pub mod proc;
 pub mod switch;
