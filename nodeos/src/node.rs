@@ -283,6 +283,17 @@ pub fn main(args: DaemonArgs) -> ExitCode {
     }
 }
 
+/// This node's memory, MiB (`MemTotal`), for VM placement; 0 if unreadable.
+fn local_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
 /// What KVM offers VMs on this node, for the pool's CPU baseline; `None`
 /// without KVM (such a node runs no VMs, so it does not narrow the baseline).
 fn local_cpu() -> Option<nodeos_types::cpu::CpuModel> {
@@ -365,6 +376,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             vxlan_address: cfg.vxlan_advertise.to_string(),
             block_capacity: capacity,
             cpu: local_cpu(),
+            memory_mib: local_memory_mib(),
         },
         meta.clone(),
     );
@@ -373,7 +385,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let networks = Networks::new(meta.clone());
     let exe = std::env::current_exe().context("cannot find this binary to run VM workers")?;
     let compute = Compute::new(
-        ComputeConfig { node_id: me, state_dir: dir.path.join("vms"), pool_key: cfg.key.clone() },
+        ComputeConfig {
+            node_id: me,
+            state_dir: dir.path.join("vms"),
+            pool_key: cfg.key.clone(),
+            migration_address: cfg.advertise.ip(),
+        },
         meta.clone(),
         volumes.clone(),
         networks.clone(),

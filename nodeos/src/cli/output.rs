@@ -58,6 +58,24 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A byte count in binary units (`1.5 GiB`).
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// How long ago a Unix-milliseconds time was (`12 s ago`).
+pub fn time_ms(ms: u64) -> String {
+    let secs = nodeos_types::unix_millis().saturating_sub(ms) / 1000;
+    format!("{secs} s ago")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,4 @@
-//! `nodeos vm create|start|stop|pause|resume|list|show|delete|console`.
+//! `nodeos vm create|start|stop|pause|resume|list|show|delete|console|migrate`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,6 +41,25 @@ pub enum VmCmd {
     List,
     Show {
         vm: String,
+    },
+    /// Live-migrate a running VM to another node; it keeps running through the move.
+    ///
+    /// Examples: `nodeos vm migrate web --to 2`, `nodeos vm migrate web` (the pool
+    /// picks the node with the most free memory), `nodeos vm migrate web --cancel`.
+    Migrate {
+        vm: String,
+        /// Destination node (id or hostname); default: the pool picks one.
+        #[arg(long)]
+        to: Option<String>,
+        /// Longest pause the guest may see, ms.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u32,
+        /// Cap on the migration's bandwidth, MiB/s (default: none).
+        #[arg(long)]
+        bandwidth: Option<u32>,
+        /// Cancel the migration of this VM under way (the VM stays where it is).
+        #[arg(long)]
+        cancel: bool,
     },
     /// Attach to the serial console (output; typed lines go to the guest). Ctrl-D ends.
     Console {
@@ -124,6 +143,14 @@ fn show(format: Format, v: pb::Vm) -> Result<(), CliError> {
         vec!["nics".into(), s.nics.iter().map(nic_text).collect::<Vec<_>>().join(" ")],
         vec!["cloud-init".into(), s.cloud_init.as_ref().map_or_else(|| "-".into(), cloud_init_text)],
         vec!["worker pid".into(), v.worker_pid.to_string()],
+        vec![
+            "migration".into(),
+            if v.migrating_to.is_empty() {
+                "-".into()
+            } else {
+                format!("to node {} since {}", v.migrating_to, output::time_ms(v.migration_started_ms))
+            },
+        ],
     ];
     output::print(format, &v, &["FIELD", "VALUE"], rows)
 }
@@ -291,6 +318,16 @@ pub async fn run(ctx: Ctx, cmd: VmCmd) -> Result<(), CliError> {
             Ok(())
         }
         VmCmd::Show { vm: v } => show(ctx.output, c.get(vm(v)).await?.into_inner()),
+        VmCmd::Migrate { vm: v, to, downtime_ms, bandwidth, cancel } => {
+            let req = pb::MigrateVmRequest {
+                vm: v,
+                to: to.unwrap_or_default(),
+                downtime_ms,
+                bandwidth_mib: bandwidth.unwrap_or(0),
+                cancel,
+            };
+            migrate(ctx.output, &mut c, req).await
+        }
         VmCmd::List => {
             let vms = c.list(pb::ListVmsRequest {}).await?.into_inner().vms;
             let rows = vms.iter().map(row).collect();
@@ -336,6 +373,64 @@ pub async fn run(ctx: Ctx, cmd: VmCmd) -> Result<(), CliError> {
             }
             Ok(())
         }
+    }
+}
+
+/// Follows a migration's progress stream with a bar on standard error
+/// (pass, dirty rate, remaining, expected downtime), then shows the VM.
+async fn migrate(
+    format: Format,
+    c: &mut VmServiceClient<tonic::transport::Channel>,
+    req: pb::MigrateVmRequest,
+) -> Result<(), CliError> {
+    let cancel = req.cancel;
+    let mut stream = c.migrate(req).await?.into_inner();
+    let bar = super::volume::progress_bar(0);
+    let mut last_vm = None;
+    while let Some(p) = stream.next().await {
+        let p = p?;
+        match p.phase.as_str() {
+            "preparing" => bar.set_message(format!("preparing node {}", p.to_node)),
+            "copying" => {
+                bar.set_length(p.memory_bytes);
+                bar.set_position(p.bytes_sent.min(p.memory_bytes));
+                bar.set_message(format!(
+                    "pass {} | {} dirty | {}/s | downtime ~{} ms{}",
+                    p.pass,
+                    output::bytes(p.dirty_pages * 4096),
+                    output::bytes(p.rate_bytes_per_sec),
+                    p.expected_downtime_ms,
+                    if p.throttle_percent > 0 {
+                        format!(" | vCPUs throttled {}%", p.throttle_percent)
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+            "committed" => {
+                bar.finish_and_clear();
+                eprintln!(
+                    "migrated to node {} in {} ms ({} passes, {} sent, paused {} ms)",
+                    p.to_node,
+                    p.total_ms,
+                    p.pass,
+                    output::bytes(p.bytes_sent),
+                    p.paused_ms
+                );
+                last_vm = p.vm;
+            }
+            _ => last_vm = p.vm.or(last_vm),
+        }
+    }
+    bar.finish_and_clear();
+    match last_vm {
+        Some(v) => {
+            if cancel {
+                eprintln!("cancel requested; the VM stays on node {}", v.node_id);
+            }
+            show(format, v)
+        }
+        None => Err(CliError::Status("the migration stream ended without an outcome".into())),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `PeerService`: the node-to-node API (raft, hello, join, forwarding).
+//! `PeerService`: the node-to-node API (raft, hello, join, forwarding, live
+//! migration between nodes).
 //!
 //! Every request must open with this node's pool key (see `nodeos_meta::peer`);
 //! one that does not is refused with `UNAUTHENTICATED` and logged, and nothing
@@ -31,15 +32,17 @@ const REFUSAL_LOG_PEERS: usize = 256;
 pub struct PeerApi {
     meta: MetaHandle,
     formation: Formation,
+    compute: nodeos_compute::Compute,
     /// Keyed by the sender's IP address: every new connection has a new port.
     refusals: Mutex<RefusalLog>,
 }
 
 impl PeerApi {
-    pub fn new(meta: MetaHandle, formation: Formation) -> Self {
+    pub fn new(meta: MetaHandle, formation: Formation, compute: nodeos_compute::Compute) -> Self {
         PeerApi {
             meta,
             formation,
+            compute,
             refusals: Mutex::new(RefusalLog::new(REFUSAL_LOG_EVERY, REFUSAL_LOG_PEERS)),
         }
     }
@@ -107,6 +110,12 @@ impl PeerService for PeerApi {
         let handed_over = sender != join.node.id;
         let r: Result<JoinReply, String> = self.formation.serve_join(join, handed_over).await;
         self.seal(method::JOIN, &r)
+    }
+
+    async fn migration(&self, req: Request<Envelope>) -> Result<Response<Envelope>, Status> {
+        let (sender, m): (_, nodeos_compute::migration::PeerRequest) = self.open(method::MIGRATION, &req)?;
+        let r = self.compute.serve_migration(sender, m).await;
+        self.seal(method::MIGRATION, &r)
     }
 
     async fn forward(&self, req: Request<Envelope>) -> Result<Response<Envelope>, Status> {

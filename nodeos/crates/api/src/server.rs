@@ -73,6 +73,7 @@ pub async fn serve(
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE + 64 * 1024)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE * 4);
     let images = compute.images().clone();
+    let compute_for_peers = compute.clone();
     let vm = VmServiceServer::new(VmApi::new(compute, meta.clone(), networks.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE);
@@ -93,7 +94,7 @@ pub async fn serve(
     let pxe = PxeServiceServer::new(PxeApi::new(meta.clone(), pxe))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE);
-    let peer = PeerServiceServer::new(PeerApi::new(meta, formation))
+    let peer = PeerServiceServer::new(PeerApi::new(meta, formation, compute_for_peers))
         .max_decoding_message_size(MAX_PEER_MESSAGE)
         .max_encoding_message_size(MAX_PEER_MESSAGE);
     // The server's own tcp_nodelay applies only to listeners it binds: set it

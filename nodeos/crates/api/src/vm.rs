@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use nodeos_compute::NicNetwork;
+use nodeos_compute::migration::{MigrateEvent, MigrateOptions};
 use nodeos_compute::{Compute, ComputeError};
 use nodeos_meta::MetaHandle;
 use nodeos_network::Networks;
@@ -109,6 +110,7 @@ pub fn compute_status(e: ComputeError) -> Status {
     match e {
         ComputeError::Spec(s) => Status::invalid_argument(s.to_string()),
         ComputeError::NotFound(_) => Status::not_found(e.to_string()),
+        ComputeError::Migration(_) => Status::failed_precondition(e.to_string()),
         ComputeError::State { .. } => Status::failed_precondition(e.to_string()),
         ComputeError::NameTaken(_) => Status::already_exists(e.to_string()),
         ComputeError::Elsewhere { .. } => Status::failed_precondition(e.to_string()),
@@ -248,10 +250,48 @@ fn to_pb(r: VmRecord, pid: Option<u32>, nets: &PortNetworks) -> pb::Vm {
         created_at_ms: r.created_at_ms,
         updated_at_ms: r.updated_at_ms,
         worker_pid: pid.unwrap_or(0),
+        migrating_to: r.migration.as_ref().map(|m| m.to.to_string()).unwrap_or_default(),
+        migration_started_ms: r.migration.map_or(0, |m| m.started_at_ms),
     }
 }
 
 type ConsoleStream = Pin<Box<dyn Stream<Item = Result<pb::ConsoleOutput, Status>> + Send>>;
+type MigrateStream = Pin<Box<dyn Stream<Item = Result<pb::MigrateVmProgress, Status>> + Send>>;
+
+/// How long a migration may take end to end before a hand-over gives up.
+const MIGRATE_WORK: Duration = Duration::from_secs(14 * 60);
+/// Default downtime budget.
+const DEFAULT_DOWNTIME_MS: u32 = 300;
+
+fn progress_pb(ev: MigrateEvent, nets: &PortNetworks) -> pb::MigrateVmProgress {
+    match ev {
+        MigrateEvent::Preparing { to } => {
+            pb::MigrateVmProgress { phase: "preparing".into(), to_node: to.to_string(), ..Default::default() }
+        }
+        MigrateEvent::Progress { to, progress: p } => pb::MigrateVmProgress {
+            phase: "copying".into(),
+            to_node: to.to_string(),
+            pass: p.pass,
+            dirty_pages: p.dirty_pages,
+            rate_bytes_per_sec: p.rate_bytes_per_sec,
+            expected_downtime_ms: p.expected_downtime_ms,
+            throttle_percent: p.throttle_percent.into(),
+            bytes_sent: p.bytes_sent,
+            memory_bytes: p.memory_bytes,
+            ..Default::default()
+        },
+        MigrateEvent::Committed { vm, summary } => pb::MigrateVmProgress {
+            phase: "committed".into(),
+            to_node: vm.node.to_string(),
+            pass: summary.passes,
+            bytes_sent: summary.bytes_sent,
+            paused_ms: summary.paused_ms,
+            total_ms: summary.total_ms,
+            vm: Some(to_pb(*vm, None, nets)),
+            ..Default::default()
+        },
+    }
+}
 
 /// Unary calls on one VM: run here if it lives here, else once on its node,
 /// which may take `$work` for it. Handed over yet not ours (the VM moved
@@ -336,6 +376,63 @@ impl VmService for VmApi {
     }
 
     type ConsoleStream = ConsoleStream;
+    type MigrateStream = MigrateStream;
+
+    async fn migrate(
+        &self,
+        req: Request<pb::MigrateVmRequest>,
+    ) -> Result<Response<Self::MigrateStream>, Status> {
+        let m = req.get_ref().clone();
+        let r = self.compute.resolve(&m.vm).await.map_err(compute_status)?;
+        if let Route::Forward(node) = route(r.node, self.compute.node_id(), is_proxied(&req)) {
+            let mut c = self.client_for(node, hop_timeout(&req, MIGRATE_WORK)).await?;
+            let remote = c.migrate(mark(req.into_inner())).await?.into_inner();
+            return Ok(Response::new(Box::pin(remote)));
+        }
+        if m.cancel {
+            let r = self.compute.cancel_migration(&m.vm).await.map_err(compute_status)?;
+            let done = pb::MigrateVmProgress {
+                phase: "cancelling".into(),
+                vm: Some(self.answer(r, None).await),
+                ..Default::default()
+            };
+            return Ok(Response::new(Box::pin(futures::stream::iter([Ok(done)]))));
+        }
+        if m.downtime_ms > 60_000 {
+            return Err(Status::invalid_argument(format!(
+                "--downtime-ms {} is above the 60000 allowed",
+                m.downtime_ms
+            )));
+        }
+        let opts = MigrateOptions {
+            to: (!m.to.is_empty()).then(|| m.to.clone()),
+            downtime: Duration::from_millis(u64::from(if m.downtime_ms == 0 {
+                DEFAULT_DOWNTIME_MS
+            } else {
+                m.downtime_ms
+            })),
+            bandwidth_mib: (m.bandwidth_mib > 0).then_some(m.bandwidth_mib),
+        };
+        let nets = self.port_networks([&r]).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let compute = self.compute.clone();
+        let vm = m.vm.clone();
+        let mut run = tokio::spawn(async move { compute.migrate(&vm, opts, tx).await });
+        // The first event, or the refusal, before the stream opens: a bad
+        // request is a plain error status.
+        let first = tokio::select! {
+            ev = rx.recv() => ev,
+            done = &mut run => {
+                return Err(match done {
+                    Ok(Err(e)) => compute_status(e),
+                    Ok(Ok(_)) => Status::internal("migration ended without telling"),
+                    Err(e) => Status::internal(format!("migration task failed: {e}")),
+                });
+            }
+        };
+        let stream = progress_stream(first, rx, run, nets);
+        Ok(Response::new(stream))
+    }
 
     async fn console(
         &self,
@@ -433,6 +530,29 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// The progress stream: the first event, the rest as they come, then the
+/// migration's own end (an error status if it failed).
+fn progress_stream(
+    first: Option<MigrateEvent>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<MigrateEvent>,
+    run: tokio::task::JoinHandle<Result<VmRecord, ComputeError>>,
+    nets: PortNetworks,
+) -> MigrateStream {
+    let head = futures::stream::iter(first.map(|e| Ok(progress_pb(e, &nets))));
+    let nets2 = nets.clone();
+    let events =
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |e| Ok(progress_pb(e, &nets2)));
+    let end = futures::stream::once(async move {
+        match run.await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(Err(compute_status(e))),
+            Err(e) => Some(Err(Status::internal(format!("migration task failed: {e}")))),
+        }
+    })
+    .filter_map(|x| async move { x });
+    Box::pin(head.chain(events).chain(end))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,6 +588,7 @@ mod tests {
             reason: String::new(),
             created_at_ms: 0,
             updated_at_ms: 0,
+            migration: None,
         };
         let back = to_pb(r.clone(), None, &PortNetworks::new()).spec.unwrap();
         assert_eq!(back.cloud_init, Some(ci));

@@ -92,7 +92,12 @@ impl Bed {
         let networks = Networks::new(meta.clone());
         let switch = SwitchHandle::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let compute = Compute::new(
-            ComputeConfig { node_id: ME, state_dir: dir.path().join("vms"), pool_key: test_key() },
+            ComputeConfig {
+                node_id: ME,
+                state_dir: dir.path().join("vms"),
+                pool_key: test_key(),
+                migration_address: std::net::Ipv4Addr::LOCALHOST.into(),
+            },
             meta.clone(),
             volumes.clone(),
             networks.clone(),

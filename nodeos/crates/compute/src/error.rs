@@ -18,6 +18,8 @@ pub enum ComputeError {
     Spec(#[from] SpecError),
     #[error("no VM {0:?} in this pool")]
     NotFound(String),
+    #[error("live migration: {0}")]
+    Migration(String),
     #[error("VM {vm} is {state}; cannot {op} it")]
     State { vm: String, state: &'static str, op: &'static str },
     #[error("a VM named {0:?} already exists")]

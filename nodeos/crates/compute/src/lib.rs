@@ -14,6 +14,9 @@
 //!   socket, requests with acks, events, exit.
 //! - `seed.rs`: [`seed::Seed`], the cloud-init NoCloud seed disk (a FAT image
 //!   labelled `CIDATA`) built for a VM with cloud-init data at every start.
+//! - `migration.rs`: live migration between nodes, as the source and as the
+//!   destination: placement, the peer calls, the commit (one compare-and-swap
+//!   on the VM's record), running the VM that arrived.
 //! - `tap.rs`: host tap devices and the frame relay between a NIC socket and a tap.
 //! - `supervisor.rs`: [`Compute`], the handle the API calls: create, start, stop,
 //!   pause, resume, delete, console; it records every VM in meta and reports a
@@ -28,6 +31,7 @@
 
 pub mod error;
 pub mod images;
+pub mod migration;
 pub mod process;
 pub mod records;
 pub mod seed;

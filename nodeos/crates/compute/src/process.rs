@@ -152,11 +152,14 @@ pub struct Spawned {
 /// Starts a worker and sends it its configuration with the NIC sockets.
 /// The returned process has not acknowledged the start yet: await
 /// [`WorkerProcess::wait_started`].
+/// With `incoming`, the worker receives its VM over the stream passed as the
+/// last descriptor (a live migration) instead of booting it.
 pub fn spawn(
     launcher: &dyn Launcher,
     config: WorkerConfig,
     nic_fds: Vec<OwnedFd>,
     log: std::fs::File,
+    incoming: Option<nodeos_vmm::control::MigrationKey>,
 ) -> Result<Spawned, ProcessError> {
     let (node_end, worker_end) =
         socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
@@ -168,7 +171,7 @@ pub fn spawn(
         seq,
         version: PROTOCOL_VERSION,
         config: Box::new(config),
-        incoming: None,
+        incoming,
     })?;
     let raw: Vec<RawFd> = nic_fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
@@ -260,21 +263,38 @@ impl WorkerProcess {
         make: impl FnOnce(u64) -> ToWorker,
         timeout: Duration,
     ) -> Result<(), ProcessError> {
+        self.request_with_fds(make, Vec::new(), timeout).await
+    }
+
+    /// [`WorkerProcess::request`] with descriptors attached (SCM_RIGHTS); the
+    /// worker holds its own copies once sent.
+    pub async fn request_with_fds(
+        &self,
+        make: impl FnOnce(u64) -> ToWorker,
+        fds: Vec<OwnedFd>,
+        timeout: Duration,
+    ) -> Result<(), ProcessError> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let msg = control::encode(&make(seq))?;
         let rx = self.register(seq);
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsg };
         loop {
             let mut guard = self.ctl.writable().await.map_err(|_| ProcessError::Gone)?;
-            match socket::send(
+            match socket::sendmsg::<()>(
                 guard.get_inner().as_raw_fd(),
-                &msg,
+                &[IoSlice::new(&msg)],
+                cmsgs,
                 MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+                None,
             ) {
                 Ok(_) => break,
                 Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
                 Err(_) => return Err(ProcessError::Gone),
             }
         }
+        drop(fds);
         Self::wait_reply(rx, timeout).await
     }
 

@@ -40,6 +40,16 @@ impl VmRecords {
             .collect()
     }
 
+    /// Every node of the pool (linearizable).
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, ComputeError> {
+        let (kvs, _) = self.meta.range(NODES_PREFIX, 0, Consistency::Linearizable).await?;
+        kvs.into_iter()
+            .map(|kv| {
+                serde_json::from_slice::<NodeRecord>(&kv.value).map_err(|_| ComputeError::Record(kv.key))
+            })
+            .collect()
+    }
+
     /// The pool's CPU baseline: the intersection of what KVM offers on every
     /// node that recorded its CPU (linearizable); `None` when none did.
     pub async fn cpu_baseline(&self) -> Result<Option<nodeos_types::cpu::CpuModel>, ComputeError> {
@@ -68,6 +78,30 @@ impl VmRecords {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| ComputeError::Record(kv.key.clone()))?;
         self.by_id(id).await?.ok_or_else(|| ComputeError::NotFound(vm.to_owned()))
+    }
+
+    /// A VM's record and its revision, for a compare-and-swap (linearizable).
+    pub async fn load(&self, id: VmId) -> Result<(VmRecord, u64), ComputeError> {
+        let (kv, _) = self.meta.get(&vm_key(id), Consistency::Linearizable).await?;
+        let kv = kv.ok_or_else(|| ComputeError::NotFound(id.to_string()))?;
+        let r = serde_json::from_slice(&kv.value).map_err(|_| ComputeError::Record(kv.key.clone()))?;
+        Ok((r, kv.mod_revision))
+    }
+
+    /// Writes `r` and `extra` only if the record is still at revision `rev`:
+    /// the one compare-and-swap that hands a VM over in a live migration.
+    /// `Ok(false)`: the record changed meanwhile; nothing was written.
+    pub async fn swap(&self, r: &mut VmRecord, rev: u64, extra: Vec<Op>) -> Result<bool, ComputeError> {
+        r.updated_at_ms = unix_millis();
+        let v = serde_json::to_vec(r).map_err(|_| ComputeError::Record(r.id.to_string()))?;
+        let mut success = vec![Op::Put { key: vm_key(r.id), value: v }];
+        success.extend(extra);
+        let txn = Txn {
+            compares: vec![Compare::ModRevision { key: vm_key(r.id), equals: rev }],
+            success,
+            failure: vec![],
+        };
+        Ok(self.meta.write(Command::Txn(txn)).await?.succeeded)
     }
 
     async fn by_id(&self, id: VmId) -> Result<Option<VmRecord>, ComputeError> {
@@ -168,6 +202,7 @@ pub fn new_record(id: VmId, name: &str, spec: nodeos_types::records::VmSpec, nod
         reason: "created".into(),
         created_at_ms: now,
         updated_at_ms: now,
+        migration: None,
     }
 }
 

@@ -69,66 +69,77 @@ pub struct ComputeConfig {
     pub state_dir: PathBuf,
     /// Handed to workers whose disks are volumes (replica handshake).
     pub pool_key: PoolKey,
+    /// The address other nodes reach this one at: incoming live migrations listen here.
+    pub migration_address: std::net::IpAddr,
 }
 
 /// A VM's NICs, plugged: the worker's configs and socket ends, and the
 /// node's ends (switch ports attached, taps to relay once the worker runs).
 #[derive(Debug, Default)]
-struct Nics {
-    configs: Vec<NicConfig>,
-    worker_fds: Vec<OwnedFd>,
-    relays: Vec<(std::fs::File, OwnedFd, String)>,
-    ports: Vec<PortId>,
+pub(crate) struct Nics {
+    pub(crate) configs: Vec<NicConfig>,
+    pub(crate) worker_fds: Vec<OwnedFd>,
+    pub(crate) relays: Vec<(std::fs::File, OwnedFd, String)>,
+    pub(crate) ports: Vec<PortId>,
 }
 
 /// A VM's disks, opened: the worker's configs and the writer slots held.
 #[derive(Debug, Default)]
-struct Disks {
-    configs: Vec<DiskConfig>,
-    slots: Vec<WriterSlot>,
+pub(crate) struct Disks {
+    pub(crate) configs: Vec<DiskConfig>,
+    pub(crate) slots: Vec<WriterSlot>,
 }
 
 /// The files a VM's worker boots: host paths as the spec gives them, or pool
 /// images materialised into the VM's directory.
 #[derive(Debug)]
-struct BootFiles {
-    kernel: PathBuf,
-    initrd: Option<PathBuf>,
+pub(crate) struct BootFiles {
+    pub(crate) kernel: PathBuf,
+    pub(crate) initrd: Option<PathBuf>,
 }
 
 /// A VM with a live worker on this node.
 #[derive(Debug)]
-struct Live {
-    process: Arc<WorkerProcess>,
+pub(crate) struct Live {
+    pub(crate) process: Arc<WorkerProcess>,
     /// Set before the node stops or kills the worker, so its exit is not a crash.
-    stopping: Arc<AtomicBool>,
+    pub(crate) stopping: Arc<AtomicBool>,
     /// Turns true once the exit has been recorded.
-    done: watch::Receiver<bool>,
+    pub(crate) done: watch::Receiver<bool>,
+    /// Where the worker's migration events go while a migration of this VM runs.
+    pub(crate) migration: MigrationTap,
 }
+
+/// The sender of a running migration's worker events, set by the migration.
+pub(crate) type MigrationTap = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<WorkerEvent>>>>;
 
 /// What a running worker holds besides its process, given back when it ends.
 #[derive(Debug)]
-struct Held {
-    relays: Vec<tokio::task::JoinHandle<()>>,
-    slots: Vec<WriterSlot>,
+pub(crate) struct Held {
+    pub(crate) relays: Vec<tokio::task::JoinHandle<()>>,
+    pub(crate) slots: Vec<WriterSlot>,
+    /// Where migration events go (shared with the VM's `Live` entry).
+    pub(crate) tap: MigrationTap,
 }
 
 #[derive(Clone, Debug)]
 pub struct Compute {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
-struct Inner {
-    cfg: ComputeConfig,
-    records: VmRecords,
-    volumes: Volumes,
-    images: Images,
-    networks: Networks,
-    switch: SwitchHandle,
-    launcher: Arc<dyn Launcher>,
-    live: Mutex<HashMap<VmId, Live>>,
-    locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+pub(crate) struct Inner {
+    pub(crate) cfg: ComputeConfig,
+    pub(crate) records: VmRecords,
+    pub(crate) volumes: Volumes,
+    pub(crate) images: Images,
+    pub(crate) networks: Networks,
+    pub(crate) switch: SwitchHandle,
+    pub(crate) launcher: Arc<dyn Launcher>,
+    pub(crate) live: Mutex<HashMap<VmId, Live>>,
+    pub(crate) locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    /// VMs arriving by live migration, until they run or are dropped.
+    pub(crate) incoming: crate::migration::IncomingMap,
 }
 
 impl Compute {
@@ -153,6 +164,7 @@ impl Compute {
                 launcher,
                 live: Mutex::default(),
                 locks: Mutex::default(),
+                incoming: Mutex::default(),
             }),
         };
         tokio::spawn(c.clone().reconcile());
@@ -182,11 +194,11 @@ impl Compute {
         Ok(())
     }
 
-    fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Live>> {
+    pub(crate) fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Live>> {
         self.inner.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_for(&self, id: VmId) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn lock_for(&self, id: VmId) -> Arc<tokio::sync::Mutex<()>> {
         self.inner.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default().clone()
     }
 
@@ -218,7 +230,7 @@ impl Compute {
         &self.inner.volumes
     }
 
-    fn vm_dir(&self, id: VmId) -> PathBuf {
+    pub(crate) fn vm_dir(&self, id: VmId) -> PathBuf {
         self.inner.cfg.state_dir.join(id.to_string())
     }
 
@@ -323,7 +335,7 @@ impl Compute {
 
     /// Hands a NIC socket to the switch, waiting a moment for the switch to
     /// learn of a port made just before.
-    async fn attach_port(&self, port: PortId, fd: OwnedFd) -> Result<(), ComputeError> {
+    pub(crate) async fn attach_port(&self, port: PortId, fd: OwnedFd) -> Result<(), ComputeError> {
         let deadline = tokio::time::Instant::now() + PORT_WAIT;
         let mut fd = Some(fd);
         loop {
@@ -339,7 +351,7 @@ impl Compute {
         }
     }
 
-    fn detach_ports(&self, ports: &[PortId]) {
+    pub(crate) fn detach_ports(&self, ports: &[PortId]) {
         for p in ports {
             self.inner.switch.detach(*p);
         }
@@ -353,7 +365,7 @@ impl Compute {
         }
     }
 
-    fn here(&self, r: &VmRecord) -> Result<(), ComputeError> {
+    pub(crate) fn here(&self, r: &VmRecord) -> Result<(), ComputeError> {
         if r.node != self.inner.cfg.node_id {
             return Err(ComputeError::Elsewhere { vm: r.id.to_string(), node: r.node });
         }
@@ -392,7 +404,7 @@ impl Compute {
     /// The kernel and initramfs files of a VM: host paths as given; pool
     /// images read from their volumes into the VM's directory (once per
     /// image: a later start finds them there) and checked against their hash.
-    async fn boot_files(&self, r: &VmRecord) -> Result<BootFiles, ComputeError> {
+    pub(crate) async fn boot_files(&self, r: &VmRecord) -> Result<BootFiles, ComputeError> {
         let kernel = self.boot_file(r, "kernel", &r.spec.kernel, ImageKind::Kernel).await?;
         let initrd = match &r.spec.initrd {
             Some(i) => Some(self.boot_file(r, "initrd", i, ImageKind::Initrd).await?),
@@ -428,7 +440,7 @@ impl Compute {
 
     /// Makes each NIC's socket pair and plugs the node's end into the switch
     /// (network NICs) or opens its tap (tap NICs). On failure nothing stays plugged.
-    async fn plug_nics(&self, r: &VmRecord) -> Result<Nics, ComputeError> {
+    pub(crate) async fn plug_nics(&self, r: &VmRecord) -> Result<Nics, ComputeError> {
         let mut nics = Nics::default();
         let plugged = async {
             for (i, n) in r.spec.nics.iter().enumerate() {
@@ -468,7 +480,7 @@ impl Compute {
     /// disk takes the volume's writer slot (a new generation, fencing any
     /// older writer such as this VM's crashed worker) before the worker runs.
     /// On failure every slot taken is given back.
-    async fn open_disks(&self, r: &VmRecord) -> Result<Disks, ComputeError> {
+    pub(crate) async fn open_disks(&self, r: &VmRecord) -> Result<Disks, ComputeError> {
         let seed = match Seed::for_vm(r) {
             Some(seed) => {
                 let path = self.seed_path(r.id);
@@ -507,7 +519,7 @@ impl Compute {
     }
 
     /// A volume disk's worker config, and for a writable disk its writer slot.
-    async fn volume_disk(
+    pub(crate) async fn volume_disk(
         &self,
         vm: VmId,
         vid: VolumeId,
@@ -549,7 +561,7 @@ impl Compute {
     }
 
     /// Gives writer slots back (a worker ended, or a start failed).
-    async fn release_slots(slots: Vec<WriterSlot>) {
+    pub(crate) async fn release_slots(slots: Vec<WriterSlot>) {
         for slot in slots {
             let (volume, generation) = (slot.volume(), slot.generation());
             if let Err(e) = slot.release().await {
@@ -587,7 +599,9 @@ impl Compute {
             .append(true)
             .open(&log_path)
             .map_err(io(format!("cannot open {}", log_path.display())))
-            .and_then(|log| Ok(process::spawn(self.inner.launcher.as_ref(), config, nics.worker_fds, log)?));
+            .and_then(|log| {
+                Ok(process::spawn(self.inner.launcher.as_ref(), config, nics.worker_fds, log, None)?)
+            });
         let Spawned { process, events, exit, started } = match spawned {
             Ok(s) => s,
             Err(e) => {
@@ -618,10 +632,16 @@ impl Compute {
         }
         let stopping = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = watch::channel(false);
+        let tap = MigrationTap::default();
         // From here the monitor owns the worker's end, whatever happens next.
         self.live_map().insert(
             r.id,
-            Live { process: process.clone(), stopping: stopping.clone(), done: done_rx.clone() },
+            Live {
+                process: process.clone(),
+                stopping: stopping.clone(),
+                done: done_rx.clone(),
+                migration: tap.clone(),
+            },
         );
         for d in r.spec.disks.iter().filter_map(|d| d.volume) {
             let opened = disks.slots.iter().find(|s| s.volume() == d).map(WriterSlot::generation);
@@ -632,7 +652,7 @@ impl Compute {
             events,
             exit,
             stopping.clone(),
-            Held { relays, slots: disks.slots },
+            Held { relays, slots: disks.slots, tap },
             done_tx,
         ));
         r.state = VmState::Running;
@@ -653,7 +673,7 @@ impl Compute {
     /// Hands a running worker every change of one of its volumes' layout
     /// (copies rebuilt elsewhere, growth, snapshots) until the worker ends.
     /// `opened` is the generation the worker opened the volume with.
-    async fn follow_volume(
+    pub(crate) async fn follow_volume(
         self,
         vm: VmId,
         vid: VolumeId,
@@ -693,15 +713,20 @@ impl Compute {
             let sent = process
                 .request(|seq| ToWorker::VolumeLayout { seq, layout: layout.clone(), own }, REQUEST_TIMEOUT)
                 .await;
-            if let Err(e) = sent {
-                warn!(vm = %vm, volume = %vid, error = %e, "cannot hand the worker its volume's new layout");
+            match sent {
+                Ok(()) => {}
+                // The worker ended (the VM stopped or moved away): nothing left to follow.
+                Err(ProcessError::Gone) => return,
+                Err(e) => {
+                    warn!(vm = %vm, volume = %vid, error = %e, "cannot hand the worker its volume's new layout")
+                }
             }
         }
     }
 
     /// Watches one worker until it exits, then gives back what it held and
     /// records how it ended.
-    async fn monitor(
+    pub(crate) async fn monitor(
         self,
         id: VmId,
         mut events: tokio::sync::mpsc::Receiver<WorkerEvent>,
@@ -710,12 +735,20 @@ impl Compute {
         held: Held,
         done: watch::Sender<bool>,
     ) {
+        let tap = held.tap.clone();
         let mut reason: Option<StopReason> = None;
         tokio::pin!(exit);
         let status = loop {
             tokio::select! {
                 ev = events.recv() => match ev {
                     Some(WorkerEvent::Stopped { reason: r }) => reason = Some(r),
+                    Some(ev @ (WorkerEvent::MigrationProgress(_)
+                        | WorkerEvent::MigrationSent(_)
+                        | WorkerEvent::MigrationFailed { .. })) => {
+                        if let Some(t) = tap.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                            let _ = t.send(ev);
+                        }
+                    }
                     Some(_) => {}
                     None => {
                         // Control socket closed: only the exit is left to see.
@@ -735,7 +768,18 @@ impl Compute {
         for t in held.relays {
             t.abort();
         }
+        // The tap's owner learns the worker is gone (its sender drops).
+        tap.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // After a committed migration another node took each volume's next
+        // generation: these releases find the slots gone and change nothing.
         Self::release_slots(held.slots).await;
+        if reason == Some(StopReason::Migrated) {
+            // The record belongs to the destination now.
+            info!(vm = %id, "VM moved to another node; its worker here ended");
+            self.live_map().remove(&id);
+            let _ = done.send(true);
+            return;
+        }
         let (state, why) = records::verdict(reason, &status, stopping.load(Ordering::SeqCst));
         if state == VmState::Crashed {
             error!(vm = %id, reason = %why, "VM crashed");
@@ -764,7 +808,10 @@ impl Compute {
         let _ = done.send(true);
     }
 
-    fn live(&self, id: VmId) -> Option<(Arc<WorkerProcess>, Arc<AtomicBool>, watch::Receiver<bool>)> {
+    pub(crate) fn live(
+        &self,
+        id: VmId,
+    ) -> Option<(Arc<WorkerProcess>, Arc<AtomicBool>, watch::Receiver<bool>)> {
         self.live_map().get(&id).map(|l| (l.process.clone(), l.stopping.clone(), l.done.clone()))
     }
 

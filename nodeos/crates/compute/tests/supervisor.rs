@@ -178,7 +178,12 @@ const ME: NodeId = NodeId(1);
 async fn compute_on(meta: MetaHandle, launcher: Arc<FakeLauncher>, dir: &TempDir) -> Compute {
     let switch = SwitchHandle::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
     Compute::new(
-        ComputeConfig { node_id: ME, state_dir: dir.path().join("vms"), pool_key: test_key() },
+        ComputeConfig {
+            node_id: ME,
+            state_dir: dir.path().join("vms"),
+            pool_key: test_key(),
+            migration_address: std::net::Ipv4Addr::LOCALHOST.into(),
+        },
         meta.clone(),
         Volumes::new(meta.clone(), TcpTransport::new(test_key())),
         Networks::new(meta),

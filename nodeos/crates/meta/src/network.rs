@@ -132,6 +132,7 @@ impl PeerClient {
                 method::SNAPSHOT => client.install_snapshot(env).await,
                 method::HELLO => client.hello(env).await,
                 method::JOIN => client.join(env).await,
+                method::MIGRATION => client.migration(env).await,
                 _ => client.forward(env).await,
             }
         };

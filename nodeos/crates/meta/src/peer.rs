@@ -38,6 +38,7 @@ pub mod method {
     pub const HELLO: &str = "hello";
     pub const JOIN: &str = "join";
     pub const FORWARD: &str = "forward";
+    pub const MIGRATION: &str = "migration";
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -62,6 +62,8 @@ pub fn node_record(id: NodeId) -> NodeRecord {
         block_capacity: 1 << 40,
         vxlan_address: format!("10.255.0.{}:4789", id.0 % 256),
         cpu: None,
+        memory_mib: 0,
+        maintenance: false,
     }
 }
 

@@ -543,6 +543,19 @@ impl Networks {
         }
     }
 
+    /// The writes that move `ports` to `node`'s switch, for the caller's own
+    /// transaction (a live migration commits them with the VM's record).
+    pub async fn port_moves(&self, ports: &[PortId], node: NodeId) -> Result<Vec<Op>, NetworkError> {
+        let mut ops = Vec::with_capacity(ports.len());
+        for id in ports {
+            let (mut p, _) = self.port(&id.to_string()).await?;
+            p.node = node;
+            p.updated_at_ms = unix_millis();
+            ops.push(put(port_key(p.id), encode(&p)));
+        }
+        Ok(ops)
+    }
+
     pub async fn delete_port(&self, port: &str) -> Result<PortRecord, NetworkError> {
         let mut retries = Retries::default();
         loop {

@@ -60,6 +60,8 @@ pub struct FormationConfig {
     pub block_capacity: CapacityProbe,
     /// What KVM offers VMs here, recorded for the pool's CPU baseline.
     pub cpu: Option<nodeos_types::cpu::CpuModel>,
+    /// Memory of this node, MiB, recorded for VM placement (0: unknown).
+    pub memory_mib: u64,
 }
 
 /// Asks the replica store how many bytes it may hold.
@@ -448,6 +450,7 @@ mod tests {
             vxlan_address: String::new(),
             block_capacity: CapacityProbe(Arc::new(|| 3 << 30)),
             cpu: None,
+            memory_mib: 0,
         }
     }
 

@@ -138,6 +138,9 @@ pub fn node_record(
         block_capacity: capacity / CAPACITY_STEP * CAPACITY_STEP,
         vxlan_address: cfg.vxlan_address.clone(),
         cpu: cfg.cpu.clone(),
+        memory_mib: cfg.memory_mib,
+        // The operator's switch, not the node's: kept across rewrites.
+        maintenance: old.is_some_and(|o| o.maintenance),
     };
     (old != Some(&want)).then_some(want)
 }
@@ -281,6 +284,7 @@ mod tests {
             vxlan_address: "10.0.0.1:4789".into(),
             block_capacity: CapacityProbe(Arc::new(|| 0)),
             cpu: None,
+            memory_mib: 0,
         }
     }
 

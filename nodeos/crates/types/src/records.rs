@@ -162,6 +162,12 @@ pub struct NodeRecord {
     /// runs no VMs and does not narrow the pool's CPU baseline).
     #[serde(default)]
     pub cpu: Option<crate::cpu::CpuModel>,
+    /// Memory of the node, MiB (0: not reported by this node's version).
+    #[serde(default)]
+    pub memory_mib: u64,
+    /// In maintenance: no new VMs or volume copies are placed here.
+    #[serde(default)]
+    pub maintenance: bool,
 }
 
 /// What a VM is made of. Paths are on the node that runs it.
@@ -279,6 +285,17 @@ pub struct VmRecord {
     pub reason: String,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// A live migration under way (set by the owner when it starts, cleared
+    /// by the commit or when it fails).
+    #[serde(default)]
+    pub migration: Option<VmMigration>,
+}
+
+/// A live migration of a VM, as its record shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmMigration {
+    pub to: NodeId,
+    pub started_at_ms: u64,
 }
 
 /// Where a volume is in its life.
@@ -633,6 +650,8 @@ mod tests {
             block_capacity: 0,
             joined_at_ms: 1,
             cpu: None,
+            memory_mib: 4096,
+            maintenance: false,
         };
         let j = serde_json::to_vec(&r).expect("serializable");
         assert_eq!(serde_json::from_slice::<NodeRecord>(&j).expect("parses"), r);

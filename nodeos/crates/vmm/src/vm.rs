@@ -209,8 +209,7 @@ impl Vm {
             .iter()
             .find(|b| b.volume() == layout.volume)
             .ok_or_else(|| format!("no disk on volume {}", layout.volume))?;
-        v.update_layout(layout, own);
-        Ok(())
+        v.update_layout(layout, own)
     }
 
     /// Builds the VM, loads its kernel and starts its vCPUs.
@@ -300,7 +299,13 @@ impl Vm {
             };
             let backend: Arc<dyn BlockBackend> = match &d.volume {
                 Some(v) => {
-                    let b = Arc::new(VolumeBackend::open(v, d.read_only).map_err(|e| disk_err(Box::new(e)))?);
+                    // An incoming VM writes its volumes only once they are handed over.
+                    let opened = if boot || d.read_only {
+                        VolumeBackend::open(v, d.read_only)
+                    } else {
+                        VolumeBackend::deferred(v, d.read_only)
+                    };
+                    let b = Arc::new(opened.map_err(|e| disk_err(Box::new(e)))?);
                     volumes.push(b.clone());
                     b
                 }

@@ -56,15 +56,24 @@ impl BlockBackend for WriteThrough {
 /// volume blocks 4 KiB, so unaligned writes read, patch and write whole
 /// blocks; that is safe because the device's one I/O thread is the volume's
 /// only writer.
+///
+/// The VM of an incoming live migration opens its writable volumes only when
+/// the hand-over gives it the volume's next generation
+/// ([`VolumeBackend::deferred`]): until then the source is the only writer,
+/// and nothing here may fence or repair the copies it writes.
 pub struct VolumeBackend {
     runtime: tokio::runtime::Runtime,
-    client: nodeos_block::client::VolumeClient<nodeos_block::transport::TcpTransport>,
+    client: std::sync::RwLock<Option<Client>>,
+    /// How to open the client later (a deferred backend).
+    cfg: crate::config::VolumeDisk,
     read_only: bool,
 }
 
+type Client = nodeos_block::client::VolumeClient<nodeos_block::transport::TcpTransport>;
+
 impl std::fmt::Debug for VolumeBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VolumeBackend").field("volume", &self.client.layout().volume).finish_non_exhaustive()
+        f.debug_struct("VolumeBackend").field("volume", &self.cfg.layout.volume).finish_non_exhaustive()
     }
 }
 
@@ -77,32 +86,68 @@ const VBS: u64 = nodeos_block::device::BLOCK_SIZE as u64;
 impl VolumeBackend {
     /// Opens the volume: fences older writers and reconciles its copies.
     pub fn open(cfg: &crate::config::VolumeDisk, read_only: bool) -> Result<Self, BackendError> {
+        let b = Self::deferred(cfg, read_only)?;
+        b.open_client(cfg.layout.clone())?;
+        Ok(b)
+    }
+
+    /// A backend whose volume opens at the first [`VolumeBackend::update_layout`]
+    /// that hands it the generation (`own`); I/O before that fails.
+    pub fn deferred(cfg: &crate::config::VolumeDisk, read_only: bool) -> Result<Self, BackendError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("volume")
             .enable_all()
             .build()
             .map_err(|source| BackendError::Runtime { source })?;
-        let key = nodeos_types::auth::PoolKey::from_derived(cfg.pool_key);
+        Ok(VolumeBackend { runtime, client: std::sync::RwLock::new(None), cfg: cfg.clone(), read_only })
+    }
+
+    fn open_client(&self, mut layout: nodeos_block::client::VolumeLayout) -> Result<(), BackendError> {
+        let key = nodeos_types::auth::PoolKey::from_derived(self.cfg.pool_key);
         let transport = nodeos_block::transport::TcpTransport::new(key);
-        let mut layout = cfg.layout.clone();
-        if read_only {
+        if self.read_only {
             layout.generation = 0;
         }
-        let client = runtime
-            .block_on(nodeos_block::client::VolumeClient::open(transport, layout, read_only, Some(cfg.node)))
-            .map_err(|source| BackendError::Volume { volume: cfg.layout.volume.to_string(), source })?;
-        Ok(VolumeBackend { runtime, client, read_only })
+        let volume = layout.volume.to_string();
+        let client = self
+            .runtime
+            .block_on(Client::open(transport, layout, self.read_only, Some(self.cfg.node)))
+            .map_err(|source| BackendError::Volume { volume, source })?;
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) = Some(client);
+        Ok(())
+    }
+
+    fn client(&self) -> std::io::Result<Client> {
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| std::io::Error::other("the volume is not handed to this VM yet"))
     }
 
     pub fn volume(&self) -> nodeos_types::VolumeId {
-        self.client.layout().volume
+        self.cfg.layout.volume
     }
 
-    /// See [`nodeos_block::client::VolumeClient::update_layout`].
-    pub fn update_layout(&self, layout: nodeos_block::client::VolumeLayout, own: bool) {
-        let _rt = self.runtime.enter();
-        self.client.update_layout(layout, own);
+    /// See [`nodeos_block::client::VolumeClient::update_layout`]. A deferred
+    /// backend opens its volume here, once `own` hands it the generation.
+    pub fn update_layout(&self, layout: nodeos_block::client::VolumeLayout, own: bool) -> Result<(), String> {
+        let opened = self.client.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match opened {
+            Some(c) => {
+                let _rt = self.runtime.enter();
+                c.update_layout(layout, own);
+                Ok(())
+            }
+            None if own || self.read_only => {
+                self.open_client(layout).map_err(|e| nodeos_types::error_chain(&e))?;
+                tracing::info!(volume = %self.cfg.layout.volume, "volume opened with the generation handed over");
+                Ok(())
+            }
+            // Not ours yet: the layout is taken when it is.
+            None => Ok(()),
+        }
     }
 
     fn aligned(offset: u64, len: usize) -> (u64, u64) {
@@ -117,7 +162,7 @@ impl BlockBackend for VolumeBackend {
         use nodeos_block::device::BlockDevice;
         let (start, end) = Self::aligned(offset, buf.len());
         let len = u32::try_from(end - start).map_err(|_| std::io::Error::other("read too large"))?;
-        let data = self.runtime.block_on(self.client.read(start, len)).map_err(device_io)?;
+        let data = self.runtime.block_on(self.client()?.read(start, len)).map_err(device_io)?;
         let at = (offset - start) as usize;
         buf.copy_from_slice(&data[at..at + buf.len()]);
         Ok(())
@@ -130,21 +175,24 @@ impl BlockBackend for VolumeBackend {
             buf.to_vec()
         } else {
             let len = u32::try_from(end - start).map_err(|_| std::io::Error::other("write too large"))?;
-            let mut whole = self.runtime.block_on(self.client.read(start, len)).map_err(device_io)?;
+            let mut whole = self.runtime.block_on(self.client()?.read(start, len)).map_err(device_io)?;
             let at = (offset - start) as usize;
             whole[at..at + buf.len()].copy_from_slice(buf);
             whole
         };
-        self.runtime.block_on(self.client.write(start, data, false)).map_err(device_io)
+        self.runtime.block_on(self.client()?.write(start, data, false)).map_err(device_io)
     }
 
     fn flush(&self) -> std::io::Result<()> {
         use nodeos_block::device::BlockDevice;
-        self.runtime.block_on(self.client.flush()).map_err(device_io)
+        self.runtime.block_on(self.client()?.flush()).map_err(device_io)
     }
 
     fn capacity_bytes(&self) -> u64 {
-        self.client.layout().size
+        match &*self.client.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(c) => c.layout().size,
+            None => self.cfg.layout.size,
+        }
     }
 
     fn read_only(&self) -> bool {

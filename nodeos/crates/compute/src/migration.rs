@@ -1,0 +1,714 @@
+//! Live migration between nodes: this node as the source (one of its VMs
+//! moves away) and as the destination (another node's VM arrives).
+//!
+//! ```text
+//! source node                                  destination node
+//!   check (running here, no migration yet,
+//!   destination known, not itself, not in
+//!   maintenance, room for the memory)
+//!   record.migration = to ──────────────────▶ (seen by `vm show`)
+//!   Prepare ──────────────────────────────────▶ plug NICs (not attached), volumes
+//!                                               unowned, listen on an ephemeral port
+//!   connect; MigrateOut(stream) to the worker ─▶ accept; start the worker incoming
+//!   ... pre-copy, progress to the caller ...    ... the worker receives ...
+//!   worker: MigrationSent (VM frozen)           worker: MigrationReceived
+//!   COMMIT: one compare-and-swap on the VM's record: node = destination,
+//!   its ports' records moved in the same transaction
+//!   Commit ───────────────────────────────────▶ take each volume's next generation
+//!                                               (fences the source at the replicas),
+//!                                               attach the ports, Resume: it runs
+//!   MigrationCommitted: the worker here ends
+//! ```
+//! Before the commit, any failure (the destination dies, the stream breaks,
+//! the guest will not converge, a cancel) resumes the VM here and tells the
+//! destination to drop its copy. After it the VM never runs here again. A
+//! commit whose answer was lost is settled by reading the record, never by a
+//! timeout. Only pool networks move: a VM with a host tap or a host-path
+//! disk is refused before anything happens.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nodeos_meta::peer::method;
+use nodeos_types::records::{NodeRecord, VmMigration, VmRecord, VmState};
+use nodeos_types::{NodeId, PortId, VmId, unix_millis};
+use nodeos_vmm::config::{DiskConfig, WorkerConfig};
+use nodeos_vmm::control::{MigrateOut, MigrationKey, ToWorker, WorkerEvent};
+use nodeos_vmm::migration::{Budget, Progress, Summary};
+use nodeos_volumes::{Takeover, WriterSlot};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use crate::error::{ComputeError, io};
+use crate::process::{self, WorkerProcess};
+use crate::supervisor::{Compute, Held, Live, MigrationTap};
+
+/// How long a peer call of the migration may take.
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the destination waits for the source's stream.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the destination's worker may take to build the empty VM.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Read/write timeout of the stream: a peer silent this long is gone.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Memory a node keeps for itself, MiB, when placing a migrating VM.
+const NODE_RESERVE_MIB: u64 = 512;
+/// How long the destination may take to run a committed VM.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the caller asks.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Destination node id or hostname; `None`: the node with the most free memory.
+    pub to: Option<String>,
+    pub downtime: Duration,
+    /// Stream rate cap, MiB/s.
+    pub bandwidth_mib: Option<u32>,
+}
+
+/// What the caller is told while a migration runs.
+#[derive(Debug, Clone)]
+pub enum MigrateEvent {
+    Preparing { to: NodeId },
+    Progress { to: NodeId, progress: Progress },
+    Committed { vm: Box<VmRecord>, summary: Summary },
+}
+
+/// Node-to-node messages (`PeerService.Migration`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Get ready to receive `vm` from `source`.
+    Prepare { vm: VmId, source: NodeId },
+    /// The record names you now: run it.
+    Commit { vm: VmId },
+    /// No hand-over: drop the incoming copy.
+    Abort { vm: VmId },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PeerReply {
+    /// Connect the stream here.
+    Prepared {
+        address: String,
+    },
+    Done,
+}
+
+/// Where an incoming VM stands on the destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Waiting,
+    Received,
+    Running,
+    Failed(String),
+}
+
+/// An incoming VM on the destination, until it runs or is dropped.
+#[derive(Debug)]
+pub(crate) struct Incoming {
+    phase: watch::Receiver<Phase>,
+    /// Commit (true) or abort (false), answered when done.
+    decide: Option<oneshot::Sender<Decision>>,
+}
+
+/// Commit (true) or abort (false), and where to say how it went.
+type Decision = (bool, oneshot::Sender<Result<(), String>>);
+
+pub(crate) type IncomingMap = Mutex<HashMap<VmId, Incoming>>;
+
+fn peer_err(e: impl std::fmt::Display) -> ComputeError {
+    ComputeError::Migration(e.to_string())
+}
+
+impl Compute {
+    fn incoming(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Incoming>> {
+        self.inner.incoming.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn call_peer(
+        &self,
+        node: NodeId,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerReply, ComputeError> {
+        let meta = self.inner.records.meta();
+        let addr = meta
+            .node_address(node)
+            .ok_or_else(|| peer_err(format!("node {node} is not a member of this pool")))?;
+        let r: Result<PeerReply, String> = meta
+            .peers()
+            .call(&addr, method::MIGRATION, req, timeout)
+            .await
+            .map_err(|e| peer_err(nodeos_types::error_chain(&e)))?;
+        r.map_err(ComputeError::Migration)
+    }
+
+    /// The node a VM goes to: the one named, checked; or the one with the
+    /// most free memory that can take it.
+    async fn destination(&self, r: &VmRecord, to: Option<&str>) -> Result<NodeId, ComputeError> {
+        let me = self.inner.cfg.node_id;
+        let nodes: Vec<NodeRecord> = self.inner.records.nodes().await?;
+        let vms = self.inner.records.list().await?;
+        let used = |n: NodeId| -> u64 {
+            vms.iter()
+                .filter(|v| v.node == n && !matches!(v.state, VmState::Stopped | VmState::Crashed))
+                .chain(vms.iter().filter(|v| v.migration.as_ref().is_some_and(|m| m.to == n)))
+                .map(|v| v.spec.memory_mib)
+                .sum()
+        };
+        let free = |n: &NodeRecord| -> Option<u64> {
+            (n.memory_mib > 0)
+                .then(|| n.memory_mib.saturating_sub(NODE_RESERVE_MIB).saturating_sub(used(n.id)))
+        };
+        let fits = |n: &NodeRecord| free(n).is_none_or(|f| f >= r.spec.memory_mib);
+        match to {
+            Some(name) => {
+                let n = nodes
+                    .iter()
+                    .find(|n| {
+                        n.id.to_string() == name || n.hostname == name || format!("{:x}", n.id.0) == name
+                    })
+                    .ok_or_else(|| {
+                        ComputeError::Migration(format!("--to {name}: no such node in this pool"))
+                    })?;
+                if n.id == me {
+                    return Err(ComputeError::Migration(format!(
+                        "--to {name}: the VM already runs on that node"
+                    )));
+                }
+                if n.maintenance {
+                    return Err(ComputeError::Migration(format!("--to {name}: the node is in maintenance")));
+                }
+                if !fits(n) {
+                    return Err(ComputeError::Migration(format!(
+                        "--to {name}: the node has {} MiB free; the VM needs {} MiB",
+                        free(n).unwrap_or(0),
+                        r.spec.memory_mib
+                    )));
+                }
+                Ok(n.id)
+            }
+            None => nodes
+                .iter()
+                .filter(|n| n.id != me && !n.maintenance && n.cpu.is_some() && fits(n))
+                .max_by_key(|n| free(n).unwrap_or(u64::MAX))
+                .map(|n| n.id)
+                .ok_or_else(|| {
+                    ComputeError::Migration(format!(
+                        "no other node can take a VM of {} MiB (all full, in maintenance, or without KVM)",
+                        r.spec.memory_mib
+                    ))
+                }),
+        }
+    }
+
+    /// Why a VM cannot move, if it cannot: only pool resources move.
+    fn movable(r: &VmRecord) -> Result<(), ComputeError> {
+        if let Some((i, n)) = r.spec.nics.iter().enumerate().find(|(_, n)| n.port.is_none()) {
+            return Err(ComputeError::Migration(format!(
+                "nics[{i}] is the host tap {:?}: only NICs on pool networks move with a VM",
+                n.tap
+            )));
+        }
+        if let Some((i, _)) = r.spec.disks.iter().enumerate().find(|(_, d)| d.volume.is_none()) {
+            return Err(ComputeError::Migration(format!(
+                "disks[{i}] is a file on this node: only pool volumes move with a VM"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Live-migrates a VM of this node; `events` hears each step. Returns
+    /// the record as committed (the VM runs on the destination).
+    pub async fn migrate(
+        &self,
+        vm: &str,
+        opts: MigrateOptions,
+        events: mpsc::UnboundedSender<MigrateEvent>,
+    ) -> Result<VmRecord, ComputeError> {
+        let id = self.resolve(vm).await?.id;
+        let lock = self.lock_for(id);
+        let _held = lock.try_lock().map_err(|_| {
+            ComputeError::Migration(format!("VM {vm} is busy (another migration or operation is under way)"))
+        })?;
+        let mut r = self.resolve(&id.to_string()).await?;
+        self.here(&r)?;
+        if r.state != VmState::Running {
+            return Err(ComputeError::State { vm: r.id.to_string(), state: r.state.as_str(), op: "migrate" });
+        }
+        Self::movable(&r)?;
+        let live = self.live_map().get(&r.id).map(|l| (l.process.clone(), l.migration.clone()));
+        let Some(live) = live else {
+            return Err(ComputeError::State { vm: r.id.to_string(), state: r.state.as_str(), op: "migrate" });
+        };
+        let to = self.destination(&r, opts.to.as_deref()).await?;
+        r.migration = Some(VmMigration { to, started_at_ms: unix_millis() });
+        self.inner.records.save(&mut r).await?;
+        let _ = events.send(MigrateEvent::Preparing { to });
+        info!(vm = %r.id, to = %to, "live migration starting");
+        let outcome = self.migrate_to(&r, to, &opts, &live, &events).await;
+        match outcome {
+            Ok((committed, summary)) => {
+                let _ = events.send(MigrateEvent::Committed { vm: Box::new(committed.clone()), summary });
+                Ok(committed)
+            }
+            Err(e) => {
+                warn!(vm = %r.id, to = %to, error = %nodeos_types::error_chain(&e), "live migration failed; the VM runs here");
+                if let Err(a) = self.call_peer(to, &PeerRequest::Abort { vm: r.id }, PEER_TIMEOUT).await {
+                    warn!(vm = %r.id, error = %nodeos_types::error_chain(&a), "cannot tell the destination to drop its copy");
+                }
+                if let Ok((mut now, _)) = self.inner.records.load(r.id).await
+                    && now.node == self.inner.cfg.node_id
+                {
+                    now.migration = None;
+                    let _ = self.inner.records.save(&mut now).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Cancels the migration of a VM of this node that is under way.
+    pub async fn cancel_migration(&self, vm: &str) -> Result<VmRecord, ComputeError> {
+        let r = self.resolve(vm).await?;
+        self.here(&r)?;
+        if r.migration.is_none() {
+            return Err(ComputeError::Migration(format!("no migration of VM {vm} is under way")));
+        }
+        let (process, _, _) =
+            self.live(r.id).ok_or_else(|| ComputeError::Migration("the VM has no worker".into()))?;
+        process.request(|seq| ToWorker::MigrationAbort { seq }, PEER_TIMEOUT).await?;
+        Ok(r)
+    }
+
+    async fn migrate_to(
+        &self,
+        r: &VmRecord,
+        to: NodeId,
+        opts: &MigrateOptions,
+        live: &(Arc<WorkerProcess>, MigrationTap),
+        events: &mpsc::UnboundedSender<MigrateEvent>,
+    ) -> Result<(VmRecord, Summary), ComputeError> {
+        let (process, tap) = live;
+        let PeerReply::Prepared { address } = self
+            .call_peer(to, &PeerRequest::Prepare { vm: r.id, source: self.inner.cfg.node_id }, PEER_TIMEOUT)
+            .await?
+        else {
+            return Err(peer_err("the destination did not say where to send the VM"));
+        };
+        let stream = tokio::time::timeout(PEER_TIMEOUT, tokio::net::TcpStream::connect(&address))
+            .await
+            .map_err(|_| peer_err(format!("connecting to {address} timed out")))?
+            .map_err(io(format!("cannot connect to the destination at {address}")))?;
+        let stream = stream.into_std().map_err(io("migration stream"))?;
+        stream.set_nonblocking(false).map_err(io("migration stream"))?;
+        stream.set_nodelay(true).map_err(io("migration stream"))?;
+        stream.set_read_timeout(Some(STREAM_TIMEOUT)).map_err(io("migration stream"))?;
+        stream.set_write_timeout(Some(STREAM_TIMEOUT)).map_err(io("migration stream"))?;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        *tap.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        let params = MigrateOut {
+            key: MigrationKey(self.inner.cfg.pool_key.derived_bytes()),
+            budget: Budget { downtime: opts.downtime, ..Budget::default() },
+            bandwidth: opts.bandwidth_mib.filter(|b| *b > 0).map(|b| u64::from(b) << 20),
+        };
+        let fd: OwnedFd = stream.into();
+        let sent = process
+            .request_with_fds(|seq| ToWorker::MigrateOut { seq, params }, vec![fd], PEER_TIMEOUT)
+            .await;
+        let result = match sent {
+            Err(e) => Err(e.into()),
+            Ok(()) => loop {
+                match rx.recv().await {
+                    Some(WorkerEvent::MigrationProgress(progress)) => {
+                        let _ = events.send(MigrateEvent::Progress { to, progress });
+                    }
+                    Some(WorkerEvent::MigrationSent(summary)) => break Ok(summary),
+                    Some(WorkerEvent::MigrationFailed { error }) => {
+                        break Err(ComputeError::Migration(error));
+                    }
+                    Some(_) => {}
+                    None => {
+                        break Err(ComputeError::Migration(
+                            "the VM's worker ended during the migration".into(),
+                        ));
+                    }
+                }
+            },
+        };
+        tap.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let summary = result?;
+        // The VM is frozen here and restored there: decide.
+        match self.commit(r, to).await {
+            Ok(committed) => {
+                if let Err(e) =
+                    process.request(|seq| ToWorker::MigrationCommitted { seq }, PEER_TIMEOUT).await
+                {
+                    // It must not run here again: make sure.
+                    warn!(vm = %r.id, error = %e, "cannot end the source worker politely; killing it");
+                    process.kill();
+                }
+                let ran = self.call_peer(to, &PeerRequest::Commit { vm: r.id }, COMMIT_TIMEOUT).await;
+                if let Err(e) = ran {
+                    // The record names the destination: it runs the VM when it
+                    // can (its node restarts it from the record), never this node.
+                    warn!(vm = %r.id, to = %to, error = %nodeos_types::error_chain(&e), "the destination did not confirm the start of the committed VM");
+                }
+                info!(vm = %r.id, to = %to, paused_ms = summary.paused_ms, total_ms = summary.total_ms, "live migration committed");
+                Ok((committed, summary))
+            }
+            Err(e) => {
+                if let Err(u) = process.request(|seq| ToWorker::MigrationAbort { seq }, PEER_TIMEOUT).await {
+                    warn!(vm = %r.id, error = %u, "cannot resume the VM after a refused commit");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The hand-over: one compare-and-swap on the VM's record, ports moved
+    /// in the same transaction. A lost answer is settled by reading the record.
+    async fn commit(&self, r: &VmRecord, to: NodeId) -> Result<VmRecord, ComputeError> {
+        let (mut rec, rev) = self.inner.records.load(r.id).await?;
+        if rec.node != self.inner.cfg.node_id || rec.migration.as_ref().map(|m| m.to) != Some(to) {
+            return Err(ComputeError::Migration("the VM's record changed during the migration".into()));
+        }
+        let ports: Vec<PortId> = rec.spec.nics.iter().filter_map(|n| n.port).collect();
+        let moves = self
+            .inner
+            .networks
+            .port_moves(&ports, to)
+            .await
+            .map_err(|e| ComputeError::Network(Box::new(e)))?;
+        rec.node = to;
+        rec.migration = None;
+        rec.reason = format!("live-migrated from node {}", self.inner.cfg.node_id);
+        match self.inner.records.swap(&mut rec, rev, moves).await {
+            Ok(true) => Ok(rec),
+            Ok(false) => Err(ComputeError::Migration("the VM's record changed during the migration".into())),
+            Err(e) => {
+                // Did it land? Read, do not guess.
+                for _ in 0..10 {
+                    if let Ok((now, _)) = self.inner.records.load(r.id).await {
+                        return if now.node == to { Ok(now) } else { Err(e) };
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Serves the other node's side of a migration (`PeerService.Migration`).
+    pub async fn serve_migration(&self, sender: NodeId, req: PeerRequest) -> Result<PeerReply, String> {
+        let r = match req {
+            PeerRequest::Prepare { vm, source } if source == sender => {
+                self.prepare_incoming(vm, source).await
+            }
+            PeerRequest::Prepare { .. } => {
+                Err(ComputeError::Migration("a prepare must come from the VM's node".into()))
+            }
+            PeerRequest::Commit { vm } => self.commit_incoming(vm).await,
+            PeerRequest::Abort { vm } => {
+                self.abort_incoming(vm).await;
+                Ok(PeerReply::Done)
+            }
+        };
+        r.map_err(|e| nodeos_types::error_chain(&e))
+    }
+
+    async fn prepare_incoming(&self, id: VmId, source: NodeId) -> Result<PeerReply, ComputeError> {
+        let r = self.resolve(&id.to_string()).await?;
+        if r.node != source || r.migration.as_ref().map(|m| m.to) != Some(self.inner.cfg.node_id) {
+            return Err(ComputeError::Migration(format!(
+                "VM {id} is not migrating from node {source} to this node"
+            )));
+        }
+        if self.incoming().contains_key(&id) {
+            return Err(ComputeError::Migration(format!("VM {id} is already arriving here")));
+        }
+        Self::movable(&r)?;
+        let dir = self.vm_dir(r.id);
+        std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
+        // A console log left from an earlier stay here is stale: the console
+        // starts again with the VM's arrival (its history stays on the nodes it left).
+        let console = self.console_path(r.id);
+        if let Err(e) = std::fs::remove_file(&console)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(io(format!("cannot reset {}", console.display()))(e));
+        }
+        let boot = self.boot_files(&r).await?;
+        let cpu_baseline = self.inner.records.cpu_baseline().await?;
+        // NIC sockets, not attached: the switch here takes the ports at the commit.
+        let mut nic_configs = Vec::new();
+        let mut worker_fds = Vec::new();
+        let mut node_ends = Vec::new();
+        for (i, n) in r.spec.nics.iter().enumerate() {
+            let mac = crate::spec::parse_mac(&n.mac)
+                .ok_or(crate::spec::SpecError::Mac { index: i, mac: n.mac.clone() })?;
+            let (node_end, worker_end) = nix::sys::socket::socketpair(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::SeqPacket,
+                None,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(|e| io("cannot create a NIC socket")(e.into()))?;
+            nic_configs.push(nodeos_vmm::config::NicConfig { mac, fd_index: worker_fds.len() });
+            worker_fds.push(worker_end);
+            node_ends.extend(n.port.map(|p| (p, node_end)));
+        }
+        // Volumes with the layout as it is; writable ones open at the commit.
+        let mut disks = Vec::new();
+        for d in &r.spec.disks {
+            let Some(vid) = d.volume else { continue };
+            let (rec, _) = self.inner.volumes.get(&vid.to_string()).await?;
+            let layout = self.inner.volumes.layout(&rec).await?;
+            disks.push(DiskConfig {
+                path: Default::default(),
+                read_only: d.read_only,
+                volume: Some(nodeos_vmm::config::VolumeDisk {
+                    layout,
+                    pool_key: self.inner.cfg.pool_key.derived_bytes(),
+                    node: self.inner.cfg.node_id,
+                }),
+            });
+        }
+        if let Some(seed) = crate::seed::Seed::for_vm(&r) {
+            let path = self.seed_path(r.id);
+            seed.write(&path)?;
+            disks.push(DiskConfig { path, read_only: true, volume: None });
+        }
+        let config = WorkerConfig {
+            vm_id: r.id.to_string(),
+            vcpus: r.spec.vcpus,
+            memory_mib: r.spec.memory_mib,
+            kernel: boot.kernel,
+            initrd: boot.initrd,
+            cmdline: r.spec.cmdline.clone(),
+            disks,
+            nics: nic_configs,
+            console_log: self.console_path(r.id),
+            cpu_baseline,
+        };
+        let listener = tokio::net::TcpListener::bind((self.inner.cfg.migration_address, 0)).await.map_err(
+            io(format!("cannot listen for the migration on {}", self.inner.cfg.migration_address)),
+        )?;
+        let address = listener.local_addr().map_err(io("migration listener"))?.to_string();
+        let (phase_tx, phase_rx) = watch::channel(Phase::Waiting);
+        let (decide_tx, decide_rx) = oneshot::channel();
+        self.incoming().insert(id, Incoming { phase: phase_rx, decide: Some(decide_tx) });
+        tokio::spawn(self.clone().receive(r, listener, config, worker_fds, node_ends, phase_tx, decide_rx));
+        info!(vm = %id, from = %source, %address, "ready to receive a live migration");
+        Ok(PeerReply::Prepared { address })
+    }
+
+    /// The destination's whole part, on a task of its own: accept, start the
+    /// worker incoming, wait for the state, then run or drop the VM as decided.
+    #[allow(clippy::too_many_arguments)]
+    async fn receive(
+        self,
+        r: VmRecord,
+        listener: tokio::net::TcpListener,
+        config: WorkerConfig,
+        mut worker_fds: Vec<OwnedFd>,
+        node_ends: Vec<(PortId, OwnedFd)>,
+        phase: watch::Sender<Phase>,
+        decide: oneshot::Receiver<Decision>,
+    ) {
+        let id = r.id;
+        let fail = |why: String| {
+            warn!(vm = %id, error = %why, "incoming migration failed");
+            let _ = phase.send(Phase::Failed(why));
+            // Nothing arrives any more: a later migration of this VM may try again.
+            self.incoming().remove(&id);
+        };
+        let accepted = tokio::time::timeout(ACCEPT_TIMEOUT, listener.accept()).await;
+        drop(listener);
+        let stream = match accepted {
+            Ok(Ok((s, _))) => s,
+            Ok(Err(e)) => return fail(format!("accepting the stream: {e}")),
+            Err(_) => return fail("the source never connected".into()),
+        };
+        let stream = match stream.into_std().and_then(|s| {
+            s.set_nonblocking(false)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(STREAM_TIMEOUT))?;
+            s.set_write_timeout(Some(STREAM_TIMEOUT))?;
+            Ok(s)
+        }) {
+            Ok(s) => s,
+            Err(e) => return fail(format!("migration stream: {e}")),
+        };
+        worker_fds.push(stream.into());
+        let log_path = self.vm_dir(id).join("worker.log");
+        let log = match std::fs::OpenOptions::new().create(true).append(true).open(&log_path) {
+            Ok(l) => l,
+            Err(e) => return fail(format!("cannot open {}: {e}", log_path.display())),
+        };
+        let key = MigrationKey(self.inner.cfg.pool_key.derived_bytes());
+        let spawned = match process::spawn(self.inner.launcher.as_ref(), config, worker_fds, log, Some(key)) {
+            Ok(s) => s,
+            Err(e) => return fail(format!("cannot start the worker: {e}")),
+        };
+        let process::Spawned { process, mut events, exit, started } = spawned;
+        let kill = |process: &WorkerProcess| process.kill();
+        if let Err(e) = WorkerProcess::wait_started(started, START_TIMEOUT).await {
+            kill(&process);
+            return fail(format!("the incoming worker did not start: {e}"));
+        }
+        let received = loop {
+            match events.recv().await {
+                Some(WorkerEvent::MigrationReceived) => break Ok(()),
+                Some(WorkerEvent::MigrationFailed { error }) => break Err(error),
+                Some(_) => {}
+                None => break Err("the incoming worker ended".into()),
+            }
+        };
+        if let Err(e) = received {
+            kill(&process);
+            return fail(e);
+        }
+        let _ = phase.send(Phase::Received);
+        let Ok((commit, answer)) = decide.await else {
+            kill(&process);
+            return fail("dropped before a decision".into());
+        };
+        if !commit {
+            kill(&process);
+            let _ = phase.send(Phase::Failed("aborted by the source".into()));
+            let _ = answer.send(Ok(()));
+            return;
+        }
+        let ran = self.run_incoming(&r, process.clone(), events, exit, node_ends).await;
+        match &ran {
+            Ok(()) => {
+                let _ = phase.send(Phase::Running);
+            }
+            Err(e) => {
+                kill(&process);
+                let _ = phase.send(Phase::Failed(e.clone()));
+            }
+        }
+        let _ = answer.send(ran);
+    }
+
+    /// Runs a committed incoming VM: its volumes' next generations (fencing
+    /// the source), its ports on this switch, then its vCPUs.
+    async fn run_incoming(
+        &self,
+        r: &VmRecord,
+        process: Arc<WorkerProcess>,
+        events: mpsc::Receiver<WorkerEvent>,
+        exit: oneshot::Receiver<std::io::Result<std::process::ExitStatus>>,
+        node_ends: Vec<(PortId, OwnedFd)>,
+    ) -> Result<(), String> {
+        let chain = |e: ComputeError| nodeos_types::error_chain(&e);
+        let holder = format!("vm {}", r.id);
+        let mut slots = Vec::new();
+        for d in r.spec.disks.iter().filter(|d| !d.read_only) {
+            let Some(vid) = d.volume else { continue };
+            let (slot, rec) = WriterSlot::acquire(
+                &self.inner.volumes,
+                &vid.to_string(),
+                self.inner.cfg.node_id,
+                &holder,
+                Takeover::OwnHolder,
+            )
+            .await
+            .map_err(|e| chain(e.into()))?;
+            let layout = self.inner.volumes.layout(&rec).await.map_err(|e| chain(e.into()))?;
+            slots.push(slot);
+            process
+                .request(|seq| ToWorker::VolumeLayout { seq, layout, own: true }, PEER_TIMEOUT)
+                .await
+                .map_err(|e| format!("volume {vid}: {e}"))?;
+        }
+        let mut ports = Vec::new();
+        for (port, fd) in node_ends {
+            self.attach_port(port, fd).await.map_err(chain)?;
+            ports.push(port);
+        }
+        process.request(|seq| ToWorker::Resume { seq }, PEER_TIMEOUT).await.map_err(|e| e.to_string())?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = watch::channel(false);
+        let tap = MigrationTap::default();
+        self.live_map().insert(
+            r.id,
+            Live {
+                process: process.clone(),
+                stopping: stopping.clone(),
+                done: done_rx.clone(),
+                migration: tap.clone(),
+            },
+        );
+        for d in r.spec.disks.iter().filter_map(|d| d.volume) {
+            let opened = slots.iter().find(|s| s.volume() == d).map(WriterSlot::generation);
+            tokio::spawn(self.clone().follow_volume(r.id, d, opened, process.clone(), done_rx.clone()));
+        }
+        tokio::spawn(self.clone().monitor(
+            r.id,
+            events,
+            exit,
+            stopping,
+            Held { relays: Vec::new(), slots, tap },
+            done_tx,
+        ));
+        info!(vm = %r.id, pid = process.pid, "live-migrated VM running here");
+        let _ = ports;
+        Ok(())
+    }
+
+    async fn decide_incoming(&self, id: VmId, commit: bool) -> Result<(), ComputeError> {
+        let (mut phase, decide) = {
+            let mut m = self.incoming();
+            let Some(inc) = m.get_mut(&id) else {
+                return Err(ComputeError::Migration(format!("VM {id} is not arriving here")));
+            };
+            (inc.phase.clone(), inc.decide.take())
+        };
+        let Some(decide) = decide else {
+            return Err(ComputeError::Migration(format!("VM {id} is already decided here")));
+        };
+        if commit {
+            // The source commits after our worker said Restored; the event
+            // saying so may trail a moment.
+            let ready = tokio::time::timeout(PEER_TIMEOUT, phase.wait_for(|p| *p != Phase::Waiting))
+                .await
+                .map(|r| r.map(|p| p.clone()));
+            if !matches!(&ready, Ok(Ok(Phase::Received))) {
+                let why = phase.borrow().clone();
+                self.incoming().remove(&id);
+                return Err(ComputeError::Migration(format!("the incoming VM is not ready to run: {why:?}")));
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let _ = decide.send((commit, tx));
+        let r = rx.await.unwrap_or(Ok(()));
+        self.incoming().remove(&id);
+        r.map_err(ComputeError::Migration)
+    }
+
+    async fn commit_incoming(&self, id: VmId) -> Result<PeerReply, ComputeError> {
+        // Only a committed record makes this node run the VM.
+        let r = self.resolve(&id.to_string()).await?;
+        if r.node != self.inner.cfg.node_id {
+            return Err(ComputeError::Migration(format!(
+                "VM {id}'s record does not name this node; not running it"
+            )));
+        }
+        self.decide_incoming(id, true).await?;
+        Ok(PeerReply::Done)
+    }
+
+    async fn abort_incoming(&self, id: VmId) {
+        if let Err(e) = self.decide_incoming(id, false).await {
+            tracing::debug!(vm = %id, error = %e, "abort of an incoming migration found nothing to drop");
+        }
+        self.incoming().remove(&id);
+    }
+}

@@ -1,0 +1,243 @@
+//! Live migration end to end: a three-node pool (each node in its own network
+//! namespace) runs the test guest dirtying its memory with a running
+//! checksum, writing its replicated volume every pass, on a pool network;
+//! `nodeos vm migrate` moves it to another node and back while it runs.
+//! Needs root and /dev/kvm; without them it prints `SKIPPED: ...`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use futures::StreamExt;
+use nodeos_proto::v1 as pb;
+use nodeos_proto::v1::vm_service_client::VmServiceClient;
+use nodeos_tests::cluster::Cluster;
+use nodeos_tests::{NodeSpec, require, wait_until};
+use tonic::transport::Channel;
+
+const FORM: Duration = Duration::from_secs(60);
+const GUEST: Duration = Duration::from_secs(120);
+
+fn guest_or_skip(test: &str) -> anyhow::Result<Option<PathBuf>> {
+    if !Path::new("/dev/kvm").exists() {
+        nodeos_types::testing::skip(test, "no /dev/kvm");
+        return Ok(None);
+    }
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
+    ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
+    Ok(Some(guest))
+}
+
+async fn pool(c: &mut Cluster, n: usize) -> anyhow::Result<Vec<String>> {
+    let idx = c.add_nodes(n, &NodeSpec { bootstrap_expect: Some(u16::try_from(n)?), ..c.spec() })?;
+    let ids = c.ids(&idx).await?;
+    let want = nodeos_tests::Expect { members: ids.clone(), voters: n, healthy: ids, pool_id: None };
+    c.wait_pool("pool formed", &idx, &want, FORM).await?;
+    let mut out = Vec::new();
+    for i in idx {
+        out.push(c.id(i).await?);
+    }
+    Ok(out)
+}
+
+/// `dirty pass=N checksum=C ok` reports of a console text: (pass, checksum).
+fn passes(console: &str) -> Vec<(u64, String)> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("NODEOS-GUEST: dirty pass=")?;
+            let mut it = rest.split_whitespace();
+            let pass = it.next()?.parse().ok()?;
+            let sum = it.next()?.strip_prefix("checksum=")?.to_string();
+            (it.next()? == "ok").then_some((pass, sum))
+        })
+        .collect()
+}
+
+/// The checksum the guest reports after `pass` passes over `pages` pages (its README).
+fn expected_checksum(pass: u64, pages: u64) -> String {
+    fn mix64(mut x: u64) -> u64 {
+        x ^= x >> 30;
+        x = x.wrapping_mul(0xbf58476d1ce4e5b9);
+        x ^= x >> 27;
+        x = x.wrapping_mul(0x94d049bb133111eb);
+        x ^ (x >> 31)
+    }
+    let mut c = 0u64;
+    for p in 1..=pass {
+        for i in 0..pages {
+            c = c.rotate_left(1) ^ mix64((p << 32) ^ i ^ 0xD1B54A32D192ED03);
+        }
+    }
+    format!("{c:016x}")
+}
+
+/// A VM API client of the node VM `vm` runs on (consoles are served there).
+async fn owner(c: &Cluster, vm: &str) -> anyhow::Result<VmServiceClient<Channel>> {
+    let mut any = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let v = any.get(pb::VmRef { vm: vm.into() }).await?.into_inner();
+    let i = c.index_of(&v.node_id)?;
+    Ok(VmServiceClient::connect(format!("http://{}", c.node(i)?.addr)).await?)
+}
+
+/// The VM's console (as its current node has it) once it holds `n` dirty reports.
+async fn console_reports(vms: &mut VmServiceClient<Channel>, vm: &str, n: usize) -> anyhow::Result<String> {
+    let first = pb::ConsoleInput { vm: vm.to_owned(), from_start: true, data: vec![] };
+    let mut out = vms.console(futures::stream::iter(vec![first])).await?.into_inner();
+    let mut text = String::new();
+    let read = tokio::time::timeout(GUEST, async {
+        while let Some(chunk) = out.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk?.data));
+            if passes(&text).len() >= n || text.contains("CORRUPT") || text.contains("FAIL") {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    ensure!(read.is_ok(), "fewer than {n} dirty reports within {GUEST:?}:\n{text}");
+    read??;
+    Ok(text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_moves_between_nodes_and_back_without_losing_a_page_or_a_write() -> anyhow::Result<()> {
+    let test = "a_running_vm_moves_between_nodes_and_back_without_losing_a_page_or_a_write";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test)? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    let ids = pool(&mut c, 3).await?;
+    c.cli(0, &["network", "create", "mignet", "--cidr", "10.70.0.0/24"]).await?;
+    let v = c.cli(0, &["volume", "create", "migdisk", "--size", "8M"]).await?;
+    let volume = v["id"].as_str().context("volume id")?.to_owned();
+    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    // 2 MiB dirtied per pass (512 pages), a 4 KiB volume write per pass.
+    let spec = pb::VmSpec {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: guest.display().to_string(),
+        initrd: String::new(),
+        cmdline: "mode=dirty dirty_mib=2 dirty_blk=1 dirty_blk_span=16".into(),
+        disks: vec![pb::DiskSpec { path: String::new(), read_only: false, volume }],
+        nics: vec![pb::NicSpec { network: "mignet".into(), ..Default::default() }],
+        cloud_init: None,
+    };
+    // A host-path kernel stays where it is: migration moves pool resources
+    // only, so the kernel is uploaded as a pool image.
+    c.cli(0, &["image", "upload", &guest.display().to_string(), "--name", "testguest", "--kind", "kernel"])
+        .await?;
+    let spec = pb::VmSpec { kernel: "image:testguest".into(), ..spec };
+    vms.create(pb::CreateVmRequest { name: "mig".into(), spec: Some(spec) }).await?;
+    vms.start(pb::VmRef { vm: "mig".into() }).await?;
+    let before = console_reports(&mut vms, "mig", 2).await?;
+    ensure!(!before.contains("CORRUPT") && !before.contains("FAIL"), "before the move:\n{before}");
+
+    // Bad requests change nothing.
+    let same = c.cli(0, &["vm", "migrate", "mig", "--to", &ids[0]]).await;
+    ensure!(
+        format!("{:#}", same.as_ref().err().context("same node accepted")?).contains("already runs"),
+        "{same:?}"
+    );
+    let unknown = c.cli(0, &["vm", "migrate", "mig", "--to", "nosuchnode"]).await;
+    ensure!(
+        format!("{:#}", unknown.as_ref().err().context("unknown node accepted")?).contains("no such node"),
+        "{unknown:?}"
+    );
+
+    let mut last_pass = passes(&before).last().map_or(0, |p| p.0);
+    for (round, target) in [(1, &ids[1]), (2, &ids[0])] {
+        let moved = c
+            .cli(0, &["vm", "migrate", "mig", "--to", target])
+            .await
+            .with_context(|| format!("round {round}"))?;
+        ensure!(moved["node_id"] == target.as_str(), "round {round}: the VM is on {}", moved["node_id"]);
+        ensure!(moved["state"] == "running", "round {round}: the VM is {}", moved["state"]);
+        ensure!(moved["migrating_to"] == "", "round {round}: still migrating: {moved}");
+        let mut there = owner(&c, "mig").await?;
+        let after = console_reports(&mut there, "mig", 3).await.with_context(|| format!("round {round}"))?;
+        ensure!(
+            !after.contains("CORRUPT") && !after.contains("FAIL"),
+            "round {round}: after the move:\n{after}"
+        );
+        let reports = passes(&after);
+        ensure!(
+            reports[0].0 > last_pass,
+            "round {round}: pass {} reported again after {last_pass}",
+            reports[0].0
+        );
+        for (p, sum) in &reports {
+            ensure!(
+                *sum == expected_checksum(*p, 512),
+                "round {round}: checksum of pass {p} after the move:\n{after}"
+            );
+        }
+        // The volume writes go on under the new node's generation.
+        ensure!(
+            after.contains("NODEOS-GUEST: dirty blk pass="),
+            "round {round}: no volume writes after the move:\n{after}"
+        );
+        last_pass = reports.last().map_or(last_pass, |p| p.0);
+        let shown = c.cli(2, &["vm", "show", "mig"]).await?;
+        ensure!(
+            shown["node_id"] == target.as_str(),
+            "round {round}: node 2 sees the VM on {}",
+            shown["node_id"]
+        );
+    }
+    // Nothing is left running on the node the VM left: its worker ended.
+    let listed = c.cli(1, &["vm", "list"]).await?;
+    ensure!(listed.to_string().contains("running"), "{listed}");
+    let v = vms.get(pb::VmRef { vm: "mig".into() }).await?.into_inner();
+    ensure!(v.node_id == ids[0] && v.state == "running", "{v:?}");
+    c.finish();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_with_host_files_or_not_running_is_refused_and_keeps_running() -> anyhow::Result<()> {
+    let test = "a_vm_with_host_files_or_not_running_is_refused_and_keeps_running";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test)? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    let ids = pool(&mut c, 2).await?;
+    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let dir = tempfile::tempdir()?;
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)?.set_len(1 << 20)?;
+    let spec = pb::VmSpec {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: guest.display().to_string(),
+        initrd: String::new(),
+        cmdline: "mode=dirty dirty_mib=1".into(),
+        disks: vec![pb::DiskSpec {
+            path: disk.display().to_string(),
+            read_only: false,
+            volume: String::new(),
+        }],
+        nics: vec![],
+        cloud_init: None,
+    };
+    vms.create(pb::CreateVmRequest { name: "local".into(), spec: Some(spec) }).await?;
+    let stopped = c.cli(0, &["vm", "migrate", "local", "--to", &ids[1]]).await;
+    ensure!(
+        format!("{:#}", stopped.as_ref().err().context("a stopped VM moved")?).contains("stopped"),
+        "{stopped:?}"
+    );
+    vms.start(pb::VmRef { vm: "local".into() }).await?;
+    console_reports(&mut vms, "local", 1).await?;
+    let refused = c.cli(0, &["vm", "migrate", "local", "--to", &ids[1]]).await;
+    ensure!(
+        format!("{:#}", refused.as_ref().err().context("a host-file disk moved")?)
+            .contains("only pool volumes move"),
+        "{refused:?}"
+    );
+    let v = wait_until("the VM still runs on node 0", Duration::from_secs(10), || {
+        let mut vms = vms.clone();
+        async move { Ok(vms.get(pb::VmRef { vm: "local".into() }).await?.into_inner()) }
+    })
+    .await?;
+    ensure!(v.state == "running" && v.node_id == ids[0] && v.migrating_to.is_empty(), "{v:?}");
+    c.finish();
+    Ok(())
+}
