@@ -9,7 +9,7 @@ PROTOC := $(shell scripts/protoc-path.sh)
 endif
 export PROTOC
 
-.PHONY: test-deps build release test lint verify fmt bench bench-meta bench-vmm bench-block bench-switch demo demo-stop deps-check clean guest guest-test image
+.PHONY: test-deps build release test lint verify fmt bench bench-meta bench-vmm bench-block bench-switch bench-migrate demo demo-stop deps-check clean guest guest-test image
 
 build:
 	$(CARGO) build --workspace --bins
@@ -40,7 +40,7 @@ fmt:
 deps-check:
 	python3 scripts/deps-check.py
 
-bench: bench-meta bench-vmm bench-block bench-switch
+bench: bench-meta bench-vmm bench-block bench-switch bench-migrate
 
 # Metadata store against a 3-member etcd on loopback, same load generator.
 bench-meta: release
@@ -65,6 +65,14 @@ bench-block: release
 bench-switch: release
 	$(CARGO) build --release -p nodeos-bench --bin bench-switch
 	NODEOS_BIN=$(CURDIR)/$(RELEASE_BIN) target/release/bench-switch
+
+# Live migration (two nodes of a pool, VmService.Migrate) against QEMU's
+# (two qemu-system-x86_64 -accel kvm, QMP migrate), the same dirtying test
+# guest at several dirty rates, both on loopback.
+bench-migrate: release guest
+	$(CARGO) build --release -p nodeos-bench --bin bench-migrate
+	NODEOS_BIN=$(CURDIR)/$(RELEASE_BIN) NODEOS_GUEST=$(CURDIR)/tests/guest/build/nodeos-test-guest.elf \
+		target/release/bench-migrate
 
 # A local 3-node pool on loopback, state under ./.demo/.
 demo: guest

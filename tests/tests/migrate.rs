@@ -241,3 +241,91 @@ async fn a_vm_with_host_files_or_not_running_is_refused_and_keeps_running() -> a
     c.finish();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_moves_every_vm_off_a_node_without_restarting_any() -> anyhow::Result<()> {
+    let test = "maintenance_moves_every_vm_off_a_node_without_restarting_any";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test)? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    let ids = pool(&mut c, 3).await?;
+    c.cli(0, &["image", "upload", &guest.display().to_string(), "--name", "testguest", "--kind", "kernel"])
+        .await?;
+    let v = c.cli(0, &["volume", "create", "mdisk", "--size", "8M"]).await?;
+    let volume = v["id"].as_str().context("volume id")?.to_owned();
+    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let names = ["m0", "m1", "m2"];
+    for (i, name) in names.iter().enumerate() {
+        let disks = if i == 0 {
+            vec![pb::DiskSpec { path: String::new(), read_only: false, volume: volume.clone() }]
+        } else {
+            vec![]
+        };
+        let spec = pb::VmSpec {
+            vcpus: 1,
+            memory_mib: 32,
+            kernel: "image:testguest".into(),
+            initrd: String::new(),
+            cmdline: format!("mode=dirty dirty_mib=1{}", if i == 0 { " dirty_blk=1" } else { "" }),
+            disks,
+            nics: vec![],
+            cloud_init: None,
+        };
+        vms.create(pb::CreateVmRequest { name: (*name).into(), spec: Some(spec) }).await?;
+        vms.start(pb::VmRef { vm: (*name).into() }).await?;
+    }
+    let mut last = Vec::new();
+    for name in names {
+        let text = console_reports(&mut vms, name, 1).await?;
+        last.push(passes(&text).last().map_or(0, |p| p.0));
+    }
+    let out = c.cli(1, &["node", "maintenance", "enter", &ids[0]]).await?;
+    ensure!(out.to_string().contains("\"maintenance\":true"), "node 0 not marked: {out}");
+    for (name, before) in names.iter().zip(&last) {
+        let mut there = owner(&c, name).await?;
+        let v = there.get(pb::VmRef { vm: (*name).into() }).await?.into_inner();
+        ensure!(v.node_id != ids[0] && v.state == "running", "{name} did not leave node 0: {v:?}");
+        let text = console_reports(&mut there, name, 2).await?;
+        // Moved, not restarted: the guest never booted again, and its passes go on.
+        ensure!(!text.contains("NODEOS-GUEST: boot ok"), "{name} was restarted:\n{text}");
+        ensure!(!text.contains("CORRUPT") && !text.contains("FAIL"), "{name}:\n{text}");
+        let first = passes(&text).first().map_or(0, |p| p.0);
+        ensure!(first > *before, "{name}: pass {first} after {before}");
+    }
+    // Nothing new starts there; new volume copies go elsewhere.
+    let late = pb::VmSpec {
+        vcpus: 1,
+        memory_mib: 32,
+        kernel: "image:testguest".into(),
+        initrd: String::new(),
+        cmdline: "mode=dirty dirty_mib=1".into(),
+        disks: vec![],
+        nics: vec![],
+        cloud_init: None,
+    };
+    vms.create(pb::CreateVmRequest { name: "late".into(), spec: Some(late) }).await?;
+    let refused = c.cli(0, &["vm", "start", "late"]).await;
+    let why = format!("{:#}", refused.as_ref().err().context("a VM started on the node in maintenance")?);
+    ensure!(why.contains("maintenance"), "{why}");
+    let nodes = c.cli(2, &["node", "list"]).await?;
+    let zero = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["id"] == ids[0].as_str()))
+        .context("node 0 listed")?;
+    ensure!(zero["maintenance"] == true, "{zero}");
+    let nv = c.cli(1, &["volume", "create", "after", "--size", "8M"]).await?;
+    ensure!(!nv.to_string().contains(&ids[0]), "a new copy went to the node in maintenance: {nv}");
+    // With node 0 in maintenance, node 1 cannot follow: the volumes' extents
+    // would keep one reachable copy.
+    let blocked = c.cli(2, &["node", "maintenance", "enter", &ids[1]]).await;
+    let why = format!("{:#}", blocked.as_ref().err().context("a second node entered maintenance")?);
+    ensure!(why.contains("reachable cop") && why.contains("cannot enter maintenance"), "{why}");
+    let back = c.cli(2, &["node", "maintenance", "exit", &ids[0]]).await?;
+    ensure!(
+        back.to_string().contains("\"maintenance\":false")
+            || !back.to_string().contains("\"maintenance\":true"),
+        "{back}"
+    );
+    c.finish();
+    Ok(())
+}

@@ -11,10 +11,14 @@
 //!   reports, the achieved dirty rate).
 //! - [`qemu`]: the peer: two `qemu-system-x86_64` processes (the destination
 //!   started with `-incoming`), driven over QMP.
+//! - [`nodeos`]: ours: a two-node pool, the guest as a pool image, the move
+//!   through `VmService.Migrate`; the console followed through
+//!   `VmService.Console` and, for timing, each node's console log file.
 //!
 //! # How downtime is measured, three ways
 //! - `downtime_ms_host`: what the VMM itself reports from pause to resume
-//!   (QEMU: `query-migrate` `downtime`).
+//!   (QEMU: `query-migrate` `downtime`, which covers the source's side only;
+//!   nodeos: `paused_ms`, the source's pause until the destination restored).
 //! - `downtime_ms_serial`: from outside. The guest prints `dirty stamp seq=<n>`
 //!   every `dirty_stamp_ms` of its TSC time; the host timestamps every line as
 //!   it arrives on either VMM's serial port, merges both sides by arrival
@@ -28,6 +32,7 @@
 //!   code, by the guest's own TSC). `None` when no report after the move had
 //!   one. A VMM that hides the pause from the TSC shows only its usual jitter.
 
+pub mod nodeos;
 pub mod qemu;
 pub mod serial;
 

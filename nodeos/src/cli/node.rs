@@ -1,4 +1,4 @@
-//! `nodeos node list|show|poweroff|reboot` (and the daemon's flags, see `crate::node`).
+//! `nodeos node list|show|poweroff|reboot|maintenance` (and the daemon's flags, see `crate::node`).
 
 use clap::{Args, Subcommand};
 use nodeos_proto::text::enum_name;
@@ -37,6 +37,52 @@ pub enum NodeAction {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Maintenance mode: `enter NODE` live-migrates every VM off the node and
+    /// keeps new VMs and volume copies away; `exit NODE` returns it to service.
+    ///
+    /// Example: `nodeos node maintenance enter 5ebb116227aa03fe`, service the
+    /// node, then `nodeos node maintenance exit 5ebb116227aa03fe`.
+    Maintenance {
+        #[arg(value_parser = ["enter", "exit"])]
+        action: String,
+        /// Node id.
+        node: String,
+    },
+}
+
+/// Follows a maintenance stream, a line per step on standard error, then prints the node.
+async fn maintenance(ctx: Ctx, action: &str, node: String) -> Result<(), CliError> {
+    use futures::StreamExt;
+    let req = pb::MaintenanceRequest { node_id: node.clone(), enter: action == "enter" };
+    let mut stream = NodeServiceClient::new(ctx.channel.clone()).maintenance(req).await?.into_inner();
+    let mut stayed = 0;
+    while let Some(p) = stream.next().await {
+        let p = p?;
+        match p.event.as_str() {
+            "marked" => eprintln!("node {node} in maintenance: no new VMs or volume copies are placed there"),
+            "moving" => eprintln!("moving {} ({})...", p.vm_name, p.vm_id),
+            "moved" => eprintln!("moved {} to node {} (paused {} ms)", p.vm_name, p.to_node, p.paused_ms),
+            "not_moved" => eprintln!("NOT moved {}: {}", p.vm_name, p.error),
+            "leader_moved" => eprintln!("raft leadership moved to node {}", p.to_node),
+            "done" => {
+                stayed = p.stayed;
+                eprintln!("{} VM(s) moved, {} stayed", p.moved, p.stayed);
+            }
+            "exited" => eprintln!("node {node} is back in service"),
+            _ => {}
+        }
+    }
+    let n = PoolServiceClient::new(ctx.channel.clone())
+        .get_node(pb::GetNodeRequest { id: node })
+        .await?
+        .into_inner();
+    output::print(ctx.output, &n, NODE_HEADERS, node_rows(std::slice::from_ref(&n)))?;
+    if stayed > 0 {
+        return Err(CliError::Status(format!(
+            "{stayed} VM(s) could not leave the node; enter maintenance again to retry"
+        )));
+    }
+    Ok(())
 }
 
 async fn power(ctx: Ctx, node: Option<String>, action: pb::PowerAction) -> Result<(), CliError> {
@@ -54,7 +100,8 @@ async fn power(ctx: Ctx, node: Option<String>, action: pb::PowerAction) -> Resul
     output::print(ctx.output, &r, &["NODE", "ACTION"], rows)
 }
 
-pub const NODE_HEADERS: &[&str] = &["ID", "ROLE", "HEALTH", "ADDRESS", "HOSTNAME", "VERSION", "MATCHED"];
+pub const NODE_HEADERS: &[&str] =
+    &["ID", "ROLE", "HEALTH", "SERVICE", "ADDRESS", "HOSTNAME", "VERSION", "MATCHED"];
 
 pub fn node_rows(nodes: &[pb::Node]) -> Vec<Vec<String>> {
     nodes
@@ -64,6 +111,7 @@ pub fn node_rows(nodes: &[pb::Node]) -> Vec<Vec<String>> {
                 n.id.clone(),
                 enum_name::<pb::NodeRole>(n.role),
                 enum_name::<pb::NodeHealth>(n.health),
+                if n.maintenance { "maintenance".into() } else { "in service".into() },
                 n.address.clone(),
                 n.hostname.clone(),
                 n.version.clone(),
@@ -78,6 +126,7 @@ pub async fn run(ctx: Ctx, action: NodeAction) -> Result<(), CliError> {
     match action {
         NodeAction::Poweroff { node } => power(ctx, node, pb::PowerAction::Poweroff).await,
         NodeAction::Reboot { node } => power(ctx, node, pb::PowerAction::Reboot).await,
+        NodeAction::Maintenance { action, node } => maintenance(ctx, &action, node).await,
         NodeAction::List => {
             let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
             let rows = node_rows(&nodes);
@@ -92,6 +141,7 @@ pub async fn run(ctx: Ctx, action: NodeAction) -> Result<(), CliError> {
                         vec!["id".into(), n.id.clone()],
                         vec!["role".into(), enum_name::<pb::NodeRole>(n.role)],
                         vec!["health".into(), enum_name::<pb::NodeHealth>(n.health)],
+                        vec!["maintenance".into(), if n.maintenance { "yes".into() } else { "no".into() }],
                         vec!["address".into(), n.address.clone()],
                         vec!["hostname".into(), n.hostname.clone()],
                         vec!["version".into(), n.version.clone()],

@@ -1,4 +1,4 @@
-//! `NodeService`: power-off and reboot of one node.
+//! `NodeService`: power-off and reboot of one node, and its maintenance mode.
 //!
 //! Only a node that runs as the node image's PID 1 can do it: its daemon is
 //! a child of PID 1, started with `NODEOS_INIT=1`, and asks PID 1 with the
@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use nodeos_compute::maintenance::MaintenanceEvent;
 use nodeos_meta::MetaHandle;
 use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::node_service_client::NodeServiceClient;
@@ -35,11 +36,46 @@ const NOT_INIT: &str = "this node does not run as the image's PID 1; stop it wit
 #[derive(Debug, Clone)]
 pub struct NodeApi {
     meta: MetaHandle,
+    compute: nodeos_compute::Compute,
 }
 
 impl NodeApi {
-    pub fn new(meta: MetaHandle) -> Self {
-        NodeApi { meta }
+    pub fn new(meta: MetaHandle, compute: nodeos_compute::Compute) -> Self {
+        NodeApi { meta, compute }
+    }
+}
+
+type MaintenanceStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::MaintenanceProgress, Status>> + Send>>;
+
+/// How long emptying a node may take through a hand-over.
+const MAINTENANCE_WORK: Duration = Duration::from_secs(60 * 60);
+
+fn maintenance_pb(ev: MaintenanceEvent) -> pb::MaintenanceProgress {
+    let p = |event: &str| pb::MaintenanceProgress { event: event.into(), ..Default::default() };
+    match ev {
+        MaintenanceEvent::Marked => p("marked"),
+        MaintenanceEvent::Moving { vm, name } => {
+            pb::MaintenanceProgress { vm_id: vm.to_string(), vm_name: name, ..p("moving") }
+        }
+        MaintenanceEvent::Moved { vm, name, to, paused_ms } => pb::MaintenanceProgress {
+            vm_id: vm.to_string(),
+            vm_name: name,
+            to_node: to.to_string(),
+            paused_ms,
+            ..p("moved")
+        },
+        MaintenanceEvent::NotMoved { vm, name, error } => {
+            pb::MaintenanceProgress { vm_id: vm.to_string(), vm_name: name, error, ..p("not_moved") }
+        }
+        MaintenanceEvent::LeaderMoved { to } => {
+            pb::MaintenanceProgress { to_node: to.to_string(), ..p("leader_moved") }
+        }
+        MaintenanceEvent::Done { moved, stayed } => pb::MaintenanceProgress {
+            moved: u32::try_from(moved).unwrap_or(u32::MAX),
+            stayed: u32::try_from(stayed).unwrap_or(u32::MAX),
+            ..p("done")
+        },
     }
 }
 
@@ -58,6 +94,71 @@ fn signal_for(action: pb::PowerAction) -> Result<Signal, Status> {
 
 #[tonic::async_trait]
 impl NodeService for NodeApi {
+    type MaintenanceStream = MaintenanceStream;
+
+    async fn maintenance(
+        &self,
+        req: Request<pb::MaintenanceRequest>,
+    ) -> Result<Response<Self::MaintenanceStream>, Status> {
+        use futures::StreamExt;
+        let handed_over = is_proxied(&req);
+        let timeout = hop_timeout(&req, MAINTENANCE_WORK);
+        let r = req.into_inner();
+        let me = self.meta.node_id();
+        let target = if r.node_id.is_empty() {
+            me
+        } else {
+            r.node_id.parse::<NodeId>().map_err(|e| Status::invalid_argument(format!("node: {e}")))?
+        };
+        match route(target, me, handed_over) {
+            Route::Here => {}
+            Route::NotHere(_) => {
+                return Err(Status::failed_precondition(format!(
+                    "handed over for node {target}, but this is node {me}"
+                )));
+            }
+            Route::Forward(target) => {
+                let addr = self
+                    .meta
+                    .node_address(target)
+                    .ok_or_else(|| Status::not_found(format!("node {target} is not a pool member")))?;
+                let ch = proxy::channel(target, &addr, timeout).await?;
+                let remote = NodeServiceClient::new(ch).maintenance(mark(r)).await?.into_inner();
+                return Ok(Response::new(Box::pin(remote)));
+            }
+        }
+        if !r.enter {
+            self.compute.exit_maintenance().await.map_err(crate::vm::compute_status)?;
+            let done = pb::MaintenanceProgress { event: "exited".into(), ..Default::default() };
+            return Ok(Response::new(Box::pin(futures::stream::iter([Ok(done)]))));
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let compute = self.compute.clone();
+        let mut run = tokio::spawn(async move { compute.enter_maintenance(tx).await });
+        // The checks' refusal is a plain error status; after them, a stream.
+        let first = tokio::select! {
+            ev = rx.recv() => ev,
+            done = &mut run => {
+                return Err(match done {
+                    Ok(Err(e)) => crate::vm::compute_status(e),
+                    Ok(Ok(())) => Status::internal("maintenance ended without telling"),
+                    Err(e) => Status::internal(format!("maintenance task failed: {e}")),
+                });
+            }
+        };
+        let head = futures::stream::iter(first.map(|e| Ok(maintenance_pb(e))));
+        let rest = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(|e| Ok(maintenance_pb(e)));
+        let end = futures::stream::once(async move {
+            match run.await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(Err(crate::vm::compute_status(e))),
+                Err(e) => Some(Err(Status::internal(format!("maintenance task failed: {e}")))),
+            }
+        })
+        .filter_map(|x| async move { x });
+        Ok(Response::new(Box::pin(head.chain(rest).chain(end))))
+    }
+
     async fn power(&self, req: Request<pb::PowerRequest>) -> Result<Response<pb::PowerResponse>, Status> {
         let handed_over = is_proxied(&req);
         let timeout = hop_timeout(&req, POWER_WORK);

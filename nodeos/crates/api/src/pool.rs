@@ -116,6 +116,7 @@ impl PoolApi {
                         .and_then(|r| r.cpu.as_ref())
                         .zip(baseline.as_ref())
                         .map_or(0, |(c, b)| c.beyond(b)),
+                    maintenance: rec.is_some_and(|r| r.maintenance),
                 }
             })
             .collect();

@@ -88,7 +88,7 @@ pub async fn serve(
     let network = NetworkServiceServer::new(NetworkApi::new(networks, switch, meta.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE * 4);
-    let node = NodeServiceServer::new(NodeApi::new(meta.clone()))
+    let node = NodeServiceServer::new(NodeApi::new(meta.clone(), compute_for_peers.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE);
     let pxe = PxeServiceServer::new(PxeApi::new(meta.clone(), pxe))

@@ -17,6 +17,8 @@
 //! - `migration.rs`: live migration between nodes, as the source and as the
 //!   destination: placement, the peer calls, the commit (one compare-and-swap
 //!   on the VM's record), running the VM that arrived.
+//! - `maintenance.rs`: maintenance mode: checks (raft majority, volume copies),
+//!   the mark, moving every running VM off, moving raft leadership away.
 //! - `tap.rs`: host tap devices and the frame relay between a NIC socket and a tap.
 //! - `supervisor.rs`: [`Compute`], the handle the API calls: create, start, stop,
 //!   pause, resume, delete, console; it records every VM in meta and reports a
@@ -31,6 +33,7 @@
 
 pub mod error;
 pub mod images;
+pub mod maintenance;
 pub mod migration;
 pub mod process;
 pub mod records;

@@ -87,6 +87,10 @@ pub enum PeerRequest {
     Commit { vm: VmId },
     /// No hand-over: drop the incoming copy.
     Abort { vm: VmId },
+    /// Are you there (maintenance checks which voters answer).
+    Ping,
+    /// Start an election (leadership leaves a node entering maintenance).
+    Elect,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,6 +134,16 @@ impl Compute {
     }
 
     async fn call_peer(
+        &self,
+        node: NodeId,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerReply, ComputeError> {
+        self.call_peer_with(node, req, timeout).await
+    }
+
+    /// One sealed call of `PeerService.Migration` to `node`.
+    pub(crate) async fn call_peer_with(
         &self,
         node: NodeId,
         req: &PeerRequest,
@@ -405,7 +419,11 @@ impl Compute {
 
     /// Serves the other node's side of a migration (`PeerService.Migration`).
     pub async fn serve_migration(&self, sender: NodeId, req: PeerRequest) -> Result<PeerReply, String> {
+        if let Some(r) = self.serve_node_request(&req).await {
+            return r.map_err(|e| nodeos_types::error_chain(&e));
+        }
         let r = match req {
+            PeerRequest::Ping | PeerRequest::Elect => Ok(PeerReply::Done),
             PeerRequest::Prepare { vm, source } if source == sender => {
                 self.prepare_incoming(vm, source).await
             }
@@ -592,6 +610,16 @@ impl Compute {
             Err(e) => {
                 kill(&process);
                 let _ = phase.send(Phase::Failed(e.clone()));
+                // The record names this node: say the VM is not running, and why.
+                if let Ok((mut now, _)) = self.inner.records.load(id).await
+                    && now.node == self.inner.cfg.node_id
+                {
+                    now.state = VmState::Crashed;
+                    now.reason = format!("the live-migrated VM could not start here: {e}");
+                    if let Err(s) = self.inner.records.save(&mut now).await {
+                        warn!(vm = %id, error = %s, "cannot record the failed start of a migrated VM");
+                    }
+                }
             }
         }
         let _ = answer.send(ran);
@@ -612,15 +640,7 @@ impl Compute {
         let mut slots = Vec::new();
         for d in r.spec.disks.iter().filter(|d| !d.read_only) {
             let Some(vid) = d.volume else { continue };
-            let (slot, rec) = WriterSlot::acquire(
-                &self.inner.volumes,
-                &vid.to_string(),
-                self.inner.cfg.node_id,
-                &holder,
-                Takeover::OwnHolder,
-            )
-            .await
-            .map_err(|e| chain(e.into()))?;
+            let (slot, rec) = self.take_writer_slot(vid, &holder).await.map_err(|e| chain(e.into()))?;
             let layout = self.inner.volumes.layout(&rec).await.map_err(|e| chain(e.into()))?;
             slots.push(slot);
             process
@@ -661,6 +681,35 @@ impl Compute {
         info!(vm = %r.id, pid = process.pid, "live-migrated VM running here");
         let _ = ports;
         Ok(())
+    }
+
+    /// The volume's next generation for the arriving VM. A concurrent change
+    /// of the volume's record (another hand-over, the volume controller) is
+    /// retried: after the commit this must not fail for a transient reason.
+    async fn take_writer_slot(
+        &self,
+        vid: nodeos_types::VolumeId,
+        holder: &str,
+    ) -> Result<(WriterSlot, nodeos_types::records::VolumeRecord), nodeos_volumes::VolumeError> {
+        let mut wait = Duration::from_millis(20);
+        for _ in 0..20 {
+            let taken = WriterSlot::acquire(
+                &self.inner.volumes,
+                &vid.to_string(),
+                self.inner.cfg.node_id,
+                holder,
+                Takeover::OwnHolder,
+            )
+            .await;
+            match taken {
+                Err(nodeos_volumes::VolumeError::Conflict) => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
+        Err(nodeos_volumes::VolumeError::Conflict)
     }
 
     async fn decide_incoming(&self, id: VmId, commit: bool) -> Result<(), ComputeError> {

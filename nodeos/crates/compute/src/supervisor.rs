@@ -384,6 +384,12 @@ impl Compute {
             return Err(ComputeError::State { vm: r.id.to_string(), state: r.state.as_str(), op: "start" });
         }
         spec::check_memory(r.spec.memory_mib)?;
+        if self.in_maintenance().await? {
+            return Err(ComputeError::Migration(format!(
+                "node {} is in maintenance: no VM starts here until `nodeos node maintenance exit {}`",
+                self.inner.cfg.node_id, self.inner.cfg.node_id
+            )));
+        }
         let dir = self.vm_dir(r.id);
         std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
         // Images first: they take nothing that must be given back.

@@ -158,6 +158,11 @@ impl<T: Transport + Clone> Controller<T> {
             }
         }
         self.unreachable_since.retain(|n, _| nodes.contains_key(n));
+        // A node in maintenance keeps serving its copies but takes no new ones:
+        // out of `up`, never `lost` while it answers.
+        for n in nodes.values().filter(|n| n.maintenance) {
+            view.up.remove(&n.id);
+        }
         view.lost = self
             .unreachable_since
             .iter()

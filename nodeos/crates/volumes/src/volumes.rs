@@ -222,23 +222,23 @@ impl<T: Transport + Clone> Volumes<T> {
         if nodes.is_empty() {
             return Err(VolumeError::NoNodes);
         }
+        let ids = placeable(&nodes);
         let replicas = req.replicas.and_then(|r| u8::try_from(r).ok()).unwrap_or(WANTED_REPLICAS);
-        let placed = replicas.min(u8::try_from(nodes.len()).unwrap_or(u8::MAX));
+        let placed = replicas.min(u8::try_from(ids.len()).unwrap_or(u8::MAX));
         let warning = if placed < replicas {
             warn!(
                 volume = %req.name,
                 placed,
                 replicas,
-                "pool has only {} node(s): the volume keeps fewer copies until more nodes join",
-                nodes.len()
+                "pool has only {} node(s) in service: the volume keeps fewer copies until more nodes join",
+                ids.len()
             );
-            short_warning(placed, replicas, nodes.len())
+            short_warning(placed, replicas, ids.len())
         } else {
             String::new()
         };
         let extent_size = extent_size_for(req.size_bytes);
         let extents = req.size_bytes.div_ceil(extent_size) as usize;
-        let ids: Vec<NodeId> = nodes.keys().copied().collect();
         let placement = place(&ids, &mut self.load().await?, extents, usize::from(placed));
         self.check_capacity(&nodes, &placement, extent_size, req.size_bytes, placed, &Load::new())?;
         let now = unix_millis();
@@ -328,7 +328,7 @@ impl<T: Transport + Clone> Volumes<T> {
         let extents = size_bytes.div_ceil(r.extent_size) as usize;
         if extents > r.placement.len() {
             let nodes = self.nodes().await?;
-            let ids: Vec<NodeId> = nodes.keys().copied().collect();
+            let ids = placeable(&nodes);
             let copies = usize::from(r.replicas).min(ids.len());
             let more = place(&ids, &mut self.load().await?, extents - r.placement.len(), copies);
             let mut held = Load::new();
@@ -661,6 +661,13 @@ impl<T: Transport + Clone> Volumes<T> {
 /// because the pool has too few nodes.
 pub fn short_warning(copies: u8, target: u8, nodes: usize) -> String {
     format!("only {copies} of {target} copies: the pool has {nodes} node(s)")
+}
+
+/// Nodes new copies may go to: those not in maintenance (all of them if
+/// every node is, so a pool being serviced can still make volumes).
+pub fn placeable(nodes: &BTreeMap<NodeId, NodeRecord>) -> Vec<NodeId> {
+    let in_service: Vec<NodeId> = nodes.values().filter(|n| !n.maintenance).map(|n| n.id).collect();
+    if in_service.is_empty() { nodes.keys().copied().collect() } else { in_service }
 }
 
 /// Whether the record's writer is the opener holding `token`.
