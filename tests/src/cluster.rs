@@ -102,6 +102,7 @@ impl Cluster {
             beacons: true,
             bootstrap_expect: None,
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 

@@ -36,6 +36,8 @@ pub struct NodeSpec {
     pub bootstrap_expect: Option<u16>,
     /// More daemon flags (e.g. `--rereplicate-after 3`).
     pub extra_args: Vec<String>,
+    /// Environment of the daemon (e.g. `NODEOS_FAILPOINTS` for fault injection).
+    pub env: Vec<(String, String)>,
 }
 
 /// Port of every test node's NBD server (on its own address).
@@ -52,6 +54,7 @@ pub struct NodeProc {
     pub log_path: PathBuf,
     bin: PathBuf,
     args: Vec<OsString>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     starts: u32,
     id: Option<String>,
@@ -95,6 +98,7 @@ impl NodeProc {
             log_path,
             bin: bin.to_owned(),
             args,
+            env: spec.env.clone(),
             child: None,
             starts: 0,
             id: None,
@@ -124,6 +128,7 @@ impl NodeProc {
             .args(&self.args)
             .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -155,6 +160,28 @@ impl NodeProc {
     }
 
     /// SIGKILL and reap.
+    /// The daemon's process id while it runs (`ip netns exec` execs it in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Processes the daemon started that still run (its VM workers).
+    pub fn children(&self) -> Vec<u32> {
+        let Some(pid) = self.pid() else { return Vec::new() };
+        let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+        dir.filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat")).ok().is_some_and(|s| {
+                    // "pid (comm) state ppid ...": the comm may hold spaces, so split after ')'.
+                    s.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                        == Some(pid)
+                })
+            })
+            .collect()
+    }
+
     pub fn kill9(&mut self) -> anyhow::Result<()> {
         let Some(mut c) = self.child.take() else { bail!("node {} is not running", self.index) };
         c.kill().with_context(|| format!("killing node {}", self.index))?;

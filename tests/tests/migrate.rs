@@ -184,11 +184,29 @@ async fn a_running_vm_moves_between_nodes_and_back_without_losing_a_page_or_a_wr
             shown["node_id"]
         );
     }
-    // Nothing is left running on the node the VM left: its worker ended.
-    let listed = c.cli(1, &["vm", "list"]).await?;
-    ensure!(listed.to_string().contains("running"), "{listed}");
+    // 18 more moves (20 in all): nothing may pile up on any node.
+    for k in 0..18 {
+        let target = &ids[1 + k % 2];
+        let moved = c
+            .cli(0, &["vm", "migrate", "mig", "--to", target])
+            .await
+            .with_context(|| format!("move {}", k + 3))?;
+        ensure!(moved["node_id"] == target.as_str(), "move {}: the VM is on {}", k + 3, moved["node_id"]);
+    }
+    let mut there = owner(&c, "mig").await?;
+    let end = console_reports(&mut there, "mig", 2).await?;
+    ensure!(!end.contains("CORRUPT") && !end.contains("FAIL"), "after 20 moves:\n{end}");
+    let workers: usize = (0..3).map(|i| c.node(i).map(|n| n.children().len()).unwrap_or(0)).sum();
+    ensure!(workers == 1, "{workers} VM workers run in the pool after 20 moves of one VM");
+    let ports = c.cli(0, &["port", "list"]).await?;
+    let ports = ports.as_array().context("port list")?;
+    ensure!(ports.len() == 1, "ports after 20 moves: {ports:?}");
     let v = vms.get(pb::VmRef { vm: "mig".into() }).await?.into_inner();
-    ensure!(v.node_id == ids[0] && v.state == "running", "{v:?}");
+    ensure!(
+        ports[0]["node_id"] == v.node_id.as_str() || ports[0]["node"] == v.node_id.as_str(),
+        "the port stayed behind: {ports:?} vs {v:?}"
+    );
+    ensure!(v.state == "running" && v.migrating_to.is_empty(), "{v:?}");
     c.finish();
     Ok(())
 }
@@ -326,6 +344,194 @@ async fn maintenance_moves_every_vm_off_a_node_without_restarting_any() -> anyho
             || !back.to_string().contains("\"maintenance\":true"),
         "{back}"
     );
+    c.finish();
+    Ok(())
+}
+
+/// A VM that dirties 16 MiB per pass, and a migration capped at 2 MiB/s: it
+/// cannot converge, so it runs until it is cancelled or fails.
+async fn slow_vm(c: &Cluster, vms: &mut VmServiceClient<Channel>, guest: &Path) -> anyhow::Result<u64> {
+    c.cli(0, &["image", "upload", &guest.display().to_string(), "--name", "testguest", "--kind", "kernel"])
+        .await?;
+    let spec = pb::VmSpec {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: "image:testguest".into(),
+        initrd: String::new(),
+        cmdline: "mode=dirty dirty_mib=16".into(),
+        disks: vec![],
+        nics: vec![],
+        cloud_init: None,
+    };
+    vms.create(pb::CreateVmRequest { name: "slow".into(), spec: Some(spec) }).await?;
+    vms.start(pb::VmRef { vm: "slow".into() }).await?;
+    let text = console_reports(vms, "slow", 1).await?;
+    Ok(passes(&text).last().map_or(0, |p| p.0))
+}
+
+/// Starts `vm migrate slow --to <to> --bandwidth 2` in the background and
+/// waits until the record shows the migration.
+async fn start_slow_migration(
+    c: &Cluster,
+    vms: &mut VmServiceClient<Channel>,
+    to: &str,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<serde_json::Value>>> {
+    let bin = std::env::var("NODEOS_BIN").context("NODEOS_BIN")?;
+    let addr = c.node(0)?.addr.to_string();
+    let to = to.to_owned();
+    let run = tokio::spawn(async move {
+        let out = tokio::process::Command::new(bin)
+            .args([
+                "--endpoint",
+                &addr,
+                "-o",
+                "json",
+                "vm",
+                "migrate",
+                "slow",
+                "--to",
+                &to,
+                "--bandwidth",
+                "2",
+            ])
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        ensure!(!out.status.success(), "the migration finished: {}", String::from_utf8_lossy(&out.stdout));
+        Ok(serde_json::Value::String(String::from_utf8_lossy(&out.stderr).into_owned()))
+    });
+    wait_until("the migration shows", Duration::from_secs(30), || {
+        let mut vms = vms.clone();
+        async move {
+            let v = vms.get(pb::VmRef { vm: "slow".into() }).await?.into_inner();
+            ensure!(!v.migrating_to.is_empty(), "not migrating yet");
+            Ok(())
+        }
+    })
+    .await?;
+    // Let pre-copy run a moment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(run)
+}
+
+/// The VM runs on node 0 with no migration, and its guest goes on after `after`.
+async fn still_here(vms: &mut VmServiceClient<Channel>, node: &str, after: u64) -> anyhow::Result<u64> {
+    let v = wait_until("the VM back to plain running", Duration::from_secs(30), || {
+        let mut vms = vms.clone();
+        async move {
+            let v = vms.get(pb::VmRef { vm: "slow".into() }).await?.into_inner();
+            ensure!(v.migrating_to.is_empty(), "still migrating: {v:?}");
+            Ok(v)
+        }
+    })
+    .await?;
+    ensure!(v.node_id == node && v.state == "running", "{v:?}");
+    let deadline = tokio::time::Instant::now() + GUEST;
+    loop {
+        let text = console_reports(vms, "slow", 1).await?;
+        ensure!(!text.contains("CORRUPT") && !text.contains("FAIL"), "{text}");
+        let last = passes(&text).last().map_or(0, |p| p.0);
+        if last > after {
+            return Ok(last);
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "the guest stopped at pass {last}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_migration_or_a_dead_destination_leaves_the_vm_running_where_it_was() -> anyhow::Result<()>
+{
+    let test = "a_cancelled_migration_or_a_dead_destination_leaves_the_vm_running_where_it_was";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test)? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    let ids = pool(&mut c, 3).await?;
+    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let mut last = slow_vm(&c, &mut vms, &guest).await?;
+
+    // A second migration of the same VM is refused while one runs; then cancel.
+    let run = start_slow_migration(&c, &mut vms, &ids[1]).await?;
+    let second = c.cli(0, &["vm", "migrate", "slow", "--to", &ids[2]]).await;
+    ensure!(
+        format!("{:#}", second.as_ref().err().context("a second migration ran")?).contains("busy"),
+        "{second:?}"
+    );
+    c.cli(0, &["vm", "migrate", "slow", "--cancel"]).await?;
+    let why = run.await??;
+    ensure!(why.to_string().contains("cancel"), "the migration ended otherwise: {why}");
+    last = still_here(&mut vms, &ids[0], last).await?;
+
+    // The destination dies in pre-copy: the source keeps the VM.
+    let run = start_slow_migration(&c, &mut vms, &ids[2]).await?;
+    c.kill9(2)?;
+    let why = run.await??;
+    eprintln!("migrate: destination killed in pre-copy: {why}");
+    still_here(&mut vms, &ids[0], last).await?;
+    let workers: usize = (0..2).map(|i| c.node(i).map(|n| n.children().len()).unwrap_or(0)).sum();
+    ensure!(workers == 1, "{workers} VM workers left on the live nodes");
+    c.finish();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_runs_the_vm_when_the_source_dies_right_after_the_commit() -> anyhow::Result<()> {
+    let test = "the_destination_runs_the_vm_when_the_source_dies_right_after_the_commit";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test)? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    // Node 0 aborts right after its compare-and-swap hands the VM over,
+    // before it can tell the destination.
+    let failing = NodeSpec {
+        bootstrap_expect: Some(3),
+        env: vec![("NODEOS_FAILPOINTS".into(), "migration-after-commit".into())],
+        ..c.spec()
+    };
+    let plain = NodeSpec { bootstrap_expect: Some(3), ..c.spec() };
+    let idx = vec![c.add_node(&failing)?, c.add_node(&plain)?, c.add_node(&plain)?];
+    let ids = c.ids(&idx).await?;
+    let want = nodeos_tests::Expect { members: ids.clone(), voters: 3, healthy: ids, pool_id: None };
+    c.wait_pool("pool formed", &idx, &want, FORM).await?;
+    let one = c.id(1).await?;
+    c.cli(0, &["image", "upload", &guest.display().to_string(), "--name", "testguest", "--kind", "kernel"])
+        .await?;
+    let v = c.cli(0, &["volume", "create", "fdisk", "--size", "8M"]).await?;
+    let volume = v["id"].as_str().context("volume id")?.to_owned();
+    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let spec = pb::VmSpec {
+        vcpus: 1,
+        memory_mib: 32,
+        kernel: "image:testguest".into(),
+        initrd: String::new(),
+        cmdline: "mode=dirty dirty_mib=1 dirty_blk=1".into(),
+        disks: vec![pb::DiskSpec { path: String::new(), read_only: false, volume }],
+        nics: vec![],
+        cloud_init: None,
+    };
+    vms.create(pb::CreateVmRequest { name: "orphan".into(), spec: Some(spec) }).await?;
+    vms.start(pb::VmRef { vm: "orphan".into() }).await?;
+    let before = console_reports(&mut vms, "orphan", 1).await?;
+    let last = passes(&before).last().map_or(0, |p| p.0);
+    let lost_source = c.cli(0, &["vm", "migrate", "orphan", "--to", &one]).await;
+    ensure!(lost_source.is_err(), "the source node answered after it should have died");
+    let mut vms1 = VmServiceClient::connect(format!("http://{}", c.node(1)?.addr)).await?;
+    let v = wait_until("the VM runs on node 1", Duration::from_secs(60), || {
+        let mut vms1 = vms1.clone();
+        let one = one.clone();
+        async move {
+            let v = vms1.get(pb::VmRef { vm: "orphan".into() }).await?.into_inner();
+            ensure!(v.node_id == one && v.state == "running" && v.worker_pid > 0, "{v:?}");
+            Ok(v)
+        }
+    })
+    .await?;
+    ensure!(v.migrating_to.is_empty(), "{v:?}");
+    let after = console_reports(&mut vms1, "orphan", 2).await?;
+    ensure!(!after.contains("CORRUPT") && !after.contains("FAIL"), "{after}");
+    ensure!(!after.contains("NODEOS-GUEST: boot ok"), "the VM was restarted, not moved:\n{after}");
+    ensure!(passes(&after)[0].0 > last, "passes went back:\n{after}");
+    ensure!(after.contains("NODEOS-GUEST: dirty blk pass="), "no volume writes on node 1:\n{after}");
     c.finish();
     Ok(())
 }

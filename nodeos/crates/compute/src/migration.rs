@@ -57,6 +57,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// Memory a node keeps for itself, MiB, when placing a migrating VM.
 const NODE_RESERVE_MIB: u64 = 512;
+/// How often the destination reads the VM's record while it waits for the decision.
+const RECORD_POLL: Duration = Duration::from_millis(500);
+/// How long the destination waits without a readable record before it drops its copy.
+const DECISION_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the destination may take to run a committed VM.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -126,6 +130,12 @@ pub(crate) type IncomingMap = Mutex<HashMap<VmId, Incoming>>;
 
 fn peer_err(e: impl std::fmt::Display) -> ComputeError {
     ComputeError::Migration(e.to_string())
+}
+
+/// Whether the named failpoint is set in `NODEOS_FAILPOINTS` (comma
+/// separated): fault-injection tests make a node fail at exactly that step.
+fn failpoint(name: &str) -> bool {
+    std::env::var("NODEOS_FAILPOINTS").is_ok_and(|v| v.split(',').any(|f| f.trim() == name))
 }
 
 impl Compute {
@@ -272,15 +282,33 @@ impl Compute {
             }
             Err(e) => {
                 warn!(vm = %r.id, to = %to, error = %nodeos_types::error_chain(&e), "live migration failed; the VM runs here");
-                if let Err(a) = self.call_peer(to, &PeerRequest::Abort { vm: r.id }, PEER_TIMEOUT).await {
-                    warn!(vm = %r.id, error = %nodeos_types::error_chain(&a), "cannot tell the destination to drop its copy");
+                // The record first: a dead destination must not keep the VM
+                // looking busy while the call below times out.
+                // Retried: the failure may have taken the raft leader along.
+                for attempt in 0..30 {
+                    let cleared = match self.inner.records.load(r.id).await {
+                        Ok((mut now, _)) if now.node == self.inner.cfg.node_id => {
+                            now.migration = None;
+                            self.inner.records.save(&mut now).await
+                        }
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    };
+                    match cleared {
+                        Ok(()) => break,
+                        Err(s) => {
+                            warn!(vm = %r.id, attempt, error = %s, "cannot clear the failed migration from the record yet")
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                if let Ok((mut now, _)) = self.inner.records.load(r.id).await
-                    && now.node == self.inner.cfg.node_id
-                {
-                    now.migration = None;
-                    let _ = self.inner.records.save(&mut now).await;
-                }
+                // The destination also drops its copy when it sees the record cleared.
+                let (this, vm) = (self.clone(), r.id);
+                tokio::spawn(async move {
+                    if let Err(a) = this.call_peer(to, &PeerRequest::Abort { vm }, PEER_TIMEOUT).await {
+                        tracing::debug!(vm = %vm, error = %nodeos_types::error_chain(&a), "cannot tell the destination to drop its copy");
+                    }
+                });
                 Err(e)
             }
         }
@@ -359,6 +387,11 @@ impl Compute {
         // The VM is frozen here and restored there: decide.
         match self.commit(r, to).await {
             Ok(committed) => {
+                if failpoint("migration-after-commit") {
+                    // Test hook: the source node dies right after the hand-over.
+                    warn!("failpoint migration-after-commit: aborting the node");
+                    std::process::abort();
+                }
                 if let Err(e) =
                     process.request(|seq| ToWorker::MigrationCommitted { seq }, PEER_TIMEOUT).await
                 {
@@ -592,14 +625,19 @@ impl Compute {
             return fail(e);
         }
         let _ = phase.send(Phase::Received);
-        let Ok((commit, answer)) = decide.await else {
-            kill(&process);
-            return fail("dropped before a decision".into());
+        let (commit, answer) = match self.await_decision(id, decide).await {
+            Some(d) => d,
+            None => {
+                kill(&process);
+                return fail("no decision came and the record did not move here".into());
+            }
         };
         if !commit {
             kill(&process);
             let _ = phase.send(Phase::Failed("aborted by the source".into()));
-            let _ = answer.send(Ok(()));
+            if let Some(a) = answer {
+                let _ = a.send(Ok(()));
+            }
             return;
         }
         let ran = self.run_incoming(&r, process.clone(), events, exit, node_ends).await;
@@ -622,7 +660,49 @@ impl Compute {
                 }
             }
         }
-        let _ = answer.send(ran);
+        if let Some(a) = answer {
+            let _ = a.send(ran);
+        }
+    }
+
+    /// The source's decision, or the record's: a source that died after its
+    /// compare-and-swap never sends the commit, but the record names this
+    /// node, and that alone decides. A record that stops naming a migration
+    /// to this node (the source cleared it) is an abort.
+    async fn await_decision(
+        &self,
+        id: VmId,
+        mut decide: oneshot::Receiver<Decision>,
+    ) -> Option<(bool, Option<oneshot::Sender<Result<(), String>>>)> {
+        let me = self.inner.cfg.node_id;
+        let mut unreadable_since = None::<tokio::time::Instant>;
+        loop {
+            tokio::select! {
+                d = &mut decide => return d.ok().map(|(c, a)| (c, Some(a))),
+                () = tokio::time::sleep(RECORD_POLL) => {}
+            }
+            match self.inner.records.load(id).await {
+                Ok((r, _)) if r.node == me => {
+                    info!(vm = %id, "the record names this node: running the VM without the source's word");
+                    self.incoming().remove(&id);
+                    return Some((true, None));
+                }
+                Ok((r, _)) if r.migration.as_ref().map(|m| m.to) != Some(me) => {
+                    self.incoming().remove(&id);
+                    return Some((false, None));
+                }
+                Ok(_) => unreadable_since = None,
+                Err(e) => {
+                    // Without a readable record nothing can be decided; give
+                    // up only after a long while (the pool may be electing).
+                    let since = *unreadable_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() > DECISION_TIMEOUT {
+                        warn!(vm = %id, error = %e, "no decision on the incoming VM");
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Runs a committed incoming VM: its volumes' next generations (fencing
