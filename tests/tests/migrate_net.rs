@@ -321,13 +321,15 @@ async fn frames_keep_flowing_to_a_vm_across_its_live_migration() -> anyhow::Resu
     );
 
     let l = loss(&log)?;
-    eprintln!(
-        "migrate-net: sent={} echoed={} lost={} longest_gap_ms={:.0}",
+    // Straight to stderr, past the test harness's capture: CI's log shows it.
+    let line = format!(
+        "migrate-net: sent={} echoed={} lost={} longest_gap_ms={:.0}\n",
         l.sent,
         l.echoed,
         l.lost.len(),
         l.longest_gap_ms
     );
+    std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes())?;
     let (start_i, start_t) = log.marks.get("migrate-start").copied().unwrap_or_default();
     let (end_i, end_t) = log.marks.get("migrate-end").copied().unwrap_or_default();
     eprintln!(

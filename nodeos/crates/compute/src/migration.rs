@@ -132,6 +132,13 @@ fn peer_err(e: impl std::fmt::Display) -> ComputeError {
     ComputeError::Migration(e.to_string())
 }
 
+/// The last `n` lines of a worker's log, for an error that says why it ended.
+fn log_tail(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
 /// Whether the named failpoint is set in `NODEOS_FAILPOINTS` (comma
 /// separated): fault-injection tests make a node fail at exactly that step.
 fn failpoint(name: &str) -> bool {
@@ -617,7 +624,7 @@ impl Compute {
                 Some(WorkerEvent::MigrationReceived) => break Ok(()),
                 Some(WorkerEvent::MigrationFailed { error }) => break Err(error),
                 Some(_) => {}
-                None => break Err("the incoming worker ended".into()),
+                None => break Err(format!("the incoming worker ended: {}", log_tail(&log_path, 3))),
             }
         };
         if let Err(e) = received {

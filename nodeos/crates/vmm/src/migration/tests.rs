@@ -183,3 +183,67 @@ fn a_refused_state_leaves_the_source_running() {
     let t = src_console.wait_passes(n + 2, Duration::from_secs(60));
     assert!(passes(&t).len() >= n + 2, "the source kept running: {t}");
 }
+
+/// A source that sends `frames` after a proper handshake and layout, then
+/// reads what the destination answers (an Abort, or nothing).
+fn hostile_source(
+    stream: std::os::unix::net::UnixStream,
+    layout: crate::vm::Layout,
+    frames: Vec<(super::wire::Kind, Vec<u8>)>,
+) -> std::thread::JoinHandle<Option<super::wire::Kind>> {
+    std::thread::spawn(move || {
+        let mut chan = super::wire::Channel::connect(stream, &key(), "mig-test").ok()?;
+        let encoded = postcard::to_allocvec(&layout).ok()?;
+        chan.send(super::wire::Kind::Layout, &[&encoded]).ok()?;
+        for (kind, payload) in frames {
+            chan.send(kind, &[&payload]).ok()?;
+        }
+        chan.flush().ok()?;
+        let mut buf = Vec::new();
+        chan.recv(&mut buf).ok()
+    })
+}
+
+#[test]
+fn a_hostile_or_truncated_stream_is_refused_and_nothing_runs() {
+    let test = "a_hostile_or_truncated_stream_is_refused_and_nothing_runs";
+    let Some(_hv) = nodeos_hv::testing::hypervisor_or_skip(test) else { return };
+    // The incoming VM loads no kernel: the path is never read.
+    let cfg = config(Path::new("/nonexistent-kernel"), "");
+    let build =
+        || Arc::new(Mutex::new(Vm::build_incoming(&cfg, vec![], Box::new(Console::default())).unwrap()));
+
+    // A page outside guest RAM.
+    let dst = build();
+    let layout = dst.lock().unwrap().layout().clone();
+    let mut page = super::wire::pages_header(&[0xffff_0000_0000]);
+    page.extend_from_slice(&[0u8; 4096]);
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let src = hostile_source(a, layout.clone(), vec![(super::wire::Kind::Pages, page)]);
+    let got = receive::receive(&dst, b, &cfg.vm_id, &key(), &mut |_| {});
+    assert!(matches!(got, Err(MigrationError::Address { addr: 0xffff_0000_0000 })), "{got:?}");
+    assert_eq!(src.join().unwrap(), Some(super::wire::Kind::Abort), "the source is told");
+
+    // A state that does not decode.
+    let dst = build();
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let src = hostile_source(a, layout.clone(), vec![(super::wire::Kind::State, vec![0xff; 64])]);
+    let got = receive::receive(&dst, b, &cfg.vm_id, &key(), &mut |_| {});
+    assert!(matches!(got, Err(MigrationError::StateDecode(_))), "{got:?}");
+    src.join().unwrap();
+
+    // The stream ends before the state.
+    let dst = build();
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let src = std::thread::spawn(move || {
+        let mut chan = super::wire::Channel::connect(a, &key(), "mig-test").unwrap();
+        let encoded = postcard::to_allocvec(&layout).unwrap();
+        chan.send(super::wire::Kind::Layout, &[&encoded]).unwrap();
+        // Dropped here: the stream ends without the memory or the state.
+    });
+    let got = receive::receive(&dst, b, &cfg.vm_id, &key(), &mut |_| {});
+    src.join().unwrap();
+    assert!(matches!(got, Err(MigrationError::Wire(super::wire::WireError::Io(_)))), "{got:?}");
+    // Nothing was restored: the VM cannot be started.
+    assert!(dst.lock().unwrap().start_incoming().is_err());
+}

@@ -215,14 +215,32 @@ fn write_hello<S: Write>(
     Ok(())
 }
 
-fn fresh_nonce() -> [u8; 32] {
-    rand::random()
+/// A fresh random nonce from getrandom(2) (the worker's seccomp filter
+/// allows it; a userspace RNG that opens /dev/urandom would be refused).
+fn fresh_nonce() -> Result<[u8; 32], WireError> {
+    let mut n = [0u8; 32];
+    let mut filled = 0;
+    while filled < n.len() {
+        let rest = &mut n[filled..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`, a
+        // valid, exclusively borrowed buffer of that length.
+        let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if got < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(WireError::Io(e));
+        }
+        filled += got as usize;
+    }
+    Ok(n)
 }
 
 impl<S: Read + Write> Channel<S> {
     /// The source's side of the handshake.
     pub fn connect(mut stream: S, pool: &PoolKey, vm: &str) -> Result<Self, WireError> {
-        let ours = fresh_nonce();
+        let ours = fresh_nonce()?;
         write_hello(&mut stream, pool, Role::Source, vm, &ours, None)?;
         let theirs = read_hello(&mut stream, pool, Role::Destination, vm, Some(&ours))?;
         Ok(Self::keyed(stream, pool, Role::Source, &ours, &theirs))
@@ -231,7 +249,7 @@ impl<S: Read + Write> Channel<S> {
     /// The destination's side of the handshake.
     pub fn accept(mut stream: S, pool: &PoolKey, vm: &str) -> Result<Self, WireError> {
         let theirs = read_hello(&mut stream, pool, Role::Source, vm, None)?;
-        let ours = fresh_nonce();
+        let ours = fresh_nonce()?;
         write_hello(&mut stream, pool, Role::Destination, vm, &ours, Some(&theirs))?;
         Ok(Self::keyed(stream, pool, Role::Destination, &theirs, &ours))
     }
@@ -452,6 +470,23 @@ mod tests {
         assert!(matches!(dst, Err(WireError::HelloMac)), "{dst:?}");
         let (_, dst) = pair(&a, &a, "vm-a", "vm-b");
         assert!(matches!(dst, Err(WireError::Vm { .. })), "{dst:?}");
+    }
+
+    #[test]
+    fn a_peer_of_another_protocol_version_is_refused_by_name() {
+        let k = key(b"0123456789abcdef-pool");
+        let mut body = hello_bytes(Role::Source, "vm-a", &[3u8; 32]);
+        body[8..12].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
+        let mac = k.mac(&[&body]);
+        let mut raw = body.to_vec();
+        raw.extend_from_slice(&mac);
+        let mut stream = std::io::Cursor::new(raw);
+        let got = read_hello(&mut stream, &k, Role::Source, "vm-a", None);
+        assert!(matches!(got, Err(WireError::Version { peer }) if peer == PROTOCOL_VERSION + 1), "{got:?}");
+        let mut garbage = std::io::Cursor::new(vec![0u8; HELLO_LEN]);
+        assert!(matches!(read_hello(&mut garbage, &k, Role::Source, "vm-a", None), Err(WireError::Magic)));
+        let mut short = std::io::Cursor::new(vec![0u8; 10]);
+        assert!(matches!(read_hello(&mut short, &k, Role::Source, "vm-a", None), Err(WireError::Io(_))));
     }
 
     #[test]
