@@ -134,12 +134,6 @@ printf '#!/bin/sh\necho "guest-check: power-button $(cut -d" " -f1 /proc/uptime)
 chmod +x /etc/acpi/PWRF/00000080
 acpid -d >/dev/null 2>&1 &
 say ready ""
-# Reachability, for the live migration check: ten pings of the other VM every
-# two seconds, one console line per batch.
-( while :; do
-    r=$(ping -c 10 -i 0.2 -W 1 "$PEER" 2>/dev/null | grep -o '[0-9]* packets received' | cut -d' ' -f1)
-    echo "guest-ping: ${r:-0} of 10 $(cut -d' ' -f1 /proc/uptime)"
-  done ) &
 while :; do sleep 1000; done
 SH
 chmod +x "$R/sbin/proof"

@@ -357,15 +357,11 @@ async fn linux_vms_boot_on_a_two_node_qemu_pool_with_volume_network_cloud_init_a
         );
     }
 
-    // Live migration: lg0 moves to node 1 while both keep pinging each other.
-    // Not yet part of the proof: a migrated Linux guest stops answering on the
-    // destination (the test guest, which uses no interrupts, moves intact;
-    // see tests/tests/migrate.rs). Run it with NODEOS_LINUX_MIGRATION=1.
-    let migration = if std::env::var("NODEOS_LINUX_MIGRATION").is_ok_and(|v| v == "1") {
-        migrate_linux(&lab, &ms, &mut guests).await?
-    } else {
-        "linux-guest: migrate NOT RUN: a live-migrated Linux guest stops answering on the destination (open in issue 14); NODEOS_LINUX_MIGRATION=1 runs it\n".to_owned()
-    };
+    // Live migration of a Linux guest is not yet part of the proof: a migrated
+    // Linux guest stops answering on the destination (the test guest, which
+    // uses no interrupts, moves intact: tests/tests/migrate.rs). The check is
+    // in commit 55726c7 (`migrate_linux`), to come back once that is fixed.
+    let migration = "linux-guest: migrate NOT RUN: a live-migrated Linux guest stops answering on the destination (open in issue 14)\n".to_owned();
 
     // A clean stop through the ACPI power button, no --force.
     let mut stopped = Vec::new();
@@ -419,119 +415,4 @@ async fn linux_vms_boot_on_a_two_node_qemu_pool_with_volume_network_cloud_init_a
     report += &migration;
     std::io::Write::write_all(&mut std::io::stderr(), report.as_bytes())?;
     Ok(())
-}
-
-/// `guest-ping: <received> of 10 <uptime>` batches of a console.
-fn ping_batches(console: &str) -> Vec<(u32, f64)> {
-    console
-        .lines()
-        .filter_map(|l| {
-            let rest = l.split("guest-ping: ").nth(1)?;
-            let mut it = rest.split_whitespace();
-            let got = it.next()?.parse().ok()?;
-            let _ = (it.next()?, it.next()?);
-            let up = it.next()?.parse().ok()?;
-            Some((got, up))
-        })
-        .collect()
-}
-
-/// Moves lg0 (node 0) to node 1 with `vm migrate` while both guests ping
-/// each other; checks it runs on node 1 without a restart and both still
-/// reach each other. Returns the report lines.
-async fn migrate_linux(lab: &Lab, ms: &[Machine], guests: &mut [Guest]) -> anyhow::Result<String> {
-    let console = |m: usize, name: &str| {
-        let name = name.to_owned();
-        async move {
-            lab.cli_text(
-                &ms[m],
-                &["vm", "console", &name, "--from-start", "--no-follow"],
-                Duration::from_secs(30),
-            )
-            .await
-        }
-    };
-    // Pings flow before the move.
-    let lg1_before = wait_until("lg1 pings lg0", Duration::from_secs(120), || async {
-        let c = console(1, "lg1").await?;
-        let b = ping_batches(&c);
-        ensure!(b.iter().filter(|(got, _)| *got == 10).count() >= 2, "no full ping batches yet:\n{c}");
-        Ok(b.len())
-    })
-    .await?;
-    let lg1 = lab.cli(&ms[1], &["vm", "show", "lg1"]).await?;
-    let node1 = lg1["node_id"].as_str().context("lg1's node")?.to_owned();
-    let t = Instant::now();
-    let out = lab
-        .cli_text(&ms[0], &["-o", "json", "vm", "migrate", "lg0", "--to", &node1], Duration::from_secs(300))
-        .await;
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            // The destination's account of it may trail the source's answer.
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            let tail = |c: String| {
-                let lines: Vec<&str> = c
-                    .lines()
-                    .filter(|l| {
-                        [
-                            "WARN",
-                            "ERROR",
-                            "migrat",
-                            "Killed process",
-                            "Out of memory",
-                            "segfault",
-                            "traps:",
-                            "worker",
-                        ]
-                        .iter()
-                        .any(|k| l.contains(k))
-                    })
-                    .collect();
-                lines[lines.len().saturating_sub(30)..].join("\n")
-            };
-            bail!(
-                "vm migrate lg0: {e:#}\n--- node 0 console (tail) ---\n{}\n--- node 1 console (tail) ---\n{}",
-                tail(ms[0].console()),
-                tail(ms[1].console())
-            );
-        }
-    };
-    let took = t.elapsed().as_secs_f64();
-    let moved: serde_json::Value =
-        serde_json::from_str(&out).with_context(|| format!("vm migrate printed: {out}"))?;
-    ensure!(moved["node_id"] == node1.as_str() && moved["state"] == "running", "lg0 after the move: {moved}");
-    guests[0].node = 1;
-    // lg0 runs on node 1 (its console there starts with the move: no boot),
-    // and both sides keep pinging.
-    let after = wait_until("lg0 pings lg1 from node 1", Duration::from_secs(90), || async {
-        let c = console(1, "lg0").await?;
-        let b = ping_batches(&c);
-        let peer = console(1, "lg1").await.unwrap_or_default();
-        let peer_tail: Vec<&str> = peer.lines().filter(|l| l.contains("guest-ping")).collect();
-        ensure!(
-            b.iter().filter(|(got, _)| *got == 10).count() >= 2,
-            "lg0 on node 1:\n{c}\nlg1's last pings of lg0: {:?}",
-            &peer_tail[peer_tail.len().saturating_sub(6)..]
-        );
-        ensure!(!c.contains("Linux version"), "lg0 booted again on node 1:\n{c}");
-        Ok(c)
-    })
-    .await?;
-    for bad in COMPLAINTS {
-        ensure!(!after.contains(bad), "lg0 after the move complained \"{bad}\":\n{after}");
-    }
-    let lg1_after = wait_until("lg1 still pings lg0", Duration::from_secs(120), || async {
-        let c = console(1, "lg1").await?;
-        let b = ping_batches(&c);
-        ensure!(b.len() >= lg1_before + 3 && b.last().is_some_and(|(got, _)| *got == 10), "lg1:\n{c}");
-        Ok(b)
-    })
-    .await?;
-    // Pings lg1 lost in the batches that ran across the move.
-    let lost: u32 = lg1_after[lg1_before.saturating_sub(1)..].iter().map(|(got, _)| 10 - got.min(&10)).sum();
-    Ok(format!(
-        "linux-guest: migrate ok {took:.1} (lg0 node 0 -> node 1, 256 MiB, 2 vCPUs) lost_pings={lost} of {}\n",
-        (lg1_after.len() + 1 - lg1_before.max(1)) * 10
-    ))
 }
