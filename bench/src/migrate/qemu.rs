@@ -415,6 +415,12 @@ mod tests {
         assert!(reports.len() >= REPORTS_AFTER && reports.iter().all(|r| r.ok), "{reports:?}");
         let first_dst_stamp = out.destination.iter().find_map(|l| stamp_seq(&l.text)).unwrap();
         let last_src_stamp = out.source.iter().filter_map(|l| stamp_seq(&l.text)).max().unwrap();
-        assert!(first_dst_stamp <= last_src_stamp + 1, "stamps {last_src_stamp} -> {first_dst_stamp}");
+        // The sequence continues, not restarted: a stamp or two printed around
+        // the pause may be lost on the way to the host (at 10 ms per stamp the
+        // 300 ms budget allows 30).
+        assert!(
+            first_dst_stamp + 2 >= last_src_stamp && first_dst_stamp <= last_src_stamp + 31,
+            "stamps {last_src_stamp} -> {first_dst_stamp}"
+        );
     }
 }
