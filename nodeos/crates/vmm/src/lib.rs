@@ -8,6 +8,8 @@
 //!   pause/resume, the VM's end signal; `worker.rs`: the worker process's main.
 //! - `seccomp.rs`: the system-call filter every worker thread runs under.
 //! - `state.rs`: saved device state (snapshot, migration) and [`state::StateError`].
+//! - `migration/`: live migration: the authenticated stream, dirty tracking,
+//!   the pre-copy decider, the sender and the receiver.
 //! - `memory.rs`: the guest physical address map and guest memory (a shared memfd).
 //! - `boot/`: x86-64 direct boot: Linux bzImage / ELF vmlinux (boot params, e820,
 //!   command line, initramfs), PVH ELF (start info, memory map), GDT, identity page

@@ -4,6 +4,7 @@
 //! # Layout
 //! - `wire.rs`: the handshake and the authenticated frames.
 //! - `dirty.rs`: which pages changed (KVM's log OR the VMM's own writes).
+//! - `pages.rs`: guest memory through its memfd: page reads and writes, holes.
 //! - `converge.rs`: the sans-IO decider: another pass, stop and copy, throttle, or abort.
 //! - `send.rs`: the source's side; `receive.rs`: the destination's.
 //!
