@@ -43,6 +43,36 @@ impl NodeApi {
     pub fn new(meta: MetaHandle, compute: nodeos_compute::Compute) -> Self {
         NodeApi { meta, compute }
     }
+
+    /// A channel to the node a request names (empty: this one) when another
+    /// node answers it; `None` when this node does. A request handed over
+    /// once that names another node is refused, never handed on.
+    async fn owner_channel(
+        &self,
+        node_id: &str,
+        handed_over: bool,
+        timeout: Duration,
+    ) -> Result<Option<tonic::transport::Channel>, Status> {
+        let me = self.meta.node_id();
+        let target = if node_id.is_empty() {
+            me
+        } else {
+            node_id.parse::<NodeId>().map_err(|e| Status::invalid_argument(format!("node_id: {e}")))?
+        };
+        match route(target, me, handed_over) {
+            Route::Here => Ok(None),
+            Route::NotHere(_) => Err(Status::failed_precondition(format!(
+                "handed over for node {target}, but this is node {me}"
+            ))),
+            Route::Forward(target) => {
+                let addr = self
+                    .meta
+                    .node_address(target)
+                    .ok_or_else(|| Status::not_found(format!("node {target} is not a pool member")))?;
+                Ok(Some(proxy::channel(target, &addr, timeout).await?))
+            }
+        }
+    }
 }
 
 type MaintenanceStream =
@@ -104,28 +134,9 @@ impl NodeService for NodeApi {
         let handed_over = is_proxied(&req);
         let timeout = hop_timeout(&req, MAINTENANCE_WORK);
         let r = req.into_inner();
-        let me = self.meta.node_id();
-        let target = if r.node_id.is_empty() {
-            me
-        } else {
-            r.node_id.parse::<NodeId>().map_err(|e| Status::invalid_argument(format!("node: {e}")))?
-        };
-        match route(target, me, handed_over) {
-            Route::Here => {}
-            Route::NotHere(_) => {
-                return Err(Status::failed_precondition(format!(
-                    "handed over for node {target}, but this is node {me}"
-                )));
-            }
-            Route::Forward(target) => {
-                let addr = self
-                    .meta
-                    .node_address(target)
-                    .ok_or_else(|| Status::not_found(format!("node {target} is not a pool member")))?;
-                let ch = proxy::channel(target, &addr, timeout).await?;
-                let remote = NodeServiceClient::new(ch).maintenance(mark(r)).await?.into_inner();
-                return Ok(Response::new(Box::pin(remote)));
-            }
+        if let Some(ch) = self.owner_channel(&r.node_id, handed_over, timeout).await? {
+            let remote = NodeServiceClient::new(ch).maintenance(mark(r)).await?.into_inner();
+            return Ok(Response::new(Box::pin(remote)));
         }
         if !r.enter {
             self.compute.exit_maintenance().await.map_err(crate::vm::compute_status)?;
@@ -168,26 +179,8 @@ impl NodeService for NodeApi {
         })?;
         let sig = signal_for(action)?;
         let me = self.meta.node_id();
-        let target = if r.node_id.is_empty() {
-            me
-        } else {
-            r.node_id.parse::<NodeId>().map_err(|e| Status::invalid_argument(format!("node_id: {e}")))?
-        };
-        match route(target, me, handed_over) {
-            Route::Here => {}
-            Route::NotHere(_) => {
-                return Err(Status::failed_precondition(format!(
-                    "handed over for node {target}, but this is node {me}"
-                )));
-            }
-            Route::Forward(target) => {
-                let addr = self
-                    .meta
-                    .node_address(target)
-                    .ok_or_else(|| Status::not_found(format!("node {target} is not a pool member")))?;
-                let ch = proxy::channel(target, &addr, timeout).await?;
-                return NodeServiceClient::new(ch).power(mark(r)).await;
-            }
+        if let Some(ch) = self.owner_channel(&r.node_id, handed_over, timeout).await? {
+            return NodeServiceClient::new(ch).power(mark(r)).await;
         }
         if !under_init() {
             return Err(Status::failed_precondition(format!("node {me}: {NOT_INIT}")));

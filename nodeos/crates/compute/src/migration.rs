@@ -28,7 +28,6 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,7 +44,7 @@ use tracing::{info, warn};
 
 use crate::error::{ComputeError, io};
 use crate::process::{self, WorkerProcess};
-use crate::supervisor::{Compute, Held, Live, MigrationTap};
+use crate::supervisor::{Compute, Held, MigrationTap};
 
 /// How long a peer call of the migration may take.
 const PEER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -735,38 +734,13 @@ impl Compute {
                 .await
                 .map_err(|e| format!("volume {vid}: {e}"))?;
         }
-        let mut ports = Vec::new();
         for (port, fd) in node_ends {
             self.attach_port(port, fd).await.map_err(chain)?;
-            ports.push(port);
         }
         process.request(|seq| ToWorker::Resume { seq }, PEER_TIMEOUT).await.map_err(|e| e.to_string())?;
-        let stopping = Arc::new(AtomicBool::new(false));
-        let (done_tx, done_rx) = watch::channel(false);
-        let tap = MigrationTap::default();
-        self.live_map().insert(
-            r.id,
-            Live {
-                process: process.clone(),
-                stopping: stopping.clone(),
-                done: done_rx.clone(),
-                migration: tap.clone(),
-            },
-        );
-        for d in r.spec.disks.iter().filter_map(|d| d.volume) {
-            let opened = slots.iter().find(|s| s.volume() == d).map(WriterSlot::generation);
-            tokio::spawn(self.clone().follow_volume(r.id, d, opened, process.clone(), done_rx.clone()));
-        }
-        tokio::spawn(self.clone().monitor(
-            r.id,
-            events,
-            exit,
-            stopping,
-            Held { relays: Vec::new(), slots, tap },
-            done_tx,
-        ));
+        let held = Held { relays: Vec::new(), slots, tap: MigrationTap::default() };
+        self.supervise(r.id, &r.spec, process.clone(), events, exit, held);
         info!(vm = %r.id, pid = process.pid, "live-migrated VM running here");
-        let _ = ports;
         Ok(())
     }
 

@@ -636,31 +636,8 @@ impl Compute {
             Self::release_slots(disks.slots).await;
             return Err(e.into());
         }
-        let stopping = Arc::new(AtomicBool::new(false));
-        let (done_tx, done_rx) = watch::channel(false);
-        let tap = MigrationTap::default();
-        // From here the monitor owns the worker's end, whatever happens next.
-        self.live_map().insert(
-            r.id,
-            Live {
-                process: process.clone(),
-                stopping: stopping.clone(),
-                done: done_rx.clone(),
-                migration: tap.clone(),
-            },
-        );
-        for d in r.spec.disks.iter().filter_map(|d| d.volume) {
-            let opened = disks.slots.iter().find(|s| s.volume() == d).map(WriterSlot::generation);
-            tokio::spawn(self.clone().follow_volume(r.id, d, opened, process.clone(), done_rx.clone()));
-        }
-        tokio::spawn(self.clone().monitor(
-            r.id,
-            events,
-            exit,
-            stopping.clone(),
-            Held { relays, slots: disks.slots, tap },
-            done_tx,
-        ));
+        let held = Held { relays, slots: disks.slots, tap: MigrationTap::default() };
+        let (stopping, done_rx) = self.supervise(r.id, &r.spec, process.clone(), events, exit, held);
         r.state = VmState::Running;
         r.reason = String::new();
         if let Err(e) = self.inner.records.save(&mut r).await {
@@ -674,6 +651,37 @@ impl Compute {
         }
         info!(vm = %r.id, name = %r.name, pid = process.pid, "VM running");
         Ok(r)
+    }
+
+    /// Makes a started worker this node's live VM: its `Live` entry, a
+    /// follower per volume disk, and the monitor that owns its end from here
+    /// on, whatever happens next. Returns its stop flag and done signal.
+    pub(crate) fn supervise(
+        &self,
+        id: VmId,
+        spec: &VmSpec,
+        process: Arc<WorkerProcess>,
+        events: tokio::sync::mpsc::Receiver<WorkerEvent>,
+        exit: tokio::sync::oneshot::Receiver<std::io::Result<std::process::ExitStatus>>,
+        held: Held,
+    ) -> (Arc<AtomicBool>, watch::Receiver<bool>) {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = watch::channel(false);
+        self.live_map().insert(
+            id,
+            Live {
+                process: process.clone(),
+                stopping: stopping.clone(),
+                done: done_rx.clone(),
+                migration: held.tap.clone(),
+            },
+        );
+        for d in spec.disks.iter().filter_map(|d| d.volume) {
+            let opened = held.slots.iter().find(|s| s.volume() == d).map(WriterSlot::generation);
+            tokio::spawn(self.clone().follow_volume(id, d, opened, process.clone(), done_rx.clone()));
+        }
+        tokio::spawn(self.clone().monitor(id, events, exit, stopping.clone(), held, done_tx));
+        (stopping, done_rx)
     }
 
     /// Hands a running worker every change of one of its volumes' layout
