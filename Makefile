@@ -96,10 +96,13 @@ guest-test: guest
 # in initramfs/modules.txt. Same inputs, same image hash. IMAGE_ARGS: more image-builder flags.
 # Debug info is stripped (symbols stay, for backtraces): the initramfs stays in every node's
 # RAM, and line tables would make it about four times bigger.
+# getrandom calls glibc's getrandom(3) directly: its default looks the function up with dlsym,
+# which a static binary lacks, and falls back to opening /dev/urandom, which a confined VM
+# worker may not do (block and migration handshakes after confinement then fail).
 IMAGE_TARGET := x86_64-unknown-linux-gnu
 IMAGE_NODEOS := target/$(IMAGE_TARGET)/release/nodeos
 image:
-	RUSTFLAGS="-C target-feature=+crt-static --remap-path-prefix=$(CURDIR)=/nodeos" CARGO_PROFILE_RELEASE_STRIP=debuginfo \
+	RUSTFLAGS='-C target-feature=+crt-static --cfg getrandom_backend="linux_getrandom" --remap-path-prefix=$(CURDIR)=/nodeos' CARGO_PROFILE_RELEASE_STRIP=debuginfo \
 		$(CARGO) build --release --target $(IMAGE_TARGET) -p nodeos
 	$(CARGO) build --release -p image-builder
 	target/release/image-builder --nodeos $(IMAGE_NODEOS) --out target/image \

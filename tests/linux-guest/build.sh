@@ -3,6 +3,7 @@
 # - vmlinuz: this machine's Debian kernel, unchanged;
 # - initrd.img: busybox and the modules the guest needs (virtio, ext4, vfat, the ACPI button,
 #   evdev), an /init that mounts the root volume (/dev/vda, ext4) and switches to it;
+# - beat-initrd.img: the live-migration guest, a heartbeat without a root volume (see below);
 # - rootfs.img: the root file system (ext4, 32 MiB) with busybox and /sbin/proof, which runs the
 #   checks and prints one `guest-check: <check> <uptime> <details>` line each.
 # Usage: build.sh OUT [KERNEL_RELEASE]
@@ -71,6 +72,38 @@ exec switch_root /newroot /sbin/proof
 SH
 chmod +x "$I/init"
 (cd "$I" && find . | cpio -o -H newc --quiet) | gzip -1 > "$OUT/initrd.img"
+
+# The live-migration guest (tests/tests/linux_migrate.rs): the same modules, no root volume; its
+# /init brings eth0 up at beat.ip (a /24) and prints one line a second, through the tty (the
+# UART's interrupts) and through the kernel log (printk writes the console by polling):
+#   guest-beat: <n> <uptime> <unix time> gw=ok|lost peer=ok|lost|- disk=ok|err|-
+#   guest-kbeat: <n>
+# Each beat pings beat.gw and beat.peer (if given) once, and writes "beat <n>" to the first
+# sector of /dev/vda (if there is one) with a flush.
+B=$W/beat; root_dirs "$B"; cp -r "$I/mods" "$B/mods"
+cat > "$B/init" <<'SH'
+#!/bin/sh
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in $(cat /mods/order); do insmod /mods/$m 2>/dev/null; done
+arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^beat\.$1=//p"; }
+ip=$(arg ip); gw=$(arg gw); peer=$(arg peer)
+for i in $(seq 100); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
+ip link set lo up; ip link set eth0 up; ip addr add "$ip/24" dev eth0
+n=0
+while :; do
+  n=$((n+1))
+  # The kernel log first: printk writes the console at once, while the tty drains its line
+  # through the UART during the second this beat sleeps, so the two never interleave.
+  echo "guest-kbeat: $n" > /dev/kmsg
+  if ping -c 1 -W 1 "$gw" >/dev/null 2>&1; then g=ok; else g=lost; fi
+  p=-; [ -n "$peer" ] && { ping -c 1 -W 1 "$peer" >/dev/null 2>&1 && p=ok || p=lost; }
+  d=-; [ -b /dev/vda ] && { echo "beat $n" | dd of=/dev/vda bs=512 count=1 conv=fsync,notrunc 2>/dev/null && d=ok || d=err; }
+  echo "guest-beat: $n $(cut -d' ' -f1 /proc/uptime) $(date -u +%s) gw=$g peer=$p disk=$d"
+  sleep 1
+done
+SH
+chmod +x "$B/init"
+(cd "$B" && find . | cpio -o -H newc --quiet) | gzip -1 > "$OUT/beat-initrd.img"
 
 # The root file system: busybox and the checks.
 R=$W/root; root_dirs "$R"; mkdir -p "$R/etc/acpi/PWRF"

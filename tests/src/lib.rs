@@ -21,6 +21,7 @@
 pub mod client;
 pub mod cluster;
 pub mod env;
+pub mod linux_guest;
 pub mod nbd;
 pub mod netns;
 pub mod node;

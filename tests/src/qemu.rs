@@ -314,6 +314,16 @@ impl Lab {
 
     /// `nodeos --endpoint <m> ARGS` within `within`: what it printed.
     pub async fn cli_text(&self, m: &Machine, args: &[&str], within: Duration) -> anyhow::Result<String> {
+        Ok(self.cli_output(m, args, within).await?.0)
+    }
+
+    /// `nodeos --endpoint <m> ARGS` within `within`: its standard output and error.
+    pub async fn cli_output(
+        &self,
+        m: &Machine,
+        args: &[&str],
+        within: Duration,
+    ) -> anyhow::Result<(String, String)> {
         let out = tokio::process::Command::new(&self.bin)
             .args(["--endpoint", &m.api(), "--request-timeout", "10"])
             .args(args)
@@ -329,7 +339,10 @@ impl Lab {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok((
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     /// Waits until every healthy member, as `via` sees them, reports this image's hash (a

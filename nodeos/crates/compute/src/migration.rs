@@ -145,6 +145,11 @@ fn failpoint(name: &str) -> bool {
 }
 
 impl Compute {
+    /// The last lines of VM `id`'s worker log here, for an error about its worker.
+    fn worker_log_tail(&self, id: VmId) -> String {
+        log_tail(&self.vm_dir(id).join("worker.log"), 3)
+    }
+
     fn incoming(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Incoming>> {
         self.inner.incoming.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -623,7 +628,7 @@ impl Compute {
                 Some(WorkerEvent::MigrationReceived) => break Ok(()),
                 Some(WorkerEvent::MigrationFailed { error }) => break Err(error),
                 Some(_) => {}
-                None => break Err(format!("the incoming worker ended: {}", log_tail(&log_path, 3))),
+                None => break Err(format!("the incoming worker ended: {}", self.worker_log_tail(id))),
             }
         };
         if let Err(e) = received {
@@ -732,12 +737,15 @@ impl Compute {
             process
                 .request(|seq| ToWorker::VolumeLayout { seq, layout, own: true }, PEER_TIMEOUT)
                 .await
-                .map_err(|e| format!("volume {vid}: {e}"))?;
+                .map_err(|e| format!("volume {vid}: {e} (worker log: {})", self.worker_log_tail(r.id)))?;
         }
         for (port, fd) in node_ends {
             self.attach_port(port, fd).await.map_err(chain)?;
         }
-        process.request(|seq| ToWorker::Resume { seq }, PEER_TIMEOUT).await.map_err(|e| e.to_string())?;
+        process
+            .request(|seq| ToWorker::Resume { seq }, PEER_TIMEOUT)
+            .await
+            .map_err(|e| format!("{e} (worker log: {})", self.worker_log_tail(r.id)))?;
         let held = Held { relays: Vec::new(), slots, tap: MigrationTap::default() };
         self.supervise(r.id, &r.spec, process.clone(), events, exit, held);
         info!(vm = %r.id, pid = process.pid, "live-migrated VM running here");

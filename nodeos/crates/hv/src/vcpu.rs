@@ -275,6 +275,57 @@ pub struct VcpuState {
     pub vcpu_events: kvm_vcpu_events,
 }
 
+impl VcpuState {
+    /// A 32-bit LAPIC register at `offset` in the register page.
+    fn lapic_reg(&self, offset: usize) -> u32 {
+        let b = |i: usize| self.lapic.regs.get(offset + i).map_or(0, |&v| v as u8);
+        u32::from_le_bytes([b(0), b(1), b(2), b(3)])
+    }
+
+    /// The highest vector set in the 256-bit LAPIC register array at `offset`
+    /// (ISR 0x100, TMR 0x180, IRR 0x200), if any.
+    fn lapic_highest(&self, offset: usize) -> Option<u32> {
+        (0..8u32).rev().find_map(|i| {
+            let word = self.lapic_reg(offset + 0x10 * i as usize);
+            (word != 0).then(|| i * 32 + 31 - word.leading_zeros())
+        })
+    }
+
+    fn msr(&self, index: u32) -> Option<u64> {
+        self.msrs.iter().find(|m| m.index == index).map(|m| m.data)
+    }
+
+    /// One line on where the vCPU stands and what interrupts it holds, for
+    /// a migration's logs.
+    pub fn summary(&self) -> String {
+        let hex = |v: Option<u32>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:#x}"));
+        let ev = &self.vcpu_events;
+        format!(
+            "vcpu {} mp_state {:?} rip {:#x} if {} cr8 {} | lapic tpr {:#x} isr {} irr {} lvtt {:#x} tmict {:#x} tmcct {:#x} | tsc {:?} deadline {:?} | events irq {}/{:#x} nmi {}/{} exc {}/{} shadow {}",
+            self.id,
+            MpState::from_kvm(self.mp_state),
+            self.regs.rip,
+            self.regs.rflags >> 9 & 1,
+            self.sregs.cr8,
+            self.lapic_reg(0x80),
+            hex(self.lapic_highest(0x100)),
+            hex(self.lapic_highest(0x200)),
+            self.lapic_reg(0x320),
+            self.lapic_reg(0x380),
+            self.lapic_reg(0x390),
+            self.msr(0x10),
+            self.msr(0x6e0),
+            ev.interrupt.injected,
+            ev.interrupt.nr,
+            ev.nmi.injected,
+            ev.nmi.pending,
+            ev.exception.injected,
+            ev.exception.nr,
+            ev.interrupt.shadow,
+        )
+    }
+}
+
 /// A vCPU, owned by the thread that runs it.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -810,8 +861,21 @@ pub(crate) mod tests {
         vcpu.set_immediate_exit(true);
         assert!(matches!(vcpu.run().unwrap(), VcpuExit::Interrupted));
         vcpu.set_immediate_exit(false);
-        let state = vcpu.save_state().unwrap();
+        let mut state = vcpu.save_state().unwrap();
         assert!(state.msrs.iter().any(|m| m.index == 0x10), "TSC saved");
+        let summary = state.summary();
+        assert!(
+            summary.starts_with("vcpu 0 mp_state Runnable") && summary.contains("isr - irr -"),
+            "{summary}"
+        );
+        // ISR bit 0x31 (word 1 at 0x110, bit 17), IRR bits 0x20 and 0xec.
+        let mut lapic = state.lapic;
+        lapic.regs[0x110 + 2] = 0x02;
+        lapic.regs[0x210] = 0x01;
+        lapic.regs[0x270 + 1] = 0x10;
+        let saved = std::mem::replace(&mut state.lapic, lapic);
+        assert!(state.summary().contains("isr 0x31 irr 0xec"), "{}", state.summary());
+        state.lapic = saved;
         let json = serde_json::to_string(&state).unwrap();
         let state: VcpuState = serde_json::from_str(&json).unwrap();
 

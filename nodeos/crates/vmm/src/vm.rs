@@ -479,7 +479,9 @@ impl Vm {
         let paused_at_unix_ns = unix_ns();
         let mut saved = Vec::with_capacity(vcpus.len());
         for v in vcpus {
-            saved.push(v.save_state().map_err(|source| VmError::VcpuState { id: v.id(), source })?);
+            let state = v.save_state().map_err(|source| VmError::VcpuState { id: v.id(), source })?;
+            info!("saved {}", state.summary());
+            saved.push(state);
         }
         let tsc_khz = match vcpus.first() {
             Some(v) => v.tsc_khz().map_err(|source| VmError::VcpuState { id: v.id(), source })?,
@@ -527,6 +529,7 @@ impl Vm {
         let mut tsc = Vec::with_capacity(vcpus.len());
         for (v, state) in vcpus.iter().zip(&s.vcpus) {
             v.restore_state(state).map_err(|source| VmError::VcpuState { id: v.id(), source })?;
+            info!("restored {}", state.summary());
             tsc.push(state.msrs.iter().find(|m| m.index == MSR_TSC).map_or(0, |m| m.data));
         }
         lock(&self.pci).restore(s.pci)?;
@@ -573,7 +576,10 @@ impl Vm {
 
     /// Sends a RARP frame from each NIC's MAC (as a physical NIC that moved
     /// would, and as switches and bridges expect), so the pool's switches and
-    /// outside hosts learn the VM's new port before the guest says anything.
+    /// outside hosts learn the VM's new port before the guest says anything;
+    /// then asks each NIC's driver that can (VIRTIO_NET_F_GUEST_ANNOUNCE) to
+    /// announce the guest's own addresses (gratuitous ARP, IPv6 neighbour
+    /// advertisements), which refreshes the other hosts' neighbour caches too.
     fn announce(&self) {
         for (backend, mac) in &self.nic_backends {
             let frame = rarp_announce(*mac);
@@ -583,6 +589,10 @@ impl Vm {
                     break;
                 }
             }
+        }
+        let asked = self.virtio.iter().filter(|d| lock(d).announce()).count();
+        if asked > 0 {
+            info!(nics = asked, "guest drivers asked to announce their addresses");
         }
     }
 

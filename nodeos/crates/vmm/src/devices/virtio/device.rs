@@ -54,6 +54,11 @@ pub trait VirtioDevice: Send {
     /// when the device is not active. The device is inactive afterwards.
     fn quiesce(&mut self) -> Option<Vec<Queue>>;
     fn reset(&mut self);
+    /// Asks the driver to announce the guest's addresses, after a live
+    /// migration; false when the device or its driver cannot (the default).
+    fn announce(&mut self) -> bool {
+        false
+    }
 }
 
 /// Copies device configuration bytes at `offset` into `data`; bytes past the

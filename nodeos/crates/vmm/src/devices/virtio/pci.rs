@@ -339,6 +339,12 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Asks the driver to announce the guest's addresses (see
+    /// [`VirtioDevice::announce`]); false when the device is not running.
+    pub fn announce(&mut self) -> bool {
+        self.active && !self.io_paused && self.device.announce()
+    }
+
     /// The transport's state. Pause I/O first, or the queue positions are
     /// those of the last activation.
     pub fn save(&self) -> VirtioPciState {

@@ -1,7 +1,12 @@
-//! The virtio-net device: RX queue 0, TX queue 1, one I/O thread.
+//! The virtio-net device: RX queue 0, TX queue 1, control queue 2, one I/O thread.
 //!
-//! Features offered: VERSION_1, MAC, STATUS (link always up). No offloads and
-//! no mergeable buffers, so every buffer starts with the 12-byte
+//! Features offered: VERSION_1, MAC, STATUS (link always up), CTRL_VQ and
+//! GUEST_ANNOUNCE: after a live migration [`Net::announce`] sets
+//! VIRTIO_NET_S_ANNOUNCE and signals a configuration change, the driver
+//! announces the guest's addresses itself (gratuitous ARP, IPv6 neighbour
+//! advertisements) and acknowledges with VIRTIO_NET_CTRL_ANNOUNCE_ACK on the
+//! control queue, which clears the bit; every other control command is
+//! answered VIRTIO_NET_ERR. No offloads and no mergeable buffers, so every buffer starts with the 12-byte
 //! `virtio_net_hdr_v1` (all zero on RX except `num_buffers` = 1, as the spec
 //! requires without MRG_RXBUF) followed by one plain Ethernet frame.
 //!
@@ -12,7 +17,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::sys::epoll::EpollFlags;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -28,14 +33,25 @@ use crate::memory::GuestMem;
 
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
+pub const CTRL_QUEUE: usize = 2;
 pub const QUEUE_SIZE: u16 = 256;
+pub const CTRL_QUEUE_SIZE: u16 = 64;
 /// `virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
 pub const NET_HDR_LEN: usize = 12;
 pub const MIN_FRAME: usize = 14;
 pub const MAX_FRAME: usize = 65550;
 pub const F_MAC: u64 = 1 << 5;
 pub const F_STATUS: u64 = 1 << 16;
+pub const F_CTRL_VQ: u64 = 1 << 17;
+pub const F_GUEST_ANNOUNCE: u64 = 1 << 21;
 const LINK_UP: u16 = 1;
+/// Config `status` bit: the driver should announce the guest's addresses.
+const S_ANNOUNCE: u16 = 2;
+/// Control command class and command: the driver announced (spec 5.1.6.5.4).
+const CTRL_ANNOUNCE: u8 = 3;
+const CTRL_ANNOUNCE_ACK: u8 = 0;
+const CTRL_OK: u8 = 0;
+const CTRL_ERR: u8 = 1;
 const CONFIG_LEN: usize = 10;
 
 /// What the device did, for the worker's metrics.
@@ -51,6 +67,8 @@ pub struct NetCounters {
     pub tx_dropped: AtomicU64,
     /// Descriptor chains rejected by validation.
     pub bad_chains: AtomicU64,
+    /// Announcements the driver acknowledged (VIRTIO_NET_CTRL_ANNOUNCE_ACK).
+    pub announces_acked: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -63,7 +81,12 @@ pub struct Net {
     backend: Arc<dyn FrameBackend>,
     counters: Arc<NetCounters>,
     thread: Option<IoThread<Vec<Queue>>>,
-    sizes: [u16; 2],
+    sizes: [u16; 3],
+    /// VIRTIO_NET_S_ANNOUNCE, shared with the I/O thread, which clears it on the driver's ack.
+    announce: Arc<AtomicBool>,
+    /// While active: the features the driver accepted and the interrupt to
+    /// signal a configuration change with.
+    driver: Option<(u64, Arc<VirtioInterrupt>)>,
 }
 
 impl std::fmt::Debug for Net {
@@ -74,7 +97,31 @@ impl std::fmt::Debug for Net {
 
 impl Net {
     pub fn new(mac: [u8; 6], backend: Arc<dyn FrameBackend>) -> Self {
-        Self { mac, backend, counters: Arc::default(), thread: None, sizes: [QUEUE_SIZE, QUEUE_SIZE] }
+        Self {
+            mac,
+            backend,
+            counters: Arc::default(),
+            thread: None,
+            sizes: [QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE],
+            announce: Arc::default(),
+            driver: None,
+        }
+    }
+
+    /// Asks the driver to announce the guest's addresses (after a live
+    /// migration). False, with nothing done, when the device is not active or
+    /// its driver did not accept GUEST_ANNOUNCE.
+    pub fn announce(&self) -> bool {
+        match &self.driver {
+            Some((features, interrupt))
+                if features & (F_GUEST_ANNOUNCE | F_CTRL_VQ) == F_GUEST_ANNOUNCE | F_CTRL_VQ =>
+            {
+                self.announce.store(true, Ordering::Release);
+                interrupt.config_changed();
+                true
+            }
+            _ => false,
+        }
     }
 
     pub fn counters(&self) -> Arc<NetCounters> {
@@ -84,7 +131,8 @@ impl Net {
     fn config_bytes(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         c[0..6].copy_from_slice(&self.mac);
-        c[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        let status = if self.announce.load(Ordering::Acquire) { LINK_UP | S_ANNOUNCE } else { LINK_UP };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
         // max_virtqueue_pairs (meaningful only with MQ, which is not offered).
         c[8..10].copy_from_slice(&1u16.to_le_bytes());
         c
@@ -101,7 +149,7 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | F_MAC | F_STATUS
+        VIRTIO_F_VERSION_1 | F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -110,16 +158,21 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.reset();
-        let Activation { mem, queues, notifiers, interrupt, .. } = a;
-        if queues.len() != 2 || notifiers.len() != 2 {
-            return Err(ActivateError::QueueCount { expected: 2, got: queues.len() });
+        let Activation { mem, queues, notifiers, interrupt, features } = a;
+        if queues.len() != 3 || notifiers.len() != 3 {
+            return Err(ActivateError::QueueCount { expected: 3, got: queues.len() });
         }
         let mut queues = queues.into_iter();
         let mut notifiers = notifiers.into_iter();
-        let (Some(rx), Some(tx), Some(rx_fd), Some(tx_fd)) =
-            (queues.next(), queues.next(), notifiers.next(), notifiers.next())
-        else {
-            return Err(ActivateError::QueueCount { expected: 2, got: 0 });
+        let (Some(rx), Some(tx), Some(ctrl), Some(rx_fd), Some(tx_fd), Some(ctrl_fd)) = (
+            queues.next(),
+            queues.next(),
+            queues.next(),
+            notifiers.next(),
+            notifiers.next(),
+            notifiers.next(),
+        ) else {
+            return Err(ActivateError::QueueCount { expected: 3, got: 0 });
         };
         if !rx.ready() {
             return Err(ActivateError::QueueNotReady { index: RX_QUEUE });
@@ -127,23 +180,38 @@ impl VirtioDevice for Net {
         if !tx.ready() {
             return Err(ActivateError::QueueNotReady { index: TX_QUEUE });
         }
-        let worker = NetWorker::new(mem, rx, tx, self.backend.clone(), self.counters.clone(), interrupt);
-        let thread = IoThread::spawn("virtio-net", move |stop| worker.run(&rx_fd, &tx_fd, &stop))
+        // The control queue exists only for a driver that accepted CTRL_VQ.
+        if features & F_CTRL_VQ != 0 && !ctrl.ready() {
+            return Err(ActivateError::QueueNotReady { index: CTRL_QUEUE });
+        }
+        let mut worker =
+            NetWorker::new(mem, rx, tx, self.backend.clone(), self.counters.clone(), interrupt.clone());
+        worker.ctrl = Some((ctrl, self.announce.clone()));
+        let thread = IoThread::spawn("virtio-net", move |stop| worker.run(&rx_fd, &tx_fd, &ctrl_fd, &stop))
             .map_err(ActivateError::Thread)?;
         self.thread = Some(thread);
+        self.driver = Some((features, interrupt));
         Ok(())
     }
 
     fn quiesce(&mut self) -> Option<Vec<Queue>> {
+        self.driver = None;
         self.thread.take()?.stop()
     }
 
     fn reset(&mut self) {
         // Dropping the I/O thread signals it and joins it.
         self.thread = None;
+        self.driver = None;
+        self.announce.store(false, Ordering::Release);
+    }
+
+    fn announce(&mut self) -> bool {
+        Net::announce(self)
     }
 }
 
+const TOKEN_CTRL: u64 = 4;
 const TOKEN_RX: u64 = 0;
 const TOKEN_TX: u64 = 1;
 const TOKEN_BACKEND: u64 = 2;
@@ -157,6 +225,8 @@ struct NetWorker {
     backend: Arc<dyn FrameBackend>,
     counters: Arc<NetCounters>,
     interrupt: Arc<VirtioInterrupt>,
+    /// The control queue and the announce bit it clears.
+    ctrl: Option<(Queue, Arc<AtomicBool>)>,
     /// One frame, for both directions (the thread does one thing at a time).
     frame: Vec<u8>,
     /// The guest has no RX buffer: stop reading the backend until it adds one.
@@ -192,6 +262,7 @@ impl NetWorker {
             backend,
             counters,
             interrupt,
+            ctrl: None,
             frame: vec![0; MAX_FRAME],
             rx_starved: false,
             tx_blocked: false,
@@ -200,11 +271,19 @@ impl NetWorker {
         }
     }
 
-    fn run(mut self, rx_fd: &EventFd, tx_fd: &EventFd, stop: &EventFd) -> Vec<Queue> {
+    /// The queues, in device order, for the transport.
+    fn into_queues(self) -> Vec<Queue> {
+        let mut q = vec![self.rx, self.tx];
+        q.extend(self.ctrl.map(|(c, _)| c));
+        q
+    }
+
+    fn run(mut self, rx_fd: &EventFd, tx_fd: &EventFd, ctrl_fd: &EventFd, stop: &EventFd) -> Vec<Queue> {
         let backend = self.backend.clone();
         let poller = Poller::new().and_then(|p| {
             p.add(borrow_fd(rx_fd), TOKEN_RX, EpollFlags::EPOLLIN)?;
             p.add(borrow_fd(tx_fd), TOKEN_TX, EpollFlags::EPOLLIN)?;
+            p.add(borrow_fd(ctrl_fd), TOKEN_CTRL, EpollFlags::EPOLLIN)?;
             p.add(borrow_fd(stop), TOKEN_STOP, EpollFlags::EPOLLIN)?;
             p.add(backend.as_fd(), TOKEN_BACKEND, EpollFlags::EPOLLIN)?;
             Ok(p)
@@ -214,13 +293,14 @@ impl NetWorker {
             Err(e) => {
                 tracing::error!(error = %e, "virtio-net cannot wait for frames");
                 self.interrupt.set_needs_reset();
-                return vec![self.rx, self.tx];
+                return self.into_queues();
             }
         };
         let mut interest = EpollFlags::EPOLLIN;
         let mut polling_backend = true;
         self.process_tx();
         self.process_rx();
+        self.process_ctrl();
         loop {
             if polling_backend {
                 if self.backend_dead || self.broken {
@@ -239,12 +319,16 @@ impl NetWorker {
                 Err(e) => {
                     tracing::error!(error = %e, "virtio-net wait failed");
                     self.interrupt.set_needs_reset();
-                    return vec![self.rx, self.tx];
+                    return self.into_queues();
                 }
             };
             for (token, flags) in events {
                 match token {
-                    TOKEN_STOP => return vec![self.rx, self.tx],
+                    TOKEN_STOP => return self.into_queues(),
+                    TOKEN_CTRL => {
+                        drain(ctrl_fd);
+                        self.process_ctrl();
+                    }
                     TOKEN_RX => {
                         drain(rx_fd);
                         self.rx_starved = false;
@@ -298,6 +382,70 @@ impl NetWorker {
 
     fn chain(&self, queue: &Queue, head: u16) -> Result<Chain, ChainFault> {
         read_chain(&self.mem, GuestAddress(queue.desc_table()), queue.size(), head)
+    }
+
+    /// Answers every command on the control queue: ANNOUNCE_ACK clears the
+    /// announce bit and succeeds, anything else fails (VIRTIO_NET_ERR).
+    fn process_ctrl(&mut self) {
+        let Some((mut queue, announce)) = self.ctrl.take() else { return };
+        if self.broken || !queue.ready() {
+            self.ctrl = Some((queue, announce));
+            return;
+        }
+        let mut completed = false;
+        loop {
+            let head = match pop_head(&mut queue, &self.mem) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => {
+                    self.break_queue(&e);
+                    break;
+                }
+            };
+            let chain = match read_chain(&self.mem, GuestAddress(queue.desc_table()), queue.size(), head) {
+                Err(fault) if fault.error.breaks_queue() => {
+                    self.break_queue(&fault.error);
+                    break;
+                }
+                Err(_) => None,
+                Ok(c) => Some(c),
+            };
+            let mut used = 0;
+            if let Some(chain) = chain.filter(|c| c.writable_len >= 1) {
+                let mut cmd = [0u8; 2];
+                let status = match chain.read_at(&self.mem, 0, &mut cmd) {
+                    Ok(()) if cmd == [CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK] => {
+                        announce.store(false, Ordering::Release);
+                        bump(&self.counters.announces_acked);
+                        tracing::info!("the guest announced its addresses");
+                        CTRL_OK
+                    }
+                    Ok(()) => {
+                        tracing::debug!(
+                            class = cmd[0],
+                            command = cmd[1],
+                            "virtio-net control command refused"
+                        );
+                        CTRL_ERR
+                    }
+                    Err(_) => CTRL_ERR,
+                };
+                if chain.write_at(&self.mem, 0, &[status]).is_ok() {
+                    used = 1;
+                }
+            } else {
+                bump(&self.counters.bad_chains);
+            }
+            if let Err(e) = queue.add_used(&self.mem, head, used) {
+                self.break_queue(&e);
+                break;
+            }
+            completed = true;
+        }
+        self.ctrl = Some((queue, announce));
+        if completed {
+            self.interrupt.signal_queue(CTRL_QUEUE);
+        }
     }
 
     /// Sends every frame the guest queued, until the backend pushes back.
@@ -495,6 +643,7 @@ mod tests {
 
     const RXQ: u64 = 0x10_0000;
     const TXQ: u64 = 0x20_0000;
+    const CTRLQ: u64 = 0x30_0000;
     const BUF: u64 = 0x40_0000;
 
     struct Rig {
@@ -516,11 +665,11 @@ mod tests {
         let backend = Arc::new(backend);
         let msi = FakeMsi::new(3);
         let msix = Arc::new(Msix::new(msi.clone()));
-        for v in 0..2u64 {
+        for v in 0..3u64 {
             msix.write_table(v * 16 + 12, &0u32.to_le_bytes());
         }
         msix.set_control(0x8000);
-        let interrupt = Arc::new(VirtioInterrupt::new(msix, 2));
+        let interrupt = Arc::new(VirtioInterrupt::new(msix, 3));
         interrupt.set_queue_vector(RX_QUEUE, 0);
         interrupt.set_queue_vector(TX_QUEUE, 1);
         let worker = NetWorker::new(
@@ -574,18 +723,122 @@ mod tests {
         }
     }
 
+    /// The control queue of a driver that did not accept CTRL_VQ.
+    fn no_ctrl() -> Queue {
+        Queue::new(CTRL_QUEUE_SIZE).unwrap()
+    }
+
+    fn doorbell() -> EventFd {
+        EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap()
+    }
+
+    fn status(net: &Net) -> u16 {
+        let mut c = [0u8; 2];
+        net.read_config(6, &mut c);
+        u16::from_le_bytes(c)
+    }
+
+    /// Posts control command `cmd` (header in BUF, ack byte at BUF + 0x100).
+    fn ctrl_command(mem: &GuestMem, q: &mut GuestQueue, cmd: [u8; 2]) {
+        mem.write_slice(&cmd, GuestAddress(BUF)).unwrap();
+        mem.write_slice(&[0xff], GuestAddress(BUF + 0x100)).unwrap();
+        let head = q.add_chain(mem, &[(BUF, 2, false), (BUF + 0x100, 1, true)]);
+        q.publish(mem, head);
+    }
+
+    fn ack_byte(mem: &GuestMem) -> u8 {
+        let mut b = [0u8];
+        mem.read_slice(&mut b, GuestAddress(BUF + 0x100)).unwrap();
+        b[0]
+    }
+
+    #[test]
+    fn an_announce_holds_the_status_bit_until_the_driver_acknowledges_it() {
+        let Rig { mem, rxq, txq, backend, interrupt, msi, worker, .. } = rig();
+        drop(worker);
+        interrupt.set_config_vector(2);
+        let mut ctrlq = GuestQueue::new(&mem, 16, CTRLQ);
+        let mut net = Net::new([2, 0, 0, 0, 0, 4], backend);
+        assert!(!net.announce(), "an inactive device cannot announce");
+        let ctrl_fd = doorbell();
+        let activation = Activation {
+            mem: mem.clone(),
+            queues: vec![rxq.queue(), txq.queue(), ctrlq.queue()],
+            notifiers: vec![doorbell(), doorbell(), ctrl_fd.try_clone().unwrap()],
+            interrupt: interrupt.clone(),
+            features: VIRTIO_F_VERSION_1 | F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE,
+        };
+        net.activate(activation).unwrap();
+        assert_eq!(status(&net), LINK_UP);
+        let generation = interrupt.config_generation();
+        assert!(net.announce());
+        assert_eq!(status(&net), LINK_UP | S_ANNOUNCE);
+        assert_eq!(interrupt.config_generation(), generation.wrapping_add(1));
+        assert!(msi.wait_for(2, 1), "configuration change signalled");
+
+        // A command the device does not know is refused; the bit stays.
+        ctrl_command(&mem, &mut ctrlq, [0, 1]);
+        ctrl_fd.write(1).unwrap();
+        assert!(wait_until(|| ctrlq.used_idx(&mem) == 1));
+        assert_eq!(ack_byte(&mem), CTRL_ERR);
+        assert_eq!(status(&net), LINK_UP | S_ANNOUNCE);
+
+        ctrl_command(&mem, &mut ctrlq, [CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK]);
+        ctrl_fd.write(1).unwrap();
+        assert!(wait_until(|| ctrlq.used_idx(&mem) == 2));
+        assert_eq!(ack_byte(&mem), CTRL_OK);
+        assert_eq!(ctrlq.used_elem(&mem, 1).1, 1, "one status byte written");
+        assert_eq!(status(&net), LINK_UP);
+        assert_eq!(net.counters().announces_acked.load(Ordering::Relaxed), 1);
+
+        // The queues come back whole, the control queue's position with them.
+        let queues = net.quiesce().unwrap();
+        assert_eq!(queues.len(), 3);
+        assert_eq!(queues[CTRL_QUEUE].next_avail(), 2);
+    }
+
+    #[test]
+    fn a_driver_without_guest_announce_is_not_asked() {
+        let Rig { mem, rxq, txq, backend, interrupt, msi, worker, .. } = rig();
+        drop(worker);
+        interrupt.set_config_vector(2);
+        let mut net = Net::new([2, 0, 0, 0, 0, 5], backend);
+        let activation = Activation {
+            mem,
+            queues: vec![rxq.queue(), txq.queue(), no_ctrl()],
+            notifiers: vec![doorbell(), doorbell(), doorbell()],
+            interrupt,
+            features: VIRTIO_F_VERSION_1 | F_MAC | F_STATUS,
+        };
+        net.activate(activation).unwrap();
+        assert!(!net.announce());
+        assert_eq!(status(&net), LINK_UP);
+        assert!(msi.triggers().is_empty());
+        // A driver that accepted CTRL_VQ must enable the control queue.
+        let Rig { mem, rxq, txq, backend, interrupt, .. } = rig();
+        let mut net = Net::new([2, 0, 0, 0, 0, 6], backend);
+        let activation = Activation {
+            mem,
+            queues: vec![rxq.queue(), txq.queue(), no_ctrl()],
+            notifiers: vec![doorbell(), doorbell(), doorbell()],
+            interrupt,
+            features: VIRTIO_F_VERSION_1 | F_CTRL_VQ,
+        };
+        assert!(matches!(net.activate(activation), Err(ActivateError::QueueNotReady { index: CTRL_QUEUE })));
+    }
+
     #[test]
     fn config_space_and_features() {
         let (backend, _peer) = SeqpacketBackend::pair().unwrap();
         let net = Net::new([2, 0, 0, 0, 0, 1], Arc::new(backend));
-        assert_eq!(net.features(), VIRTIO_F_VERSION_1 | F_MAC | F_STATUS);
+        assert_eq!(net.features(), VIRTIO_F_VERSION_1 | F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE);
         let mut c = [0u8; 8];
         net.read_config(0, &mut c);
         assert_eq!(c, [2, 0, 0, 0, 0, 1, 1, 0]);
         let mut past = [0xffu8; 4];
         net.read_config(9, &mut past);
         assert_eq!(past, [0, 0, 0, 0]);
-        assert_eq!(net.queue_max_sizes(), &[256, 256]);
+        assert_eq!(net.queue_max_sizes(), &[256, 256, 64]);
     }
 
     #[test]
@@ -729,8 +982,8 @@ mod tests {
         let tx_fd = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let activation = Activation {
             mem: mem.clone(),
-            queues: vec![rxq.queue(), txq.queue()],
-            notifiers: vec![rx_fd.try_clone().unwrap(), tx_fd.try_clone().unwrap()],
+            queues: vec![rxq.queue(), txq.queue(), no_ctrl()],
+            notifiers: vec![rx_fd.try_clone().unwrap(), tx_fd.try_clone().unwrap(), doorbell()],
             interrupt,
             features: VIRTIO_F_VERSION_1 | F_MAC,
         };
@@ -762,8 +1015,8 @@ mod tests {
         let tx_fd = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let activation = Activation {
             mem,
-            queues: vec![rxq.queue(), txq.queue()],
-            notifiers: vec![rx_fd, tx_fd],
+            queues: vec![rxq.queue(), txq.queue(), no_ctrl()],
+            notifiers: vec![rx_fd, tx_fd, doorbell()],
             interrupt,
             features: VIRTIO_F_VERSION_1,
         };
