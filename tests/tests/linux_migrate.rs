@@ -4,7 +4,7 @@
 //! pool network: `lg` on node 0, with a replicated volume disk, and `peer` on node 1. Once a
 //! second `lg` pings its gateway and `peer`, writes the beat's number to its disk with a flush,
 //! and prints a numbered beat through the tty (the UART's interrupts) and through the kernel log
-//! (printk's polled console).
+//! (printk's polled console); `peer` pings `lg` once a beat, a third port watching it move.
 //!
 //! Through the public CLI only, `lg` moves node 0 → node 1 → node 0 with `vm migrate`. After each
 //! move it must go on where it was: its beats continue in sequence on the new node's console (no
@@ -12,7 +12,7 @@
 //! host's; the gateway (the switch of the node it now runs on) and `peer` (on the same node, then
 //! across the nodes) answer again. At the end the volume, read through NBD, holds a beat at least
 //! as new as the last one the guest saw flushed. The test prints one `linux-migrate: ...` line per
-//! step with its figures.
+//! step with its figures, the pings `peer` lost across each move among them.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -101,6 +101,9 @@ struct Move {
     paused_ms: u64,
     /// Beats on the new node before the first whose gateway and peer both answered.
     net_lost: usize,
+    /// The peer's pings of the moving VM lost from just before the move to
+    /// three beats after it (one ping a beat).
+    peer_lost: usize,
     first: u64,
 }
 
@@ -111,6 +114,7 @@ async fn console(lab: &Lab, m: &Machine, vm: &str) -> anyhow::Result<String> {
 /// Moves `lg` from `ms[from]` to `ms[to]` and checks it goes on there.
 async fn move_guest(lab: &Lab, ms: &[Machine], from: usize, to: usize, to_id: &str) -> anyhow::Result<Move> {
     let before = beats(&console(lab, &ms[from], "lg").await?);
+    let peer_before = beats(&console(lab, &ms[1], "peer").await?).len();
     let last = before.last().context("no beats before the move")?.n;
     let t = Instant::now();
     let args = ["-o", "json", "vm", "migrate", "lg", "--to", to_id];
@@ -167,7 +171,9 @@ async fn move_guest(lab: &Lab, ms: &[Machine], from: usize, to: usize, to_id: &s
     );
     ensure!(b.iter().all(|b| b.disk_ok), "a disk write failed on node {to}:\n{c}");
     let net_lost = b.iter().take_while(|b| !(b.gw_ok && b.peer_ok)).count();
-    Ok(Move { took_s, paused_ms, net_lost, first })
+    let peer = beats(&console(lab, &ms[1], "peer").await?);
+    let peer_lost = peer.iter().skip(peer_before.saturating_sub(1)).filter(|b| !b.peer_ok).count();
+    Ok(Move { took_s, paused_ms, net_lost, peer_lost, first })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,7 +278,7 @@ async fn a_linux_guest_live_migrates_there_and_back_on_a_two_node_qemu_pool() ->
     };
     create(0, "lg", GUEST_IP, vec![format!("beat.peer={PEER_IP}"), "--disk".into(), "volume:lgdisk".into()])
         .await?;
-    create(1, "peer", PEER_IP, Vec::new()).await?;
+    create(1, "peer", PEER_IP, vec![format!("beat.peer={GUEST_IP}")]).await?;
     let started = Instant::now();
     lab.cli(&ms[0], &["vm", "start", "lg"]).await?;
     lab.cli(&ms[1], &["vm", "start", "peer"]).await?;
@@ -292,8 +298,8 @@ async fn a_linux_guest_live_migrates_there_and_back_on_a_two_node_qemu_pool() ->
     for (from, to) in [(0, 1), (1, 0)] {
         let m = move_guest(&lab, &ms, from, to, &node_ids[to]).await?;
         report += &format!(
-            "linux-migrate: move ok {:.1} (node {from} -> node {to}, 256 MiB, 2 vCPUs, a volume disk) paused_ms={} net_lost_beats={} first_beat={}\n",
-            m.took_s, m.paused_ms, m.net_lost, m.first
+            "linux-migrate: move ok {:.1} (node {from} -> node {to}, 256 MiB, 2 vCPUs, a volume disk) paused_ms={} net_lost_beats={} peer_lost_pings={} first_beat={}\n",
+            m.took_s, m.paused_ms, m.net_lost, m.peer_lost, m.first
         );
     }
 

@@ -145,6 +145,11 @@ async fn a_running_vm_moves_between_nodes_and_back_without_losing_a_page_or_a_wr
     );
 
     let mut last_pass = passes(&before).last().map_or(0, |p| p.0);
+    let generation = |v: &serde_json::Value| v["volume"]["generation"].as_u64().unwrap_or(0);
+    let writer =
+        |v: &serde_json::Value| v["volume"]["writer"]["node_id"].as_str().unwrap_or_default().to_owned();
+    let mut held = c.cli(0, &["volume", "show", "migdisk"]).await?;
+    ensure!(writer(&held) == ids[0], "the writer before the move: {held}");
     for (round, target) in [(1, &ids[1]), (2, &ids[0])] {
         let moved = c
             .cli(0, &["vm", "migrate", "mig", "--to", target])
@@ -176,6 +181,15 @@ async fn a_running_vm_moves_between_nodes_and_back_without_losing_a_page_or_a_wr
             after.contains("NODEOS-GUEST: dirty blk pass="),
             "round {round}: no volume writes after the move:\n{after}"
         );
+        // The destination writes under a newer generation than the source
+        // held: the replicas refuse the source's from the commit on (a stale
+        // writer's refusal is tests/tests/block.rs's fencing test).
+        let now = c.cli(2, &["volume", "show", "migdisk"]).await?;
+        ensure!(
+            generation(&now) > generation(&held) && writer(&now) == *target,
+            "round {round}: the volume's writer did not move to a newer generation: {held} -> {now}"
+        );
+        held = now;
         last_pass = reports.last().map_or(last_pass, |p| p.0);
         let shown = c.cli(2, &["vm", "show", "mig"]).await?;
         ensure!(
