@@ -90,6 +90,11 @@ pub struct DaemonArgs {
     /// rebuilt on other nodes.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub rereplicate_after: u64,
+    /// Seconds without a lease renewal after which a member counts as dead
+    /// (suspect after a third of it, at least 3 s). Every member renews its
+    /// lease once a second; give all members the same value.
+    #[arg(long, env = "NODEOS_LEASE_TTL", default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=600))]
+    pub lease_ttl: u64,
     /// Hours between scrubs of every volume copy's checksums.
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
     pub scrub_every_hours: u64,
@@ -130,6 +135,8 @@ pub struct NodeConfig {
     pub block_advertise: SocketAddr,
     pub nbd_listen: SocketAddr,
     pub controller: ControllerConfig,
+    /// When members without a lease renewal turn suspect, then dead.
+    pub leases: nodeos_meta::LeasePolicy,
     pub vxlan_listen: SocketAddr,
     /// Where other nodes send this node's tunnel traffic.
     pub vxlan_advertise: SocketAddr,
@@ -231,6 +238,7 @@ impl TryFrom<DaemonArgs> for NodeConfig {
                 scrub_every: Duration::from_secs(a.scrub_every_hours * 3600),
                 ..ControllerConfig::default()
             },
+            leases: nodeos_meta::LeasePolicy { ttl: Duration::from_secs(a.lease_ttl) },
             data_dir,
             pool,
             key,
@@ -320,9 +328,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let me = dir.node_id;
     info!(node = %me, pool = %cfg.pool, key = %cfg.key.fingerprint(), data_dir = %dir.path.display(), "starting node");
     let peers = PeerClient::new(me, cfg.key.clone());
-    let meta = MetaHandle::start(MetaConfig::new(dir.meta_dir(), me, cfg.key.clone()), peers)
-        .await
-        .context("starting the metadata store")?;
+    let meta_cfg = MetaConfig { leases: cfg.leases, ..MetaConfig::new(dir.meta_dir(), me, cfg.key.clone()) };
+    let meta = MetaHandle::start(meta_cfg, peers).await.context("starting the metadata store")?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;

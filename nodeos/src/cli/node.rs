@@ -101,7 +101,15 @@ async fn power(ctx: Ctx, node: Option<String>, action: pb::PowerAction) -> Resul
 }
 
 pub const NODE_HEADERS: &[&str] =
-    &["ID", "ROLE", "HEALTH", "SERVICE", "ADDRESS", "HOSTNAME", "VERSION", "MATCHED"];
+    &["ID", "ROLE", "HEALTH", "LIVENESS", "SERVICE", "ADDRESS", "HOSTNAME", "VERSION", "MATCHED"];
+
+/// "alive (0.4 s)": the liveness and the time since the last lease renewal.
+fn liveness(n: &pb::Node) -> String {
+    if n.liveness.is_empty() {
+        return "-".into();
+    }
+    format!("{} ({:.1} s)", n.liveness, n.lease_age_ms as f64 / 1000.0)
+}
 
 pub fn node_rows(nodes: &[pb::Node]) -> Vec<Vec<String>> {
     nodes
@@ -111,6 +119,7 @@ pub fn node_rows(nodes: &[pb::Node]) -> Vec<Vec<String>> {
                 n.id.clone(),
                 enum_name::<pb::NodeRole>(n.role),
                 enum_name::<pb::NodeHealth>(n.health),
+                liveness(n),
                 if n.maintenance { "maintenance".into() } else { "in service".into() },
                 n.address.clone(),
                 n.hostname.clone(),
@@ -141,6 +150,7 @@ pub async fn run(ctx: Ctx, action: NodeAction) -> Result<(), CliError> {
                         vec!["id".into(), n.id.clone()],
                         vec!["role".into(), enum_name::<pb::NodeRole>(n.role)],
                         vec!["health".into(), enum_name::<pb::NodeHealth>(n.health)],
+                        vec!["liveness".into(), liveness(&n)],
                         vec!["maintenance".into(), if n.maintenance { "yes".into() } else { "no".into() }],
                         vec!["address".into(), n.address.clone()],
                         vec!["hostname".into(), n.hostname.clone()],

@@ -68,6 +68,7 @@ impl PoolApi {
             .map(|id| {
                 let rec = records.get(&id);
                 let in_raft = membership.get_node(&id);
+                let (liveness, lease_age) = meta.liveness(id);
                 let role = if Some(id) == m.current_leader {
                     pb::NodeRole::Leader
                 } else if voters.contains(&id) {
@@ -108,6 +109,8 @@ impl PoolApi {
                     matched_index: matched.unwrap_or(0),
                     joined_at_ms: rec.map(|r| r.joined_at_ms).unwrap_or(0),
                     image_hash: rec.map(|r| r.image_hash.clone()).unwrap_or_default(),
+                    liveness: if in_raft.is_some() { liveness.as_str().to_owned() } else { String::new() },
+                    lease_age_ms: if in_raft.is_some() { lease_age.as_millis() as u64 } else { 0 },
                     cpu: rec
                         .and_then(|r| r.cpu.as_ref())
                         .map(|c| format!("{}, {}", c.vendor, c.brand))

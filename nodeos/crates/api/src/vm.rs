@@ -89,7 +89,28 @@ impl VmApi {
 
     async fn answer(&self, r: VmRecord, pid: Option<u32>) -> pb::Vm {
         let nets = self.port_networks([&r]).await;
-        to_pb(r, pid, &nets)
+        self.observed(to_pb(r, pid, &nets))
+    }
+
+    /// A VM whose record says it runs (or is starting, paused, stopping) on
+    /// a node whose lease renewals are late shows `unknown`: nobody can say
+    /// whether it still runs there.
+    fn observed(&self, mut v: pb::Vm) -> pb::Vm {
+        if !matches!(v.state.as_str(), "running" | "paused" | "starting" | "stopping") {
+            return v;
+        }
+        let Ok(node) = v.node_id.parse::<NodeId>() else { return v };
+        let (liveness, age) = self.meta.liveness(node);
+        if liveness != nodeos_meta::Liveness::Alive {
+            v.reason = format!(
+                "node {node} is {}: no lease renewal for {} s; the VM was {} there",
+                liveness.as_str(),
+                age.as_secs(),
+                v.state
+            );
+            v.state = "unknown".into();
+        }
+        v
     }
 
     /// A client of the VM's node, for requests taking up to `timeout`.
@@ -369,7 +390,7 @@ impl VmService for VmApi {
                 .into_iter()
                 .map(|r| {
                     let pid = self.compute.worker_pid(r.id);
-                    to_pb(r, pid, &nets)
+                    self.observed(to_pb(r, pid, &nets))
                 })
                 .collect(),
         }))

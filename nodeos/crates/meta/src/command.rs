@@ -23,6 +23,11 @@ pub const MAX_TXN_OPS: usize = 128;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Txn(Txn),
+    /// Member `node` renews its lease ([`crate::lease`]). Changes no key and
+    /// no revision; every node notes when it applied it.
+    Renew {
+        node: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,7 +142,10 @@ impl Command {
 
     /// Checks keys, value sizes and op counts; called before proposing.
     pub fn validate(&self) -> Result<(), CommandError> {
-        let Command::Txn(t) = self;
+        let t = match self {
+            Command::Txn(t) => t,
+            Command::Renew { .. } => return Ok(()),
+        };
         let n = t.compares.len() + t.success.len() + t.failure.len();
         if n > MAX_TXN_OPS {
             return Err(CommandError::TooManyOps(n));

@@ -41,6 +41,8 @@ pub struct MetaConfig {
     pub election_timeout_ms: (u64, u64),
     /// Take a snapshot (and purge the log before it) every this many entries.
     pub snapshot_every: u64,
+    /// When members without a lease renewal turn suspect, then dead.
+    pub leases: crate::lease::LeasePolicy,
 }
 
 impl MetaConfig {
@@ -52,6 +54,7 @@ impl MetaConfig {
             heartbeat_ms: 150,
             election_timeout_ms: (600, 1200),
             snapshot_every: 5000,
+            leases: crate::lease::LeasePolicy::default(),
         }
     }
 }
@@ -132,6 +135,7 @@ struct Inner {
     sm: StateMachineStore,
     peers: PeerClient,
     forwarder: Arc<dyn Forwarder>,
+    leases: crate::lease::LeasePolicy,
 }
 
 impl std::fmt::Debug for MetaHandle {
@@ -141,6 +145,28 @@ impl std::fmt::Debug for MetaHandle {
 }
 
 impl MetaHandle {
+    /// When this node applied each member's last lease renewal ([`crate::lease`]).
+    pub fn leases(&self) -> Arc<crate::lease::LeaseBook> {
+        self.inner.sm.leases()
+    }
+
+    /// When members turn suspect, then dead.
+    pub fn lease_policy(&self) -> crate::lease::LeasePolicy {
+        self.inner.leases
+    }
+
+    /// `node`'s liveness as this node sees it, and the time since the last
+    /// renewal it applied (the leader's view is the pool's).
+    pub fn liveness(&self, node: NodeId) -> (crate::lease::Liveness, Duration) {
+        let age = self.inner.sm.leases().age(node.0);
+        (self.inner.leases.classify(age), age)
+    }
+
+    /// Renews this node's lease: done once the renewal is committed.
+    pub async fn renew_lease(&self) -> Result<(), MetaError> {
+        self.write(Command::Renew { node: self.inner.me.0 }).await.map(|_| ())
+    }
+
     /// Opens storage and starts raft over the peer API. The node is not part of
     /// any pool until [`MetaHandle::initialize`] runs here or a leader adds it.
     pub async fn start(cfg: MetaConfig, peers: PeerClient) -> Result<Self, MetaError> {
@@ -181,7 +207,9 @@ impl MetaHandle {
         let raft = Raft::new(cfg.node_id, Arc::new(raft_cfg), network, log, sm.clone())
             .await
             .map_err(|e| MetaError::Stopped(e.to_string()))?;
-        Ok(MetaHandle { inner: Arc::new(Inner { me: cfg.node_id, raft, sm, peers, forwarder }) })
+        Ok(MetaHandle {
+            inner: Arc::new(Inner { me: cfg.node_id, raft, sm, peers, forwarder, leases: cfg.leases }),
+        })
     }
 
     pub fn node_id(&self) -> NodeId {

@@ -6,6 +6,7 @@
 //! - `log_store.rs`: [`LogStore`], openraft's `RaftLogStorage` over sled.
 //! - `state_machine.rs`: [`StateMachineStore`], the revisioned key space, snapshots
 //!   and the watch feed.
+//! - `lease.rs`: node leases, renewed through the log ([`LeaseBook`], [`Liveness`]).
 //! - `watch.rs`: the watch stream (history replay, then live events) and [`WatchError`].
 //! - `network.rs`: openraft's network over the `PeerService` gRPC API.
 //! - `handle.rs`: [`MetaHandle`], what the rest of the node uses: writes, linearizable
@@ -21,6 +22,7 @@
 
 pub mod command;
 pub mod handle;
+pub mod lease;
 pub mod log_store;
 pub mod network;
 pub mod peer;
@@ -32,6 +34,7 @@ pub mod watch;
 
 pub use command::{Command, Compare, Event, EventKind, KeyValue, Op, Response, Txn};
 pub use handle::{Consistency, Forwarder, MetaConfig, MetaError, MetaHandle};
+pub use lease::{LeaseBook, LeasePolicy, Liveness};
 pub use log_store::LogStore;
 pub use openraft::{self, BasicNode};
 pub use state_machine::StateMachineStore;

@@ -34,6 +34,7 @@ use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::lease::LeaseBook;
 use crate::store::MetaDb;
 use futures::Stream;
 use openraft::storage::RaftStateMachine;
@@ -101,6 +102,8 @@ struct Inner<C: MetaTypeConfig> {
     feed: broadcast::Sender<FeedItem>,
     /// Meta of the snapshot file on disk; the lock serialises writes of the file.
     snapshot: tokio::sync::Mutex<Option<SnapshotMeta<C::NodeId, C::Node>>>,
+    /// When each member's last lease renewal was applied here.
+    leases: Arc<LeaseBook>,
 }
 
 /// In-memory copy of the `m/` keys (plus the history size), changed only after
@@ -190,8 +193,14 @@ impl<C: MetaTypeConfig> StateMachineStore<C> {
                 state: RwLock::new(state),
                 feed,
                 snapshot: tokio::sync::Mutex::new(snapshot),
+                leases: Arc::default(),
             }),
         })
+    }
+
+    /// When this node applied each member's last lease renewal.
+    pub fn leases(&self) -> Arc<LeaseBook> {
+        self.inner.leases.clone()
     }
 
     /// The current value of `key`.
@@ -284,6 +293,7 @@ impl<C: MetaTypeConfig> Inner<C> {
         let mut events = Vec::new();
         let mut responses = Vec::with_capacity(entries.len());
         let mut membership_changed = false;
+        let mut renewed = Vec::new();
 
         for entry in entries {
             let response = match entry.payload {
@@ -293,6 +303,10 @@ impl<C: MetaTypeConfig> Inner<C> {
                 EntryPayload::Membership(membership) => {
                     next.membership = StoredMembership::new(Some(entry.log_id.clone()), membership);
                     membership_changed = true;
+                    Response { revision: next.revision, succeeded: true, ..Default::default() }
+                }
+                EntryPayload::Normal(Command::Renew { node }) => {
+                    renewed.push(node);
                     Response { revision: next.revision, succeeded: true, ..Default::default() }
                 }
                 EntryPayload::Normal(command) => {
@@ -330,6 +344,9 @@ impl<C: MetaTypeConfig> Inner<C> {
         self.tree.apply_batch(batch).map_err(StoreError::io("write applied entries"))?;
 
         *state = next;
+        for node in renewed {
+            self.leases.renewed(node);
+        }
         if !events.is_empty() {
             // An error only means nobody is watching.
             let _ = self.feed.send(FeedItem::Events(events.into()));
@@ -529,7 +546,12 @@ fn apply_command(
         tracing::warn!(%error, "invalid command in the raft log, applied as a no-op");
         return Ok(Response { revision: *revision, succeeded: false, ..Default::default() });
     }
-    let Command::Txn(txn) = command;
+    let txn = match command {
+        Command::Txn(txn) => txn,
+        Command::Renew { .. } => {
+            return Ok(Response { revision: *revision, succeeded: true, ..Default::default() });
+        }
+    };
 
     let mut succeeded = true;
     let mut compared = Vec::with_capacity(txn.compares.len());
@@ -883,6 +905,22 @@ mod tests {
             .await
             .expect("watch event in time")
             .expect("stream still open")
+    }
+
+    #[tokio::test]
+    async fn a_lease_renewal_is_noted_and_changes_no_key_or_revision() {
+        let mut f = Fixture::new();
+        f.apply(put("a", "1")).await;
+        std::thread::sleep(Duration::from_millis(30));
+        let before = f.sm.leases().age(7);
+        let r = f.apply(Command::Renew { node: 7 }).await;
+        assert_eq!((r.revision, r.succeeded), (1, true));
+        assert!(f.sm.leases().age(7) < before, "the renewal was noted");
+        assert!(f.sm.leases().age(8) >= before, "another node's age still counts from the start");
+        let r = f.apply(put("b", "2")).await;
+        assert_eq!(r.revision, 2, "the renewal took no revision");
+        let events: Vec<Event> = f.sm.watch(1, String::new()).take(2).map(|e| e.unwrap()).collect().await;
+        assert_eq!(events.iter().map(|e| e.kv.key.as_str()).collect::<Vec<_>>(), ["a", "b"]);
     }
 
     #[tokio::test]

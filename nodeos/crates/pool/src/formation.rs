@@ -10,8 +10,9 @@
 //! sans-IO modules (`discovery`, `decide`, `membership`, `pace`); this file
 //! only does the IO and the logging.
 //!
-//! Tasks: [`Formation::spawn`] starts the round loop and, with a discovery
-//! interface, the beacon loop; both end when the shutdown flag turns true.
+//! Tasks: [`Formation::spawn`] starts the round loop, the lease renewals
+//! ([`nodeos_meta::lease`]) and, with a discovery interface, the beacon loop;
+//! all end when the shutdown flag turns true.
 //! The peer API calls [`Formation::hello_reply`] and [`Formation::serve_join`]
 //! from its own tasks.
 
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use nodeos_meta::BasicNode;
 use nodeos_meta::Command;
 use nodeos_meta::handle::{Consistency, MetaHandle};
+use nodeos_meta::lease::RENEW_EVERY;
 use nodeos_meta::network::PeerError;
 use nodeos_meta::peer::{Hello, HelloReply, JoinReply, JoinRequest, PeerInfo, method};
 use nodeos_types::records::{NodeRecord, POOL_KEY, PoolRecord, node_key};
@@ -37,6 +39,9 @@ use crate::pace::{
     self, BIND_RETRY, HELLO_TIMEOUT, JOIN_EVERY, JOIN_TIMEOUT, MAX_REFUSALS, Pacer, REFUSAL_LOG_EVERY,
     RefusalLog,
 };
+
+/// Longest wait for one lease renewal to commit.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What formation needs to know about this node and its pool.
 #[derive(Debug, Clone)]
@@ -89,6 +94,8 @@ struct Inner {
     /// interleave (the safety argument in `discovery` needs it).
     discovery: Mutex<Discovery>,
     refusals: Mutex<RefusalLog>,
+    /// When the last lease renewal that got committed was sent.
+    renewed: Mutex<Option<Instant>>,
 }
 
 impl Formation {
@@ -96,7 +103,13 @@ impl Formation {
         let me = PeerInfo { id: meta.node_id(), address: cfg.address.clone() };
         let discovery = Mutex::new(Discovery::new(me, cfg.pool_name.clone()));
         let refusals = Mutex::new(RefusalLog::new(REFUSAL_LOG_EVERY, MAX_REFUSALS));
-        Formation { inner: Arc::new(Inner { cfg, meta, discovery, refusals }) }
+        Formation { inner: Arc::new(Inner { cfg, meta, discovery, refusals, renewed: Mutex::default() }) }
+    }
+
+    /// Time since this node sent the last lease renewal that got committed
+    /// (`None` before the first): past the TTL the pool may count it dead.
+    pub fn since_renewal(&self) -> Option<Duration> {
+        self.inner.renewed.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.elapsed())
     }
 
     fn discovery(&self) -> MutexGuard<'_, Discovery> {
@@ -174,7 +187,50 @@ impl Formation {
         if let Some(iface) = self.inner.cfg.discovery_iface.clone() {
             tokio::spawn(me.clone().beacons(iface, shutdown.clone()));
         }
+        tokio::spawn(me.clone().renew_leases(shutdown.clone()));
         tokio::spawn(me.run(shutdown))
+    }
+
+    /// Renews this node's lease every [`RENEW_EVERY`] while it is a member.
+    /// Logs once when renewals start failing and once when they succeed again.
+    async fn renew_leases(self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(RENEW_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            let meta = &self.inner.meta;
+            if !meta.is_member() {
+                continue;
+            }
+            let sent = Instant::now();
+            match tokio::time::timeout(RENEW_TIMEOUT, meta.renew_lease()).await {
+                Ok(Ok(())) => {
+                    *self.inner.renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(sent);
+                    if let Some(since) = failing_since.take() {
+                        info!(failed_for_s = since.elapsed().as_secs(), "lease renewed again");
+                    }
+                }
+                Ok(Err(e)) if failing_since.is_none() => {
+                    failing_since = Some(sent);
+                    warn!(error = %e, "cannot renew this node's lease");
+                }
+                Err(_) if failing_since.is_none() => {
+                    failing_since = Some(sent);
+                    warn!(
+                        timeout_s = RENEW_TIMEOUT.as_secs(),
+                        "cannot renew this node's lease: no commit in time"
+                    );
+                }
+                _ => {}
+            }
+        }
     }
 
     async fn run(self, mut shutdown: watch::Receiver<bool>) {

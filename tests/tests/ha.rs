@@ -1,0 +1,134 @@
+//! High availability, process level (network namespaces): node liveness from
+//! lease renewals. Every member renews its lease through the raft log once a
+//! second; a member without a renewal turns `suspect`, then `dead` after the
+//! lease TTL (4 s here), and the VMs its record says run there show `unknown`
+//! with the reason, never `running`; back, it is alive again.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use nodeos_proto::v1 as pb;
+use nodeos_proto::v1::vm_service_client::VmServiceClient;
+use nodeos_tests::cluster::Cluster;
+use nodeos_tests::{NodeSpec, require, wait_until};
+
+const FORM: Duration = Duration::from_secs(60);
+/// The lease TTL the test's nodes run with.
+const TTL: Duration = Duration::from_secs(4);
+
+/// Node `id`'s row of `node list` as node `via` answers it.
+async fn member(c: &Cluster, via: usize, id: &str) -> anyhow::Result<serde_json::Value> {
+    let nodes = c.cli(via, &["node", "list"]).await?;
+    nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["id"] == id))
+        .cloned()
+        .with_context(|| format!("no node {id} in {nodes}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_lease_runs_out_and_its_vms_show_unknown() -> anyhow::Result<()> {
+    let test = "a_dead_nodes_lease_runs_out_and_its_vms_show_unknown";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    let spec = NodeSpec {
+        bootstrap_expect: Some(3),
+        extra_args: vec!["--lease-ttl".into(), TTL.as_secs().to_string()],
+        ..c.spec()
+    };
+    let idx = c.add_nodes(3, &spec)?;
+    let ids = c.ids(&idx).await?;
+    let want = nodeos_tests::Expect { members: ids.clone(), voters: 3, healthy: ids, pool_id: None };
+    c.wait_pool("pool formed", &idx, &want, FORM).await?;
+    let ids: Vec<String> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            v.push(c.id(i).await?);
+        }
+        v
+    };
+    for id in &ids {
+        wait_until(&format!("node {id} alive"), Duration::from_secs(20), || async {
+            let n = member(&c, 0, id).await?;
+            ensure!(n["liveness"] == "alive", "{n}");
+            Ok(())
+        })
+        .await?;
+    }
+
+    // A VM running on node 2 (the test guest, idling).
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
+    let with_vm = Path::new("/dev/kvm").exists();
+    if with_vm {
+        ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
+        let mut vms = VmServiceClient::connect(format!("http://{}", c.node(2)?.addr)).await?;
+        let spec = pb::VmSpec {
+            vcpus: 1,
+            memory_mib: 32,
+            kernel: guest.display().to_string(),
+            cmdline: "mode=idle".into(),
+            ..Default::default()
+        };
+        vms.create(pb::CreateVmRequest { name: "on2".into(), spec: Some(spec) }).await?;
+        vms.start(pb::VmRef { vm: "on2".into() }).await?;
+        let shown = c.cli(0, &["vm", "show", "on2"]).await?;
+        ensure!(shown["state"] == "running" && shown["node_id"] == ids[2].as_str(), "{shown}");
+    } else {
+        nodeos_types::testing::skip(test, "no /dev/kvm: the VM part (unknown, not running) is not checked");
+    }
+
+    c.kill9(2)?;
+    let killed = Instant::now();
+    let suspect = wait_until("node 2 suspect", TTL * 3, || async {
+        let n = member(&c, 0, &ids[2]).await?;
+        ensure!(n["liveness"] != "alive", "{n}");
+        Ok(killed.elapsed())
+    })
+    .await?;
+    let dead = wait_until("node 2 dead", TTL * 3, || async {
+        let n = member(&c, 0, &ids[2]).await?;
+        ensure!(n["liveness"] == "dead", "{n}");
+        ensure!(n["lease_age_ms"].as_u64().unwrap_or(0) >= TTL.as_millis() as u64, "{n}");
+        Ok(killed.elapsed())
+    })
+    .await?;
+    // Not before a whole TTL since the last renewal (at most one renewal
+    // period before the kill), and not long after.
+    ensure!(dead + Duration::from_secs(1) >= TTL, "node 2 dead after {dead:?}, the TTL is {TTL:?}");
+    ensure!(dead <= TTL + Duration::from_secs(4), "node 2 dead only after {dead:?}");
+    for id in &ids[..2] {
+        let n = member(&c, 1, id).await?;
+        ensure!(n["liveness"] == "alive", "a live node is not alive: {n}");
+    }
+    if with_vm {
+        // Nobody can say whether it still runs: not `running`, with the reason.
+        for via in [0, 1] {
+            let shown = c.cli(via, &["vm", "show", "on2"]).await?;
+            let reason = shown["reason"].as_str().unwrap_or_default();
+            ensure!(
+                shown["state"] == "unknown" && reason.contains("dead") && reason.contains(ids[2].as_str()),
+                "the VM on the dead node, as node {via} shows it: {shown}"
+            );
+        }
+        let listed = c.cli(1, &["vm", "list"]).await?;
+        ensure!(listed.to_string().contains("\"unknown\""), "vm list: {listed}");
+    }
+
+    c.restart(2)?;
+    let back = wait_until("node 2 alive again", Duration::from_secs(60), || async {
+        let n = member(&c, 0, &ids[2]).await?;
+        ensure!(n["liveness"] == "alive", "{n}");
+        Ok(killed.elapsed())
+    })
+    .await?;
+    eprintln!(
+        "nodeos-tests: {test}: node 2 suspect after {:.1} s, dead after {:.1} s (TTL {} s), alive again {:.1} s after the kill",
+        suspect.as_secs_f64(),
+        dead.as_secs_f64(),
+        TTL.as_secs(),
+        back.as_secs_f64()
+    );
+    c.finish();
+    Ok(())
+}
