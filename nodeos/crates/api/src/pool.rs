@@ -1,7 +1,8 @@
 //! `PoolService`: the pool's membership, leadership and member health.
 //!
-//! Member health is the leader's view (when each member last acknowledged a
-//! raft message and how far its log is behind), so a follower asked for the
+//! Member health and liveness are the leader's view (when each member last
+//! acknowledged a raft message, how far its log is behind, and when the
+//! leader applied its last lease renewal), so a follower asked for the
 //! status hands the request to the leader once and relays the answer. If no
 //! leader is reachable it answers from its own view, marking health unknown.
 
