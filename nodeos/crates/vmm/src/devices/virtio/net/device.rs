@@ -6,11 +6,12 @@
 //! announces the guest's addresses itself (gratuitous ARP, IPv6 neighbour
 //! advertisements) and acknowledges with VIRTIO_NET_CTRL_ANNOUNCE_ACK on the
 //! control queue, which clears the bit; every other control command is
-//! answered VIRTIO_NET_ERR. No offloads and no mergeable buffers, so every buffer starts with the 12-byte
-//! `virtio_net_hdr_v1` (all zero on RX except `num_buffers` = 1, as the spec
-//! requires without MRG_RXBUF) followed by one plain Ethernet frame.
+//! answered VIRTIO_NET_ERR. No offloads and no mergeable buffers, so every
+//! buffer starts with the 12-byte `virtio_net_hdr_v1` (all zero on RX except
+//! `num_buffers` = 1, as the spec requires without MRG_RXBUF) followed by one
+//! plain Ethernet frame.
 //!
-//! The I/O thread waits on the RX and TX doorbells, the backend fd and the stop
+//! The I/O thread waits on the three doorbells, the backend fd and the stop
 //! eventfd. It polls the backend for input only while the guest has RX buffers,
 //! and for output only while a send would block; a frame that fits no buffer,
 //! or is shorter than 14 / longer than 65550 bytes, is dropped and counted.
