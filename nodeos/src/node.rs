@@ -406,6 +406,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let formation_task = formation.spawn(stop_rx.clone());
+    // A node cut off from the pool pauses its VMs before the pool may count it dead.
+    let renewals = formation.clone();
+    let fencing_task = compute.spawn_self_fencing(move || renewals.since_renewal(), cfg.leases);
     let replica = Arc::new(Replica::new(store));
     let until_stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -465,6 +468,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             r
         }
     };
+    fencing_task.abort();
     let _ = formation_task.await;
     let _ = controller_task.await;
     let _ = agent_task.await;

@@ -2,7 +2,9 @@
 //! lease renewals. Every member renews its lease through the raft log once a
 //! second; a member without a renewal turns `suspect`, then `dead` after the
 //! lease TTL (4 s here), and the VMs its record says run there show `unknown`
-//! with the reason, never `running`; back, it is alive again.
+//! with the reason, never `running`; back, it is alive again. A node cut off
+//! from the others pauses its VMs (self-fencing) before the pool may count it
+//! dead, and resumes them when it is back and nobody took them over.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -128,6 +130,104 @@ async fn a_dead_nodes_lease_runs_out_and_its_vms_show_unknown() -> anyhow::Resul
         dead.as_secs_f64(),
         TTL.as_secs(),
         back.as_secs_f64()
+    );
+    c.finish();
+    Ok(())
+}
+
+/// `dirty pass=N ... ok` reports in a console.
+fn passes(console: &str) -> usize {
+    console.lines().filter(|l| l.contains("NODEOS-GUEST: dirty pass=") && l.contains(" ok")).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_node_pauses_its_vms_before_the_pool_counts_it_dead_and_resumes_them_when_back()
+-> anyhow::Result<()> {
+    let test = "a_cut_off_node_pauses_its_vms_before_the_pool_counts_it_dead_and_resumes_them_when_back";
+    let Some(env) = require(test)? else { return Ok(()) };
+    if !Path::new("/dev/kvm").exists() {
+        nodeos_types::testing::skip(test, "no /dev/kvm");
+        return Ok(());
+    }
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
+    ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
+    let mut c = Cluster::new(&env, test)?;
+    let spec = NodeSpec {
+        bootstrap_expect: Some(3),
+        extra_args: vec!["--lease-ttl".into(), TTL.as_secs().to_string()],
+        ..c.spec()
+    };
+    let idx = c.add_nodes(3, &spec)?;
+    let ids = c.ids(&idx).await?;
+    let want = nodeos_tests::Expect { members: ids.clone(), voters: 3, healthy: ids, pool_id: None };
+    c.wait_pool("pool formed", &idx, &want, FORM).await?;
+    let id2 = c.id(2).await?;
+
+    // A guest on node 2 that reports a pass every few milliseconds.
+    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(2)?.addr)).await?;
+    let spec = pb::VmSpec {
+        vcpus: 1,
+        memory_mib: 32,
+        kernel: guest.display().to_string(),
+        cmdline: "mode=dirty dirty_mib=1".into(),
+        ..Default::default()
+    };
+    let vm = vms.create(pb::CreateVmRequest { name: "on2".into(), spec: Some(spec) }).await?.into_inner();
+    vms.start(pb::VmRef { vm: "on2".into() }).await?;
+    let console = c.node(2)?.data_dir.join("vms").join(&vm.id).join("console.log");
+    let count = || passes(&std::fs::read_to_string(&console).unwrap_or_default());
+    wait_until("the guest reports passes", Duration::from_secs(30), || async {
+        ensure!(count() >= 3, "{} passes", count());
+        Ok(())
+    })
+    .await?;
+
+    c.cut(2)?;
+    let cut = Instant::now();
+    let fenced = wait_until("node 2 pauses its VM", TTL * 3, || async {
+        ensure!(c.log(2)?.contains("VM paused by self-fencing"), "not yet");
+        Ok(cut.elapsed())
+    })
+    .await?;
+    let dead = wait_until("the pool counts node 2 dead", TTL * 3, || async {
+        let n = member(&c, 0, &id2).await?;
+        ensure!(n["liveness"] == "dead", "{n}");
+        Ok(cut.elapsed())
+    })
+    .await?;
+    ensure!(
+        fenced < dead,
+        "node 2 paused its VM {fenced:?} after the cut, the pool counted it dead at {dead:?}"
+    );
+    // Paused: no pass while it is cut off.
+    let before = count();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(count() == before, "the guest ran on while its node was cut off: {before} -> {} passes", count());
+    let shown = c.cli(0, &["vm", "show", "on2"]).await?;
+    ensure!(shown["state"] == "unknown", "{shown}");
+
+    // Back on the network, nobody took the VM over: it resumes where it was.
+    c.heal(2)?;
+    wait_until("node 2 resumes its VM", Duration::from_secs(30), || async {
+        ensure!(c.log(2)?.contains("VM resumed after self-fencing"), "not yet");
+        ensure!(count() > before + 2, "{} passes, {before} before", count());
+        Ok(())
+    })
+    .await?;
+    let shown = wait_until("the VM shows running again", Duration::from_secs(20), || async {
+        let shown = c.cli(0, &["vm", "show", "on2"]).await?;
+        ensure!(shown["state"] == "running", "{shown}");
+        Ok(shown)
+    })
+    .await?;
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    ensure!(!text.contains("CORRUPT") && !text.contains("FAIL"), "the guest after the pause:\n{text}");
+    eprintln!(
+        "nodeos-tests: {test}: VM paused {:.1} s after the cut, node dead at {:.1} s (TTL {} s); running again: {}",
+        fenced.as_secs_f64(),
+        dead.as_secs_f64(),
+        TTL.as_secs(),
+        shown["state"]
     );
     c.finish();
     Ok(())

@@ -32,6 +32,7 @@
 //! VM record.
 
 pub mod error;
+pub mod fencing;
 pub mod images;
 pub mod maintenance;
 pub mod migration;

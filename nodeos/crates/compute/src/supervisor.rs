@@ -803,6 +803,11 @@ impl Compute {
         // The record must follow the process; retry while the pool has no leader.
         for attempt in 0..30 {
             match self.resolve(&id.to_string()).await {
+                Ok(r) if r.node != self.inner.cfg.node_id => {
+                    // Restarted elsewhere meanwhile: the record is that node's now.
+                    info!(vm = %id, now_on = %r.node, "the VM's record names another node; left as it is");
+                    break;
+                }
                 Ok(mut r) => {
                     r.state = state;
                     r.reason = why.clone();
