@@ -2,7 +2,8 @@
 //! lease renewals. Every member renews its lease through the raft log once a
 //! second; a member without a renewal turns `suspect`, then `dead` after the
 //! lease TTL (4 s here), and the VMs its record says run there show `unknown`
-//! with the reason, never `running`; back, it is alive again. A node cut off
+//! with the reason, never `running`; back, it is alive again, and records the
+//! VM crashed with its volume's writer slot freed. A node cut off
 //! from the others pauses its VMs (self-fencing) before the pool may count it
 //! dead, and resumes them when it is back and nobody took them over.
 
@@ -65,11 +66,14 @@ async fn a_dead_nodes_lease_runs_out_and_its_vms_show_unknown() -> anyhow::Resul
     if with_vm {
         ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
         let mut vms = VmServiceClient::connect(format!("http://{}", c.node(2)?.addr)).await?;
+        let v = c.cli(2, &["volume", "create", "disk2", "--size", "8M"]).await?;
+        let volume = v["id"].as_str().context("volume id")?.to_owned();
         let spec = pb::VmSpec {
             vcpus: 1,
             memory_mib: 32,
             kernel: guest.display().to_string(),
             cmdline: "mode=idle".into(),
+            disks: vec![pb::DiskSpec { path: String::new(), read_only: false, volume }],
             ..Default::default()
         };
         vms.create(pb::CreateVmRequest { name: "on2".into(), spec: Some(spec) }).await?;
@@ -124,6 +128,18 @@ async fn a_dead_nodes_lease_runs_out_and_its_vms_show_unknown() -> anyhow::Resul
         Ok(killed.elapsed())
     })
     .await?;
+    if with_vm {
+        // Back, the node records the VM crashed and frees its volume's writer
+        // slot: a crashed VM is not left as the volume's writer.
+        wait_until("the VM crashed and its volume free", Duration::from_secs(30), || async {
+            let shown = c.cli(0, &["vm", "show", "on2"]).await?;
+            ensure!(shown["state"] == "crashed", "{shown}");
+            let v = c.cli(0, &["volume", "show", "disk2"]).await?;
+            ensure!(v["volume"]["writer"].is_null(), "the crashed VM still holds its volume: {v}");
+            Ok(())
+        })
+        .await?;
+    }
     eprintln!(
         "nodeos-tests: {test}: node 2 suspect after {:.1} s, dead after {:.1} s (TTL {} s), alive again {:.1} s after the kill",
         suspect.as_secs_f64(),

@@ -189,9 +189,39 @@ impl Compute {
                 r.state = VmState::Crashed;
                 r.reason = "the node restarted while the VM ran; its worker died with it".into();
                 self.inner.records.save(&mut r).await?;
+                self.release_orphan_writers(&r).await;
             }
         }
         Ok(())
+    }
+
+    /// Frees the volume writer slots a VM's worker held here when it died with
+    /// the node, so a crashed VM is not left listed as its volumes' writer. A
+    /// release takes the next generation: the dead worker could write nothing
+    /// more anyway.
+    async fn release_orphan_writers(&self, r: &VmRecord) {
+        let holder = format!("vm {}", r.id);
+        let me = self.inner.cfg.node_id;
+        for vid in r.spec.disks.iter().filter(|d| !d.read_only).filter_map(|d| d.volume) {
+            let vid = vid.to_string();
+            let held = match self.inner.volumes.get(&vid).await {
+                Ok((v, _)) => v.writer.is_some_and(|w| w.holder == holder && w.node == me),
+                Err(e) => {
+                    warn!(vm = %r.id, volume = %vid, error = %e, "cannot check a crashed VM's volume writer");
+                    false
+                }
+            };
+            if held {
+                match self.inner.volumes.release(&vid).await {
+                    Ok(v) => {
+                        info!(vm = %r.id, volume = %vid, generation = v.generation, "crashed VM's volume writer released")
+                    }
+                    Err(e) => {
+                        warn!(vm = %r.id, volume = %vid, error = %e, "cannot release a crashed VM's volume writer; `nodeos volume release` frees it")
+                    }
+                }
+            }
+        }
     }
 
     pub(crate) fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Live>> {
