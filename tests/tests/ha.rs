@@ -5,7 +5,8 @@
 //! with the reason, never `running`; back, it is alive again, and records the
 //! VM crashed with its volume's writer slot freed. A node cut off
 //! from the others pauses its VMs (self-fencing) before the pool may count it
-//! dead, and resumes them when it is back and nobody took them over.
+//! dead, and resumes them when it is back and nobody took them over. A worker
+//! that panics ends at once, and its VM is recorded crashed with the panic.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -245,6 +246,59 @@ async fn a_cut_off_node_pauses_its_vms_before_the_pool_counts_it_dead_and_resume
         TTL.as_secs(),
         shown["state"]
     );
+    c.finish();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_worker_is_a_crash_with_the_panic_as_its_reason() -> anyhow::Result<()> {
+    let test = "a_panicking_worker_is_a_crash_with_the_panic_as_its_reason";
+    let Some(env) = require(test)? else { return Ok(()) };
+    if !Path::new("/dev/kvm").exists() {
+        nodeos_types::testing::skip(test, "no /dev/kvm");
+        return Ok(());
+    }
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
+    ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
+    let mut c = Cluster::new(&env, test)?;
+    // The worker panics in its control thread when asked to pause.
+    let spec = NodeSpec {
+        bootstrap_expect: Some(1),
+        env: vec![("NODEOS_FAILPOINTS".into(), "worker-panic-on-pause".into())],
+        ..c.spec()
+    };
+    let idx = c.add_nodes(1, &spec)?;
+    let ids = c.ids(&idx).await?;
+    let want = nodeos_tests::Expect { members: ids.clone(), voters: 1, healthy: ids, pool_id: None };
+    c.wait_pool("pool formed", &idx, &want, FORM).await?;
+    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let spec = pb::VmSpec {
+        vcpus: 1,
+        memory_mib: 32,
+        kernel: guest.display().to_string(),
+        cmdline: "mode=idle".into(),
+        ..Default::default()
+    };
+    vms.create(pb::CreateVmRequest { name: "p".into(), spec: Some(spec) }).await?;
+    vms.start(pb::VmRef { vm: "p".into() }).await?;
+    let paused = c.cli(0, &["vm", "pause", "p"]).await;
+    ensure!(paused.is_err(), "a pause the worker died on was acknowledged: {paused:?}");
+    // Not a VM that runs on with a dead control thread: a crash, saying why.
+    let shown = wait_until("the VM crashed", Duration::from_secs(30), || async {
+        let shown = c.cli(0, &["vm", "show", "p"]).await?;
+        ensure!(shown["state"] == "crashed", "{shown}");
+        Ok(shown)
+    })
+    .await?;
+    let reason = shown["reason"].as_str().unwrap_or_default();
+    ensure!(
+        reason.contains("SIGABRT")
+            && reason.contains("panicked")
+            && reason.contains("failpoint worker-panic-on-pause"),
+        "crash reason: {reason:?}"
+    );
+    let workers = c.node(0)?.children().len();
+    ensure!(workers == 0, "{workers} worker processes left");
     c.finish();
     Ok(())
 }

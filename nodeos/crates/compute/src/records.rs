@@ -175,6 +175,13 @@ pub fn verdict(
     }
 }
 
+/// The panic a worker logged last (its `vm-worker panicked` line), if it panicked.
+pub fn worker_panic(log: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().rev().take(20).find(|l| l.starts_with(nodeos_vmm::worker::PANIC_MARK))?;
+    Some(line.chars().take(500).collect())
+}
+
 /// An exit status as an operator reads it.
 pub fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
     match status {
@@ -249,6 +256,18 @@ mod tests {
             verdict(None, &signalled(9), true),
             (VmState::Stopped, "stopped (worker killed by signal 9 (SIGKILL))".into())
         );
+    }
+
+    #[test]
+    fn a_workers_panic_is_found_in_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("worker.log");
+        assert_eq!(worker_panic(&log), None, "no log");
+        std::fs::write(&log, "INFO building VM\nINFO VM running\n").unwrap();
+        assert_eq!(worker_panic(&log), None);
+        let line = format!("{} in thread control at src/worker.rs:1: boom", nodeos_vmm::worker::PANIC_MARK);
+        std::fs::write(&log, format!("INFO building VM\n{line}\n")).unwrap();
+        assert_eq!(worker_panic(&log), Some(line));
     }
 
     #[test]

@@ -824,7 +824,12 @@ impl Compute {
             let _ = done.send(true);
             return;
         }
-        let (state, why) = records::verdict(reason, &status, stopping.load(Ordering::SeqCst));
+        let (state, mut why) = records::verdict(reason, &status, stopping.load(Ordering::SeqCst));
+        if state == VmState::Crashed
+            && let Some(panic) = records::worker_panic(&self.vm_dir(id).join("worker.log"))
+        {
+            why = format!("{why}; {panic}");
+        }
         if state == VmState::Crashed {
             error!(vm = %id, reason = %why, "VM crashed");
         } else {

@@ -115,9 +115,40 @@ fn tracing_subscriber_filter() -> tracing_subscriber::EnvFilter {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
 }
 
+/// Whether the named failpoint is set in `NODEOS_FAILPOINTS` (comma
+/// separated): fault-injection tests make a worker fail at exactly that step.
+fn failpoint(name: &str) -> bool {
+    std::env::var("NODEOS_FAILPOINTS").is_ok_and(|v| v.split(',').any(|f| f.trim() == name))
+}
+
+/// The line a panicking worker leaves last in its log, which the node quotes
+/// in the VM's crash reason.
+pub const PANIC_MARK: &str = "vm-worker panicked";
+
+/// Any panic ends the worker at once. A thread that dies alone would leave a
+/// VM that runs on but answers nothing (a dead control thread), runs with a
+/// vCPU missing, or drops a device: the node records a crash instead, with
+/// the panic as the reason, and nothing of the VM is left half alive.
+fn abort_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        error!(thread = %thread, "{PANIC_MARK}: {what}{at}");
+        eprintln!("{PANIC_MARK} in thread {thread}{at}: {what}");
+        std::process::abort();
+    }));
+}
+
 /// Entry point of `nodeos vm-worker --control-fd N`.
 pub fn main(control_fd: RawFd) -> ExitCode {
     init_logging();
+    abort_on_panic();
     if control_fd < 3 {
         eprintln!("vm-worker: --control-fd must name the socket the node passed (3 or above)");
         return ExitCode::from(2);
@@ -317,6 +348,9 @@ fn serve_control(ctl: Control, vm_id: String, vm: Arc<Mutex<Vm>>) {
         let seq = msg.seq();
         let result: Result<(), String> = match msg {
             ToWorker::Start { .. } => Err("already started".into()),
+            ToWorker::Pause { .. } if failpoint("worker-panic-on-pause") => {
+                panic!("failpoint worker-panic-on-pause")
+            }
             ToWorker::Pause { .. } => vm
                 .lock()
                 .map_err(|_| "VM lock poisoned".to_string())
