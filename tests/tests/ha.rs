@@ -8,7 +8,7 @@
 //! dead, and resumes them when it is back and nobody took them over. A worker
 //! that panics ends at once, and its VM is recorded crashed with the panic.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -31,27 +31,54 @@ async fn member(c: &Cluster, via: usize, id: &str) -> anyhow::Result<serde_json:
         .with_context(|| format!("no node {id} in {nodes}"))
 }
 
+/// The test guest, or `None` (with a loud skip line) without /dev/kvm.
+fn guest_or_skip(test: &str, why: &str) -> anyhow::Result<Option<PathBuf>> {
+    if !Path::new("/dev/kvm").exists() {
+        nodeos_types::testing::skip(test, why);
+        return Ok(None);
+    }
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
+    ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
+    Ok(Some(guest))
+}
+
+/// A pool of `n` nodes started from `spec`; their ids in node order.
+async fn pool(c: &mut Cluster, n: usize, spec: NodeSpec) -> anyhow::Result<Vec<String>> {
+    let spec = NodeSpec { bootstrap_expect: Some(u16::try_from(n)?), ..spec };
+    let idx = c.add_nodes(n, &spec)?;
+    let ids = c.ids(&idx).await?;
+    let want = nodeos_tests::Expect { members: ids.clone(), voters: n, healthy: ids, pool_id: None };
+    c.wait_pool("pool formed", &idx, &want, FORM).await?;
+    let mut ordered = Vec::with_capacity(n);
+    for i in idx {
+        ordered.push(c.id(i).await?);
+    }
+    Ok(ordered)
+}
+
+/// Nodes renewing their leases with the test's TTL.
+fn with_ttl(c: &Cluster) -> NodeSpec {
+    NodeSpec { extra_args: vec!["--lease-ttl".into(), TTL.as_secs().to_string()], ..c.spec() }
+}
+
+/// The test guest in `cmdline`'s mode, 1 vCPU, 32 MiB.
+fn guest_spec(guest: &Path, cmdline: &str) -> pb::VmSpec {
+    pb::VmSpec {
+        vcpus: 1,
+        memory_mib: 32,
+        kernel: guest.display().to_string(),
+        cmdline: cmdline.into(),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_lease_runs_out_and_its_vms_show_unknown() -> anyhow::Result<()> {
     let test = "a_dead_nodes_lease_runs_out_and_its_vms_show_unknown";
     let Some(env) = require(test)? else { return Ok(()) };
     let mut c = Cluster::new(&env, test)?;
-    let spec = NodeSpec {
-        bootstrap_expect: Some(3),
-        extra_args: vec!["--lease-ttl".into(), TTL.as_secs().to_string()],
-        ..c.spec()
-    };
-    let idx = c.add_nodes(3, &spec)?;
-    let ids = c.ids(&idx).await?;
-    let want = nodeos_tests::Expect { members: ids.clone(), voters: 3, healthy: ids, pool_id: None };
-    c.wait_pool("pool formed", &idx, &want, FORM).await?;
-    let ids: Vec<String> = {
-        let mut v = Vec::new();
-        for i in 0..3 {
-            v.push(c.id(i).await?);
-        }
-        v
-    };
+    let spec = with_ttl(&c);
+    let ids = pool(&mut c, 3, spec).await?;
     for id in &ids {
         wait_until(&format!("node {id} alive"), Duration::from_secs(20), || async {
             let n = member(&c, 0, id).await?;
@@ -62,27 +89,20 @@ async fn a_dead_nodes_lease_runs_out_and_its_vms_show_unknown() -> anyhow::Resul
     }
 
     // A VM running on node 2 (the test guest, idling).
-    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
-    let with_vm = Path::new("/dev/kvm").exists();
-    if with_vm {
-        ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
+    let guest = guest_or_skip(test, "no /dev/kvm: the VM part (unknown, not running) is not checked")?;
+    let with_vm = guest.is_some();
+    if let Some(guest) = &guest {
         let mut vms = VmServiceClient::connect(format!("http://{}", c.node(2)?.addr)).await?;
         let v = c.cli(2, &["volume", "create", "disk2", "--size", "8M"]).await?;
         let volume = v["id"].as_str().context("volume id")?.to_owned();
         let spec = pb::VmSpec {
-            vcpus: 1,
-            memory_mib: 32,
-            kernel: guest.display().to_string(),
-            cmdline: "mode=idle".into(),
             disks: vec![pb::DiskSpec { path: String::new(), read_only: false, volume }],
-            ..Default::default()
+            ..guest_spec(guest, "mode=idle")
         };
         vms.create(pb::CreateVmRequest { name: "on2".into(), spec: Some(spec) }).await?;
         vms.start(pb::VmRef { vm: "on2".into() }).await?;
         let shown = c.cli(0, &["vm", "show", "on2"]).await?;
         ensure!(shown["state"] == "running" && shown["node_id"] == ids[2].as_str(), "{shown}");
-    } else {
-        nodeos_types::testing::skip(test, "no /dev/kvm: the VM part (unknown, not running) is not checked");
     }
 
     c.kill9(2)?;
@@ -162,33 +182,15 @@ async fn a_cut_off_node_pauses_its_vms_before_the_pool_counts_it_dead_and_resume
 -> anyhow::Result<()> {
     let test = "a_cut_off_node_pauses_its_vms_before_the_pool_counts_it_dead_and_resumes_them_when_back";
     let Some(env) = require(test)? else { return Ok(()) };
-    if !Path::new("/dev/kvm").exists() {
-        nodeos_types::testing::skip(test, "no /dev/kvm");
-        return Ok(());
-    }
-    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
-    ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
+    let Some(guest) = guest_or_skip(test, "no /dev/kvm")? else { return Ok(()) };
     let mut c = Cluster::new(&env, test)?;
-    let spec = NodeSpec {
-        bootstrap_expect: Some(3),
-        extra_args: vec!["--lease-ttl".into(), TTL.as_secs().to_string()],
-        ..c.spec()
-    };
-    let idx = c.add_nodes(3, &spec)?;
-    let ids = c.ids(&idx).await?;
-    let want = nodeos_tests::Expect { members: ids.clone(), voters: 3, healthy: ids, pool_id: None };
-    c.wait_pool("pool formed", &idx, &want, FORM).await?;
-    let id2 = c.id(2).await?;
+    let spec = with_ttl(&c);
+    let ids = pool(&mut c, 3, spec).await?;
+    let id2 = &ids[2];
 
     // A guest on node 2 that reports a pass every few milliseconds.
     let mut vms = VmServiceClient::connect(format!("http://{}", c.node(2)?.addr)).await?;
-    let spec = pb::VmSpec {
-        vcpus: 1,
-        memory_mib: 32,
-        kernel: guest.display().to_string(),
-        cmdline: "mode=dirty dirty_mib=1".into(),
-        ..Default::default()
-    };
+    let spec = guest_spec(&guest, "mode=dirty dirty_mib=1");
     let vm = vms.create(pb::CreateVmRequest { name: "on2".into(), spec: Some(spec) }).await?.into_inner();
     vms.start(pb::VmRef { vm: "on2".into() }).await?;
     let console = c.node(2)?.data_dir.join("vms").join(&vm.id).join("console.log");
@@ -207,7 +209,7 @@ async fn a_cut_off_node_pauses_its_vms_before_the_pool_counts_it_dead_and_resume
     })
     .await?;
     let dead = wait_until("the pool counts node 2 dead", TTL * 3, || async {
-        let n = member(&c, 0, &id2).await?;
+        let n = member(&c, 0, id2).await?;
         ensure!(n["liveness"] == "dead", "{n}");
         Ok(cut.elapsed())
     })
@@ -254,31 +256,14 @@ async fn a_cut_off_node_pauses_its_vms_before_the_pool_counts_it_dead_and_resume
 async fn a_panicking_worker_is_a_crash_with_the_panic_as_its_reason() -> anyhow::Result<()> {
     let test = "a_panicking_worker_is_a_crash_with_the_panic_as_its_reason";
     let Some(env) = require(test)? else { return Ok(()) };
-    if !Path::new("/dev/kvm").exists() {
-        nodeos_types::testing::skip(test, "no /dev/kvm");
-        return Ok(());
-    }
-    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
-    ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
+    let Some(guest) = guest_or_skip(test, "no /dev/kvm")? else { return Ok(()) };
     let mut c = Cluster::new(&env, test)?;
     // The worker panics in its control thread when asked to pause.
-    let spec = NodeSpec {
-        bootstrap_expect: Some(1),
-        env: vec![("NODEOS_FAILPOINTS".into(), "worker-panic-on-pause".into())],
-        ..c.spec()
-    };
-    let idx = c.add_nodes(1, &spec)?;
-    let ids = c.ids(&idx).await?;
-    let want = nodeos_tests::Expect { members: ids.clone(), voters: 1, healthy: ids, pool_id: None };
-    c.wait_pool("pool formed", &idx, &want, FORM).await?;
+    let spec =
+        NodeSpec { env: vec![("NODEOS_FAILPOINTS".into(), "worker-panic-on-pause".into())], ..c.spec() };
+    pool(&mut c, 1, spec).await?;
     let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
-    let spec = pb::VmSpec {
-        vcpus: 1,
-        memory_mib: 32,
-        kernel: guest.display().to_string(),
-        cmdline: "mode=idle".into(),
-        ..Default::default()
-    };
+    let spec = guest_spec(&guest, "mode=idle");
     vms.create(pb::CreateVmRequest { name: "p".into(), spec: Some(spec) }).await?;
     vms.start(pb::VmRef { vm: "p".into() }).await?;
     let paused = c.cli(0, &["vm", "pause", "p"]).await;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail, ensure};
 use nodeos_tests::linux_guest;
 use nodeos_tests::nbd::NbdClient;
-use nodeos_tests::qemu::{BOOT, Lab, Machine, accel, image_or_skip};
+use nodeos_tests::qemu::{Machine, image_or_skip};
 use nodeos_tests::{require, wait_until};
 
 /// From `vm start` to every check of both guests, on a slow shared host.
@@ -169,53 +169,8 @@ async fn linux_vms_boot_on_a_two_node_qemu_pool_with_volume_network_cloud_init_a
     if !linux_guest::tools_or_skip(test) {
         return Ok(());
     }
-    let mut lab = Lab::new(image, env.bin.clone())?;
-    lab.bootstrap_expect = 2;
-    // The node, its page cache and one 256 MiB guest. One CPU: the guest's two vCPUs
-    // time-share it, and TCG has no second CPU to race on KVM's code patching in the
-    // node kernel (a two-CPU machine was seen to wedge both CPUs in KVM's LAPIC code).
-    lab.memory_mib = 1536;
-    lab.cpus = 1;
-    lab.disk_mib = 512;
-    lab.extra_cmdline = " nodeos.nbd_public".into();
-    let guest_dir = lab.dir.path().join("guest");
-    linux_guest::build(&guest_dir)?;
-
-    let mut ms = Vec::new();
-    for i in 0..2 {
-        ms.push(lab.machine(i, lab.disk(i)?));
-    }
-    let t0 = Instant::now();
-    for m in &mut ms {
-        lab.boot(m).await?;
-    }
-    lab.healthy(&ms[0], 2, BOOT)
-        .await
-        .with_context(|| format!("consoles:\n{}\n---\n{}", ms[0].console(), ms[1].console()))?;
-    eprintln!(
-        "nodeos-tests: {test}: accel {}, 2 healthy members {:.1} s after boot",
-        accel(),
-        t0.elapsed().as_secs_f64()
-    );
-    for m in &ms {
-        let c = m.console();
-        let kvm = c.lines().find(|l| l.contains("kvm_amd") || l.contains("kvm_intel"));
-        eprintln!(
-            "nodeos-tests: {test}: node {}: {}",
-            m.index,
-            kvm.map(str::trim).unwrap_or("(no KVM line)")
-        );
-    }
-
-    // Healthy raft members write their node records a moment later: volumes
-    // (and so images) need both records, with their replica addresses.
-    wait_until("both node records", Duration::from_secs(60), || async {
-        let nodes = lab.cli(&ms[0], &["node", "list"]).await?;
-        let with_records = nodes.as_array().map_or(0, |a| a.iter().filter(|n| n["hostname"] != "").count());
-        ensure!(with_records == 2, "{nodes}");
-        Ok(())
-    })
-    .await?;
+    let linux_guest::GuestPool { lab, ms, guest_dir, .. } =
+        linux_guest::two_node_pool(test, image, env.bin.clone()).await?;
 
     // The guest's kernel and initramfs reach the nodes as pool images, through the API.
     let kernel = guest_dir.join("vmlinuz").display().to_string();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail, ensure};
 use nodeos_tests::linux_guest;
 use nodeos_tests::nbd::NbdClient;
-use nodeos_tests::qemu::{BOOT, Lab, Machine, accel, image_or_skip};
+use nodeos_tests::qemu::{Lab, Machine, image_or_skip};
 use nodeos_tests::{require, wait_until};
 
 const NET_CIDR: &str = "10.78.0.0/24";
@@ -184,50 +184,8 @@ async fn a_linux_guest_live_migrates_there_and_back_on_a_two_node_qemu_pool() ->
     if !linux_guest::tools_or_skip(test) {
         return Ok(());
     }
-    let mut lab = Lab::new(image, env.bin.clone())?;
-    lab.bootstrap_expect = 2;
-    lab.memory_mib = 1536;
-    // One CPU per machine: two guest vCPUs still run (time-shared), and TCG
-    // has no second CPU to race on KVM's code patching in the node kernel (a
-    // two-CPU machine under TCG was seen to wedge both CPUs in KVM's LAPIC
-    // code when a guest enabled its LAPICs).
-    lab.cpus = 1;
-    lab.disk_mib = 512;
-    lab.extra_cmdline = " nodeos.nbd_public".into();
-    let guest_dir = lab.dir.path().join("guest");
-    linux_guest::build(&guest_dir)?;
-
-    let mut ms = vec![lab.machine(0, lab.disk(0)?), lab.machine(1, lab.disk(1)?)];
-    let t0 = Instant::now();
-    for m in &mut ms {
-        lab.boot(m).await?;
-    }
-    lab.healthy(&ms[0], 2, BOOT)
-        .await
-        .with_context(|| format!("consoles:\n{}\n---\n{}", ms[0].console(), ms[1].console()))?;
-    eprintln!(
-        "nodeos-tests: {test}: accel {}, 2 healthy members {:.1} s after boot",
-        accel(),
-        t0.elapsed().as_secs_f64()
-    );
-    // Each machine's node id, by its address.
-    let node_ids: Vec<String> = wait_until("both node records", Duration::from_secs(60), || async {
-        let nodes = lab.cli(&ms[0], &["node", "list"]).await?;
-        let list = nodes.as_array().context("node list")?;
-        let id_of = |m: &Machine| {
-            list.iter()
-                .find(|n| {
-                    n["hostname"] != ""
-                        && n["address"].as_str().is_some_and(|a| a.starts_with(&format!("{}:", m.ip)))
-                })
-                .and_then(|n| n["id"].as_str())
-                .map(str::to_owned)
-        };
-        let ids: Vec<String> = ms.iter().filter_map(id_of).collect();
-        ensure!(ids.len() == 2, "{nodes}");
-        Ok(ids)
-    })
-    .await?;
+    let linux_guest::GuestPool { lab, ms, guest_dir, node_ids } =
+        linux_guest::two_node_pool(test, image, env.bin.clone()).await?;
 
     let kernel = guest_dir.join("vmlinuz").display().to_string();
     let initrd = guest_dir.join("beat-initrd.img").display().to_string();

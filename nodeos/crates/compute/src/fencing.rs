@@ -179,17 +179,7 @@ mod tests {
     #[test]
     fn a_fenced_vm_resumes_only_where_its_record_still_runs_it() {
         let me = NodeId(1);
-        let spec = nodeos_types::records::VmSpec {
-            vcpus: 1,
-            memory_mib: 64,
-            kernel: "/k".into(),
-            initrd: None,
-            cmdline: String::new(),
-            disks: vec![],
-            nics: vec![],
-            cloud_init: None,
-        };
-        let mut r = crate::records::new_record(VmId(7), "v", spec, me);
+        let mut r = crate::records::new_record(VmId(7), "v", crate::records::test_spec(), me);
         r.state = VmState::Running;
         assert_eq!(after_fence(Some(&r), me), AfterFence::Resume);
         assert_eq!(after_fence(Some(&r), NodeId(2)), AfterFence::End, "restarted elsewhere");

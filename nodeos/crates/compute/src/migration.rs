@@ -138,12 +138,6 @@ fn log_tail(path: &std::path::Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-/// Whether the named failpoint is set in `NODEOS_FAILPOINTS` (comma
-/// separated): fault-injection tests make a node fail at exactly that step.
-fn failpoint(name: &str) -> bool {
-    std::env::var("NODEOS_FAILPOINTS").is_ok_and(|v| v.split(',').any(|f| f.trim() == name))
-}
-
 impl Compute {
     /// The last lines of VM `id`'s worker log here, for an error about its worker.
     fn worker_log_tail(&self, id: VmId) -> String {
@@ -398,7 +392,7 @@ impl Compute {
         // The VM is frozen here and restored there: decide.
         match self.commit(r, to).await {
             Ok(committed) => {
-                if failpoint("migration-after-commit") {
+                if nodeos_types::failpoint("migration-after-commit") {
                     // Test hook: the source node dies right after the hand-over.
                     warn!("failpoint migration-after-commit: aborting the node");
                     std::process::abort();

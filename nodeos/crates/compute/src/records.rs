@@ -197,6 +197,21 @@ pub fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
     }
 }
 
+/// A minimal spec for unit tests: 1 vCPU, 64 MiB, kernel `/k`, no devices.
+#[cfg(test)]
+pub(crate) fn test_spec() -> nodeos_types::records::VmSpec {
+    nodeos_types::records::VmSpec {
+        vcpus: 1,
+        memory_mib: 64,
+        kernel: "/k".into(),
+        initrd: None,
+        cmdline: String::new(),
+        disks: vec![],
+        nics: vec![],
+        cloud_init: None,
+    }
+}
+
 /// A fresh record of a stopped VM on `node`.
 pub fn new_record(id: VmId, name: &str, spec: nodeos_types::records::VmSpec, node: NodeId) -> VmRecord {
     let now = unix_millis();
@@ -273,17 +288,7 @@ mod tests {
     #[test]
     fn only_running_vms_of_this_node_without_a_worker_are_lost() {
         let me = NodeId(1);
-        let spec = nodeos_types::records::VmSpec {
-            vcpus: 1,
-            memory_mib: 64,
-            kernel: "/k".into(),
-            initrd: None,
-            cmdline: String::new(),
-            disks: vec![],
-            nics: vec![],
-            cloud_init: None,
-        };
-        let mut r = new_record(VmId(7), "a", spec, me);
+        let mut r = new_record(VmId(7), "a", test_spec(), me);
         for (state, lost) in [
             (VmState::Stopped, false),
             (VmState::Crashed, false),

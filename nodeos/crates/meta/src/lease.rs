@@ -107,11 +107,6 @@ impl LeaseBook {
         let last = self.seen().get(&node).copied().unwrap_or(self.started);
         now.saturating_duration_since(last)
     }
-
-    /// Forgets a node (removed from the pool).
-    pub fn forget(&self, node: u64) {
-        self.seen().remove(&node);
-    }
 }
 
 #[cfg(test)]
@@ -145,8 +140,6 @@ mod tests {
         // A renewal applied out of order never moves the note back.
         book.renewed_at(7, t0 + Duration::from_secs(2));
         assert_eq!(book.age_at(7, t0 + Duration::from_secs(5)), Duration::from_secs(1));
-        book.forget(7);
-        assert_eq!(book.age_at(7, t0 + Duration::from_secs(5)), Duration::from_secs(5));
         assert_eq!(book.age_at(8, t0), Duration::ZERO);
     }
 }

@@ -166,6 +166,13 @@ fn parse_hex(s: &str, _kind: &str, digits: usize) -> Option<u128> {
     u128::from_str_radix(s, 16).ok()
 }
 
+/// Whether the named failpoint is set in `NODEOS_FAILPOINTS` (comma
+/// separated): fault-injection tests make a node or a VM worker fail at
+/// exactly that step.
+pub fn failpoint(name: &str) -> bool {
+    std::env::var("NODEOS_FAILPOINTS").is_ok_and(|v| v.split(',').any(|f| f.trim() == name))
+}
+
 /// An error and all its causes on one line, `outer: cause: root cause`, for
 /// messages that cross a process or API boundary.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

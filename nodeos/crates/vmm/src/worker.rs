@@ -115,12 +115,6 @@ fn tracing_subscriber_filter() -> tracing_subscriber::EnvFilter {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
 }
 
-/// Whether the named failpoint is set in `NODEOS_FAILPOINTS` (comma
-/// separated): fault-injection tests make a worker fail at exactly that step.
-fn failpoint(name: &str) -> bool {
-    std::env::var("NODEOS_FAILPOINTS").is_ok_and(|v| v.split(',').any(|f| f.trim() == name))
-}
-
 /// The line a panicking worker leaves last in its log, which the node quotes
 /// in the VM's crash reason.
 pub const PANIC_MARK: &str = "vm-worker panicked";
@@ -348,7 +342,7 @@ fn serve_control(ctl: Control, vm_id: String, vm: Arc<Mutex<Vm>>) {
         let seq = msg.seq();
         let result: Result<(), String> = match msg {
             ToWorker::Start { .. } => Err("already started".into()),
-            ToWorker::Pause { .. } if failpoint("worker-panic-on-pause") => {
+            ToWorker::Pause { .. } if nodeos_types::failpoint("worker-panic-on-pause") => {
                 panic!("failpoint worker-panic-on-pause")
             }
             ToWorker::Pause { .. } => vm
