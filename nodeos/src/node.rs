@@ -409,6 +409,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     // A node cut off from the pool pauses its VMs before the pool may count it dead.
     let renewals = formation.clone();
     let fencing_task = compute.spawn_self_fencing(move || renewals.since_renewal(), cfg.leases);
+    // On the leader: VMs marked `ha restart` of dead nodes restart elsewhere.
+    let ha_task = compute.spawn_ha_controller();
     let replica = Arc::new(Replica::new(store));
     let until_stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -469,6 +471,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
     };
     fencing_task.abort();
+    ha_task.abort();
     let _ = formation_task.await;
     let _ = controller_task.await;
     let _ = agent_task.await;

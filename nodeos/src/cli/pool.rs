@@ -40,6 +40,13 @@ pub async fn run(ctx: Ctx, cmd: PoolCmd) -> Result<(), CliError> {
                         "log       applied {}   committed {}   revision {}",
                         s.last_applied_index, s.committed_index, s.revision
                     );
+                    println!(
+                        "ha        {} protected VMs; tolerates {} node failure{} ({})",
+                        s.ha_protected_vms,
+                        s.ha_failures_to_tolerate,
+                        if s.ha_failures_to_tolerate == 1 { "" } else { "s" },
+                        s.ha_tolerance_limit
+                    );
                     println!("answered  {}", s.answered_by);
                     println!();
                     print!("{}", output::table(NODE_HEADERS, &node_rows(&s.members)));

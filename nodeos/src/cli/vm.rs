@@ -1,4 +1,4 @@
-//! `nodeos vm create|start|stop|pause|resume|list|show|delete|console|migrate`.
+//! `nodeos vm create|start|stop|pause|resume|list|show|delete|console|migrate|ha`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -61,6 +61,17 @@ pub enum VmCmd {
         #[arg(long)]
         cancel: bool,
     },
+    /// Set a VM's high availability: `restart` (the pool restarts it on another
+    /// node when its node dies, or where it is when it crashes) or `off`.
+    ///
+    /// Examples: `nodeos vm ha db restart --priority 10`, `nodeos vm ha db off`.
+    Ha {
+        vm: String,
+        mode: HaMode,
+        /// Higher restarts first when several VMs must (-1000..=1000).
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        priority: i32,
+    },
     /// Attach to the serial console (output; typed lines go to the guest). Ctrl-D ends.
     Console {
         vm: String,
@@ -109,9 +120,40 @@ pub struct CreateArgs {
     /// The guest's host name for cloud-init (default: the VM's name).
     #[arg(long, value_name = "NAME")]
     pub hostname: Option<String>,
+    /// High availability: `restart` has the pool restart the VM on another
+    /// node when its node dies (it needs pool volumes and networks only).
+    #[arg(long, value_enum, default_value_t = HaMode::Off)]
+    pub ha: HaMode,
+    /// With --ha restart: higher restarts first (-1000..=1000).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    pub ha_priority: i32,
 }
 
-const HEADERS: &[&str] = &["ID", "NAME", "STATE", "NODE", "VCPUS", "MEMORY", "REASON"];
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HaMode {
+    Restart,
+    Off,
+}
+
+fn ha_policy(mode: HaMode, priority: i32) -> pb::HaPolicy {
+    pb::HaPolicy { restart: mode == HaMode::Restart, priority }
+}
+
+fn ha_text(v: &pb::Vm) -> String {
+    let Some(ha) = v.ha.as_ref().filter(|h| h.restart) else { return "off".into() };
+    let mut t = format!("restart, priority {}", ha.priority);
+    if let Some(last) = v.ha_restarts_ms.last() {
+        t.push_str(&format!(
+            "; restarted by the pool {} time{} (last {})",
+            v.ha_restarts_ms.len(),
+            if v.ha_restarts_ms.len() == 1 { "" } else { "s" },
+            output::time_ms(*last)
+        ));
+    }
+    t
+}
+
+const HEADERS: &[&str] = &["ID", "NAME", "STATE", "NODE", "VCPUS", "MEMORY", "HA", "REASON"];
 
 fn row(v: &pb::Vm) -> Vec<String> {
     let (vcpus, memory_mib) = v.spec.as_ref().map_or((0, 0), |s| (s.vcpus, s.memory_mib));
@@ -122,6 +164,7 @@ fn row(v: &pb::Vm) -> Vec<String> {
         v.node_id.clone(),
         vcpus.to_string(),
         format!("{memory_mib} MiB"),
+        if v.ha.as_ref().is_some_and(|h| h.restart) { "restart".into() } else { "-".into() },
         v.reason.clone(),
     ]
 }
@@ -142,6 +185,7 @@ fn show(format: Format, v: pb::Vm) -> Result<(), CliError> {
         vec!["disks".into(), s.disks.iter().map(disk_text).collect::<Vec<_>>().join(" ")],
         vec!["nics".into(), s.nics.iter().map(nic_text).collect::<Vec<_>>().join(" ")],
         vec!["cloud-init".into(), s.cloud_init.as_ref().map_or_else(|| "-".into(), cloud_init_text)],
+        vec!["ha".into(), ha_text(&v)],
         vec!["worker pid".into(), v.worker_pid.to_string()],
         vec![
             "migration".into(),
@@ -302,7 +346,13 @@ pub async fn run(ctx: Ctx, cmd: VmCmd) -> Result<(), CliError> {
             };
             show(
                 ctx.output,
-                c.create(pb::CreateVmRequest { name: a.name, spec: Some(spec) }).await?.into_inner(),
+                c.create(pb::CreateVmRequest {
+                    name: a.name,
+                    spec: Some(spec),
+                    ha: Some(ha_policy(a.ha, a.ha_priority)),
+                })
+                .await?
+                .into_inner(),
             )
         }
         VmCmd::Start { vm: v } => show(ctx.output, c.start(vm(v)).await?.into_inner()),
@@ -318,6 +368,10 @@ pub async fn run(ctx: Ctx, cmd: VmCmd) -> Result<(), CliError> {
             Ok(())
         }
         VmCmd::Show { vm: v } => show(ctx.output, c.get(vm(v)).await?.into_inner()),
+        VmCmd::Ha { vm: v, mode, priority } => show(
+            ctx.output,
+            c.set_ha(pb::SetHaRequest { vm: v, ha: Some(ha_policy(mode, priority)) }).await?.into_inner(),
+        ),
         VmCmd::Migrate { vm: v, to, downtime_ms, bandwidth, cancel } => {
             let req = pb::MigrateVmRequest {
                 vm: v,

@@ -16,7 +16,7 @@ use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::pool_service_client::PoolServiceClient;
 use nodeos_proto::v1::pool_service_server::PoolService;
 use nodeos_types::NodeId;
-use nodeos_types::records::{NODES_PREFIX, NodeRecord, POOL_KEY, PoolRecord};
+use nodeos_types::records::{NODES_PREFIX, NodeRecord, POOL_KEY, PoolRecord, VMS_PREFIX, VmRecord};
 use tonic::{Request, Response, Status};
 
 use crate::error::{meta_status, watch_status};
@@ -124,7 +124,18 @@ impl PoolApi {
                 }
             })
             .collect();
+        let vms: Vec<VmRecord> = sm
+            .range(VMS_PREFIX, 0)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .collect();
+        let nodes: Vec<NodeRecord> = records.into_values().collect();
+        let ha = nodeos_compute::ha::tolerance(&nodes, &vms, voters.len());
         pb::PoolStatus {
+            ha_protected_vms: u32::try_from(ha.protected).unwrap_or(u32::MAX),
+            ha_failures_to_tolerate: u32::try_from(ha.failures).unwrap_or(u32::MAX),
+            ha_tolerance_limit: ha.limit,
             pool_id: pool.as_ref().map(|p| p.id.to_string()).unwrap_or_default(),
             pool_name: pool.map(|p| p.name).unwrap_or_else(|| self.pool_name.clone()),
             leader_id: m.current_leader.map(|l| l.to_string()).unwrap_or_default(),

@@ -19,7 +19,7 @@ use nodeos_network::Networks;
 use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::vm_service_client::VmServiceClient;
 use nodeos_proto::v1::vm_service_server::VmService;
-use nodeos_types::records::{CloudInit, DiskSpec, NicSpec, VmRecord, VmSpec};
+use nodeos_types::records::{CloudInit, DiskSpec, NicSpec, VmHa, VmRecord, VmSpec};
 use nodeos_types::{NodeId, PortId, VmId, VolumeId};
 use nodeos_volumes::VolumeError;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -132,6 +132,7 @@ pub fn compute_status(e: ComputeError) -> Status {
         ComputeError::Spec(s) => Status::invalid_argument(s.to_string()),
         ComputeError::NotFound(_) => Status::not_found(e.to_string()),
         ComputeError::Migration(_) => Status::failed_precondition(e.to_string()),
+        ComputeError::Ha(_) => Status::invalid_argument(e.to_string()),
         ComputeError::State { .. } => Status::failed_precondition(e.to_string()),
         ComputeError::NameTaken(_) => Status::already_exists(e.to_string()),
         ComputeError::Elsewhere { .. } => Status::failed_precondition(e.to_string()),
@@ -273,7 +274,13 @@ fn to_pb(r: VmRecord, pid: Option<u32>, nets: &PortNetworks) -> pb::Vm {
         worker_pid: pid.unwrap_or(0),
         migrating_to: r.migration.as_ref().map(|m| m.to.to_string()).unwrap_or_default(),
         migration_started_ms: r.migration.map_or(0, |m| m.started_at_ms),
+        ha: (!r.ha.is_off()).then_some(pb::HaPolicy { restart: r.ha.restart, priority: r.ha.priority }),
+        ha_restarts_ms: r.ha_restarts,
     }
+}
+
+fn ha_from_pb(h: pb::HaPolicy) -> VmHa {
+    VmHa { restart: h.restart, priority: h.priority }
 }
 
 type ConsoleStream = Pin<Box<dyn Stream<Item = Result<pb::ConsoleOutput, Status>> + Send>>;
@@ -338,8 +345,15 @@ impl VmService for VmApi {
             self.volume_ids(&mut spec.disks).await?;
         }
         let (spec, nets) = spec_from_pb(r.spec)?;
-        let rec = self.compute.create(&r.name, spec, nets).await.map_err(compute_status)?;
+        let ha = r.ha.map(ha_from_pb).unwrap_or_default();
+        let rec = self.compute.create(&r.name, spec, nets, ha).await.map_err(compute_status)?;
         Ok(Response::new(self.answer(rec, None).await))
+    }
+
+    async fn set_ha(&self, req: Request<pb::SetHaRequest>) -> Result<Response<pb::Vm>, Status> {
+        let r = req.get_ref().clone();
+        let ha = r.ha.map(ha_from_pb).unwrap_or_default();
+        on_owner!(self, req, &r.vm, set_ha, REQUEST_WORK, self.compute.set_ha(&r.vm, ha))
     }
 
     async fn start(&self, req: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
@@ -610,6 +624,8 @@ mod tests {
             created_at_ms: 0,
             updated_at_ms: 0,
             migration: None,
+            ha: Default::default(),
+            ha_restarts: Vec::new(),
         };
         let back = to_pb(r.clone(), None, &PortNetworks::new()).spec.unwrap();
         assert_eq!(back.cloud_init, Some(ci));

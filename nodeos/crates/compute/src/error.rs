@@ -20,6 +20,9 @@ pub enum ComputeError {
     NotFound(String),
     #[error("live migration: {0}")]
     Migration(String),
+    /// A high-availability setting that cannot be (in the command line's words).
+    #[error("{0}")]
+    Ha(String),
     #[error("VM {vm} is {state}; cannot {op} it")]
     State { vm: String, state: &'static str, op: &'static str },
     #[error("a VM named {0:?} already exists")]

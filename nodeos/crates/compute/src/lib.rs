@@ -17,6 +17,9 @@
 //! - `migration.rs`: live migration between nodes, as the source and as the
 //!   destination: placement, the peer calls, the commit (one compare-and-swap
 //!   on the VM's record), running the VM that arrived.
+//! - `ha.rs`: high availability: the leader's controller restarting `ha restart`
+//!   VMs of dead nodes elsewhere (and crashed ones in place), placement, the
+//!   flap guard, and how many node failures the HA VMs tolerate.
 //! - `maintenance.rs`: maintenance mode: checks (raft majority, volume copies),
 //!   the mark, moving every running VM off, moving raft leadership away.
 //! - `tap.rs`: host tap devices and the frame relay between a NIC socket and a tap.
@@ -33,6 +36,7 @@
 
 pub mod error;
 pub mod fencing;
+pub mod ha;
 pub mod images;
 pub mod maintenance;
 pub mod migration;

@@ -54,8 +54,6 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Read/write timeout of the stream: a peer silent this long is gone.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
-/// Memory a node keeps for itself, MiB, when placing a migrating VM.
-const NODE_RESERVE_MIB: u64 = 512;
 /// How often the destination reads the VM's record while it waits for the decision.
 const RECORD_POLL: Duration = Duration::from_millis(500);
 /// How long the destination waits without a readable record before it drops its copy.
@@ -94,6 +92,8 @@ pub enum PeerRequest {
     Ping,
     /// Start an election (leadership leaves a node entering maintenance).
     Elect,
+    /// The pool restarts this crashed HA VM, whose record names you (see `ha.rs`).
+    HaStart { vm: VmId },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -182,17 +182,7 @@ impl Compute {
         let me = self.inner.cfg.node_id;
         let nodes: Vec<NodeRecord> = self.inner.records.nodes().await?;
         let vms = self.inner.records.list().await?;
-        let used = |n: NodeId| -> u64 {
-            vms.iter()
-                .filter(|v| v.node == n && !matches!(v.state, VmState::Stopped | VmState::Crashed))
-                .chain(vms.iter().filter(|v| v.migration.as_ref().is_some_and(|m| m.to == n)))
-                .map(|v| v.spec.memory_mib)
-                .sum()
-        };
-        let free = |n: &NodeRecord| -> Option<u64> {
-            (n.memory_mib > 0)
-                .then(|| n.memory_mib.saturating_sub(NODE_RESERVE_MIB).saturating_sub(used(n.id)))
-        };
+        let free = |n: &NodeRecord| crate::ha::free_mib(n, &vms);
         let fits = |n: &NodeRecord| free(n).is_none_or(|f| f >= r.spec.memory_mib);
         match to {
             Some(name) => {
@@ -462,6 +452,7 @@ impl Compute {
         }
         let r = match req {
             PeerRequest::Ping | PeerRequest::Elect => Ok(PeerReply::Done),
+            PeerRequest::HaStart { vm } => self.ha_start(vm).await.map(|_| PeerReply::Done),
             PeerRequest::Prepare { vm, source } if source == sender => {
                 self.prepare_incoming(vm, source).await
             }
@@ -687,7 +678,8 @@ impl Compute {
                 () = tokio::time::sleep(RECORD_POLL) => {}
             }
             match self.inner.records.load(id).await {
-                Ok((r, _)) if r.node == me => {
+                // Committed (an HA restart hands a VM over crashed: not this copy's to run).
+                Ok((r, _)) if r.node == me && r.state == VmState::Running => {
                     info!(vm = %id, "the record names this node: running the VM without the source's word");
                     self.incoming().remove(&id);
                     return Some((true, None));

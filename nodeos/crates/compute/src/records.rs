@@ -225,6 +225,8 @@ pub fn new_record(id: VmId, name: &str, spec: nodeos_types::records::VmSpec, nod
         created_at_ms: now,
         updated_at_ms: now,
         migration: None,
+        ha: nodeos_types::records::VmHa::default(),
+        ha_restarts: Vec::new(),
     }
 }
 

@@ -98,6 +98,14 @@ pub(crate) struct BootFiles {
     pub(crate) initrd: Option<PathBuf>,
 }
 
+/// Who asked for a VM's start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StartedBy {
+    Operator,
+    /// The pool's HA controller.
+    Ha,
+}
+
 /// A VM with a live worker on this node.
 #[derive(Debug)]
 pub(crate) struct Live {
@@ -276,13 +284,16 @@ impl Compute {
     }
 
     /// Records a new, stopped VM on this node. Names are unique in the pool.
+    /// With `ha.restart` it must be made of pool volumes and networks only.
     pub async fn create(
         &self,
         name: &str,
         mut spec: VmSpec,
         nets: Vec<NicNetwork>,
+        ha: nodeos_types::records::VmHa,
     ) -> Result<VmRecord, ComputeError> {
         let id = VmId::random();
+        crate::ha::check_ha(&ha)?;
         let mut seen = std::collections::BTreeSet::new();
         for n in &nets {
             let ok = spec.nics.get(n.nic).is_some_and(|s| s.tap.is_empty() && s.port.is_none());
@@ -300,6 +311,9 @@ impl Compute {
             initrd: self.find_image("--initrd", spec.initrd.as_deref()).await?,
         };
         spec::check(name, &spec, &images)?;
+        if ha.restart {
+            crate::ha::check_movable(&spec)?;
+        }
         // The VM keeps the image it was created with, whatever is named so later.
         if let Some(k) = &images.kernel {
             spec.kernel = format!("{IMAGE_REF_PREFIX}{}", k.id);
@@ -337,7 +351,8 @@ impl Compute {
                 }
             }
         }
-        let r = records::new_record(id, name, spec, self.inner.cfg.node_id);
+        let mut r = records::new_record(id, name, spec, self.inner.cfg.node_id);
+        r.ha = ha;
         if let Err(e) = self.inner.records.insert(&r).await {
             self.delete_ports(&made).await;
             return Err(e);
@@ -404,14 +419,29 @@ impl Compute {
 
     /// Spawns the VM's worker and waits until its vCPUs run.
     pub async fn start(&self, vm: &str) -> Result<VmRecord, ComputeError> {
+        self.start_as(vm, StartedBy::Operator).await
+    }
+
+    /// A start, by an operator (which clears the VM's HA restart history) or
+    /// by the pool's HA controller (only a crashed HA VM; the restart counts
+    /// towards the flap guard, and a failed start leaves it crashed).
+    pub(crate) async fn start_as(&self, vm: &str, by: StartedBy) -> Result<VmRecord, ComputeError> {
         let id = self.resolve(vm).await?.id;
         let lock = self.lock_for(id);
         let _held = lock.lock().await;
         // Read again under the lock: the first read only found the VM.
-        let r = self.resolve(&id.to_string()).await?;
+        let mut r = self.resolve(&id.to_string()).await?;
         self.here(&r)?;
-        if !matches!(r.state, VmState::Stopped | VmState::Crashed) {
+        let startable = match by {
+            StartedBy::Operator => matches!(r.state, VmState::Stopped | VmState::Crashed),
+            StartedBy::Ha => r.state == VmState::Crashed && r.ha.restart,
+        };
+        if !startable {
             return Err(ComputeError::State { vm: r.id.to_string(), state: r.state.as_str(), op: "start" });
+        }
+        match by {
+            StartedBy::Operator => r.ha_restarts.clear(),
+            StartedBy::Ha => crate::ha::note_restart(&mut r, nodeos_types::unix_millis()),
         }
         spec::check_memory(r.spec.memory_mib)?;
         if self.in_maintenance().await? {
@@ -434,7 +464,7 @@ impl Compute {
                 return Err(e);
             }
         };
-        self.launch(r, boot, cpu_baseline, nics, disks).await
+        self.launch(r, boot, cpu_baseline, nics, disks, by).await
     }
 
     /// The kernel and initramfs files of a VM: host paths as given; pool
@@ -616,6 +646,7 @@ impl Compute {
         cpu_baseline: Option<nodeos_types::cpu::CpuModel>,
         nics: Nics,
         disks: Disks,
+        by: StartedBy,
     ) -> Result<VmRecord, ComputeError> {
         let config = WorkerConfig {
             vm_id: r.id.to_string(),
@@ -660,7 +691,11 @@ impl Compute {
                 ProcessError::Refused(msg) => msg.clone(),
                 other => format!("{other} ({})", records::describe_exit(&status)),
             };
-            r.state = VmState::Stopped;
+            r.state = match by {
+                StartedBy::Operator => VmState::Stopped,
+                // Still meant to run: the controller tries again.
+                StartedBy::Ha => VmState::Crashed,
+            };
             r.reason = format!("start failed: {why}");
             let _ = self.inner.records.save(&mut r).await;
             Self::release_slots(disks.slots).await;

@@ -289,6 +289,37 @@ pub struct VmRecord {
     /// by the commit or when it fails).
     #[serde(default)]
     pub migration: Option<VmMigration>,
+    /// High availability: whether the pool restarts the VM when it dies
+    /// with its node (or crashes), and in which order.
+    #[serde(default, skip_serializing_if = "VmHa::is_off")]
+    pub ha: VmHa,
+    /// When the pool last restarted it for HA (unix ms, oldest first, the
+    /// last [`HA_HISTORY`] kept): the flap guard counts them. An operator's
+    /// start clears them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ha_restarts: Vec<u64>,
+}
+
+/// HA restarts remembered per VM.
+pub const HA_HISTORY: usize = 8;
+
+/// A VM's high-availability setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmHa {
+    /// Restart the VM elsewhere when its node is dead, or where it is when
+    /// it crashed.
+    pub restart: bool,
+    /// Higher restarts first when several must (-1000..=1000).
+    #[serde(default)]
+    pub priority: i32,
+}
+
+impl VmHa {
+    pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
+
+    pub fn is_off(&self) -> bool {
+        *self == VmHa::default()
+    }
 }
 
 /// A live migration of a VM, as its record shows it.
