@@ -239,6 +239,44 @@ static int blk_check_sector(const u64 *got, u64 sector, u64 seed, u32 *word, u64
 	return 0;
 }
 
+/* What an earlier life of this guest left on the disk, before pass 1 writes: each
+ * sector of the span is zero or the pattern of a seed that maps to its block.
+ * Reports the largest seed found (the last pass whose write survived). */
+static void dblk_found(void)
+{
+	char err[160];
+	u64 max_seed = 0, written = 0, zero = 0, bad = 0;
+	for (u64 b = 0; b < dblk.span; b++) {
+		if (blk_req(VIRTIO_BLK_T_IN, b * CHUNK_SECTORS, rbuf, sizeof(rbuf), "read", err, sizeof(err)) != 0) {
+			dblk_error(err);
+			return;
+		}
+		for (u64 k = 0; k < CHUNK_SECTORS; k++) {
+			const u64 *got = (const u64 *)(rbuf + k * SECTOR);
+			u64 sector = b * CHUNK_SECTORS + k;
+			int all_zero = 1;
+			for (u32 j = 0; j < SECTOR / 8 && all_zero; j++)
+				all_zero = got[j] == 0;
+			u32 word;
+			u64 want;
+			if (all_zero) {
+				zero++;
+			} else if (got[2] % dblk.span == b && !blk_check_sector(got, sector, got[2], &word, &want)) {
+				written++;
+				if (got[2] > max_seed)
+					max_seed = got[2];
+			} else {
+				if (bad++ == 0) {
+					snprintf(err, sizeof(err), "found sector=%lu holds no pass's pattern (word 2 = %016lx)",
+						 sector, got[2]);
+					dblk_error(err);
+				}
+			}
+		}
+	}
+	LOG("dirty blk found max_seed=%lu written=%lu zero=%lu bad=%lu", max_seed, written, zero, bad);
+}
+
 int dirty_blk_open(u64 span)
 {
 	u64 capacity;
@@ -265,6 +303,7 @@ int dirty_blk_open(u64 span)
 	dblk.flush = flush;
 	dblk.span = span;
 	LOG("dirty blk start capacity=%lu span=%lu flush=%s", capacity, span, flush ? "yes" : "no");
+	dblk_found();
 	return 0;
 }
 

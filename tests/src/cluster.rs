@@ -439,6 +439,19 @@ impl Cluster {
         self.node_mut(i)?.start()
     }
 
+    /// Freezes node `i`'s daemon (SIGSTOP) while its VM workers run on: a
+    /// node process that hangs, then comes back with a lease long gone.
+    pub fn freeze(&self, i: usize) -> anyhow::Result<()> {
+        eprintln!("nodeos-tests: {}: SIGSTOP node {i} (its workers run on)", self.name);
+        self.node(i)?.signal(nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// Lets a frozen node's daemon run again (SIGCONT).
+    pub fn thaw(&self, i: usize) -> anyhow::Result<()> {
+        eprintln!("nodeos-tests: {}: SIGCONT node {i}", self.name);
+        self.node(i)?.signal(nix::sys::signal::Signal::SIGCONT)
+    }
+
     /// Takes node `i` off the network.
     pub fn cut(&self, i: usize) -> anyhow::Result<()> {
         eprintln!("nodeos-tests: {}: cutting node {i}'s link", self.name);

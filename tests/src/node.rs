@@ -182,6 +182,13 @@ impl NodeProc {
             .collect()
     }
 
+    /// Sends `sig` to the daemon only (its workers run on).
+    pub fn signal(&self, sig: Signal) -> anyhow::Result<()> {
+        let pid = self.pid().with_context(|| format!("node {} is not running", self.index))?;
+        let pid = Pid::from_raw(i32::try_from(pid).context("pid does not fit i32")?);
+        kill(pid, sig).with_context(|| format!("{sig} to node {}", self.index))
+    }
+
     pub fn kill9(&mut self) -> anyhow::Result<()> {
         let Some(mut c) = self.child.take() else { bail!("node {} is not running", self.index) };
         c.kill().with_context(|| format!("killing node {}", self.index))?;

@@ -522,7 +522,7 @@ async fn start_guest_on_volume(
         nics: vec![],
         cloud_init: None,
     };
-    vms.create(pb::CreateVmRequest { name: name.into(), spec: Some(spec) }).await?;
+    vms.create(pb::CreateVmRequest { ha: None, name: name.into(), spec: Some(spec) }).await?;
     vms.start(pb::VmRef { vm: name.into() }).await?;
     Ok(vms)
 }

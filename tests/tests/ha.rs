@@ -7,6 +7,12 @@
 //! from the others pauses its VMs (self-fencing) before the pool may count it
 //! dead, and resumes them when it is back and nobody took them over. A worker
 //! that panics ends at once, and its VM is recorded crashed with the panic.
+//!
+//! HA restart: VMs marked `--ha restart` of a node killed, frozen or cut off
+//! run again on another node once its lease ran out, with every write they
+//! saw acknowledged; the old node's worker, should it still run, has no
+//! write accepted, and the old node ends its copy when it is back. A whole
+//! pool powered off and on starts each HA VM once.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -99,7 +105,7 @@ async fn a_dead_nodes_lease_runs_out_and_its_vms_show_unknown() -> anyhow::Resul
             disks: vec![pb::DiskSpec { path: String::new(), read_only: false, volume }],
             ..guest_spec(guest, "mode=idle")
         };
-        vms.create(pb::CreateVmRequest { name: "on2".into(), spec: Some(spec) }).await?;
+        vms.create(pb::CreateVmRequest { ha: None, name: "on2".into(), spec: Some(spec) }).await?;
         vms.start(pb::VmRef { vm: "on2".into() }).await?;
         let shown = c.cli(0, &["vm", "show", "on2"]).await?;
         ensure!(shown["state"] == "running" && shown["node_id"] == ids[2].as_str(), "{shown}");
@@ -191,7 +197,10 @@ async fn a_cut_off_node_pauses_its_vms_before_the_pool_counts_it_dead_and_resume
     // A guest on node 2 that reports a pass every few milliseconds.
     let mut vms = VmServiceClient::connect(format!("http://{}", c.node(2)?.addr)).await?;
     let spec = guest_spec(&guest, "mode=dirty dirty_mib=1");
-    let vm = vms.create(pb::CreateVmRequest { name: "on2".into(), spec: Some(spec) }).await?.into_inner();
+    let vm = vms
+        .create(pb::CreateVmRequest { ha: None, name: "on2".into(), spec: Some(spec) })
+        .await?
+        .into_inner();
     vms.start(pb::VmRef { vm: "on2".into() }).await?;
     let console = c.node(2)?.data_dir.join("vms").join(&vm.id).join("console.log");
     let count = || passes(&std::fs::read_to_string(&console).unwrap_or_default());
@@ -264,7 +273,7 @@ async fn a_panicking_worker_is_a_crash_with_the_panic_as_its_reason() -> anyhow:
     pool(&mut c, 1, spec).await?;
     let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
     let spec = guest_spec(&guest, "mode=idle");
-    vms.create(pb::CreateVmRequest { name: "p".into(), spec: Some(spec) }).await?;
+    vms.create(pb::CreateVmRequest { ha: None, name: "p".into(), spec: Some(spec) }).await?;
     vms.start(pb::VmRef { vm: "p".into() }).await?;
     let paused = c.cli(0, &["vm", "pause", "p"]).await;
     ensure!(paused.is_err(), "a pause the worker died on was acknowledged: {paused:?}");
@@ -284,6 +293,380 @@ async fn a_panicking_worker_is_a_crash_with_the_panic_as_its_reason() -> anyhow:
     );
     let workers = c.node(0)?.children().len();
     ensure!(workers == 0, "{workers} worker processes left");
+    c.finish();
+    Ok(())
+}
+
+/// The HA tests' guest: a 4 KiB write, flush and read-back per pass over 16
+/// blocks of its volume disk; at boot it reports the largest pass it finds
+/// there (`dirty blk found max_seed=`).
+const WRITER_CMDLINE: &str = "mode=dirty dirty_mib=1 dirty_blk=1 dirty_blk_span=16";
+
+/// Creates and starts VM `name` on node `node`: the writer guest on a new
+/// 8 MiB volume, with `--ha restart` at `priority` if given. Its id.
+async fn writer_vm(
+    c: &Cluster,
+    node: usize,
+    name: &str,
+    guest: &Path,
+    ha: Option<i32>,
+) -> anyhow::Result<String> {
+    let disk = format!("{name}-disk");
+    c.cli(node, &["volume", "create", &disk, "--size", "8M"]).await?;
+    let (kernel, volume) = (guest.display().to_string(), format!("volume:{disk}"));
+    let mut args = vec!["vm", "create", name, "--memory", "32", "--kernel", &kernel];
+    args.extend(["--cmdline", WRITER_CMDLINE, "--disk", &volume]);
+    let priority = ha.map(|p| p.to_string());
+    if let Some(p) = &priority {
+        args.extend(["--ha", "restart", "--ha-priority", p]);
+    }
+    let v = c.cli(node, &args).await?;
+    c.cli(node, &["vm", "start", name]).await?;
+    Ok(v["id"].as_str().context("vm id")?.to_owned())
+}
+
+/// A VM's console log on node `node`.
+fn console_of(c: &Cluster, node: usize, id: &str) -> anyhow::Result<String> {
+    let path = c.node(node)?.data_dir.join("vms").join(id).join("console.log");
+    Ok(std::fs::read_to_string(path).unwrap_or_default())
+}
+
+/// The last pass whose write the guest saw acknowledged (and flushed), from
+/// its `dirty blk pass=P ok` reports.
+fn acked_pass(console: &str) -> Option<u64> {
+    console.lines().rev().find_map(|l| {
+        let rest = l.split("NODEOS-GUEST: dirty blk pass=").nth(1)?;
+        let (p, tail) = rest.split_once(' ')?;
+        tail.starts_with("ok").then(|| p.parse().ok()).flatten()
+    })
+}
+
+/// The guest's `blk_writes=` count of successful writes, from its last report.
+fn blk_writes(console: &str) -> Option<u64> {
+    console.lines().rev().find_map(|l| {
+        l.contains("NODEOS-GUEST: dirty blk ").then_some(())?;
+        l.split("blk_writes=").nth(1)?.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// `(max_seed, bad)` of the guest's `dirty blk found` line.
+fn found(console: &str) -> Option<(u64, u64)> {
+    let l = console.lines().find(|l| l.contains("NODEOS-GUEST: dirty blk found "))?;
+    let field = |k: &str| l.split(&format!("{k}=")).nth(1)?.split_whitespace().next()?.parse::<u64>().ok();
+    Some((field("max_seed")?, field("bad")?))
+}
+
+/// Waits until VM `name` runs on a node other than `not_on` (as node `via`
+/// sees it); its node's id.
+async fn running_elsewhere(
+    c: &Cluster,
+    via: usize,
+    name: &str,
+    not_on: &str,
+    within: Duration,
+) -> anyhow::Result<String> {
+    wait_until(&format!("{name} running on another node"), within, || async {
+        let v = c.cli(via, &["vm", "show", name]).await?;
+        ensure!(v["state"] == "running" && v["node_id"] != not_on, "{v}");
+        Ok(v["node_id"].as_str().unwrap_or_default().to_owned())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_vms_of_a_killed_node_restart_elsewhere_with_every_acknowledged_write() -> anyhow::Result<()> {
+    let test = "ha_vms_of_a_killed_node_restart_elsewhere_with_every_acknowledged_write";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test, "no /dev/kvm")? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    let spec = with_ttl(&c);
+    let ids = pool(&mut c, 3, spec).await?;
+    let dead = ids[2].clone();
+
+    // Three HA VMs and one without HA, all on node 2, all writing their disks.
+    let ha = [("ha-a", 10), ("ha-b", 0), ("ha-c", -5)];
+    let mut vm_ids = Vec::new();
+    for (name, priority) in ha {
+        vm_ids.push(writer_vm(&c, 2, name, &guest, Some(priority)).await?);
+    }
+    let plain = writer_vm(&c, 2, "plain", &guest, None).await?;
+    let status = c.cli(0, &["pool", "status"]).await?;
+    ensure!(
+        status["ha_protected_vms"] == 3 && status["ha_failures_to_tolerate"] == 1,
+        "pool status: {status}"
+    );
+    for id in vm_ids.iter().chain([&plain]) {
+        wait_until("the guest writes its disk", Duration::from_secs(30), || async {
+            let p = acked_pass(&console_of(&c, 2, id)?).unwrap_or(0);
+            ensure!(p >= 3, "acknowledged pass {p}");
+            Ok(())
+        })
+        .await?;
+    }
+
+    c.kill9(2)?;
+    let killed = Instant::now();
+    // What each guest saw acknowledged before its node died.
+    let mut acked = Vec::new();
+    for id in &vm_ids {
+        acked.push(acked_pass(&console_of(&c, 2, id)?).context("no acknowledged pass")?);
+    }
+
+    // Each runs on another node after the TTL, in priority order at most
+    // two at a time; given the TTL, the start and a round of the controller.
+    let mut restarted = Vec::new();
+    let mut first = None;
+    for ((name, _), (id, before)) in ha.iter().zip(vm_ids.iter().zip(&acked)) {
+        let node = running_elsewhere(&c, 0, name, &dead, TTL + Duration::from_secs(60)).await?;
+        let after = killed.elapsed();
+        first = first.or(Some(after));
+        let i = c.index_of(&node)?;
+        let (max_seed, bad) =
+            wait_until("the guest reports what its disk holds", Duration::from_secs(30), || async {
+                found(&console_of(&c, i, id)?).context("no `dirty blk found` line yet")
+            })
+            .await?;
+        ensure!(bad == 0, "{name}: {bad} sectors of its disk hold no pass's pattern");
+        ensure!(
+            max_seed >= *before,
+            "{name}: its disk holds pass {max_seed}, but pass {before} was acknowledged before the kill"
+        );
+        let shown = c.cli(1, &["vm", "show", name]).await?;
+        ensure!(shown["ha_restarts_ms"].as_array().map(Vec::len) == Some(1), "{shown}");
+        restarted.push(format!(
+            "{name} on node {i} by {:.1} s (acked {before}, found {max_seed})",
+            after.as_secs_f64()
+        ));
+    }
+    // Not before the lease ran out (the last renewal came up to a second before the kill).
+    let first = first.context("no VM restarted")?;
+    ensure!(first + Duration::from_secs(1) >= TTL, "restarted {first:?} after the kill, the TTL is {TTL:?}");
+    // Without HA: nobody restarts it.
+    let shown = c.cli(0, &["vm", "show", "plain"]).await?;
+    ensure!(shown["state"] == "unknown" && shown["node_id"] == dead.as_str(), "{shown}");
+
+    // The dead node comes back: it runs none of them, the one without HA is
+    // crashed, and nothing is restarted twice.
+    c.restart(2)?;
+    wait_until("the VM without HA crashed", Duration::from_secs(60), || async {
+        let shown = c.cli(0, &["vm", "show", "plain"]).await?;
+        ensure!(shown["state"] == "crashed", "{shown}");
+        Ok(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(c.node(2)?.children().is_empty(), "node 2 runs workers again");
+    for (name, _) in ha {
+        let shown = c.cli(2, &["vm", "show", name]).await?;
+        ensure!(shown["state"] == "running" && shown["node_id"] != dead.as_str(), "{shown}");
+        ensure!(shown["ha_restarts_ms"].as_array().map(Vec::len) == Some(1), "restarted twice: {shown}");
+    }
+    eprintln!("nodeos-tests: {test}: kill -9 of node 2 (TTL {} s): {}", TTL.as_secs(), restarted.join("; "));
+    c.finish();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_nodes_worker_cannot_write_once_its_vm_restarted_elsewhere() -> anyhow::Result<()> {
+    let test = "a_frozen_nodes_worker_cannot_write_once_its_vm_restarted_elsewhere";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test, "no /dev/kvm")? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    let spec = with_ttl(&c);
+    let ids = pool(&mut c, 3, spec).await?;
+    let id = writer_vm(&c, 2, "fz", &guest, Some(0)).await?;
+    wait_until("the guest writes its disk", Duration::from_secs(30), || async {
+        ensure!(acked_pass(&console_of(&c, 2, &id)?).unwrap_or(0) >= 3, "not yet");
+        Ok(())
+    })
+    .await?;
+
+    // The node process hangs; its worker runs on, writing with its old generation.
+    c.freeze(2)?;
+    let frozen = Instant::now();
+    let node = running_elsewhere(&c, 0, "fz", &ids[2], TTL + Duration::from_secs(60)).await?;
+    let restarted = frozen.elapsed();
+    let i = c.index_of(&node)?;
+    // The old guest goes on trying (its passes count up) and not one of its
+    // writes is accepted from a moment after the new one started.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let old = console_of(&c, 2, &id)?;
+    let (passes_a, writes_a) = (passes(&old), blk_writes(&old).unwrap_or(0));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let old = console_of(&c, 2, &id)?;
+    let (passes_b, writes_b) = (passes(&old), blk_writes(&old).unwrap_or(0));
+    ensure!(passes_b > passes_a, "the frozen node's worker stopped: {passes_a} -> {passes_b} passes");
+    ensure!(
+        writes_b == writes_a,
+        "the stale worker got {} writes accepted after its VM restarted elsewhere",
+        writes_b - writes_a
+    );
+    ensure!(old.contains("dirty blk FAIL"), "the stale worker's refused writes are not reported:\n{old}");
+    let new = console_of(&c, i, &id)?;
+    ensure!(!new.contains("FAIL") && acked_pass(&new).is_some(), "the restarted VM:\n{new}");
+
+    // Thawed, the node finds the VM elsewhere and ends its copy unresumed.
+    c.thaw(2)?;
+    wait_until("node 2 ends its stale copy", Duration::from_secs(30), || async {
+        ensure!(c.log(2)?.contains("runs elsewhere now: ending it here, unresumed"), "not yet");
+        ensure!(c.node(2)?.children().is_empty(), "its worker still runs");
+        Ok(())
+    })
+    .await?;
+    let shown = c.cli(2, &["vm", "show", "fz"]).await?;
+    ensure!(shown["state"] == "running" && shown["node_id"] == node.as_str(), "{shown}");
+    let v = c.cli(0, &["volume", "show", "fz-disk"]).await?;
+    ensure!(v["volume"]["writer"]["node_id"] == node.as_str(), "{v}");
+    eprintln!(
+        "nodeos-tests: {test}: restarted on node {i} {:.1} s after the freeze; stale worker: {} more passes, 0 writes accepted",
+        restarted.as_secs_f64(),
+        passes_b - passes_a
+    );
+    c.finish();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_nodes_ha_vm_is_paused_restarted_on_the_majority_and_ended_when_it_heals()
+-> anyhow::Result<()> {
+    let test = "a_cut_off_nodes_ha_vm_is_paused_restarted_on_the_majority_and_ended_when_it_heals";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test, "no /dev/kvm")? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    let spec = with_ttl(&c);
+    let ids = pool(&mut c, 3, spec).await?;
+    let id = writer_vm(&c, 2, "cut", &guest, Some(0)).await?;
+    wait_until("the guest writes its disk", Duration::from_secs(30), || async {
+        ensure!(acked_pass(&console_of(&c, 2, &id)?).unwrap_or(0) >= 3, "not yet");
+        Ok(())
+    })
+    .await?;
+
+    c.cut(2)?;
+    let cut = Instant::now();
+    wait_until("node 2 pauses its VM", TTL * 3, || async {
+        ensure!(c.log(2)?.contains("VM paused by self-fencing"), "not yet");
+        Ok(())
+    })
+    .await?;
+    let node = running_elsewhere(&c, 0, "cut", &ids[2], TTL + Duration::from_secs(60)).await?;
+    let restarted = cut.elapsed();
+    let old_passes = passes(&console_of(&c, 2, &id)?);
+
+    c.heal(2)?;
+    wait_until("node 2 ends its copy", Duration::from_secs(30), || async {
+        ensure!(c.log(2)?.contains("runs elsewhere now: ending it here, unresumed"), "not yet");
+        ensure!(c.node(2)?.children().is_empty(), "its worker still runs");
+        Ok(())
+    })
+    .await?;
+    let old = console_of(&c, 2, &id)?;
+    ensure!(passes(&old) == old_passes, "the isolated copy ran again before it was ended");
+    let shown = c.cli(2, &["vm", "show", "cut"]).await?;
+    ensure!(shown["state"] == "running" && shown["node_id"] == node.as_str(), "{shown}");
+    eprintln!(
+        "nodeos-tests: {test}: restarted on node {} {:.1} s after the cut; ended on node 2 when it healed",
+        c.index_of(&node)?,
+        restarted.as_secs_f64()
+    );
+    c.finish();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_pool_reboot_restarts_each_ha_vm_once() -> anyhow::Result<()> {
+    let test = "a_whole_pool_reboot_restarts_each_ha_vm_once";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test, "no /dev/kvm")? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    let spec = with_ttl(&c);
+    pool(&mut c, 3, spec).await?;
+    for i in 0..3 {
+        writer_vm(&c, i, &format!("r{i}"), &guest, Some(0)).await?;
+    }
+    writer_vm(&c, 0, "plain", &guest, None).await?;
+
+    // Power loss: every node at once, then every node back.
+    for i in 0..3 {
+        c.kill9(i)?;
+    }
+    for i in 0..3 {
+        c.restart(i)?;
+    }
+    for i in 0..3 {
+        wait_until(&format!("r{i} running again"), Duration::from_secs(90), || async {
+            let v = c.cli(0, &["vm", "show", &format!("r{i}")]).await?;
+            ensure!(v["state"] == "running", "{v}");
+            Ok(())
+        })
+        .await?;
+    }
+    // A while later: each started once, one worker each, the other VM crashed.
+    tokio::time::sleep(TTL * 2).await;
+    let vms = c.cli(0, &["vm", "list"]).await?;
+    let vms = vms.as_array().context("vm list")?;
+    for v in vms {
+        let restarts = v["ha_restarts_ms"].as_array().map_or(0, Vec::len);
+        if v["name"] == "plain" {
+            ensure!(v["state"] == "crashed" && restarts == 0, "{v}");
+        } else {
+            ensure!(v["state"] == "running" && restarts == 1, "not started exactly once: {v}");
+        }
+    }
+    let workers: usize = (0..3).map(|i| c.node(i).map_or(0, |n| n.children().len())).sum();
+    ensure!(workers == 3, "{workers} workers run for 3 HA VMs");
+    let starts: usize =
+        (0..3).map(|i| c.log(i).map_or(0, |l| l.matches("HA restart: starting the VM").count())).sum();
+    ensure!(starts == 3, "{starts} HA restarts logged for 3 VMs");
+    c.finish();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_restart_time_over_repeated_kills() -> anyhow::Result<()> {
+    let test = "ha_restart_time_over_repeated_kills";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test, "no /dev/kvm")? else { return Ok(()) };
+    // NODEOS_HA_KILLS=N for more or fewer rounds.
+    let kills: usize = std::env::var("NODEOS_HA_KILLS").ok().and_then(|k| k.parse().ok()).unwrap_or(10);
+    let mut c = Cluster::new(&env, test)?;
+    let spec = with_ttl(&c);
+    let ids = pool(&mut c, 3, spec).await?;
+    let mut times = Vec::with_capacity(kills);
+    for k in 0..kills {
+        // A new HA VM each round (the flap guard would hold back a fourth
+        // restart of one VM within ten minutes), on the node killed next.
+        let (victim, name) = (k % 3, format!("m{k}"));
+        let id = writer_vm(&c, victim, &name, &guest, Some(0)).await?;
+        wait_until("the guest writes its disk", Duration::from_secs(30), || async {
+            ensure!(acked_pass(&console_of(&c, victim, &id)?).unwrap_or(0) >= 2, "not yet");
+            Ok(())
+        })
+        .await?;
+        c.kill9(victim)?;
+        let killed = Instant::now();
+        running_elsewhere(&c, (victim + 1) % 3, &name, &ids[victim], TTL + Duration::from_secs(60)).await?;
+        times.push(killed.elapsed());
+        c.restart(victim)?;
+        wait_until("the killed node alive again", Duration::from_secs(60), || async {
+            let n = member(&c, (victim + 1) % 3, &ids[victim]).await?;
+            ensure!(n["liveness"] == "alive", "{n}");
+            Ok(())
+        })
+        .await?;
+        c.cli(victim, &["vm", "stop", &name, "--force"]).await?;
+        c.cli(victim, &["vm", "delete", &name]).await?;
+    }
+    times.sort();
+    let ms = |d: &Duration| d.as_millis();
+    eprintln!(
+        "nodeos-tests: {test}: kill -9 -> HA VM running on another node, {kills} kills, TTL {} s: median {} ms, max {} ms, min {} ms (all: {:?})",
+        TTL.as_secs(),
+        times.get(kills / 2).map_or(0, ms),
+        times.last().map_or(0, ms),
+        times.first().map_or(0, ms),
+        times.iter().map(ms).collect::<Vec<_>>()
+    );
     c.finish();
     Ok(())
 }

@@ -127,7 +127,7 @@ async fn a_running_vm_moves_between_nodes_and_back_without_losing_a_page_or_a_wr
     c.cli(0, &["image", "upload", &guest.display().to_string(), "--name", "testguest", "--kind", "kernel"])
         .await?;
     let spec = pb::VmSpec { kernel: "image:testguest".into(), ..spec };
-    vms.create(pb::CreateVmRequest { name: "mig".into(), spec: Some(spec) }).await?;
+    vms.create(pb::CreateVmRequest { ha: None, name: "mig".into(), spec: Some(spec) }).await?;
     vms.start(pb::VmRef { vm: "mig".into() }).await?;
     let before = console_reports(&mut vms, "mig", 2).await?;
     ensure!(!before.contains("CORRUPT") && !before.contains("FAIL"), "before the move:\n{before}");
@@ -250,7 +250,7 @@ async fn a_vm_with_host_files_or_not_running_is_refused_and_keeps_running() -> a
         nics: vec![],
         cloud_init: None,
     };
-    vms.create(pb::CreateVmRequest { name: "local".into(), spec: Some(spec) }).await?;
+    vms.create(pb::CreateVmRequest { ha: None, name: "local".into(), spec: Some(spec) }).await?;
     let stopped = c.cli(0, &["vm", "migrate", "local", "--to", &ids[1]]).await;
     ensure!(
         format!("{:#}", stopped.as_ref().err().context("a stopped VM moved")?).contains("stopped"),
@@ -303,7 +303,7 @@ async fn maintenance_moves_every_vm_off_a_node_without_restarting_any() -> anyho
             nics: vec![],
             cloud_init: None,
         };
-        vms.create(pb::CreateVmRequest { name: (*name).into(), spec: Some(spec) }).await?;
+        vms.create(pb::CreateVmRequest { ha: None, name: (*name).into(), spec: Some(spec) }).await?;
         vms.start(pb::VmRef { vm: (*name).into() }).await?;
     }
     let mut last = Vec::new();
@@ -335,7 +335,7 @@ async fn maintenance_moves_every_vm_off_a_node_without_restarting_any() -> anyho
         nics: vec![],
         cloud_init: None,
     };
-    vms.create(pb::CreateVmRequest { name: "late".into(), spec: Some(late) }).await?;
+    vms.create(pb::CreateVmRequest { ha: None, name: "late".into(), spec: Some(late) }).await?;
     let refused = c.cli(0, &["vm", "start", "late"]).await;
     let why = format!("{:#}", refused.as_ref().err().context("a VM started on the node in maintenance")?);
     ensure!(why.contains("maintenance"), "{why}");
@@ -377,7 +377,7 @@ async fn slow_vm(c: &Cluster, vms: &mut VmServiceClient<Channel>, guest: &Path) 
         nics: vec![],
         cloud_init: None,
     };
-    vms.create(pb::CreateVmRequest { name: "slow".into(), spec: Some(spec) }).await?;
+    vms.create(pb::CreateVmRequest { ha: None, name: "slow".into(), spec: Some(spec) }).await?;
     vms.start(pb::VmRef { vm: "slow".into() }).await?;
     let text = console_reports(vms, "slow", 1).await?;
     Ok(passes(&text).last().map_or(0, |p| p.0))
@@ -523,7 +523,7 @@ async fn the_destination_runs_the_vm_when_the_source_dies_right_after_the_commit
         nics: vec![],
         cloud_init: None,
     };
-    vms.create(pb::CreateVmRequest { name: "orphan".into(), spec: Some(spec) }).await?;
+    vms.create(pb::CreateVmRequest { ha: None, name: "orphan".into(), spec: Some(spec) }).await?;
     vms.start(pb::VmRef { vm: "orphan".into() }).await?;
     let before = console_reports(&mut vms, "orphan", 1).await?;
     let last = passes(&before).last().map_or(0, |p| p.0);

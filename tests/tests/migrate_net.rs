@@ -262,7 +262,7 @@ async fn frames_keep_flowing_to_a_vm_across_its_live_migration() -> anyhow::Resu
         nics: vec![pb::NicSpec { mac: VM_MAC.into(), network: "mignet".into(), ..Default::default() }],
         ..Default::default()
     };
-    vms.create(pb::CreateVmRequest { name: "netmig".into(), spec: Some(spec) }).await?;
+    vms.create(pb::CreateVmRequest { ha: None, name: "netmig".into(), spec: Some(spec) }).await?;
     let started = vms.start(pb::VmRef { vm: "netmig".into() }).await?.into_inner();
     ensure!(started.node_id == ids[0], "the VM started on {}, not node 0", started.node_id);
     let before = console_reports(&mut vms, "netmig", 1).await?;

@@ -409,7 +409,10 @@ async fn the_test_guest_net_check_passes_through_the_switch_on_a_vm_port() -> an
         }],
         ..Default::default()
     };
-    let vm = vms.create(pb::CreateVmRequest { name: "netvm".into(), spec: Some(spec) }).await?.into_inner();
+    let vm = vms
+        .create(pb::CreateVmRequest { ha: None, name: "netvm".into(), spec: Some(spec) })
+        .await?
+        .into_inner();
     let port = vm.spec.as_ref().and_then(|s| s.nics.first()).map(|n| n.port.clone()).unwrap_or_default();
     ensure!(!port.is_empty(), "the VM's NIC got no port: {vm:?}");
     wait_until("tap vmpeer0 on the node", Duration::from_secs(15), || {

@@ -108,7 +108,8 @@ async fn test_guest_does_block_and_net_io_through_the_api() -> anyhow::Result<()
     let mut s = spec(&guest_elf(), "mode=all net_frames=2 net_expect=2 net_wait_ms=120000 blk_seed=0x77", 64);
     s.disks.push(pb::DiskSpec { path: disk.display().to_string(), read_only: false, volume: String::new() });
     s.nics.push(pb::NicSpec { mac: "52:54:00:12:34:56".into(), tap: "vmtap0".into(), ..Default::default() });
-    let vm = vms.create(pb::CreateVmRequest { name: "io".into(), spec: Some(s) }).await?.into_inner();
+    let vm =
+        vms.create(pb::CreateVmRequest { ha: None, name: "io".into(), spec: Some(s) }).await?.into_inner();
     ensure!(vm.state == "stopped", "a created VM is stopped, got {}", vm.state);
 
     // The tap exists once the VM starts; the peer waits for it.
@@ -187,8 +188,10 @@ async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::R
         ),
     ];
     for (s, want) in bad {
-        let e =
-            vms.create(pb::CreateVmRequest { name: "bad".into(), spec: Some(s) }).await.expect_err("refused");
+        let e = vms
+            .create(pb::CreateVmRequest { ha: None, name: "bad".into(), spec: Some(s) })
+            .await
+            .expect_err("refused");
         ensure!(e.code() == Code::InvalidArgument && e.message().contains(want), "{want}: {e:?}");
     }
     let e = vms.get(pb::VmRef { vm: "nosuchvm".into() }).await.expect_err("unknown");
@@ -206,7 +209,8 @@ async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::R
     let scratch = tempfile::tempdir()?;
     let broken = scratch.path().join("broken.elf");
     std::fs::copy(&guest, &broken)?;
-    vms.create(pb::CreateVmRequest { name: "broken".into(), spec: Some(spec(&broken, "", 32)) }).await?;
+    vms.create(pb::CreateVmRequest { ha: None, name: "broken".into(), spec: Some(spec(&broken, "", 32)) })
+        .await?;
     std::fs::write(&broken, b"\x7fELF\x02\x01\x01 this is not a kernel")?;
     let e = vms.start(pb::VmRef { vm: "broken".into() }).await.expect_err("unloadable kernel");
     ensure!(e.code() == Code::FailedPrecondition && e.message().contains("kernel"), "{e:?}");
@@ -217,12 +221,12 @@ async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::R
     // A VM that runs until stopped (two vCPUs: the second waits for a SIPI the
     // test guest never sends); double start is refused.
     let two = pb::VmSpec { vcpus: 2, ..spec(&guest, "mode=dirty dirty_mib=1", 32) };
-    vms.create(pb::CreateVmRequest { name: "spin".into(), spec: Some(two) }).await?;
+    vms.create(pb::CreateVmRequest { ha: None, name: "spin".into(), spec: Some(two) }).await?;
     let running = vms.start(pb::VmRef { vm: "spin".into() }).await?.into_inner();
     let e = vms.start(pb::VmRef { vm: "spin".into() }).await.expect_err("double start");
     ensure!(e.code() == Code::FailedPrecondition && e.message().contains("running"), "{e:?}");
     let e = vms
-        .create(pb::CreateVmRequest { name: "spin".into(), spec: Some(spec(&guest, "", 32)) })
+        .create(pb::CreateVmRequest { ha: None, name: "spin".into(), spec: Some(spec(&guest, "", 32)) })
         .await
         .expect_err("dup");
     ensure!(e.code() == Code::AlreadyExists, "{e:?}");

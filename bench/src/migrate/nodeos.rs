@@ -215,7 +215,7 @@ impl<'a> Run<'a> {
             cloud_init: None,
         };
         let created = self.vms[0]
-            .create(CreateVmRequest { name: "bench-migrate".into(), spec: Some(spec) })
+            .create(CreateVmRequest { ha: None, name: "bench-migrate".into(), spec: Some(spec) })
             .await
             .with_context(|| format!("VmService.Create (kernel image {})", image))?
             .into_inner();

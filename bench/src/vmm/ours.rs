@@ -110,7 +110,7 @@ impl OurVmm {
         };
         let vm = self
             .vms
-            .create(CreateVmRequest { name: run.label.clone(), spec: Some(spec) })
+            .create(CreateVmRequest { ha: None, name: run.label.clone(), spec: Some(spec) })
             .await
             .context("VmService.Create")?
             .into_inner();

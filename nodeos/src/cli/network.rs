@@ -5,7 +5,6 @@ use clap::{Subcommand, ValueEnum};
 use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::network_service_client::NetworkServiceClient;
 use nodeos_types::net::SecurityRule;
-use serde::Serialize;
 
 use super::output;
 use super::{CliError, Ctx, Format};
@@ -319,17 +318,6 @@ fn print_group(format: Format, g: pb::SecurityGroup) -> Result<(), CliError> {
     }
 }
 
-/// A deletion: one line for people, the deleted record for programs.
-fn print_deleted<T: Serialize>(format: Format, json: &T, what: String) -> Result<(), CliError> {
-    match format {
-        Format::Json => output::print(format, json, &[], vec![]),
-        Format::Table => {
-            println!("deleted {what}");
-            Ok(())
-        }
-    }
-}
-
 pub async fn run_network(ctx: Ctx, cmd: NetworkCmd) -> Result<(), CliError> {
     let mut c = NetworkServiceClient::new(ctx.channel.clone());
     let nref = |n: String| pb::NetworkRef { network: n };
@@ -409,7 +397,7 @@ pub async fn run_network(ctx: Ctx, cmd: NetworkCmd) -> Result<(), CliError> {
         NetworkCmd::Delete { network } => {
             let n = c.delete_network(nref(network)).await?.into_inner();
             let what = format!("network {} ({})", n.name, n.id);
-            print_deleted(ctx.output, &n, what)
+            output::print_deleted(ctx.output, &n, what)
         }
     }
 }
@@ -456,7 +444,7 @@ pub async fn run_port(ctx: Ctx, cmd: PortCmd) -> Result<(), CliError> {
         PortCmd::Delete { port } => {
             let p = c.delete_port(pref(port)).await?.into_inner();
             let what = format!("port {} ({} on {})", p.id, p.ip, port_network(&p));
-            print_deleted(ctx.output, &p, what)
+            output::print_deleted(ctx.output, &p, what)
         }
     }
 }
@@ -494,7 +482,7 @@ pub async fn run_security_group(ctx: Ctx, cmd: SecurityGroupCmd) -> Result<(), C
         SecurityGroupCmd::Delete { group } => {
             let g = c.delete_security_group(gref(group)).await?.into_inner();
             let what = format!("security group {} ({})", g.name, g.id);
-            print_deleted(ctx.output, &g, what)
+            output::print_deleted(ctx.output, &g, what)
         }
     }
 }

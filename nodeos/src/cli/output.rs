@@ -76,6 +76,17 @@ pub fn time_ms(ms: u64) -> String {
     format!("{secs} s ago")
 }
 
+/// A deletion: one line for people, the deleted record for programs.
+pub fn print_deleted<T: Serialize>(format: Format, json: &T, what: String) -> Result<(), CliError> {
+    match format {
+        Format::Json => print(format, json, &[], vec![]),
+        Format::Table => {
+            println!("deleted {what}");
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -364,8 +364,7 @@ pub async fn run(ctx: Ctx, cmd: VmCmd) -> Result<(), CliError> {
         VmCmd::Resume { vm: v } => show(ctx.output, c.resume(vm(v)).await?.into_inner()),
         VmCmd::Delete { vm: v } => {
             c.delete(vm(v.clone())).await?;
-            println!("deleted {v}");
-            Ok(())
+            output::print_deleted(ctx.output, &serde_json::json!({ "deleted": v }), v.clone())
         }
         VmCmd::Show { vm: v } => show(ctx.output, c.get(vm(v)).await?.into_inner()),
         VmCmd::Ha { vm: v, mode, priority } => show(

@@ -185,7 +185,7 @@ impl Bed {
             ..Default::default()
         };
         self.vms
-            .create(pb::CreateVmRequest { name: name.into(), spec: Some(spec) })
+            .create(pb::CreateVmRequest { ha: None, name: name.into(), spec: Some(spec) })
             .await
             .map(|r| r.into_inner())
     }
@@ -224,15 +224,21 @@ async fn images_are_uploaded_checked_named_by_vms_and_kept_while_named() {
         disks: vec![pb::DiskSpec { volume: "root".into(), ..Default::default() }],
         ..Default::default()
     };
-    let vm =
-        bed.vms.create(pb::CreateVmRequest { name: "web".into(), spec: Some(spec.clone()) }).await.unwrap();
+    let vm = bed
+        .vms
+        .create(pb::CreateVmRequest { ha: None, name: "web".into(), spec: Some(spec.clone()) })
+        .await
+        .unwrap();
     let got = vm.into_inner().spec.unwrap();
     assert_eq!((got.kernel, got.initrd), (format!("image:{}", k.id), format!("image:{}", i.id)));
     assert_eq!(got.disks[0].volume, root.id);
     let mut nowhere = spec;
     nowhere.disks[0].volume = "nope".into();
-    let e =
-        bed.vms.create(pb::CreateVmRequest { name: "web2".into(), spec: Some(nowhere) }).await.unwrap_err();
+    let e = bed
+        .vms
+        .create(pb::CreateVmRequest { ha: None, name: "web2".into(), spec: Some(nowhere) })
+        .await
+        .unwrap_err();
     assert_eq!(
         (e.code(), e.message()),
         (Code::InvalidArgument, "--disk volume:nope: no such volume in this pool")

@@ -122,11 +122,7 @@ pub fn free_mib(n: &NodeRecord, vms: &[VmRecord]) -> Option<u64> {
 }
 
 /// The pool's node views: liveness from `liveness`, room from the records.
-pub fn views(
-    nodes: &[NodeRecord],
-    vms: &[VmRecord],
-    liveness: impl Fn(NodeId) -> Liveness,
-) -> Vec<NodeView> {
+pub fn views(nodes: &[NodeRecord], vms: &[VmRecord], liveness: impl Fn(NodeId) -> Liveness) -> Vec<NodeView> {
     nodes
         .iter()
         .map(|n| NodeView {
@@ -182,7 +178,12 @@ pub fn tolerance(nodes: &[NodeRecord], vms: &[VmRecord], voters: usize) -> Toler
 }
 
 /// A set of `k` usable nodes whose HA VMs would not fit on the others, named.
-fn unplaceable(usable: &[&NodeRecord], protected: &[&VmRecord], vms: &[VmRecord], k: usize) -> Option<String> {
+fn unplaceable(
+    usable: &[&NodeRecord],
+    protected: &[&VmRecord],
+    vms: &[VmRecord],
+    k: usize,
+) -> Option<String> {
     let fits = |failed: &[usize]| {
         let failed_ids: Vec<NodeId> = failed.iter().map(|i| usable[*i].id).collect();
         let mut room: Vec<u64> = usable
@@ -201,9 +202,8 @@ fn unplaceable(usable: &[&NodeRecord], protected: &[&VmRecord], vms: &[VmRecord]
             None => false,
         })
     };
-    let name = |failed: &[usize]| {
-        failed.iter().map(|i| usable[*i].id.to_string()).collect::<Vec<_>>().join(", ")
-    };
+    let name =
+        |failed: &[usize]| failed.iter().map(|i| usable[*i].id.to_string()).collect::<Vec<_>>().join(", ");
     let mut checked = 0;
     let mut subset: Vec<usize> = (0..k).collect();
     loop {
@@ -216,7 +216,7 @@ fn unplaceable(usable: &[&NodeRecord], protected: &[&VmRecord], vms: &[VmRecord]
         }
         // Next k-combination of 0..n in lexicographic order.
         let n = usable.len();
-        let Some(i) = (0..k).rev().find(|&i| subset[i] < n - k + i) else { return None };
+        let i = (0..k).rev().find(|&i| subset[i] < n - k + i)?;
         subset[i] += 1;
         for j in i + 1..k {
             subset[j] = subset[j - 1] + 1;
@@ -224,19 +224,23 @@ fn unplaceable(usable: &[&NodeRecord], protected: &[&VmRecord], vms: &[VmRecord]
     }
     // Too many subsets to check them all: the k nodes with the most HA memory.
     let mut by_load: Vec<usize> = (0..usable.len()).collect();
-    let ha_load =
-        |i: usize| protected.iter().filter(|v| v.node == usable[i].id).map(|v| v.spec.memory_mib).sum::<u64>();
+    let ha_load = |i: usize| {
+        protected.iter().filter(|v| v.node == usable[i].id).map(|v| v.spec.memory_mib).sum::<u64>()
+    };
     by_load.sort_by_key(|i| std::cmp::Reverse(ha_load(*i)));
     by_load.truncate(k);
     (!fits(&by_load)).then(|| name(&by_load))
 }
+
+/// An HA start under way: its task, the node asked, the VM's memory (MiB).
+type InFlight = (JoinHandle<Result<(), String>>, NodeId, u64);
 
 /// The controller's memory between rounds (lost with leadership, on purpose:
 /// a new leader starts from the records).
 #[derive(Debug, Default)]
 struct Controller {
     /// HA starts under way: the node asked, and the VM's memory.
-    in_flight: HashMap<VmId, (JoinHandle<Result<(), String>>, NodeId, u64)>,
+    in_flight: HashMap<VmId, InFlight>,
     /// Failed attempts and when the next may run.
     backoff: HashMap<VmId, (u32, Instant)>,
     /// VMs whose "cannot restart" was logged, so it is said once.
@@ -356,10 +360,7 @@ impl Compute {
                     let mut exclude = vec![v.node];
                     exclude.extend(v.migration.as_ref().map(|m| m.to));
                     let Some(to) = place(v.spec.memory_mib, &views, &exclude) else {
-                        ctl.say(
-                            v.id,
-                            &format!("no alive node has {} MiB free for it", v.spec.memory_mib),
-                        );
+                        ctl.say(v.id, &format!("no alive node has {} MiB free for it", v.spec.memory_mib));
                         continue;
                     };
                     match self.ha_move(v.id, to).await {
@@ -376,7 +377,7 @@ impl Compute {
             if let Some(f) = views.iter_mut().find(|n| n.id == node).and_then(|n| n.free_mib.as_mut()) {
                 *f = f.saturating_sub(v.spec.memory_mib);
             }
-            info!(vm = %v.id, name = %v.name, node = %node, priority = v.ha.priority, ?need, "HA restart");
+            info!(vm = %v.id, name = %v.name, node = %node, priority = v.ha.priority, ?need, "HA restart: starting the VM");
             let (c, id) = (self.clone(), v.id);
             let h = tokio::spawn(async move { c.ha_start_on(node, id).await });
             ctl.in_flight.insert(v.id, (h, node, v.spec.memory_mib));
@@ -407,7 +408,10 @@ impl Compute {
         r.state = VmState::Crashed;
         r.migration = None;
         r.reason = if liveness == Liveness::Dead {
-            format!("HA: node {from} is dead (no lease renewal for {} s); restarting on node {to}", age.as_secs())
+            format!(
+                "HA: node {from} is dead (no lease renewal for {} s); restarting on node {to}",
+                age.as_secs()
+            )
         } else {
             format!("HA: node {from} cannot run it; restarting on node {to}")
         };
@@ -502,7 +506,12 @@ mod tests {
     use nodeos_types::records::VmHa;
 
     fn vm(id: u64, node: u64, state: VmState, mem: u64, ha: bool) -> VmRecord {
-        let mut r = crate::records::new_record(VmId(id), &format!("v{id}"), crate::records::test_spec(), NodeId(node));
+        let mut r = crate::records::new_record(
+            VmId(id),
+            &format!("v{id}"),
+            crate::records::test_spec(),
+            NodeId(node),
+        );
         r.state = state;
         r.spec.memory_mib = mem;
         r.ha = VmHa { restart: ha, priority: 0 };
@@ -601,7 +610,10 @@ mod tests {
         let big = [node(1, 4096), node(2, 2048), node(3, 2048)];
         let t = tolerance(&big, &more, 3);
         assert_eq!(t.failures, 0, "{t:?}");
-        assert_eq!(t.limit, format!("capacity: if node {} fails, its HA VMs do not fit on the others", NodeId(1)));
+        assert_eq!(
+            t.limit,
+            format!("capacity: if node {} fails, its HA VMs do not fit on the others", NodeId(1))
+        );
         // VMs without HA count only as used room.
         let t = tolerance(&nodes, &[vm(1, 1, VmState::Running, 1024, false)], 3);
         assert_eq!((t.protected, t.failures), (0, 1));

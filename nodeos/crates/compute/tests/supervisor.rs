@@ -334,13 +334,26 @@ async fn a_refused_start_leaves_the_vm_stopped_with_the_workers_words() {
 async fn bad_specs_and_names_are_refused_before_anything_is_recorded() {
     let bed = Bed::new().await;
     bed.compute.create("one", bed.spec(), vec![], Default::default()).await.unwrap();
-    assert!(matches!(bed.compute.create("one", bed.spec(), vec![], Default::default()).await, Err(ComputeError::NameTaken(_))));
+    assert!(matches!(
+        bed.compute.create("one", bed.spec(), vec![], Default::default()).await,
+        Err(ComputeError::NameTaken(_))
+    ));
     let mut s = bed.spec();
     s.vcpus = 0;
-    assert!(matches!(bed.compute.create("two", s, vec![], Default::default()).await, Err(ComputeError::Spec(_))));
+    assert!(matches!(
+        bed.compute.create("two", s, vec![], Default::default()).await,
+        Err(ComputeError::Spec(_))
+    ));
     let mut s = bed.spec();
     s.kernel = "/no/such/kernel".into();
-    assert!(bed.compute.create("two", s, vec![], Default::default()).await.unwrap_err().to_string().contains("kernel"));
+    assert!(
+        bed.compute
+            .create("two", s, vec![], Default::default())
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("kernel")
+    );
     // A network NIC that names no NIC, or an unknown network, records nothing.
     let nic = |nic: usize, network: &str| NicNetwork {
         nic,
@@ -385,7 +398,8 @@ async fn vms_that_ran_when_the_node_stopped_are_marked_crashed_on_restart() {
     let bed = Bed::new().await;
     let running = bed.compute.create("was-running", bed.spec(), vec![], Default::default()).await.unwrap();
     bed.compute.create("was-stopped", bed.spec(), vec![], Default::default()).await.unwrap();
-    let mut elsewhere = bed.compute.create("elsewhere", bed.spec(), vec![], Default::default()).await.unwrap();
+    let mut elsewhere =
+        bed.compute.create("elsewhere", bed.spec(), vec![], Default::default()).await.unwrap();
     // As the records were when the previous node process died.
     let meta = bed.pool.first();
     for (mut r, node) in [(running.clone(), ME), (elsewhere.clone(), NodeId(2))] {
@@ -573,7 +587,7 @@ async fn a_vm_booting_pool_images_gets_their_exact_bytes_in_its_directory() {
     assert!(bed.compute.images().list().await.unwrap().is_empty());
     let e = bed
         .compute
-        .create("gone", VmSpec { kernel: "image:k".into(), ..bed.spec() }, vec![])
+        .create("gone", VmSpec { kernel: "image:k".into(), ..bed.spec() }, vec![], Default::default())
         .await
         .unwrap_err();
     assert_eq!(e.to_string(), "--kernel image \"k\": no such image in this pool");
