@@ -670,3 +670,97 @@ async fn ha_restart_time_over_repeated_kills() -> anyhow::Result<()> {
     c.finish();
     Ok(())
 }
+
+/// How many nodes `node list` shows, via node 0.
+async fn members(c: &Cluster) -> anyhow::Result<usize> {
+    c.cli(0, &["node", "list"]).await.map(|n| n.as_array().map_or(0, Vec::len))
+}
+
+/// `nodeos node remove` through node `via`: the error's text, or the answer.
+async fn remove(c: &Cluster, via: usize, node: &str) -> Result<serde_json::Value, String> {
+    c.cli(via, &["node", "remove", node]).await.map_err(|e| format!("{e:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_removed_with_its_vms_rehomed_and_its_copies_rebuilt_and_stays_out()
+-> anyhow::Result<()> {
+    let test = "a_dead_node_is_removed_with_its_vms_rehomed_and_its_copies_rebuilt_and_stays_out";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let Some(guest) = guest_or_skip(test, "no /dev/kvm")? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    let spec = with_ttl(&c);
+    let ids = pool(&mut c, 3, spec).await?;
+    let gone = ids[2].clone();
+    // On node 2: a running VM and a stopped one, both on 3-copy volumes.
+    writer_vm(&c, 2, "busy", &guest, None).await?;
+    writer_vm(&c, 2, "idle", &guest, None).await?;
+    c.cli(2, &["vm", "stop", "idle", "--force"]).await?;
+    let leader = c.leader(0).await?;
+    let leader_id = c.id(leader).await?;
+
+    // Refused, nothing changed: an unknown node, the leader, a live node
+    // running a VM, the only copy of an extent.
+    let e = remove(&c, 0, "nosuch").await.expect_err("an unknown node");
+    ensure!(e.contains("no node \"nosuch\""), "{e}");
+    let e = remove(&c, 1, &leader_id).await.expect_err("the leader");
+    ensure!(e.contains("leads the pool"), "{e}");
+    let e = remove(&c, 0, &gone).await.expect_err("a node running a VM");
+    ensure!(e.contains("VM busy is running there"), "{e}");
+    let solo = c.cli(0, &["volume", "create", "solo", "--size", "1M", "--replicas", "1"]).await?;
+    let solo_node = solo["placement"][0]["node_ids"][0].as_str().context("solo's node")?.to_owned();
+    let e = remove(&c, 0, &solo_node).await.expect_err("the only copy");
+    ensure!(e.contains("extent 0 of volume solo has its only copy"), "{e}");
+    c.cli(0, &["volume", "delete", "solo"]).await?;
+    ensure!(members(&c).await? == 3, "a refused removal changed the members");
+
+    // Dead: removed, its VMs now live elsewhere, its copies rebuilt.
+    c.kill9(2)?;
+    wait_until("node 2 dead", TTL * 3, || async {
+        let n = member(&c, 0, &gone).await?;
+        ensure!(n["liveness"] == "dead", "{n}");
+        Ok(())
+    })
+    .await?;
+    let r = remove(&c, 0, &gone).await.map_err(anyhow::Error::msg)?;
+    ensure!(r["node_id"] == gone.as_str(), "{r}");
+    let rehomed = r["vms_rehomed"].to_string();
+    ensure!(rehomed.contains("busy") && rehomed.contains("idle"), "{r}");
+    ensure!(r["copies_rebuilt"].as_u64().unwrap_or(0) >= 2, "{r}");
+    ensure!(members(&c).await? == 2, "node 2 is still listed");
+    let status = c.status(0).await?;
+    ensure!(!status.members.iter().any(|m| m.id == gone), "node 2 still a member: {status:?}");
+    for name in ["busy-disk", "idle-disk"] {
+        let v = c.cli(0, &["volume", "show", name]).await?;
+        ensure!(!v["volume"]["placement"].to_string().contains(gone.as_str()), "{v}");
+    }
+    let busy = c.cli(1, &["vm", "show", "busy"]).await?;
+    ensure!(busy["state"] == "crashed" && busy["node_id"] != gone.as_str(), "{busy}");
+    ensure!(busy["reason"].as_str().unwrap_or_default().contains("was removed"), "{busy}");
+    let idle = c.cli(1, &["vm", "show", "idle"]).await?;
+    ensure!(idle["state"] == "stopped" && idle["node_id"] != gone.as_str(), "{idle}");
+    // It runs again on its new node, its disk whole.
+    c.cli(0, &["vm", "start", "busy"]).await?;
+    let id = busy["id"].as_str().context("id")?;
+    let i = c.index_of(busy["node_id"].as_str().unwrap_or_default())?;
+    let (_, bad) = wait_until("busy reports its disk", Duration::from_secs(30), || async {
+        found(&console_of(&c, i, id)?).context("no `dirty blk found` line yet")
+    })
+    .await?;
+    ensure!(bad == 0, "busy's disk after the removal: {bad} bad sectors");
+
+    // Back with the removed id: refused, saying why; the pool goes on.
+    c.restart(2)?;
+    wait_until("node 2 told it was removed", Duration::from_secs(30), || async {
+        ensure!(c.log(2)?.contains("was removed from this pool"), "not yet");
+        Ok(())
+    })
+    .await?;
+    tokio::time::sleep(TTL).await;
+    ensure!(members(&c).await? == 2, "the removed node came back into the pool");
+    c.put(0, "after-removal", b"ok").await?;
+    // The last voter of a pool is never removed (here: the leader refuses itself first).
+    let e = remove(&c, 0, &leader_id).await.expect_err("the leader");
+    ensure!(e.contains("leads the pool"), "{e}");
+    c.finish();
+    Ok(())
+}

@@ -1,4 +1,4 @@
-//! `nodeos node list|show|poweroff|reboot|maintenance` (and the daemon's flags, see `crate::node`).
+//! `nodeos node list|show|poweroff|reboot|maintenance|remove` (and the daemon's flags, see `crate::node`).
 
 use clap::{Args, Subcommand};
 use nodeos_proto::text::enum_name;
@@ -46,6 +46,16 @@ pub enum NodeAction {
         #[arg(value_parser = ["enter", "exit"])]
         action: String,
         /// Node id.
+        node: String,
+    },
+    /// Remove a dead or decommissioned node from the pool for good: its VMs
+    /// move to live nodes, its volume copies are rebuilt elsewhere, it leaves
+    /// raft, and its id is refused from then on. Refused, nothing changed,
+    /// while it would lose data or leave the pool without a voter.
+    ///
+    /// Example: `nodeos node remove 5ebb116227aa03fe`.
+    Remove {
+        /// Node id or hostname.
         node: String,
     },
 }
@@ -136,6 +146,21 @@ pub async fn run(ctx: Ctx, action: NodeAction) -> Result<(), CliError> {
         NodeAction::Poweroff { node } => power(ctx, node, pb::PowerAction::Poweroff).await,
         NodeAction::Reboot { node } => power(ctx, node, pb::PowerAction::Reboot).await,
         NodeAction::Maintenance { action, node } => maintenance(ctx, &action, node).await,
+        NodeAction::Remove { node } => {
+            let r = NodeServiceClient::new(ctx.channel.clone())
+                .remove(pb::RemoveNodeRequest { node_id: node })
+                .await?
+                .into_inner();
+            let rows = vec![
+                vec!["removed".into(), r.node_id.clone()],
+                vec![
+                    "vms re-homed".into(),
+                    if r.vms_rehomed.is_empty() { "-".into() } else { r.vms_rehomed.join(", ") },
+                ],
+                vec!["copies rebuilt".into(), r.copies_rebuilt.to_string()],
+            ];
+            output::print(ctx.output, &r, &["FIELD", "VALUE"], rows)
+        }
         NodeAction::List => {
             let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
             let rows = node_rows(&nodes);

@@ -1,4 +1,5 @@
-//! `NodeService`: power-off and reboot of one node, and its maintenance mode.
+//! `NodeService`: power-off and reboot of one node, its maintenance mode, and
+//! its removal from the pool (on the leader, see `nodeos_compute::removal`).
 //!
 //! Only a node that runs as the node image's PID 1 can do it: its daemon is
 //! a child of PID 1, started with `NODEOS_INIT=1`, and asks PID 1 with the
@@ -77,6 +78,10 @@ impl NodeApi {
 
 type MaintenanceStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::MaintenanceProgress, Status>> + Send>>;
+
+/// How long a removal may take through a hand-over (it waits up to a minute
+/// for volume copies to be rebuilt elsewhere).
+const REMOVE_WORK: Duration = Duration::from_secs(120);
 
 /// How long emptying a node may take through a hand-over.
 const MAINTENANCE_WORK: Duration = Duration::from_secs(60 * 60);
@@ -168,6 +173,36 @@ impl NodeService for NodeApi {
         })
         .filter_map(|x| async move { x });
         Ok(Response::new(Box::pin(head.chain(rest).chain(end))))
+    }
+
+    async fn remove(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let handed_over = is_proxied(&req);
+        let timeout = hop_timeout(&req, REMOVE_WORK);
+        let r = req.into_inner();
+        if r.node_id.is_empty() {
+            return Err(Status::invalid_argument("name the node to remove"));
+        }
+        let me = self.meta.node_id();
+        match self.meta.leader() {
+            Some((leader, _)) if leader == me => {}
+            Some(_) if handed_over => {
+                return Err(Status::unavailable("leadership moved during the request; retry"));
+            }
+            Some((leader, addr)) => {
+                let ch = proxy::channel(leader, &addr, timeout).await?;
+                return NodeServiceClient::new(ch).remove(mark(r)).await;
+            }
+            None => return Err(Status::unavailable("the pool has no leader right now; retry")),
+        }
+        let done = self.compute.remove_node(&r.node_id).await.map_err(crate::vm::compute_status)?;
+        Ok(Response::new(pb::RemoveNodeResponse {
+            node_id: done.node.to_string(),
+            vms_rehomed: done.vms_rehomed,
+            copies_rebuilt: u32::try_from(done.copies).unwrap_or(u32::MAX),
+        }))
     }
 
     async fn power(&self, req: Request<pb::PowerRequest>) -> Result<Response<pb::PowerResponse>, Status> {

@@ -3,7 +3,8 @@
 //!
 //! Every request must open with this node's pool key (see `nodeos_meta::peer`);
 //! one that does not is refused with `UNAUTHENTICATED` and logged, and nothing
-//! in it is looked at. Every answer is sealed the same way.
+//! in it is looked at. Every answer is sealed the same way. A node removed
+//! from the pool is refused (`PERMISSION_DENIED`, saying so), whatever it asks.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -52,19 +53,34 @@ impl PeerApi {
         method: &'static str,
         req: &Request<Envelope>,
     ) -> Result<(NodeId, T), Status> {
-        peer::open(self.meta.peers().key(), method, req.get_ref()).map_err(|e| {
-            let from = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "?".into());
-            let due = self.refusals.lock().unwrap_or_else(|p| p.into_inner()).due(&from, Instant::now());
-            if due {
-                warn!(peer = %from, %method, error = %e, "refused a peer request");
-            }
-            match e {
-                EnvelopeError::BadMac { .. } => Status::unauthenticated(
-                    "pool key mismatch: this node belongs to another pool or holds another pool key",
-                ),
-                other => Status::invalid_argument(other.to_string()),
-            }
-        })
+        peer::open(self.meta.peers().key(), method, req.get_ref())
+            .map_err(|e| {
+                let from = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "?".into());
+                let due = self.refusals.lock().unwrap_or_else(|p| p.into_inner()).due(&from, Instant::now());
+                if due {
+                    warn!(peer = %from, %method, error = %e, "refused a peer request");
+                }
+                match e {
+                    EnvelopeError::BadMac { .. } => Status::unauthenticated(
+                        "pool key mismatch: this node belongs to another pool or holds another pool key",
+                    ),
+                    other => Status::invalid_argument(other.to_string()),
+                }
+            })
+            .and_then(|(sender, msg)| self.refuse_removed(sender).map(|()| (sender, msg)))
+    }
+
+    /// Refuses a node removed from the pool (`removed-nodes/<id>` in this
+    /// node's copy of the records), whatever it asks.
+    fn refuse_removed(&self, node: NodeId) -> Result<(), Status> {
+        let key = nodeos_types::records::removed_node_key(node);
+        let Ok(Some(kv)) = self.meta.state_machine().get(&key) else { return Ok(()) };
+        let when = serde_json::from_slice::<nodeos_types::records::RemovedNode>(&kv.value)
+            .map_or(0, |r| r.removed_at_ms);
+        Err(Status::permission_denied(format!(
+            "node {node} was removed from this pool (at unix ms {when}); \
+             to join again, wipe its data directory so it starts as a new node"
+        )))
     }
 
     fn seal<T: Serialize>(&self, method: &'static str, msg: &T) -> Result<Response<Envelope>, Status> {
@@ -105,6 +121,7 @@ impl PeerService for PeerApi {
 
     async fn join(&self, req: Request<Envelope>) -> Result<Response<Envelope>, Status> {
         let (sender, join): (_, JoinRequest) = self.open(method::JOIN, &req)?;
+        self.refuse_removed(join.node.id)?;
         // A joiner seals its own request; another member's seal means the
         // request was handed over already.
         let handed_over = sender != join.node.id;

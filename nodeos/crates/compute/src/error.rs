@@ -23,6 +23,9 @@ pub enum ComputeError {
     /// A high-availability setting that cannot be (in the command line's words).
     #[error("{0}")]
     Ha(String),
+    /// A node removal refused or not finished, and why.
+    #[error("{0}")]
+    Removal(String),
     #[error("VM {vm} is {state}; cannot {op} it")]
     State { vm: String, state: &'static str, op: &'static str },
     #[error("a VM named {0:?} already exists")]

@@ -128,7 +128,7 @@ pub fn views(nodes: &[NodeRecord], vms: &[VmRecord], liveness: impl Fn(NodeId) -
         .map(|n| NodeView {
             id: n.id,
             liveness: liveness(n.id),
-            usable: !n.maintenance && n.cpu.is_some(),
+            usable: !n.maintenance && !n.removing && n.cpu.is_some(),
             free_mib: free_mib(n, vms),
         })
         .collect()
@@ -157,7 +157,8 @@ pub fn tolerance(nodes: &[NodeRecord], vms: &[VmRecord], voters: usize) -> Toler
         .iter()
         .filter(|v| v.ha.restart && matches!(v.state, VmState::Running | VmState::Starting | VmState::Paused))
         .collect();
-    let usable: Vec<&NodeRecord> = nodes.iter().filter(|n| !n.maintenance && n.cpu.is_some()).collect();
+    let usable: Vec<&NodeRecord> =
+        nodes.iter().filter(|n| !n.maintenance && !n.removing && n.cpu.is_some()).collect();
     let quorum = voters.saturating_sub(1) / 2;
     let mut failures = 0;
     let limit = loop {
@@ -536,6 +537,7 @@ mod tests {
             cpu: Some(nodeos_types::cpu::CpuModel::default()),
             memory_mib,
             maintenance: false,
+            removing: false,
         }
     }
 

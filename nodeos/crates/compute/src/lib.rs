@@ -22,6 +22,9 @@
 //!   flap guard, and how many node failures the HA VMs tolerate.
 //! - `maintenance.rs`: maintenance mode: checks (raft majority, volume copies),
 //!   the mark, moving every running VM off, moving raft leadership away.
+//! - `removal.rs`: `nodeos node remove`: checks that nothing is lost, the
+//!   node's VMs re-homed and volume copies rebuilt elsewhere, then out of raft
+//!   and its id refused from then on.
 //! - `tap.rs`: host tap devices and the frame relay between a NIC socket and a tap.
 //! - `supervisor.rs`: [`Compute`], the handle the API calls: create, start, stop,
 //!   pause, resume, delete, console; it records every VM in meta and reports a
@@ -42,6 +45,7 @@ pub mod maintenance;
 pub mod migration;
 pub mod process;
 pub mod records;
+pub mod removal;
 pub mod seed;
 pub mod spec;
 pub mod supervisor;

@@ -199,8 +199,10 @@ impl Compute {
                         "--to {name}: the VM already runs on that node"
                     )));
                 }
-                if n.maintenance {
-                    return Err(ComputeError::Migration(format!("--to {name}: the node is in maintenance")));
+                if n.maintenance || n.removing {
+                    return Err(ComputeError::Migration(format!(
+                        "--to {name}: the node is in maintenance or being removed"
+                    )));
                 }
                 if !fits(n) {
                     return Err(ComputeError::Migration(format!(
@@ -213,7 +215,7 @@ impl Compute {
             }
             None => nodes
                 .iter()
-                .filter(|n| n.id != me && !n.maintenance && n.cpu.is_some() && fits(n))
+                .filter(|n| n.id != me && !n.maintenance && !n.removing && n.cpu.is_some() && fits(n))
                 .max_by_key(|n| free(n).unwrap_or(u64::MAX))
                 .map(|n| n.id)
                 .ok_or_else(|| {

@@ -424,6 +424,27 @@ impl MetaHandle {
             .map_err(|e| MetaError::Membership(e.to_string()))
     }
 
+    /// Takes `id` out of the raft membership, as a voter and as a node (on
+    /// the leader). Removing a voter is a joint change: the voters left must
+    /// have a majority for it.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), MetaError> {
+        let membership = self.metrics().membership_config.membership().clone();
+        let ids: BTreeSet<NodeId> = [id].into();
+        let change = if membership.voter_ids().any(|v| v == id) {
+            ChangeMembers::RemoveVoters(ids)
+        } else if membership.get_node(&id).is_some() {
+            ChangeMembers::RemoveNodes(ids)
+        } else {
+            return Ok(());
+        };
+        self.inner
+            .raft
+            .change_membership(change, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| MetaError::Membership(e.to_string()))
+    }
+
     /// Stops raft; the handle answers errors afterwards.
     pub async fn shutdown(&self) {
         let _ = self.inner.raft.shutdown().await;

@@ -64,6 +64,7 @@ pub fn node_record(id: NodeId) -> NodeRecord {
         cpu: None,
         memory_mib: 0,
         maintenance: false,
+        removing: false,
     }
 }
 

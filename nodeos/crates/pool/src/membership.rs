@@ -141,6 +141,7 @@ pub fn node_record(
         memory_mib: cfg.memory_mib,
         // The operator's switch, not the node's: kept across rewrites.
         maintenance: old.is_some_and(|o| o.maintenance),
+        removing: old.is_some_and(|o| o.removing),
     };
     (old != Some(&want)).then_some(want)
 }

@@ -123,6 +123,14 @@ pub fn node_key(id: NodeId) -> String {
     format!("{NODES_PREFIX}{id}")
 }
 
+/// Prefix of the removed nodes' records ([`RemovedNode`]).
+pub const REMOVED_NODES_PREFIX: &str = "removed-nodes/";
+
+/// Key of a removed node's record.
+pub fn removed_node_key(id: NodeId) -> String {
+    format!("{REMOVED_NODES_PREFIX}{id}")
+}
+
 /// The pool itself, written by the first leader right after initialising raft.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolRecord {
@@ -168,6 +176,18 @@ pub struct NodeRecord {
     /// In maintenance: no new VMs or volume copies are placed here.
     #[serde(default)]
     pub maintenance: bool,
+    /// Being removed from the pool (`nodeos node remove`): nothing new is
+    /// placed here and its volume copies are rebuilt on other nodes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
+}
+
+/// A node removed from the pool: its id is refused from then on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedNode {
+    pub id: NodeId,
+    pub hostname: String,
+    pub removed_at_ms: u64,
 }
 
 /// What a VM is made of. Paths are on the node that runs it.
@@ -683,6 +703,7 @@ mod tests {
             cpu: None,
             memory_mib: 4096,
             maintenance: false,
+            removing: false,
         };
         let j = serde_json::to_vec(&r).expect("serializable");
         assert_eq!(serde_json::from_slice::<NodeRecord>(&j).expect("parses"), r);

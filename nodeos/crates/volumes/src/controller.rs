@@ -169,6 +169,12 @@ impl<T: Transport + Clone> Controller<T> {
             .filter(|(_, since)| since.elapsed() >= self.cfg.rereplicate_after)
             .map(|(n, _)| *n)
             .collect();
+        // A node being removed loses its copies at once, reachable or not
+        // (the removal checked that every extent has another copy up).
+        for n in nodes.values().filter(|n| n.removing) {
+            view.up.remove(&n.id);
+            view.lost.insert(n.id);
+        }
         view
     }
 

@@ -664,10 +664,12 @@ pub fn short_warning(copies: u8, target: u8, nodes: usize) -> String {
 }
 
 /// Nodes new copies may go to: those not in maintenance (all of them if
-/// every node is, so a pool being serviced can still make volumes).
+/// every node is, so a pool being serviced can still make volumes), never
+/// one being removed.
 pub fn placeable(nodes: &BTreeMap<NodeId, NodeRecord>) -> Vec<NodeId> {
-    let in_service: Vec<NodeId> = nodes.values().filter(|n| !n.maintenance).map(|n| n.id).collect();
-    if in_service.is_empty() { nodes.keys().copied().collect() } else { in_service }
+    let staying = nodes.values().filter(|n| !n.removing);
+    let in_service: Vec<NodeId> = staying.clone().filter(|n| !n.maintenance).map(|n| n.id).collect();
+    if in_service.is_empty() { staying.map(|n| n.id).collect() } else { in_service }
 }
 
 /// Whether the record's writer is the opener holding `token`.
