@@ -92,7 +92,7 @@ fn main() -> ExitCode {
             None => node::main(n.daemon),
             Some(action) => cli::run(&args.global, |c| Box::pin(cli::node::run(c, action))),
         },
-        Cmd::Pool(p) => cli::run(&args.global, |c| Box::pin(cli::pool::run(c, p))),
+        Cmd::Pool(p) => cli::run(&p.global(&args.global), |c| Box::pin(cli::pool::run(c, p))),
         Cmd::Meta(m) => cli::run(&args.global, |c| Box::pin(cli::meta::run(c, m))),
         Cmd::Vm(v) => cli::run(&args.global, |c| Box::pin(cli::vm::run(c, v))),
         Cmd::Volume(v) => cli::run(&v.global(&args.global), |c| Box::pin(cli::volume::run(c, v))),

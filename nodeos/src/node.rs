@@ -397,6 +397,15 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             state_dir: dir.path.join("vms"),
             pool_key: cfg.key.clone(),
             migration_address: cfg.advertise.ip(),
+            image_reboot: nodeos_api::node::under_init().then(|| nodeos_compute::upgrade::ImageReboot {
+                data_dir: dir.path.clone(),
+                reboot: Arc::new(|| {
+                    let pid1 = nix::unistd::Pid::from_raw(1);
+                    if let Err(e) = nix::sys::signal::kill(pid1, nix::sys::signal::Signal::SIGUSR1) {
+                        tracing::error!(error = %e, "cannot ask PID 1 to reboot into the staged image");
+                    }
+                }),
+            }),
         },
         meta.clone(),
         volumes.clone(),
@@ -411,6 +420,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let fencing_task = compute.spawn_self_fencing(move || renewals.since_renewal(), cfg.leases);
     // On the leader: VMs marked `ha restart` of dead nodes restart elsewhere.
     let ha_task = compute.spawn_ha_controller();
+    // On the leader: a rolling image upgrade under way goes on.
+    let upgrade_task = compute.spawn_upgrade_controller();
     let replica = Arc::new(Replica::new(store));
     let until_stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -472,6 +483,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     };
     fencing_task.abort();
     ha_task.abort();
+    upgrade_task.abort();
     let _ = formation_task.await;
     let _ = controller_task.await;
     let _ = agent_task.await;

@@ -143,7 +143,7 @@ fn file_sha256(file: &mut std::fs::File, path: &Path, total: u64) -> Result<Stri
     Ok(hex::encode(hasher.finalize()))
 }
 
-async fn upload(
+pub(crate) async fn upload(
     c: &mut ImageServiceClient<tonic::transport::Channel>,
     a: UploadArgs,
 ) -> Result<pb::Image, CliError> {

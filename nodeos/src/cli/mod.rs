@@ -15,6 +15,7 @@ pub mod node;
 pub mod output;
 pub mod pool;
 pub mod pxe;
+pub mod upgrade;
 pub mod vm;
 pub mod volume;
 

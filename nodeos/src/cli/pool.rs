@@ -23,7 +23,37 @@ pub enum PoolCmd {
         #[arg(long, default_value_t = 0)]
         from_revision: u64,
     },
+    /// Upgrade every node to another node image, one at a time, with no VM
+    /// restarted: each node is drained (its VMs live-migrate off), reboots
+    /// into the image, rejoins and returns to service. Stops, saying why, at
+    /// the first node that fails.
+    ///
+    /// Example: `nodeos pool upgrade --image target/image` (a `make image`
+    /// bundle), or `--image http://host/bundle/`.
+    Upgrade {
+        /// The bundle: a directory, or an http:// URL of one (manifest.json,
+        /// vmlinuz, initramfs.img).
+        #[arg(long)]
+        image: String,
+        /// Start it and return instead of following it to the end.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
+
+impl PoolCmd {
+    /// The global flags this command runs with: an upgrade uploads the image.
+    pub fn global(&self, g: &super::Global) -> super::Global {
+        let mut g = g.clone();
+        if matches!(self, PoolCmd::Upgrade { .. }) {
+            g.request_timeout = g.request_timeout.max(UPGRADE_TIMEOUT_SECS);
+        }
+        g
+    }
+}
+
+/// Longest an upgrade's upload or a status call may take.
+const UPGRADE_TIMEOUT_SECS: u64 = 3600;
 
 pub async fn run(ctx: Ctx, cmd: PoolCmd) -> Result<(), CliError> {
     let mut client = PoolServiceClient::new(ctx.channel.clone());
@@ -47,11 +77,17 @@ pub async fn run(ctx: Ctx, cmd: PoolCmd) -> Result<(), CliError> {
                         if s.ha_failures_to_tolerate == 1 { "" } else { "s" },
                         s.ha_tolerance_limit
                     );
+                    if let Some(u) = &s.upgrade {
+                        println!("upgrade   {}", super::upgrade::summary(u));
+                    }
                     println!("answered  {}", s.answered_by);
                     println!();
                     print!("{}", output::table(NODE_HEADERS, &node_rows(&s.members)));
                 }
             }
+        }
+        PoolCmd::Upgrade { image, no_wait } => {
+            super::upgrade::run(&ctx, &mut client, &image, no_wait).await?
         }
         PoolCmd::Watch { prefix, from_revision } => {
             let mut stream =

@@ -26,6 +26,8 @@ const POLL: Duration = Duration::from_millis(100);
 pub enum Power {
     Off,
     Reboot,
+    /// Into the kernel loaded with [`load_kexec`], without the firmware.
+    Kexec,
 }
 
 impl Power {
@@ -33,6 +35,7 @@ impl Power {
         match self {
             Power::Off => "powering off",
             Power::Reboot => "rebooting",
+            Power::Kexec => "rebooting into the staged image",
         }
     }
 }
@@ -135,6 +138,34 @@ fn release_data(data: &DataDisk) {
     }
 }
 
+/// Loads a staged image (its kernel, initramfs and command line) for the
+/// next `reboot(RB_KEXEC)`: nothing is stopped yet, so a refusal leaves the
+/// node running as it was.
+pub fn load_kexec(next: &nodeos_compute::upgrade::StagedBoot) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let open = |p: &Path| std::fs::File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()));
+    let (kernel, initrd) = (open(&next.kernel)?, open(&next.initrd)?);
+    let cmdline = std::ffi::CString::new(next.cmdline.as_str())
+        .map_err(|_| "the command line holds a NUL".to_owned())?;
+    let len = cmdline.as_bytes_with_nul().len();
+    // SAFETY: both descriptors are open for the call, and `cmdline` is a
+    // NUL-terminated string of `len` bytes (NUL included) that outlives it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kexec_file_load,
+            kernel.as_raw_fd(),
+            initrd.as_raw_fd(),
+            len as libc::c_ulong,
+            cmdline.as_ptr(),
+            0 as libc::c_ulong,
+        )
+    };
+    if r != 0 {
+        return Err(format!("kexec_file_load: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Stops everything and powers off or reboots. Returns only when the kernel
 /// refuses `reboot(2)`; the caller reports it and keeps running.
 pub fn shutdown(how: Power, daemon: Option<Pid>, data: &DataDisk) -> Errno {
@@ -150,8 +181,9 @@ pub fn shutdown(how: Power, daemon: Option<Pid>, data: &DataDisk) -> Errno {
     let mode = match how {
         Power::Off => RebootMode::RB_POWER_OFF,
         Power::Reboot => RebootMode::RB_AUTOBOOT,
+        Power::Kexec => RebootMode::RB_KEXEC,
     };
     let Err(e) = reboot(mode);
-    error!(error = %e, "the kernel refused to {}", if how == Power::Off { "power off" } else { "reboot" });
+    error!(error = %e, "the kernel refused: {}", how.verb());
     e
 }

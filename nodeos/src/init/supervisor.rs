@@ -14,6 +14,8 @@
 //! SIGCHLD reaps; [`POWEROFF_SIGNAL`] (SIGUSR2) powers off; [`REBOOT_SIGNAL`]
 //! (SIGTERM), and SIGINT (Ctrl-Alt-Del), reboot. These are the signals
 //! busybox and sysvinit use, and what the daemon's API sends.
+//! [`KEXEC_SIGNAL`] (SIGUSR1) reboots into the image a rolling upgrade
+//! staged, by kexec.
 //!
 //! The loop wakes at least every [`TICK`]; a panic inside it is reported and
 //! the loop goes on.
@@ -41,6 +43,9 @@ use super::power::{self, Exit, Power};
 pub const POWEROFF_SIGNAL: Signal = Signal::SIGUSR2;
 /// Asks PID 1 to reboot (the daemon's API sends it).
 pub const REBOOT_SIGNAL: Signal = Signal::SIGTERM;
+/// Asks PID 1 to reboot into the image the daemon staged for a rolling
+/// upgrade (`<data>/upgrade/next.json`), by kexec.
+pub const KEXEC_SIGNAL: Signal = Signal::SIGUSR1;
 /// The environment variable that tells the daemon PID 1 started it.
 pub const INIT_ENV: &str = "NODEOS_INIT";
 /// The NBD port with `nodeos.nbd_public` (the daemon's default port, on loopback).
@@ -216,6 +221,7 @@ impl Supervisor {
         match wait_signal(&self.signals, TICK) {
             Some(s) if s == POWEROFF_SIGNAL => self.power(Power::Off, s),
             Some(s) if s == REBOOT_SIGNAL || s == Signal::SIGINT => self.power(Power::Reboot, s),
+            Some(s) if s == KEXEC_SIGNAL => self.kexec(),
             _ => {}
         }
         if let Some(why) = &self.blocked
@@ -237,6 +243,24 @@ impl Supervisor {
         let e = power::shutdown(how, pid, &self.data);
         self.halted = true;
         error!(error = %e, "still running with the node stopped; ask again or cut the power");
+    }
+
+    /// Reboots into the staged image, if it loads; else the node runs on.
+    fn kexec(&mut self) {
+        use nodeos_compute::upgrade::{STAGE_DIR, STAGED_FILE, StagedBoot};
+        let path = Path::new(DATA_MOUNT).join(STAGE_DIR).join(STAGED_FILE);
+        let next =
+            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display())).and_then(|b| {
+                serde_json::from_slice::<StagedBoot>(&b).map_err(|e| format!("{}: {e}", path.display()))
+            });
+        let loaded = next.and_then(|n| power::load_kexec(&n).map(|()| n));
+        match loaded {
+            Ok(n) => {
+                warn!(image = %n.image_hash, cmdline = %n.cmdline, "staged image loaded; rebooting into it");
+                self.power(Power::Kexec, KEXEC_SIGNAL);
+            }
+            Err(e) => error!(error = %e, "cannot reboot into the staged image; the node runs on"),
+        }
     }
 
     fn exited(&mut self, exits: &[Exit]) {

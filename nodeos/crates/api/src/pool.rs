@@ -16,7 +16,9 @@ use nodeos_proto::v1 as pb;
 use nodeos_proto::v1::pool_service_client::PoolServiceClient;
 use nodeos_proto::v1::pool_service_server::PoolService;
 use nodeos_types::NodeId;
-use nodeos_types::records::{NODES_PREFIX, NodeRecord, POOL_KEY, PoolRecord, VMS_PREFIX, VmRecord};
+use nodeos_types::records::{
+    NODES_PREFIX, NodeRecord, POOL_KEY, PoolRecord, UPGRADE_KEY, UpgradeRecord, VMS_PREFIX, VmRecord,
+};
 use tonic::{Request, Response, Status};
 
 use crate::error::{meta_status, watch_status};
@@ -34,11 +36,12 @@ const STATUS_WORK: Duration = Duration::from_millis(500);
 pub struct PoolApi {
     meta: MetaHandle,
     pool_name: String,
+    compute: nodeos_compute::Compute,
 }
 
 impl PoolApi {
-    pub fn new(meta: MetaHandle, pool_name: String) -> Self {
-        PoolApi { meta, pool_name }
+    pub fn new(meta: MetaHandle, pool_name: String, compute: nodeos_compute::Compute) -> Self {
+        PoolApi { meta, pool_name, compute }
     }
 
     /// This node's answer, from its own view.
@@ -132,10 +135,13 @@ impl PoolApi {
             .collect();
         let nodes: Vec<NodeRecord> = records.into_values().collect();
         let ha = nodeos_compute::ha::tolerance(&nodes, &vms, voters.len());
+        let upgrade: Option<UpgradeRecord> =
+            sm.get(UPGRADE_KEY).ok().flatten().and_then(|kv| serde_json::from_slice(&kv.value).ok());
         pb::PoolStatus {
             ha_protected_vms: u32::try_from(ha.protected).unwrap_or(u32::MAX),
             ha_failures_to_tolerate: u32::try_from(ha.failures).unwrap_or(u32::MAX),
             ha_tolerance_limit: ha.limit,
+            upgrade: upgrade.map(upgrade_pb),
             pool_id: pool.as_ref().map(|p| p.id.to_string()).unwrap_or_default(),
             pool_name: pool.map(|p| p.name).unwrap_or_else(|| self.pool_name.clone()),
             leader_id: m.current_leader.map(|l| l.to_string()).unwrap_or_default(),
@@ -168,6 +174,27 @@ impl PoolApi {
         }
         local.answered_by = me.to_string();
         local
+    }
+}
+
+fn upgrade_pb(u: UpgradeRecord) -> pb::UpgradeStatus {
+    pb::UpgradeStatus {
+        image_hash: u.image_hash,
+        version: u.version,
+        state: u.state.as_str().into(),
+        reason: u.reason,
+        nodes: u
+            .nodes
+            .into_iter()
+            .map(|n| pb::UpgradeNodeStatus {
+                node_id: n.id.to_string(),
+                phase: n.phase.as_str().into(),
+                started_at_ms: n.started_at_ms,
+                finished_at_ms: n.finished_at_ms,
+            })
+            .collect(),
+        started_at_ms: u.started_at_ms,
+        updated_at_ms: u.updated_at_ms,
     }
 }
 
@@ -209,6 +236,35 @@ impl PoolService for PoolApi {
             .find(|n| n.id == id.to_string())
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no node {id} in this pool")))
+    }
+
+    async fn upgrade(&self, req: Request<pb::UpgradeRequest>) -> Result<Response<pb::UpgradeStatus>, Status> {
+        use nodeos_image::hash::{FileDigest, INITRAMFS_FILE, KERNEL_FILE, check_bundle};
+        let r = req.into_inner();
+        let images = self.compute.images();
+        let digest = |name: &'static str, image: String| async move {
+            let i = images.get(&image).await.map_err(|e| {
+                Status::failed_precondition(format!(
+                    "upgrade: {name} image {image:?}: {}",
+                    crate::error::chain(&e)
+                ))
+            })?;
+            Ok::<_, Status>(FileDigest { name: name.into(), sha256: i.sha256, size: i.size_bytes })
+        };
+        let kernel = digest(KERNEL_FILE, r.kernel_image.clone()).await?;
+        let initrd = digest(INITRAMFS_FILE, r.initrd_image.clone()).await?;
+        let manifest = check_bundle(&r.manifest, &kernel, &initrd)
+            .map_err(|e| Status::invalid_argument(format!("upgrade: the bundle does not verify: {e}")))?;
+        let started = self
+            .compute
+            .start_upgrade(nodeos_compute::upgrade::NewUpgrade {
+                manifest,
+                kernel_image: r.kernel_image,
+                initrd_image: r.initrd_image,
+            })
+            .await
+            .map_err(crate::vm::compute_status)?;
+        Ok(Response::new(upgrade_pb(started)))
     }
 
     type WatchStream = EventStream;

@@ -66,7 +66,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(nodeos_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(ServeError::Reflection)?;
-    let pool = PoolServiceServer::new(PoolApi::new(meta.clone(), cfg.pool_name))
+    let pool = PoolServiceServer::new(PoolApi::new(meta.clone(), cfg.pool_name, compute.clone()))
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
         .max_encoding_message_size(MAX_PUBLIC_MESSAGE);
     let metadata = MetadataServiceServer::new(MetadataApi::new(meta.clone()))

@@ -133,7 +133,7 @@ pub fn compute_status(e: ComputeError) -> Status {
         ComputeError::NotFound(_) => Status::not_found(e.to_string()),
         ComputeError::Migration(_) => Status::failed_precondition(e.to_string()),
         ComputeError::Ha(_) => Status::invalid_argument(e.to_string()),
-        ComputeError::Removal(_) => Status::failed_precondition(e.to_string()),
+        ComputeError::Removal(_) | ComputeError::Upgrade(_) => Status::failed_precondition(e.to_string()),
         ComputeError::State { .. } => Status::failed_precondition(e.to_string()),
         ComputeError::NameTaken(_) => Status::already_exists(e.to_string()),
         ComputeError::Elsewhere { .. } => Status::failed_precondition(e.to_string()),

@@ -97,6 +97,7 @@ impl Bed {
                 state_dir: dir.path().join("vms"),
                 pool_key: test_key(),
                 migration_address: std::net::Ipv4Addr::LOCALHOST.into(),
+                image_reboot: None,
             },
             meta.clone(),
             volumes.clone(),

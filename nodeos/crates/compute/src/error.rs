@@ -23,6 +23,9 @@ pub enum ComputeError {
     /// A high-availability setting that cannot be (in the command line's words).
     #[error("{0}")]
     Ha(String),
+    /// A rolling upgrade refused, or a node's part of it failed, and why.
+    #[error("upgrade: {0}")]
+    Upgrade(String),
     /// A node removal refused or not finished, and why.
     #[error("{0}")]
     Removal(String),

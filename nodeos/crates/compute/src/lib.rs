@@ -25,6 +25,9 @@
 //! - `removal.rs`: `nodeos node remove`: checks that nothing is lost, the
 //!   node's VMs re-homed and volume copies rebuilt elsewhere, then out of raft
 //!   and its id refused from then on.
+//! - `upgrade.rs`: the rolling image upgrade: the leader's controller taking
+//!   one node at a time through drain, staging, reboot into the new image,
+//!   rejoin and maintenance exit.
 //! - `tap.rs`: host tap devices and the frame relay between a NIC socket and a tap.
 //! - `supervisor.rs`: [`Compute`], the handle the API calls: create, start, stop,
 //!   pause, resume, delete, console; it records every VM in meta and reports a
@@ -50,6 +53,7 @@ pub mod seed;
 pub mod spec;
 pub mod supervisor;
 pub mod tap;
+pub mod upgrade;
 
 pub use error::ComputeError;
 pub use images::{ImageError, Images};

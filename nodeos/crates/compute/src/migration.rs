@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use nodeos_meta::peer::method;
 use nodeos_types::records::{NodeRecord, VmMigration, VmRecord, VmState};
-use nodeos_types::{NodeId, PortId, VmId, unix_millis};
+use nodeos_types::{ImageId, NodeId, PortId, VmId, unix_millis};
 use nodeos_vmm::config::{DiskConfig, WorkerConfig};
 use nodeos_vmm::control::{MigrateOut, MigrationKey, ToWorker, WorkerEvent};
 use nodeos_vmm::migration::{Budget, Progress, Summary};
@@ -94,6 +94,10 @@ pub enum PeerRequest {
     Elect,
     /// The pool restarts this crashed HA VM, whose record names you (see `ha.rs`).
     HaStart { vm: VmId },
+    /// Rolling upgrade: drain, stage this image, reboot into it (see `upgrade.rs`).
+    UpgradeStage { image_hash: String, cmdline: String, kernel_image: ImageId, initrd_image: ImageId },
+    /// Leave maintenance (the last step of a node's upgrade).
+    MaintenanceExit,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -455,6 +459,8 @@ impl Compute {
         let r = match req {
             PeerRequest::Ping | PeerRequest::Elect => Ok(PeerReply::Done),
             PeerRequest::HaStart { vm } => self.ha_start(vm).await.map(|_| PeerReply::Done),
+            PeerRequest::UpgradeStage { .. } => self.stage_upgrade(&req).await.map(|()| PeerReply::Done),
+            PeerRequest::MaintenanceExit => self.exit_maintenance().await.map(|_| PeerReply::Done),
             PeerRequest::Prepare { vm, source } if source == sender => {
                 self.prepare_incoming(vm, source).await
             }

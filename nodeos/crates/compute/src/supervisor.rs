@@ -71,6 +71,9 @@ pub struct ComputeConfig {
     pub pool_key: PoolKey,
     /// The address other nodes reach this one at: incoming live migrations listen here.
     pub migration_address: std::net::IpAddr,
+    /// How this node reboots into another node image; `None` outside the
+    /// image's PID 1 (it cannot take part in a rolling upgrade).
+    pub image_reboot: Option<crate::upgrade::ImageReboot>,
 }
 
 /// A VM's NICs, plugged: the worker's configs and socket ends, and the

@@ -183,6 +183,7 @@ async fn compute_on(meta: MetaHandle, launcher: Arc<FakeLauncher>, dir: &TempDir
             state_dir: dir.path().join("vms"),
             pool_key: test_key(),
             migration_address: std::net::Ipv4Addr::LOCALHOST.into(),
+            image_reboot: None,
         },
         meta.clone(),
         Volumes::new(meta.clone(), TcpTransport::new(test_key())),

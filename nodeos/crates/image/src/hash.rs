@@ -75,6 +75,48 @@ pub fn boot_ipxe(cmdline: &str, image_hash: &str, extra: &str) -> String {
     )
 }
 
+/// What an image bundle's manifest says that an upgrade needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleManifest {
+    pub image_hash: String,
+    pub nodeos_version: String,
+    /// The image's default kernel command line.
+    pub cmdline: String,
+}
+
+/// Checks a bundle's `manifest.json` against its kernel and initramfs: the
+/// format, each file's sha256 and size as listed, and the image hash taken
+/// over them. The reason is in words for an operator.
+pub fn check_bundle(
+    manifest: &[u8],
+    kernel: &FileDigest,
+    initramfs: &FileDigest,
+) -> Result<BundleManifest, String> {
+    let m: serde_json::Value =
+        serde_json::from_slice(manifest).map_err(|e| format!("{MANIFEST_FILE} is not JSON: {e}"))?;
+    let field =
+        |k: &str| m[k].as_str().map(str::to_owned).ok_or_else(|| format!("{MANIFEST_FILE} has no {k}"));
+    if m["format"].as_u64() != Some(u64::from(FORMAT)) {
+        return Err(format!("{MANIFEST_FILE} is format {}, this nodeos reads format {FORMAT}", m["format"]));
+    }
+    let (want, cmdline, version) = (field("image_hash")?, field("cmdline")?, field("nodeos_version")?);
+    for f in [kernel, initramfs] {
+        let listed = m["files"].as_array().and_then(|a| a.iter().find(|e| e["name"] == f.name.as_str()));
+        let Some(listed) = listed else { return Err(format!("{MANIFEST_FILE} does not list {}", f.name)) };
+        if listed["sha256"] != f.sha256.as_str() || listed["size"].as_u64() != Some(f.size) {
+            return Err(format!(
+                "{} is {} bytes with sha256 {}, but {MANIFEST_FILE} says {} bytes with sha256 {}",
+                f.name, f.size, f.sha256, listed["size"], listed["sha256"]
+            ));
+        }
+    }
+    let got = image_hash(kernel, initramfs, &cmdline);
+    if got != want {
+        return Err(format!("{MANIFEST_FILE} says image {want}, but its files make image {got}"));
+    }
+    Ok(BundleManifest { image_hash: got, nodeos_version: version, cmdline })
+}
+
 /// A writer that hashes and counts what passes through it.
 #[derive(Debug)]
 pub struct HashingWriter<W> {
@@ -110,6 +152,28 @@ impl<W: Write> Write for HashingWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bundle_checks_only_against_its_own_files() {
+        let k = FileDigest::of(KERNEL_FILE, b"kernel");
+        let i = FileDigest::of(INITRAMFS_FILE, b"initramfs");
+        let manifest = |hash: &str, k: &FileDigest| {
+            serde_json::json!({
+                "format": FORMAT, "image_hash": hash, "nodeos_version": "0.1.0", "cmdline": "quiet",
+                "files": [k, i]
+            })
+            .to_string()
+        };
+        let good = image_hash(&k, &i, "quiet");
+        let m = check_bundle(manifest(&good, &k).as_bytes(), &k, &i).expect("a good bundle");
+        assert_eq!((m.image_hash.as_str(), m.cmdline.as_str()), (good.as_str(), "quiet"));
+        let e = check_bundle(manifest(&"0".repeat(64), &k).as_bytes(), &k, &i).unwrap_err();
+        assert!(e.contains("but its files make image"), "{e}");
+        let other = FileDigest::of(KERNEL_FILE, b"another kernel");
+        let e = check_bundle(manifest(&good, &k).as_bytes(), &other, &i).unwrap_err();
+        assert!(e.contains("vmlinuz is 14 bytes"), "{e}");
+        assert!(check_bundle(b"{", &k, &i).unwrap_err().contains("not JSON"));
+    }
 
     #[test]
     fn the_image_hash_is_over_the_documented_text() {

@@ -31,6 +31,8 @@ use crate::{ImageId, NetworkId, NodeId, PoolId, PortId, SecurityGroupId, VmId, V
 
 /// Key of the single [`PoolRecord`].
 pub const POOL_KEY: &str = "pool";
+/// Key of the pool's rolling image upgrade, the last one started ([`UpgradeRecord`]).
+pub const UPGRADE_KEY: &str = "upgrade";
 /// Prefix of [`NodeRecord`] keys.
 pub const NODES_PREFIX: &str = "nodes/";
 /// Prefix of the operator's own key space.
@@ -757,6 +759,86 @@ mod tests {
         ] {
             let err = bad.validate().unwrap_err();
             assert!(err.contains(why), "{err}");
+        }
+    }
+}
+
+/// A rolling upgrade of the pool's nodes to another node image, one node at
+/// a time (see `nodeos_compute::upgrade`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeRecord {
+    /// The image every node is to run (its manifest's `image_hash`).
+    pub image_hash: String,
+    /// nodeos version the image carries, from its manifest.
+    pub version: String,
+    /// The image's default kernel command line (part of its hash).
+    pub cmdline: String,
+    /// The image's kernel and initramfs, stored as pool images.
+    pub kernel_image: crate::ImageId,
+    pub initrd_image: crate::ImageId,
+    pub state: UpgradeState,
+    /// Why it failed, or what it waits for.
+    #[serde(default)]
+    pub reason: String,
+    /// Nodes in the order they are upgraded (the leader of the start last).
+    pub nodes: Vec<UpgradeNode>,
+    pub started_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpgradeState {
+    Running,
+    Done,
+    /// Stopped at a node, saying why; the nodes before it run the new image.
+    Failed,
+}
+
+impl UpgradeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpgradeState::Running => "running",
+            UpgradeState::Done => "done",
+            UpgradeState::Failed => "failed",
+        }
+    }
+}
+
+/// One node's part of an upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeNode {
+    pub id: NodeId,
+    pub phase: UpgradePhase,
+    /// When its turn began and ended (unix ms, 0: not yet).
+    #[serde(default)]
+    pub started_at_ms: u64,
+    #[serde(default)]
+    pub finished_at_ms: u64,
+}
+
+/// Where a node is in an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpgradePhase {
+    Pending,
+    /// In maintenance, its VMs live-migrating off, the new image being staged.
+    Draining,
+    /// Rebooting into the new image.
+    Rebooting,
+    /// Back with the new image; leaving maintenance.
+    Rejoined,
+    Done,
+    Failed,
+}
+
+impl UpgradePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpgradePhase::Pending => "pending",
+            UpgradePhase::Draining => "draining",
+            UpgradePhase::Rebooting => "rebooting",
+            UpgradePhase::Rejoined => "rejoined",
+            UpgradePhase::Done => "done",
+            UpgradePhase::Failed => "failed",
         }
     }
 }
