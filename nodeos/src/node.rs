@@ -397,14 +397,16 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             state_dir: dir.path.join("vms"),
             pool_key: cfg.key.clone(),
             migration_address: cfg.advertise.ip(),
-            image_reboot: nodeos_api::node::under_init().then(|| nodeos_compute::upgrade::ImageReboot {
-                data_dir: dir.path.clone(),
-                reboot: Arc::new(|| {
-                    let pid1 = nix::unistd::Pid::from_raw(1);
-                    if let Err(e) = nix::sys::signal::kill(pid1, nix::sys::signal::Signal::SIGUSR1) {
-                        tracing::error!(error = %e, "cannot ask PID 1 to reboot into the staged image");
-                    }
-                }),
+            image_reboot: nodeos_api::node::under_init().then(|| {
+                nodeos_compute::upgrade::ImageReboot::new(
+                    dir.path.clone(),
+                    Arc::new(|| {
+                        let pid1 = nix::unistd::Pid::from_raw(1);
+                        if let Err(e) = nix::sys::signal::kill(pid1, nix::sys::signal::Signal::SIGUSR1) {
+                            tracing::error!(error = %e, "cannot ask PID 1 to reboot into the staged image");
+                        }
+                    }),
+                )
             }),
         },
         meta.clone(),

@@ -376,7 +376,12 @@ impl Images {
         if tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_file() && m.len() == image.size_bytes) {
             return Ok(path);
         }
-        let partial = dir.join(format!(".{stem}.{}.partial", image.sha256));
+        // A name of its own: two starts fetching the same image at once must
+        // not write into one file (the first rename would publish a file the
+        // second still truncates and writes).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let partial = dir.join(format!(".{stem}.{}.{n}.partial", image.sha256));
         let io = |what: String| move |source: std::io::Error| ImageError::Io { what, source };
         let written = async {
             let reader = self.volumes.open_reader(&image.volume.to_string()).await?;

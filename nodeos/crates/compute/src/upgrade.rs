@@ -304,6 +304,13 @@ impl Compute {
                     self.save_upgrade(&mut r, rev).await?;
                     return Ok(());
                 }
+                if !alive(id) {
+                    // Staged and gone already (a leader that drained itself
+                    // went down before it could say so): wait for it.
+                    r.nodes[i].phase = UpgradePhase::Rebooting;
+                    self.save_upgrade(&mut r, rev).await?;
+                    return Ok(());
+                }
                 let req = PeerRequest::UpgradeStage {
                     image_hash: r.image_hash.clone(),
                     cmdline: r.cmdline.clone(),
@@ -416,6 +423,12 @@ impl Compute {
                     .into(),
             ));
         };
+        // One staging at a time: a new leader may ask again while the old
+        // one's request still runs. Staged already: nothing more to do.
+        let _one = reboot.staging.lock().await;
+        if reboot.staged.lock().unwrap_or_else(|p| p.into_inner()).as_deref() == Some(image_hash.as_str()) {
+            return Ok(());
+        }
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         if !self.in_maintenance().await? {
             self.enter_maintenance(tx).await?;
@@ -465,6 +478,7 @@ impl Compute {
         let text = serde_json::to_vec_pretty(&staged)
             .map_err(|_| ComputeError::Record(path.display().to_string()))?;
         std::fs::write(&path, text).map_err(crate::error::io(format!("cannot write {}", path.display())))?;
+        *reboot.staged.lock().unwrap_or_else(|p| p.into_inner()) = Some(image_hash.clone());
         warn!(image = %image_hash, cmdline = %staged.cmdline, "upgrade staged; rebooting into it");
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -481,6 +495,16 @@ pub struct ImageReboot {
     pub data_dir: std::path::PathBuf,
     /// Asks PID 1 to reboot into [`STAGED_FILE`].
     pub reboot: std::sync::Arc<dyn Fn() + Send + Sync>,
+    /// Held while an image is staged.
+    pub staging: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The image staged and handed to PID 1, if any.
+    pub staged: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl ImageReboot {
+    pub fn new(data_dir: std::path::PathBuf, reboot: std::sync::Arc<dyn Fn() + Send + Sync>) -> Self {
+        ImageReboot { data_dir, reboot, staging: Default::default(), staged: Default::default() }
+    }
 }
 
 impl std::fmt::Debug for ImageReboot {
