@@ -390,6 +390,25 @@ async fn ha_vms_of_a_killed_node_restart_elsewhere_with_every_acknowledged_write
         vm_ids.push(writer_vm(&c, 2, name, &guest, Some(priority)).await?);
     }
     let plain = writer_vm(&c, 2, "plain", &guest, None).await?;
+    // Bad HA settings: a clear error, nothing changed.
+    let refused = |args: &'static [&'static str]| {
+        let c = &c;
+        async move { c.cli(0, args).await.map(|v| v.to_string()).map_err(|e| format!("{e:#}")) }
+    };
+    let e = refused(&["vm", "ha", "nosuch", "restart"]).await.expect_err("an unknown VM");
+    ensure!(e.contains("no VM \"nosuch\""), "{e}");
+    let e = refused(&["vm", "ha", "ha-a", "restart", "--priority", "5000"]).await.expect_err("out of range");
+    ensure!(e.contains("--ha-priority 5000 is out of range"), "{e}");
+    let g = guest.display().to_string();
+    let local = c.node(0)?.data_dir.join("local.img");
+    std::fs::write(&local, vec![0u8; 1 << 20])?;
+    let local = local.display().to_string();
+    let args = ["vm", "create", "local", "--kernel", &g, "--disk", &local, "--ha", "restart"];
+    let e = c.cli(0, &args).await.map_err(|e| format!("{e:#}")).expect_err("a VM of host files");
+    ensure!(e.contains("pool volumes only"), "{e}");
+    let shown = c.cli(0, &["vm", "show", "ha-a"]).await?;
+    ensure!(shown["ha"]["priority"] == 10, "a refused setting changed the VM: {shown}");
+    ensure!(c.cli(0, &["vm", "show", "local"]).await.is_err(), "a refused VM was created");
     let status = c.cli(0, &["pool", "status"]).await?;
     ensure!(
         status["ha_protected_vms"] == 3 && status["ha_failures_to_tolerate"] == 1,

@@ -173,3 +173,77 @@ async fn a_rolling_upgrade_takes_every_node_to_image_b_without_restarting_a_vm()
     );
     Ok(())
 }
+
+/// `nodeos pool upgrade --image DIR` via node 0: the error's text, or the answer.
+async fn upgrade(c: &nodeos_tests::cluster::Cluster, dir: &Path) -> Result<serde_json::Value, String> {
+    c.cli(0, &["pool", "upgrade", "--image", &dir.display().to_string()]).await.map_err(|e| format!("{e:#}"))
+}
+
+/// A bundle of `kernel` and `initramfs` bytes with a manifest that matches
+/// them, in `dir`; its image hash.
+fn bundle(dir: &Path, kernel: &[u8], initramfs: &[u8]) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let (k, i) = (FileDigest::of(KERNEL_FILE, kernel), FileDigest::of(INITRAMFS_FILE, initramfs));
+    let hash = image_hash(&k, &i, "quiet");
+    let manifest = serde_json::json!({
+        "format": nodeos_image::hash::FORMAT, "image_hash": hash, "nodeos_version": "0.1.0",
+        "kernel_version": "test", "cmdline": "quiet", "files": [k, i]
+    });
+    std::fs::write(dir.join(KERNEL_FILE), kernel)?;
+    std::fs::write(dir.join(INITRAMFS_FILE), initramfs)?;
+    std::fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec_pretty(&manifest)?)?;
+    Ok(hash)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_refuses_a_bundle_that_does_not_verify_and_stops_at_a_node_that_cannot_reboot()
+-> anyhow::Result<()> {
+    let test = "an_upgrade_refuses_a_bundle_that_does_not_verify_and_stops_at_a_node_that_cannot_reboot";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let mut c = nodeos_tests::cluster::Cluster::new(&env, test)?;
+    let spec = nodeos_tests::NodeSpec { bootstrap_expect: Some(3), ..c.spec() };
+    let idx = c.add_nodes(3, &spec)?;
+    let ids = c.ids(&idx).await?;
+    let want = nodeos_tests::Expect { members: ids.clone(), voters: 3, healthy: ids, pool_id: None };
+    c.wait_pool("pool formed", &idx, &want, Duration::from_secs(60)).await?;
+    // Any kernel the pool's image store takes: the test guest.
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build/nodeos-test-guest.elf");
+    ensure!(guest.is_file(), "the test guest is not built ({}): run `make guest`", guest.display());
+    let kernel = std::fs::read(&guest)?;
+    let dir = tempfile::tempdir()?;
+
+    // A manifest that does not match its files: refused before anything is stored.
+    let bad = dir.path().join("bad");
+    bundle(&bad, &kernel, b"initramfs")?;
+    std::fs::write(bad.join(INITRAMFS_FILE), b"another initramfs")?;
+    let e = upgrade(&c, &bad).await.expect_err("a bundle whose files changed");
+    ensure!(e.contains("does not verify") && e.contains("initramfs.img is 17 bytes"), "{e}");
+    let forged = dir.path().join("forged");
+    bundle(&forged, &kernel, b"initramfs")?;
+    let m = std::fs::read_to_string(forged.join(MANIFEST_FILE))?;
+    let h: serde_json::Value = serde_json::from_str(&m)?;
+    let other = m.replace(h["image_hash"].as_str().context("hash")?, &"ab".repeat(32));
+    std::fs::write(forged.join(MANIFEST_FILE), other)?;
+    let e = upgrade(&c, &forged).await.expect_err("a manifest naming another image");
+    ensure!(e.contains("but its files make image"), "{e}");
+    let images = c.cli(0, &["image", "list"]).await?;
+    ensure!(images.as_array().is_some_and(Vec::is_empty), "a refused bundle left images: {images}");
+    let status = c.cli(0, &["pool", "status"]).await?;
+    ensure!(status["upgrade"].is_null(), "a refused bundle started an upgrade: {status}");
+
+    // A good bundle on nodes that do not run the node image: the upgrade
+    // starts and stops at the first node, saying why; no node is left in
+    // maintenance.
+    let good = dir.path().join("good");
+    let hash = bundle(&good, &kernel, b"initramfs")?;
+    let e = upgrade(&c, &good).await.expect_err("process nodes cannot reboot into an image");
+    ensure!(e.contains("stopped") && e.contains("does not run the node image as PID 1"), "{e}");
+    let status = c.cli(1, &["pool", "status"]).await?;
+    let u = &status["upgrade"];
+    ensure!(u["state"] == "failed" && u["image_hash"] == hash.as_str(), "{status}");
+    ensure!(u["nodes"][0]["phase"] == "failed" && u["nodes"][1]["phase"] == "pending", "{status}");
+    let nodes = c.cli(0, &["node", "list"]).await?;
+    ensure!(!nodes.to_string().contains("\"maintenance\":true"), "{nodes}");
+    c.finish();
+    Ok(())
+}

@@ -137,7 +137,7 @@ pub fn views(nodes: &[NodeRecord], vms: &[VmRecord], liveness: impl Fn(NodeId) -
 /// How many node failures the pool's HA VMs survive, and what limits it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tolerance {
-    /// VMs marked `ha restart` that run (or are meant to).
+    /// VMs marked `ha restart` that run.
     pub protected: usize,
     pub failures: usize,
     /// What stops it from being one more.
@@ -155,7 +155,7 @@ const SUBSETS_CHECKED: usize = 4096;
 pub fn tolerance(nodes: &[NodeRecord], vms: &[VmRecord], voters: usize) -> Tolerance {
     let protected: Vec<&VmRecord> = vms
         .iter()
-        .filter(|v| v.ha.restart && matches!(v.state, VmState::Running | VmState::Starting | VmState::Paused))
+        .filter(|v| v.ha.restart && matches!(v.state, VmState::Running | VmState::Starting))
         .collect();
     let usable: Vec<&NodeRecord> =
         nodes.iter().filter(|n| !n.maintenance && !n.removing && n.cpu.is_some()).collect();
@@ -364,7 +364,8 @@ impl Compute {
                         ctl.say(v.id, &format!("no alive node has {} MiB free for it", v.spec.memory_mib));
                         continue;
                     };
-                    match self.ha_move(v.id, to).await {
+                    let usable = views.iter().find(|n| n.id == v.node).is_some_and(|n| n.usable);
+                    match self.ha_move(v.id, to, usable).await {
                         Ok(true) => {}
                         Ok(false) => continue,
                         Err(e) => {
@@ -389,12 +390,12 @@ impl Compute {
     /// Hands a VM of a dead node to `to`: one compare-and-swap on its record
     /// (it names `to`, crashed, to be started there) that moves its ports too.
     /// `Ok(false)`: the record changed meanwhile, or no longer needs moving.
-    async fn ha_move(&self, id: VmId, to: NodeId) -> Result<bool, ComputeError> {
+    async fn ha_move(&self, id: VmId, to: NodeId, usable: bool) -> Result<bool, ComputeError> {
         let (mut r, rev) = self.inner.records.load(id).await?;
         let meta = self.inner.records.meta();
         let (liveness, age) = meta.liveness(r.node);
         let from = r.node;
-        let view = NodeView { id: from, liveness, usable: false, free_mib: None };
+        let view = NodeView { id: from, liveness, usable, free_mib: None };
         if need(&r, Some(&view)) != Some(Need::Move) {
             return Ok(false);
         }
