@@ -30,15 +30,16 @@ ALLOWED = {
     "nodeos-vmm": {"nodeos-types", "nodeos-hv", "nodeos-block", "nodeos-switch"},
     # The pool's network records over meta, and the agent driving the switch.
     "nodeos-network": {"nodeos-types", "nodeos-meta", "nodeos-switch"},
+    # nodeos-image: a rolling upgrade checks the image hash over the stored files.
     "nodeos-compute": {"nodeos-types", "nodeos-meta", "nodeos-vmm", "nodeos-block", "nodeos-volumes",
-                       "nodeos-network", "nodeos-switch"},
+                       "nodeos-network", "nodeos-switch", "nodeos-image"},
     # The image format, shared by image-builder and the node that serves its own image.
     "nodeos-image": set(),
     # The PXE server and its agent over meta.
     "nodeos-pxe": {"nodeos-types", "nodeos-meta", "nodeos-dhcp", "nodeos-image"},
     "nodeos-api": {"nodeos-types", "nodeos-proto", "nodeos-meta", "nodeos-pool",
                    "nodeos-compute", "nodeos-block", "nodeos-volumes", "nodeos-switch",
-                   "nodeos-network", "nodeos-pxe"},
+                   "nodeos-network", "nodeos-pxe", "nodeos-image"},
     "nodeos-tests": {"nodeos-types", "nodeos-proto"},
     "nodeos-bench": {"nodeos-types", "nodeos-proto"},
     "image-builder": {"nodeos-types", "nodeos-image"},

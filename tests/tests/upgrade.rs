@@ -17,7 +17,39 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use nodeos_image::hash::{FileDigest, INITRAMFS_FILE, KERNEL_FILE, MANIFEST_FILE, image_hash};
+use sha2::{Digest, Sha256};
+
+const KERNEL_FILE: &str = "vmlinuz";
+const INITRAMFS_FILE: &str = "initramfs.img";
+const MANIFEST_FILE: &str = "manifest.json";
+const FORMAT: u32 = 2;
+
+/// A bundle file's name, sha256 and size, as its manifest lists it.
+struct FileDigest {
+    name: String,
+    sha256: String,
+    size: u64,
+}
+
+impl FileDigest {
+    fn of(name: &str, bytes: &[u8]) -> Self {
+        FileDigest { name: name.into(), sha256: hex::encode(Sha256::digest(bytes)), size: bytes.len() as u64 }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "name": self.name, "sha256": self.sha256, "size": self.size })
+    }
+}
+
+/// The image hash as the README of the image format gives it: the sha256 of
+/// `nodeos-image v2`, then each file's line, then the command line.
+fn image_hash(kernel: &FileDigest, initramfs: &FileDigest, cmdline: &str) -> String {
+    let text = format!(
+        "nodeos-image v{FORMAT}\n{KERNEL_FILE} {} {}\n{INITRAMFS_FILE} {} {}\ncmdline {cmdline}\n",
+        kernel.sha256, kernel.size, initramfs.sha256, initramfs.size
+    );
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
 use nodeos_tests::qemu::{BOOT, Lab, Machine, accel, image_or_skip};
 use nodeos_tests::{require, wait_until};
 
@@ -186,8 +218,8 @@ fn bundle(dir: &Path, kernel: &[u8], initramfs: &[u8]) -> anyhow::Result<String>
     let (k, i) = (FileDigest::of(KERNEL_FILE, kernel), FileDigest::of(INITRAMFS_FILE, initramfs));
     let hash = image_hash(&k, &i, "quiet");
     let manifest = serde_json::json!({
-        "format": nodeos_image::hash::FORMAT, "image_hash": hash, "nodeos_version": "0.1.0",
-        "kernel_version": "test", "cmdline": "quiet", "files": [k, i]
+        "format": FORMAT, "image_hash": hash, "nodeos_version": "0.1.0",
+        "kernel_version": "test", "cmdline": "quiet", "files": [k.json(), i.json()]
     });
     std::fs::write(dir.join(KERNEL_FILE), kernel)?;
     std::fs::write(dir.join(INITRAMFS_FILE), initramfs)?;
