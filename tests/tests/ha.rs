@@ -341,12 +341,30 @@ fn acked_pass(console: &str) -> Option<u64> {
     })
 }
 
-/// The guest's `blk_writes=` count of successful writes, from its last report.
-fn blk_writes(console: &str) -> Option<u64> {
-    console.lines().rev().find_map(|l| {
-        l.contains("NODEOS-GUEST: dirty blk ").then_some(())?;
-        l.split("blk_writes=").nth(1)?.split_whitespace().next()?.parse().ok()
-    })
+/// One `dirty blk pass=P ok|FAIL ... blk_writes=W` report of the guest.
+#[derive(Debug, Clone, Copy)]
+struct BlkReport {
+    pass: u64,
+    /// Its successful writes so far.
+    writes: u64,
+    /// Some request failed since the previous report.
+    failed: bool,
+}
+
+/// The guest's disk reports, in order.
+fn blk_reports(console: &str) -> Vec<BlkReport> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let field =
+                |k: &str| l.split(&format!("{k}=")).nth(1)?.split_whitespace().next()?.parse::<u64>().ok();
+            let failed = l.contains("NODEOS-GUEST: dirty blk FAIL pass=");
+            if !failed && !l.contains("NODEOS-GUEST: dirty blk pass=") {
+                return None;
+            }
+            Some(BlkReport { pass: field("pass")?, writes: field("blk_writes")?, failed })
+        })
+        .collect()
 }
 
 /// `(max_seed, bad)` of the guest's `dirty blk found` line.
@@ -507,20 +525,40 @@ async fn a_frozen_nodes_worker_cannot_write_once_its_vm_restarted_elsewhere() ->
     let restarted = frozen.elapsed();
     let i = c.index_of(&node)?;
     // The old guest goes on trying (its passes count up) and not one of its
-    // writes is accepted from a moment after the new one started.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let old = console_of(&c, 2, &id)?;
-    let (passes_a, writes_a) = (passes(&old), blk_writes(&old).unwrap_or(0));
+    // writes is accepted once it has seen one refused. Its writes are
+    // sequential, so a write acknowledged before the fence cannot complete
+    // after a refused one; the counters of its first report with a failure
+    // are the baseline (a report taken at a fixed time can predate a write
+    // acknowledged before the fence, counted in the next report).
+    let (pass_a, writes_a) =
+        wait_until("the stale worker reports refused writes", Duration::from_secs(30), || async {
+            let old = console_of(&c, 2, &id)?;
+            // From the first write the device answered with an error status.
+            let refused = old.find("dirty blk FAIL write sector=").context("no refused write yet")?;
+            let after = &old[refused..];
+            ensure!(
+                after.lines().next().is_some_and(|l| l.contains("status=")),
+                "not a refusal: {}",
+                after.lines().next().unwrap_or("")
+            );
+            blk_reports(after)
+                .into_iter()
+                .find(|r| r.failed)
+                .map(|r| (r.pass, r.writes))
+                .context("no report after it yet")
+        })
+        .await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let old = console_of(&c, 2, &id)?;
-    let (passes_b, writes_b) = (passes(&old), blk_writes(&old).unwrap_or(0));
-    ensure!(passes_b > passes_a, "the frozen node's worker stopped: {passes_a} -> {passes_b} passes");
+    let last = *blk_reports(&old).last().context("no report")?;
+    ensure!(last.pass > pass_a, "the frozen node's worker stopped: pass {pass_a} -> {}", last.pass);
     ensure!(
-        writes_b == writes_a,
-        "the stale worker got {} writes accepted after its VM restarted elsewhere",
-        writes_b - writes_a
+        last.writes == writes_a,
+        "the stale worker got {} writes accepted after its first refused one (pass {pass_a} -> {})",
+        last.writes - writes_a,
+        last.pass
     );
-    ensure!(old.contains("dirty blk FAIL"), "the stale worker's refused writes are not reported:\n{old}");
+    let (passes_a, passes_b) = (pass_a, last.pass);
     let new = console_of(&c, i, &id)?;
     ensure!(!new.contains("FAIL") && acked_pass(&new).is_some(), "the restarted VM:\n{new}");
 
