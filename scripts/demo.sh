@@ -20,7 +20,7 @@ start() {
     "$BIN" node --data-dir "$DEMO/n$i" --pool demo --pool-key-file "$DEMO/pool.key" \
       --listen "127.0.0.1:${PORTS[$i]}" --seeds "$SEEDS" --bootstrap-expect 3 \
       --block-listen "127.0.0.1:$((7800 + i))" --nbd-listen "127.0.0.1:$((10809 + i))" \
-      --vxlan-listen "127.0.0.1:$((4789 + i))" \
+      --vxlan-listen "127.0.0.1:$((4789 + i))" --host-images-dir "$PWD" \
       >>"$DEMO/n$i.log" 2>&1 &
     echo $! > "$DEMO/n$i.pid"
     echo "started node $i (pid $!, API 127.0.0.1:${PORTS[$i]}, log $DEMO/n$i.log)"

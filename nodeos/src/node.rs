@@ -113,6 +113,11 @@ pub struct DaemonArgs {
     /// settings say so. Nodes running the node image serve the image they run instead.
     #[arg(long)]
     pub pxe_bundle: Option<PathBuf>,
+    /// Let VMs be made of files under DIR on this node (kernels, initramfs
+    /// images, disk files given as paths). Off by default: VMs boot pool
+    /// images and use volumes. Devices are never taken.
+    #[arg(long, env = "NODEOS_HOST_IMAGES_DIR", value_name = "DIR")]
+    pub host_images_dir: Option<PathBuf>,
 }
 
 /// A validated daemon configuration.
@@ -141,6 +146,8 @@ pub struct NodeConfig {
     /// Where other nodes send this node's tunnel traffic.
     pub vxlan_advertise: SocketAddr,
     pub image_hash: String,
+    /// Which host files VMs may be made of.
+    pub host_paths: nodeos_compute::spec::HostPaths,
     /// The pool key's text when a kernel command line can carry it (for PXE-booted machines).
     pub key_text: Option<String>,
     pub pxe_source: ImageSource,
@@ -227,6 +234,14 @@ impl TryFrom<DaemonArgs> for NodeConfig {
             pxe_source: pxe_source(a.pxe_bundle, a.image_hash.as_deref().unwrap_or_default(), &data_dir),
             key_text,
             image_hash: a.image_hash.unwrap_or_default(),
+            host_paths: match a.host_images_dir {
+                None => nodeos_compute::spec::HostPaths::Off,
+                Some(dir) => {
+                    let dir = std::fs::canonicalize(&dir)
+                        .with_context(|| format!("--host-images-dir {}", dir.display()))?;
+                    nodeos_compute::spec::HostPaths::Under(dir)
+                }
+            },
             vxlan_listen: a.vxlan_listen,
             vxlan_advertise,
             block_listen: a.block_listen,
@@ -397,6 +412,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             state_dir: dir.path.join("vms"),
             pool_key: cfg.key.clone(),
             migration_address: cfg.advertise.ip(),
+            host_paths: cfg.host_paths.clone(),
             image_reboot: nodeos_api::node::under_init().then(|| {
                 nodeos_compute::upgrade::ImageReboot::new(
                     dir.path.clone(),

@@ -103,6 +103,7 @@ impl Cluster {
             bootstrap_expect: None,
             extra_args: Vec::new(),
             env: Vec::new(),
+            host_images_dir: Some("/".into()),
         }
     }
 

@@ -38,6 +38,10 @@ pub struct NodeSpec {
     pub extra_args: Vec<String>,
     /// Environment of the daemon (e.g. `NODEOS_FAILPOINTS` for fault injection).
     pub env: Vec<(String, String)>,
+    /// `--host-images-dir`: the tests' VMs boot the test guest from the
+    /// repository and use disk files under the test's directory (`/` by
+    /// default; `None`: the node takes no host files for VMs).
+    pub host_images_dir: Option<PathBuf>,
 }
 
 /// Port of every test node's NBD server (on its own address).
@@ -79,6 +83,9 @@ impl NodeProc {
             "--nbd-listen".into(),
             format!("{}:{NBD_PORT}", addr.ip()).into(),
         ];
+        if let Some(dir) = &spec.host_images_dir {
+            args.extend(["--host-images-dir".into(), dir.clone().into()]);
+        }
         args.extend(spec.extra_args.iter().map(OsString::from));
         if !spec.seeds.is_empty() {
             let seeds: Vec<String> = spec.seeds.iter().map(ToString::to_string).collect();

@@ -274,3 +274,50 @@ async fn killed_worker_is_a_crash_and_bad_requests_change_nothing() -> anyhow::R
     c.finish();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_files_for_vms_are_refused_unless_under_the_nodes_host_images_dir() -> anyhow::Result<()> {
+    let test = "host_files_for_vms_are_refused_unless_under_the_nodes_host_images_dir";
+    let Some(env) = require(test)? else { return Ok(()) };
+    let mut c = Cluster::new(&env, test)?;
+    let allowed = tempfile::tempdir()?;
+    let guest = guest_elf();
+    let inside = allowed.path().join("guest.elf");
+    std::fs::copy(&guest, &inside)?;
+    // Node 0 takes no host files; node 1 only those under `allowed`.
+    let off = NodeSpec { bootstrap_expect: Some(2), host_images_dir: None, ..c.spec() };
+    let under = NodeSpec { host_images_dir: Some(allowed.path().to_owned()), ..off.clone() };
+    let a = c.add_node(&off)?;
+    let b = c.add_node(&under)?;
+    let ids = c.ids(&[a, b]).await?;
+    let want = nodeos_tests::Expect { members: ids.clone(), voters: 2, healthy: ids, pool_id: None };
+    c.wait_pool("pool formed", &[a, b], &want, Duration::from_secs(60)).await?;
+    let refused = |via: usize, args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        let c = &c;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            c.cli(via, &args).await.map(|v| v.to_string()).map_err(|e| format!("{e:#}"))
+        }
+    };
+    let g = guest.display().to_string();
+    let e = refused(a, &["vm", "create", "x", "--kernel", &g]).await.expect_err("no host files on node 0");
+    ensure!(e.contains("this node takes no host files for VMs") && e.contains("--host-images-dir"), "{e}");
+    let e = refused(b, &["vm", "create", "x", "--kernel", &g]).await.expect_err("outside the directory");
+    ensure!(e.contains("is outside this node's host images directory"), "{e}");
+    let k = inside.display().to_string();
+    let escape = format!("{}/../../etc/passwd", allowed.path().display());
+    let e =
+        refused(b, &["vm", "create", "x", "--kernel", &k, "--disk", &escape]).await.expect_err("an escape");
+    ensure!(e.contains("is outside"), "{e}");
+    let e =
+        refused(b, &["vm", "create", "x", "--kernel", &k, "--disk", "/dev/sda"]).await.expect_err("a device");
+    ensure!(e.contains("is a device"), "{e}");
+    let vms = c.cli(a, &["vm", "list"]).await?;
+    ensure!(vms.as_array().is_some_and(Vec::is_empty), "a refused VM was recorded: {vms}");
+    // Under the directory it is taken.
+    let made = c.cli(b, &["vm", "create", "ok", "--memory", "32", "--kernel", &k]).await?;
+    ensure!(made["state"] == "stopped", "{made}");
+    c.finish();
+    Ok(())
+}

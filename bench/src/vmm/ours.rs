@@ -54,6 +54,7 @@ impl OurVmm {
         let addr = format!("{LOOPBACK}:{}", ports[0]);
         let mut cmd = Command::new(bin);
         cmd.arg("node")
+            .args(["--host-images-dir", "/"])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--pool", "bench", "--pool-key-file"])

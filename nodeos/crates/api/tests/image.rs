@@ -98,6 +98,7 @@ impl Bed {
                 pool_key: test_key(),
                 migration_address: std::net::Ipv4Addr::LOCALHOST.into(),
                 image_reboot: None,
+                host_paths: nodeos_compute::spec::HostPaths::Under("/".into()),
             },
             meta.clone(),
             volumes.clone(),

@@ -8,6 +8,71 @@ use nodeos_vmm::boot::probe::{self, FitError, KernelError};
 use nodeos_vmm::config::{MAX_CMDLINE, MAX_DISKS, MAX_NICS, MAX_VCPUS};
 use nodeos_vmm::memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 
+/// Which files of its node a VM may be made of: kernels, initramfs images and
+/// disks given as host paths rather than pool images and volumes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum HostPaths {
+    /// None (the default): pool images and volumes only.
+    #[default]
+    Off,
+    /// Regular files under this directory, symlinks resolved; never a device.
+    Under(std::path::PathBuf),
+}
+
+/// The host paths a spec names, with the flag each comes from.
+fn host_paths(spec: &VmSpec) -> Vec<(&'static str, &str)> {
+    let mut out = Vec::new();
+    if image_ref(&spec.kernel).is_none() {
+        out.push(("--kernel", spec.kernel.as_str()));
+    }
+    if let Some(i) = spec.initrd.as_deref().filter(|i| image_ref(i).is_none()) {
+        out.push(("--initrd", i));
+    }
+    out.extend(spec.disks.iter().filter(|d| d.volume.is_none()).map(|d| ("--disk", d.path.as_str())));
+    out
+}
+
+/// Refuses host paths the node's policy does not allow, before any of them
+/// is opened: none at all by default; under `--host-images-dir` only regular
+/// files whose real path (symlinks resolved) lies in that directory; a device
+/// never. A path outside the directory is refused by its words alone, so the
+/// answer says nothing about files elsewhere on the node.
+pub fn check_host_paths(spec: &VmSpec, policy: &HostPaths) -> Result<(), SpecError> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::path::{Component, Path};
+    for (flag, path) in host_paths(spec) {
+        let owned = || path.to_owned();
+        let dir = match policy {
+            HostPaths::Off => return Err(SpecError::HostPathsOff { flag, path: owned() }),
+            HostPaths::Under(dir) => dir,
+        };
+        let outside = || SpecError::HostPathOutside { flag, path: owned(), dir: dir.display().to_string() };
+        let p = Path::new(path);
+        if path.starts_with("/dev/") || path == "/dev" {
+            return Err(SpecError::HostDevice { flag, path: owned() });
+        }
+        if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) || !p.starts_with(dir) {
+            return Err(outside());
+        }
+        let real = std::fs::canonicalize(p).map_err(|e| SpecError::File {
+            flag,
+            path: owned(),
+            why: e.to_string(),
+        })?;
+        let real_dir = std::fs::canonicalize(dir).map_err(|_| outside())?;
+        if !real.starts_with(&real_dir) {
+            return Err(outside());
+        }
+        let kind = std::fs::metadata(&real)
+            .map_err(|e| SpecError::File { flag, path: owned(), why: e.to_string() })?
+            .file_type();
+        if real.starts_with("/dev") || kind.is_block_device() || kind.is_char_device() {
+            return Err(SpecError::HostDevice { flag, path: owned() });
+        }
+    }
+    Ok(())
+}
+
 /// Largest cloud-init user-data, bytes. OpenStack's limit (EC2 takes 16 KiB):
 /// room for real `#cloud-config` files and scripts, while a VM record with
 /// it stays far below the metadata store's value limit.
@@ -36,6 +101,16 @@ const MAX_LABEL: usize = 63;
 /// the same names without the dashes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
+    #[error(
+        "{flag} {path:?}: this node takes no host files for VMs; upload it as a pool image \
+         (`nodeos image upload`, then {flag} image:NAME) or use a volume, or start the node \
+         with --host-images-dir DIR to allow files under DIR"
+    )]
+    HostPathsOff { flag: &'static str, path: String },
+    #[error("{flag} {path:?} is outside this node's host images directory {dir:?}")]
+    HostPathOutside { flag: &'static str, path: String, dir: String },
+    #[error("{flag} {path:?} is a device: host devices are never taken for VMs; make a volume")]
+    HostDevice { flag: &'static str, path: String },
     #[error("name must be 1..=63 characters of a-z, 0-9, '-' and '_', got {0:?}")]
     Name(String),
     #[error("--vcpus must be 1..={MAX_VCPUS}, got {0}")]
@@ -389,6 +464,58 @@ pub fn check_memory(mib: u64) -> Result<(), SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_paths_are_refused_unless_under_the_configured_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let inside = dir.path().join("k.elf");
+        std::fs::write(&inside, b"k").unwrap();
+        let spec = |kernel: &str, disk: Option<&str>| VmSpec {
+            kernel: kernel.into(),
+            disks: disk
+                .map(|d| {
+                    vec![nodeos_types::records::DiskSpec { path: d.into(), read_only: false, volume: None }]
+                })
+                .unwrap_or_default(),
+            ..crate::records::test_spec()
+        };
+        let k = inside.display().to_string();
+        let off = HostPaths::Off;
+        assert!(matches!(check_host_paths(&spec(&k, None), &off), Err(SpecError::HostPathsOff { .. })));
+        assert_eq!(check_host_paths(&spec("image:k", None), &off), Ok(()), "pool images need no host path");
+        let under = HostPaths::Under(dir.path().to_owned());
+        assert_eq!(check_host_paths(&spec(&k, None), &under), Ok(()));
+        for bad in ["/etc/passwd", "relative.img"] {
+            assert!(
+                matches!(
+                    check_host_paths(&spec(&k, Some(bad)), &under),
+                    Err(SpecError::HostPathOutside { .. })
+                ),
+                "{bad}"
+            );
+        }
+        let escape = format!("{}/../../etc/passwd", dir.path().display());
+        assert!(matches!(
+            check_host_paths(&spec(&escape, None), &under),
+            Err(SpecError::HostPathOutside { .. })
+        ));
+        // A symlink inside that points out.
+        let link = dir.path().join("out");
+        std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+        let link = link.display().to_string();
+        assert!(matches!(
+            check_host_paths(&spec(&link, None), &under),
+            Err(SpecError::HostPathOutside { .. })
+        ));
+        // A device, even where the directory would take it.
+        let root = HostPaths::Under("/".into());
+        for dev in ["/dev/null", "/dev/sda"] {
+            assert!(
+                matches!(check_host_paths(&spec(&k, Some(dev)), &root), Err(SpecError::HostDevice { .. })),
+                "{dev}"
+            );
+        }
+    }
     use nodeos_types::records::{DiskSpec, KernelFormat, NicSpec};
     use nodeos_types::{ImageId, VolumeId};
     use nodeos_vmm::boot::testdata::{BzImageSpec, Segment, elf};

@@ -71,6 +71,8 @@ pub struct ComputeConfig {
     pub pool_key: PoolKey,
     /// The address other nodes reach this one at: incoming live migrations listen here.
     pub migration_address: std::net::IpAddr,
+    /// Which host files VMs may be made of (`--host-images-dir`).
+    pub host_paths: crate::spec::HostPaths,
     /// How this node reboots into another node image; `None` outside the
     /// image's PID 1 (it cannot take part in a rolling upgrade).
     pub image_reboot: Option<crate::upgrade::ImageReboot>,
@@ -297,6 +299,8 @@ impl Compute {
     ) -> Result<VmRecord, ComputeError> {
         let id = VmId::random();
         crate::ha::check_ha(&ha)?;
+        // Before anything is opened: the API names files of this node.
+        spec::check_host_paths(&spec, &self.inner.cfg.host_paths)?;
         let mut seen = std::collections::BTreeSet::new();
         for n in &nets {
             let ok = spec.nics.get(n.nic).is_some_and(|s| s.tap.is_empty() && s.port.is_none());
@@ -447,6 +451,8 @@ impl Compute {
             StartedBy::Ha => crate::ha::note_restart(&mut r, nodeos_types::unix_millis()),
         }
         spec::check_memory(r.spec.memory_mib)?;
+        // Again: the node may have been restarted with another directory.
+        spec::check_host_paths(&r.spec, &self.inner.cfg.host_paths)?;
         if self.in_maintenance().await? {
             return Err(ComputeError::Migration(format!(
                 "node {} is in maintenance: no VM starts here until `nodeos node maintenance exit {}`",

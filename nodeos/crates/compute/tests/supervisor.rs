@@ -184,6 +184,7 @@ async fn compute_on(meta: MetaHandle, launcher: Arc<FakeLauncher>, dir: &TempDir
             pool_key: test_key(),
             migration_address: std::net::Ipv4Addr::LOCALHOST.into(),
             image_reboot: None,
+            host_paths: nodeos_compute::spec::HostPaths::Under("/".into()),
         },
         meta.clone(),
         Volumes::new(meta.clone(), TcpTransport::new(test_key())),
