@@ -351,6 +351,30 @@ struct BlkReport {
     failed: bool,
 }
 
+/// A three-node pool with the test's TTL, and HA VM `name` on node 2
+/// writing its disk: the node ids and the VM's id.
+async fn pool_with_ha_vm_on_2(
+    c: &mut Cluster,
+    guest: &Path,
+    name: &str,
+) -> anyhow::Result<(Vec<String>, String)> {
+    let spec = with_ttl(c);
+    let ids = pool(c, 3, spec).await?;
+    let id = writer_vm(c, 2, name, guest, Some(0)).await?;
+    writes_acked(c, 2, &id, 3).await?;
+    Ok((ids, id))
+}
+
+/// Waits until the guest of VM `id` on node `node` saw pass `n`'s write acknowledged.
+async fn writes_acked(c: &Cluster, node: usize, id: &str, n: u64) -> anyhow::Result<()> {
+    wait_until("the guest writes its disk", Duration::from_secs(30), || async {
+        let p = acked_pass(&console_of(c, node, id)?).unwrap_or(0);
+        ensure!(p >= n, "acknowledged pass {p}");
+        Ok(())
+    })
+    .await
+}
+
 /// The guest's disk reports, in order.
 fn blk_reports(console: &str) -> Vec<BlkReport> {
     console
@@ -433,12 +457,7 @@ async fn ha_vms_of_a_killed_node_restart_elsewhere_with_every_acknowledged_write
         "pool status: {status}"
     );
     for id in vm_ids.iter().chain([&plain]) {
-        wait_until("the guest writes its disk", Duration::from_secs(30), || async {
-            let p = acked_pass(&console_of(&c, 2, id)?).unwrap_or(0);
-            ensure!(p >= 3, "acknowledged pass {p}");
-            Ok(())
-        })
-        .await?;
+        writes_acked(&c, 2, id, 3).await?;
     }
 
     c.kill9(2)?;
@@ -509,14 +528,7 @@ async fn a_frozen_nodes_worker_cannot_write_once_its_vm_restarted_elsewhere() ->
     let Some(env) = require(test)? else { return Ok(()) };
     let Some(guest) = guest_or_skip(test, "no /dev/kvm")? else { return Ok(()) };
     let mut c = Cluster::new(&env, test)?;
-    let spec = with_ttl(&c);
-    let ids = pool(&mut c, 3, spec).await?;
-    let id = writer_vm(&c, 2, "fz", &guest, Some(0)).await?;
-    wait_until("the guest writes its disk", Duration::from_secs(30), || async {
-        ensure!(acked_pass(&console_of(&c, 2, &id)?).unwrap_or(0) >= 3, "not yet");
-        Ok(())
-    })
-    .await?;
+    let (ids, id) = pool_with_ha_vm_on_2(&mut c, &guest, "fz").await?;
 
     // The node process hangs; its worker runs on, writing with its old generation.
     c.freeze(2)?;
@@ -590,14 +602,7 @@ async fn a_cut_off_nodes_ha_vm_is_paused_restarted_on_the_majority_and_ended_whe
     let Some(env) = require(test)? else { return Ok(()) };
     let Some(guest) = guest_or_skip(test, "no /dev/kvm")? else { return Ok(()) };
     let mut c = Cluster::new(&env, test)?;
-    let spec = with_ttl(&c);
-    let ids = pool(&mut c, 3, spec).await?;
-    let id = writer_vm(&c, 2, "cut", &guest, Some(0)).await?;
-    wait_until("the guest writes its disk", Duration::from_secs(30), || async {
-        ensure!(acked_pass(&console_of(&c, 2, &id)?).unwrap_or(0) >= 3, "not yet");
-        Ok(())
-    })
-    .await?;
+    let (ids, id) = pool_with_ha_vm_on_2(&mut c, &guest, "cut").await?;
 
     c.cut(2)?;
     let cut = Instant::now();
@@ -695,11 +700,7 @@ async fn ha_restart_time_over_repeated_kills() -> anyhow::Result<()> {
         // restart of one VM within ten minutes), on the node killed next.
         let (victim, name) = (k % 3, format!("m{k}"));
         let id = writer_vm(&c, victim, &name, &guest, Some(0)).await?;
-        wait_until("the guest writes its disk", Duration::from_secs(30), || async {
-            ensure!(acked_pass(&console_of(&c, victim, &id)?).unwrap_or(0) >= 2, "not yet");
-            Ok(())
-        })
-        .await?;
+        writes_acked(&c, victim, &id, 2).await?;
         c.kill9(victim)?;
         let killed = Instant::now();
         running_elsewhere(&c, (victim + 1) % 3, &name, &ids[victim], TTL + Duration::from_secs(60)).await?;

@@ -127,21 +127,7 @@ impl PoolApi {
                 }
             })
             .collect();
-        let vms: Vec<VmRecord> = sm
-            .range(VMS_PREFIX, 0)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-            .collect();
-        let nodes: Vec<NodeRecord> = records.into_values().collect();
-        let ha = nodeos_compute::ha::tolerance(&nodes, &vms, voters.len());
-        let upgrade: Option<UpgradeRecord> =
-            sm.get(UPGRADE_KEY).ok().flatten().and_then(|kv| serde_json::from_slice(&kv.value).ok());
         pb::PoolStatus {
-            ha_protected_vms: u32::try_from(ha.protected).unwrap_or(u32::MAX),
-            ha_failures_to_tolerate: u32::try_from(ha.failures).unwrap_or(u32::MAX),
-            ha_tolerance_limit: ha.limit,
-            upgrade: upgrade.map(upgrade_pb),
             pool_id: pool.as_ref().map(|p| p.id.to_string()).unwrap_or_default(),
             pool_name: pool.map(|p| p.name).unwrap_or_else(|| self.pool_name.clone()),
             leader_id: m.current_leader.map(|l| l.to_string()).unwrap_or_default(),
@@ -151,7 +137,32 @@ impl PoolApi {
             revision: sm.revision(),
             members,
             answered_by: me.to_string(),
+            ..Default::default()
         }
+    }
+
+    /// What only `Status` answers, from this node's copy of the records: how
+    /// many node failures the HA VMs tolerate, and the rolling upgrade.
+    fn add_pool_details(&self, s: &mut pb::PoolStatus) {
+        let sm = self.meta.state_machine();
+        let decode = |prefix: &str| -> Vec<Vec<u8>> {
+            sm.range(prefix, 0).unwrap_or_default().into_iter().map(|kv| kv.value).collect()
+        };
+        let vms: Vec<VmRecord> =
+            decode(VMS_PREFIX).iter().filter_map(|v| serde_json::from_slice(v).ok()).collect();
+        let nodes: Vec<NodeRecord> =
+            decode(NODES_PREFIX).iter().filter_map(|v| serde_json::from_slice(v).ok()).collect();
+        let voters = self.meta.metrics().membership_config.membership().voter_ids().count();
+        let ha = nodeos_compute::ha::tolerance(&nodes, &vms, voters);
+        s.ha_protected_vms = u32::try_from(ha.protected).unwrap_or(u32::MAX);
+        s.ha_failures_to_tolerate = u32::try_from(ha.failures).unwrap_or(u32::MAX);
+        s.ha_tolerance_limit = ha.limit;
+        s.upgrade = sm
+            .get(UPGRADE_KEY)
+            .ok()
+            .flatten()
+            .and_then(|kv| serde_json::from_slice::<UpgradeRecord>(&kv.value).ok())
+            .map(upgrade_pb);
     }
 
     /// The leader's answer if it can be had, else this node's own.
@@ -210,7 +221,12 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::PoolEvent, Status>> + Se
 impl PoolService for PoolApi {
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::PoolStatus>, Status> {
         let proxied = proxy::is_proxied(&req);
-        Ok(Response::new(self.status_from_leader(proxied).await))
+        let mut s = self.status_from_leader(proxied).await;
+        // Answered here (not relayed from the leader, which added them).
+        if s.answered_by == self.meta.node_id().to_string() {
+            self.add_pool_details(&mut s);
+        }
+        Ok(Response::new(s))
     }
 
     async fn list_nodes(

@@ -230,7 +230,7 @@ async fn images_are_uploaded_checked_named_by_vms_and_kept_while_named() {
         .vms
         .create(pb::CreateVmRequest { ha: None, name: "web".into(), spec: Some(spec.clone()) })
         .await
-        .unwrap();
+        .expect("a VM of pool images is recorded");
     let got = vm.into_inner().spec.unwrap();
     assert_eq!((got.kernel, got.initrd), (format!("image:{}", k.id), format!("image:{}", i.id)));
     assert_eq!(got.disks[0].volume, root.id);

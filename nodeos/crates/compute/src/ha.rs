@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use nodeos_meta::Liveness;
 use nodeos_types::records::{HA_HISTORY, NodeRecord, VmRecord, VmState};
-use nodeos_types::{NodeId, PortId, VmId, unix_millis};
+use nodeos_types::{NodeId, VmId, unix_millis};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -312,7 +312,10 @@ impl Compute {
     }
 
     async fn ha_round(&self, ctl: &mut Controller) -> Result<(), ComputeError> {
-        let vms = self.inner.records.list().await?;
+        // The leader's own copy: no read round every second. Every action
+        // re-reads its VM linearizably (the move's compare-and-swap, the
+        // start's checks), so a copy a moment old costs a refused attempt.
+        let vms = self.inner.records.list_at(nodeos_meta::Consistency::Local).await?;
         if !vms.iter().any(|v| v.ha.restart) {
             return Ok(());
         }
@@ -399,16 +402,7 @@ impl Compute {
         if need(&r, Some(&view)) != Some(Need::Move) {
             return Ok(false);
         }
-        let ports: Vec<PortId> = r.spec.nics.iter().filter_map(|n| n.port).collect();
-        let moves = self
-            .inner
-            .networks
-            .port_moves(&ports, to)
-            .await
-            .map_err(|e| ComputeError::Network(Box::new(e)))?;
-        r.node = to;
         r.state = VmState::Crashed;
-        r.migration = None;
         r.reason = if liveness == Liveness::Dead {
             format!(
                 "HA: node {from} is dead (no lease renewal for {} s); restarting on node {to}",
@@ -417,7 +411,7 @@ impl Compute {
         } else {
             format!("HA: node {from} cannot run it; restarting on node {to}")
         };
-        let moved = self.inner.records.swap(&mut r, rev, moves).await?;
+        let moved = self.hand_over(&mut r, rev, to).await?;
         if moved {
             warn!(vm = %id, from = %from, to = %to, "HA: VM handed to another node");
         }

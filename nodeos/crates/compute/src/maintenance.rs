@@ -172,15 +172,7 @@ impl Compute {
         }
         self.set_maintenance(true).await?;
         let _ = events.send(MaintenanceEvent::Marked);
-        let me = self.inner.cfg.node_id;
-        let vms: Vec<_> = self
-            .inner
-            .records
-            .list()
-            .await?
-            .into_iter()
-            .filter(|v| v.node == me && v.state == VmState::Running)
-            .collect();
+        let vms = self.running_here().await?;
         let results: Vec<bool> = futures::stream::iter(vms)
             .map(|v| {
                 let events = events.clone();
@@ -225,6 +217,13 @@ impl Compute {
         let moved = results.iter().filter(|m| **m).count();
         let _ = events.send(MaintenanceEvent::Done { moved, stayed: results.len() - moved });
         Ok(())
+    }
+
+    /// The VMs whose records say they run on this node (linearizable).
+    pub(crate) async fn running_here(&self) -> Result<Vec<nodeos_types::records::VmRecord>, ComputeError> {
+        let me = self.inner.cfg.node_id;
+        let vms = self.inner.records.list().await?;
+        Ok(vms.into_iter().filter(|v| v.node == me && v.state == VmState::Running).collect())
     }
 
     /// Asks another voter to take leadership if this node leads.

@@ -425,17 +425,8 @@ impl Compute {
         if rec.node != self.inner.cfg.node_id || rec.migration.as_ref().map(|m| m.to) != Some(to) {
             return Err(ComputeError::Migration("the VM's record changed during the migration".into()));
         }
-        let ports: Vec<PortId> = rec.spec.nics.iter().filter_map(|n| n.port).collect();
-        let moves = self
-            .inner
-            .networks
-            .port_moves(&ports, to)
-            .await
-            .map_err(|e| ComputeError::Network(Box::new(e)))?;
-        rec.node = to;
-        rec.migration = None;
         rec.reason = format!("live-migrated from node {}", self.inner.cfg.node_id);
-        match self.inner.records.swap(&mut rec, rev, moves).await {
+        match self.hand_over(&mut rec, rev, to).await {
             Ok(true) => Ok(rec),
             Ok(false) => Err(ComputeError::Migration("the VM's record changed during the migration".into())),
             Err(e) => {

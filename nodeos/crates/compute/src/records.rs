@@ -34,7 +34,12 @@ impl VmRecords {
 
     /// Every VM of the pool (linearizable).
     pub async fn list(&self) -> Result<Vec<VmRecord>, ComputeError> {
-        let (kvs, _) = self.meta.range(VMS_PREFIX, 0, Consistency::Linearizable).await?;
+        self.list_at(Consistency::Linearizable).await
+    }
+
+    /// Every VM of the pool, read with consistency `c` (`Local`: this node's copy).
+    pub async fn list_at(&self, c: Consistency) -> Result<Vec<VmRecord>, ComputeError> {
+        let (kvs, _) = self.meta.range(VMS_PREFIX, 0, c).await?;
         kvs.into_iter()
             .map(|kv| serde_json::from_slice(&kv.value).map_err(|_| ComputeError::Record(kv.key)))
             .collect()
@@ -277,13 +282,13 @@ mod tests {
 
     #[test]
     fn a_workers_panic_is_found_in_its_log() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("a temporary directory");
         let log = dir.path().join("worker.log");
         assert_eq!(worker_panic(&log), None, "no log");
-        std::fs::write(&log, "INFO building VM\nINFO VM running\n").unwrap();
+        std::fs::write(&log, "INFO building VM\nINFO VM running\n").expect("the log written");
         assert_eq!(worker_panic(&log), None);
         let line = format!("{} in thread control at src/worker.rs:1: boom", nodeos_vmm::worker::PANIC_MARK);
-        std::fs::write(&log, format!("INFO building VM\n{line}\n")).unwrap();
+        std::fs::write(&log, format!("INFO building VM\n{line}\n")).expect("the log written");
         assert_eq!(worker_panic(&log), Some(line));
     }
 

@@ -27,7 +27,7 @@ use nodeos_meta::{Command, Consistency};
 use nodeos_types::records::{
     NodeRecord, RemovedNode, VmRecord, VmState, VolumeRecord, VolumeState, node_key, removed_node_key,
 };
-use nodeos_types::{NodeId, PortId, unix_millis};
+use nodeos_types::{NodeId, unix_millis};
 use tracing::{info, warn};
 
 use crate::error::ComputeError;
@@ -170,8 +170,9 @@ impl Compute {
             self.mark_removing(r).await?;
         }
         let mut vms_rehomed = Vec::new();
+        let views = ha::views(&nodes, &vms, |n| meta.liveness(n).0);
         for v in vms.iter().filter(|v| v.node == target) {
-            if let Some(to) = self.rehome(v, target, &nodes, &vms).await? {
+            if let Some(to) = self.rehome(v, target, &views).await? {
                 info!(vm = %v.id, name = %v.name, from = %target, to = %to, "VM re-homed off a node being removed");
                 vms_rehomed.push(v.name.clone());
             }
@@ -229,13 +230,10 @@ impl Compute {
         &self,
         v: &VmRecord,
         from: NodeId,
-        nodes: &[NodeRecord],
-        vms: &[VmRecord],
+        views: &[ha::NodeView],
     ) -> Result<Option<NodeId>, ComputeError> {
-        let meta = self.inner.records.meta();
-        let views = ha::views(nodes, vms, |n| meta.liveness(n).0);
-        let to = ha::place(v.spec.memory_mib, &views, &[from])
-            .or_else(|| ha::place(0, &views, &[from]))
+        let to = ha::place(v.spec.memory_mib, views, &[from])
+            .or_else(|| ha::place(0, views, &[from]))
             .ok_or_else(|| {
                 ComputeError::Removal(format!("no live node in service can take VM {}", v.name))
             })?;
@@ -243,20 +241,11 @@ impl Compute {
         if r.node != from {
             return Ok(None);
         }
-        let ports: Vec<PortId> = r.spec.nics.iter().filter_map(|n| n.port).collect();
-        let moves = self
-            .inner
-            .networks
-            .port_moves(&ports, to)
-            .await
-            .map_err(|e| ComputeError::Network(Box::new(e)))?;
         if r.state != VmState::Stopped {
             r.state = VmState::Crashed;
         }
-        r.node = to;
-        r.migration = None;
         r.reason = format!("its node {from} was removed from the pool");
-        if self.inner.records.swap(&mut r, rev, moves).await? {
+        if self.hand_over(&mut r, rev, to).await? {
             Ok(Some(to))
         } else {
             Err(ComputeError::Removal(format!("VM {} changed during the removal; try again", v.name)))
@@ -264,13 +253,14 @@ impl Compute {
     }
 
     /// Drops `node`'s copy from the stranded extents of one volume
-    /// (compare-and-swap; a conflict is settled by the next round).
+    /// (compare-and-swap; a conflict drops nothing and is settled by the
+    /// next round). How many copies it dropped.
     async fn drop_stranded(
         &self,
         id: nodeos_types::VolumeId,
         node: NodeId,
         takers: &BTreeSet<NodeId>,
-    ) -> Result<(), ComputeError> {
+    ) -> Result<usize, ComputeError> {
         let volumes = &self.inner.volumes;
         let (mut r, rev) =
             volumes.get(&id.to_string()).await.map_err(|e| ComputeError::Volume(Box::new(e)))?;
@@ -282,9 +272,9 @@ impl Compute {
         match volumes.put_if(&r, rev).await {
             Ok(_) => {
                 info!(volume = %r.name, extents = extents.len(), node = %node, "copies on a node being removed dropped: no other node can take them");
-                Ok(())
+                Ok(extents.len())
             }
-            Err(nodeos_volumes::VolumeError::Conflict) => Ok(()),
+            Err(nodeos_volumes::VolumeError::Conflict) => Ok(0),
             Err(e) => Err(ComputeError::Volume(Box::new(e))),
         }
     }
@@ -305,13 +295,13 @@ impl Compute {
                 .filter(|n| meta.liveness(n.id).0 == Liveness::Alive)
                 .map(|n| n.id)
                 .collect();
+            let mut dropped = 0;
             for r in volumes.iter().filter(|r| r.state == VolumeState::Available) {
                 if stranded(&r.placement, node, &takers).next().is_some() {
-                    self.drop_stranded(r.id, node, &takers).await?;
+                    dropped += self.drop_stranded(r.id, node, &takers).await?;
                 }
             }
-            let volumes = self.inner.volumes.list().await.map_err(|e| ComputeError::Volume(Box::new(e)))?;
-            let left = copies_on(node, &volumes);
+            let left = copies_on(node, &volumes).saturating_sub(dropped);
             if left == 0 {
                 return Ok(());
             }

@@ -218,7 +218,7 @@ mod tests {
     use std::io::Read;
 
     use super::*;
-    use nodeos_types::records::{CloudInit, VmSpec, VmState};
+    use nodeos_types::records::{CloudInit, VmState};
     use nodeos_types::{NodeId, VmId};
 
     /// Files by name and contents.
@@ -353,16 +353,7 @@ mod tests {
 
     #[test]
     fn a_vm_seed_defaults_its_host_name_to_the_vm_name() {
-        let spec = VmSpec {
-            vcpus: 1,
-            memory_mib: 64,
-            kernel: "/k".into(),
-            initrd: None,
-            cmdline: String::new(),
-            disks: vec![],
-            nics: vec![],
-            cloud_init: None,
-        };
+        let spec = crate::records::test_spec();
         let mut r = crate::records::new_record(VmId(0xab), "web-1", spec, NodeId(1));
         r.state = VmState::Stopped;
         assert_eq!(Seed::for_vm(&r), None, "no cloud-init, no seed");

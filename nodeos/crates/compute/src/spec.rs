@@ -467,9 +467,9 @@ mod tests {
 
     #[test]
     fn host_paths_are_refused_unless_under_the_configured_directory() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("a temporary directory");
         let inside = dir.path().join("k.elf");
-        std::fs::write(&inside, b"k").unwrap();
+        std::fs::write(&inside, b"k").expect("the kernel file written");
         let spec = |kernel: &str, disk: Option<&str>| VmSpec {
             kernel: kernel.into(),
             disks: disk
@@ -501,7 +501,7 @@ mod tests {
         ));
         // A symlink inside that points out.
         let link = dir.path().join("out");
-        std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &link).expect("the symlink made");
         let link = link.display().to_string();
         assert!(matches!(
             check_host_paths(&spec(&link, None), &under),

@@ -417,6 +417,28 @@ impl Compute {
         }
     }
 
+    /// Hands a VM to node `to`: one compare-and-swap of its record `r`
+    /// (loaded at `rev`, its state and reason already set by the caller) that
+    /// moves its switch ports in the same transaction. `Ok(false)`: the record
+    /// changed meanwhile; nothing was written.
+    pub(crate) async fn hand_over(
+        &self,
+        r: &mut VmRecord,
+        rev: u64,
+        to: NodeId,
+    ) -> Result<bool, ComputeError> {
+        let ports: Vec<PortId> = r.spec.nics.iter().filter_map(|n| n.port).collect();
+        let moves = self
+            .inner
+            .networks
+            .port_moves(&ports, to)
+            .await
+            .map_err(|e| ComputeError::Network(Box::new(e)))?;
+        r.node = to;
+        r.migration = None;
+        self.inner.records.swap(r, rev, moves).await
+    }
+
     pub(crate) fn here(&self, r: &VmRecord) -> Result<(), ComputeError> {
         if r.node != self.inner.cfg.node_id {
             return Err(ComputeError::Elsewhere { vm: r.id.to_string(), node: r.node });

@@ -117,7 +117,11 @@ pub fn next_step(r: &UpgradeRecord) -> Step {
 
 impl Compute {
     async fn load_upgrade(&self) -> Result<Option<(UpgradeRecord, u64)>, ComputeError> {
-        let (kv, _) = self.inner.records.meta().get(UPGRADE_KEY, Consistency::Linearizable).await?;
+        self.load_upgrade_at(Consistency::Linearizable).await
+    }
+
+    async fn load_upgrade_at(&self, c: Consistency) -> Result<Option<(UpgradeRecord, u64)>, ComputeError> {
+        let (kv, _) = self.inner.records.meta().get(UPGRADE_KEY, c).await?;
         kv.map(|kv| {
             serde_json::from_slice(&kv.value)
                 .map(|r| (r, kv.mod_revision))
@@ -243,6 +247,12 @@ impl Compute {
     }
 
     async fn upgrade_round(&self, gate: &mut Option<tokio::time::Instant>) -> Result<(), ComputeError> {
+        // Most of the time no upgrade runs: the leader's own copy says so
+        // without a read round.
+        let running = self.load_upgrade_at(Consistency::Local).await?;
+        if running.is_none_or(|(r, _)| r.state != UpgradeState::Running) {
+            return Ok(());
+        }
         let Some((mut r, rev)) = self.load_upgrade().await? else { return Ok(()) };
         let meta = self.inner.records.meta();
         let nodes = self.inner.records.nodes().await?;
@@ -433,16 +443,7 @@ impl Compute {
         if !self.in_maintenance().await? {
             self.enter_maintenance(tx).await?;
         }
-        let me = self.inner.cfg.node_id;
-        let still: Vec<String> = self
-            .inner
-            .records
-            .list()
-            .await?
-            .into_iter()
-            .filter(|v| v.node == me && v.state == nodeos_types::records::VmState::Running)
-            .map(|v| v.name)
-            .collect();
+        let still: Vec<String> = self.running_here().await?.into_iter().map(|v| v.name).collect();
         if !still.is_empty() {
             return Err(ComputeError::Upgrade(format!(
                 "VMs still run here after the drain: {}",

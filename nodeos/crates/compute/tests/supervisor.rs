@@ -252,7 +252,8 @@ impl Bed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_lives_through_start_pause_resume_stop_and_delete() {
     let bed = Bed::new().await;
-    let r = bed.compute.create("web", bed.spec(), vec![], Default::default()).await.unwrap();
+    let r =
+        bed.compute.create("web", bed.spec(), vec![], Default::default()).await.expect("the VM is recorded");
     assert_eq!((r.state, r.node), (VmState::Stopped, ME));
     assert_eq!(bed.compute.resolve(&r.id.to_string()).await.unwrap().name, "web");
 
@@ -284,14 +285,14 @@ async fn a_vm_lives_through_start_pause_resume_stop_and_delete() {
     assert!(matches!(bed.compute.resolve("web").await, Err(ComputeError::NotFound(_))));
     assert!(matches!(bed.compute.resolve(&r.id.to_string()).await, Err(ComputeError::NotFound(_))));
     // The name is free again.
-    bed.compute.create("web", bed.spec(), vec![], Default::default()).await.unwrap();
+    bed.compute.create("web", bed.spec(), vec![], Default::default()).await.expect("the VM is recorded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_that_ignores_the_shutdown_request_is_killed_after_the_timeout() {
     let bed = Bed::new().await;
     bed.launcher.set(Script { deaf: true, ..Script::default() });
-    bed.compute.create("deaf", bed.spec(), vec![], Default::default()).await.unwrap();
+    bed.compute.create("deaf", bed.spec(), vec![], Default::default()).await.expect("the VM is recorded");
     bed.compute.start("deaf").await.unwrap();
     let t0 = Instant::now();
     let r = bed.compute.stop("deaf", false, Duration::from_millis(300)).await.unwrap();
@@ -307,7 +308,7 @@ async fn a_guest_that_ignores_the_shutdown_request_is_killed_after_the_timeout()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_dies_unasked_leaves_the_vm_crashed_with_the_reason_and_never_restarts_it() {
     let bed = Bed::new().await;
-    bed.compute.create("frail", bed.spec(), vec![], Default::default()).await.unwrap();
+    bed.compute.create("frail", bed.spec(), vec![], Default::default()).await.expect("the VM is recorded");
     bed.compute.start("frail").await.unwrap();
     bed.launcher.crash_last(11);
     let why = bed.wait_state("frail", VmState::Crashed).await;
@@ -323,7 +324,7 @@ async fn a_refused_start_leaves_the_vm_stopped_with_the_workers_words() {
     let bed = Bed::new().await;
     bed.launcher
         .set(Script { refuse_start: Some("kernel does not load: bad magic".into()), ..Script::default() });
-    bed.compute.create("bad", bed.spec(), vec![], Default::default()).await.unwrap();
+    bed.compute.create("bad", bed.spec(), vec![], Default::default()).await.expect("the VM is recorded");
     let e = bed.compute.start("bad").await.unwrap_err();
     assert!(matches!(e, ComputeError::Worker(ProcessError::Refused(_))), "{e:?}");
     let (state, why) = bed.state("bad").await;
@@ -335,7 +336,7 @@ async fn a_refused_start_leaves_the_vm_stopped_with_the_workers_words() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_specs_and_names_are_refused_before_anything_is_recorded() {
     let bed = Bed::new().await;
-    bed.compute.create("one", bed.spec(), vec![], Default::default()).await.unwrap();
+    bed.compute.create("one", bed.spec(), vec![], Default::default()).await.expect("the VM is recorded");
     assert!(matches!(
         bed.compute.create("one", bed.spec(), vec![], Default::default()).await,
         Err(ComputeError::NameTaken(_))
@@ -382,7 +383,8 @@ async fn bad_specs_and_names_are_refused_before_anything_is_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_of_other_nodes_are_theirs_to_change() {
     let bed = Bed::new().await;
-    let mut r = bed.compute.create("far", bed.spec(), vec![], Default::default()).await.unwrap();
+    let mut r =
+        bed.compute.create("far", bed.spec(), vec![], Default::default()).await.expect("the VM is recorded");
     r.node = NodeId(2);
     bed.pool.first().write(Command::put(vm_key(r.id), serde_json::to_vec(&r).unwrap())).await.unwrap();
     for e in [
@@ -398,10 +400,20 @@ async fn vms_of_other_nodes_are_theirs_to_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_that_ran_when_the_node_stopped_are_marked_crashed_on_restart() {
     let bed = Bed::new().await;
-    let running = bed.compute.create("was-running", bed.spec(), vec![], Default::default()).await.unwrap();
-    bed.compute.create("was-stopped", bed.spec(), vec![], Default::default()).await.unwrap();
-    let mut elsewhere =
-        bed.compute.create("elsewhere", bed.spec(), vec![], Default::default()).await.unwrap();
+    let running = bed
+        .compute
+        .create("was-running", bed.spec(), vec![], Default::default())
+        .await
+        .expect("the VM is recorded");
+    bed.compute
+        .create("was-stopped", bed.spec(), vec![], Default::default())
+        .await
+        .expect("the VM is recorded");
+    let mut elsewhere = bed
+        .compute
+        .create("elsewhere", bed.spec(), vec![], Default::default())
+        .await
+        .expect("the VM is recorded");
     // As the records were when the previous node process died.
     let meta = bed.pool.first();
     for (mut r, node) in [(running.clone(), ME), (elsewhere.clone(), NodeId(2))] {
@@ -461,7 +473,7 @@ async fn a_vm_with_cloud_init_gets_its_seed_as_the_last_read_only_disk() {
         ssh_authorized_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5 me@laptop".into()],
         hostname: "web-1".into(),
     });
-    let r = bed.compute.create("cloudy", s, vec![], Default::default()).await.unwrap();
+    let r = bed.compute.create("cloudy", s, vec![], Default::default()).await.expect("the VM is recorded");
     bed.compute.start("cloudy").await.unwrap();
 
     let cfg = bed.launcher.last_config();
@@ -490,7 +502,7 @@ async fn a_vm_with_cloud_init_gets_its_seed_as_the_last_read_only_disk() {
     assert!(!seed.path.exists(), "the seed outlived its VM");
 
     // Without cloud-init there is no seed disk.
-    bed.compute.create("plain", bed.spec(), vec![], Default::default()).await.unwrap();
+    bed.compute.create("plain", bed.spec(), vec![], Default::default()).await.expect("the VM is recorded");
     bed.compute.start("plain").await.unwrap();
     assert!(bed.launcher.last_config().disks.is_empty());
 }
@@ -543,7 +555,7 @@ async fn a_vm_booting_pool_images_gets_their_exact_bytes_in_its_directory() {
     let mut s = bed.spec();
     s.kernel = "image:k".into();
     s.initrd = Some(format!("image:{}", i.id));
-    let r = bed.compute.create("imaged", s, vec![], Default::default()).await.unwrap();
+    let r = bed.compute.create("imaged", s, vec![], Default::default()).await.expect("the VM is recorded");
     // The record names the images by id, whatever they were asked by.
     assert_eq!(
         (r.spec.kernel.clone(), r.spec.initrd.clone()),
@@ -599,7 +611,7 @@ async fn a_vm_booting_pool_images_gets_their_exact_bytes_in_its_directory() {
 async fn a_vm_gets_the_pools_cpu_baseline_the_intersection_of_every_nodes_cpu() {
     use nodeos_types::cpu::{CpuModel, FEATURE_WORDS};
     let bed = Bed::new().await;
-    bed.compute.create("plain", bed.spec(), vec![], Default::default()).await.unwrap();
+    bed.compute.create("plain", bed.spec(), vec![], Default::default()).await.expect("the VM is recorded");
     bed.compute.start("plain").await.unwrap();
     assert_eq!(bed.launcher.last_config().cpu_baseline, None, "no node recorded its CPU");
 
@@ -616,7 +628,7 @@ async fn a_vm_gets_the_pools_cpu_baseline_the_intersection_of_every_nodes_cpu() 
     // Another node with fewer features; a node without KVM does not narrow the baseline.
     bed.pool.put_node(&NodeRecord { cpu: Some(cpu(0b0111)), ..node_record(NodeId(ME.0 + 1)) }).await.unwrap();
     bed.pool.put_node(&node_record(NodeId(ME.0 + 2))).await.unwrap();
-    bed.compute.create("narrowed", bed.spec(), vec![], Default::default()).await.unwrap();
+    bed.compute.create("narrowed", bed.spec(), vec![], Default::default()).await.expect("the VM is recorded");
     bed.compute.start("narrowed").await.unwrap();
     let base = bed.launcher.last_config().cpu_baseline.expect("a baseline");
     assert!(FEATURE_WORDS.iter().all(|w| base.word(*w) == 0b0110), "{base:?}");
