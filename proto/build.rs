@@ -38,6 +38,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         "nodeos/v1/network.proto",
         "nodeos/v1/node.proto",
         "nodeos/v1/pxe.proto",
+        "nodeos/v1/auth.proto",
     ];
     let fds = Config::new()
         .file_descriptor_set_path(out.join("nodeos_descriptor.bin"))

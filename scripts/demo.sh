@@ -15,6 +15,10 @@ start() {
   if [[ ! -f $DEMO/pool.key ]]; then
     (umask 077; head -c 32 /dev/urandom | base64 > "$DEMO/pool.key")
   fi
+  # The demo pool speaks mutual TLS like any other: an admin credential made
+  # from its key, saved as context "demo" of the CLI config (and made current).
+  "$BIN" --endpoint "$SEEDS" auth bootstrap --offline --pool-key-file "$DEMO/pool.key" \
+    --name demo-admin --save-as demo >/dev/null
   for i in 0 1 2; do
     if running "$i"; then continue; fi
     "$BIN" node --data-dir "$DEMO/n$i" --pool demo --pool-key-file "$DEMO/pool.key" \
@@ -27,7 +31,7 @@ start() {
   done
   echo "waiting for the pool to form..."
   for _ in $(seq 1 60); do
-    if "$BIN" --endpoint 127.0.0.1:7700 --request-timeout 3 pool status -o json 2>/dev/null \
+    if "$BIN" --context demo --request-timeout 3 pool status -o json 2>/dev/null \
         | python3 -c '
 import json, sys
 try:
@@ -36,15 +40,16 @@ except ValueError:
     sys.exit(1)
 v = [m for m in s["members"] if m["role"] in ("leader", "voter") and m["health"] == "healthy"]
 sys.exit(0 if s["pool_id"] and len(v) >= 3 else 1)'; then
-      "$BIN" --endpoint 127.0.0.1:7700 pool status
+      "$BIN" --context demo pool status
       demo_vm
       cat <<'TXT'
 
 The pool is up. Try:
-  target/debug/nodeos pool status                 # any node answers; default endpoint 127.0.0.1:7700
+  target/debug/nodeos pool status                 # any node answers; context "demo" (nodeos config get-contexts)
   target/debug/nodeos node list -o json
   target/debug/nodeos meta put greeting hello     # a replicated write
   target/debug/nodeos --endpoint 127.0.0.1:7702 meta get greeting
+  target/debug/nodeos audit list                  # who changed what (mutual TLS, credentials: README "Security")
   target/debug/nodeos pool watch                  # stream pool events (Ctrl-C to stop)
   target/debug/nodeos vm list                     # VMs; `vm console hello --from-start` shows the guest's serial output
 Stop it with: make demo-stop   (state stays in ./.demo; rm -rf .demo to start afresh)

@@ -18,7 +18,9 @@ ALLOWED = {
     "nodeos-types": set(),
     "nodeos-proto": set(),
     "nodeos-hv": {"nodeos-types"},
-    "nodeos-meta": {"nodeos-types", "nodeos-proto"},
+    # The pool CA, credentials, roles and TLS: needs only the pool key.
+    "nodeos-auth": {"nodeos-types", "nodeos-proto"},
+    "nodeos-meta": {"nodeos-types", "nodeos-proto", "nodeos-auth"},
     "nodeos-pool": {"nodeos-types", "nodeos-meta"},
     # The block layer's data path: replicas, the volume client, NBD. No meta.
     "nodeos-block": {"nodeos-types"},
@@ -39,7 +41,7 @@ ALLOWED = {
     "nodeos-pxe": {"nodeos-types", "nodeos-meta", "nodeos-dhcp", "nodeos-image"},
     "nodeos-api": {"nodeos-types", "nodeos-proto", "nodeos-meta", "nodeos-pool",
                    "nodeos-compute", "nodeos-block", "nodeos-volumes", "nodeos-switch",
-                   "nodeos-network", "nodeos-pxe", "nodeos-image"},
+                   "nodeos-network", "nodeos-pxe", "nodeos-image", "nodeos-auth"},
     "nodeos-tests": {"nodeos-types", "nodeos-proto"},
     "nodeos-bench": {"nodeos-types", "nodeos-proto"},
     "image-builder": {"nodeos-types", "nodeos-image"},
@@ -56,6 +58,7 @@ NEVER_REACHES = {
     "nodeos-switch": CONTROL_PLANE,
     "nodeos-dhcp": CONTROL_PLANE | {"nodeos-switch"},
     "nodeos-types": CONTROL_PLANE,
+    "nodeos-auth": CONTROL_PLANE,
 }
 
 

@@ -61,6 +61,15 @@ enum Cmd {
     /// The pool boots new machines from its own image over PXE.
     #[command(subcommand)]
     Pxe(cli::pxe::PxeCmd),
+    /// Credentials: the first admin (`bootstrap`, with the pool key), issuing, revoking.
+    #[command(subcommand)]
+    Auth(cli::auth::AuthCmd),
+    /// The audit trail of calls that changed the pool.
+    #[command(subcommand)]
+    Audit(cli::auth::AuditCmd),
+    /// Contexts of the config file: which pool, which credential, which endpoints.
+    #[command(subcommand)]
+    Config(cli::config::ConfigCmd),
     /// PID 1 of the node image; anywhere else, `--dry-run` checks a boot configuration.
     Init(init::InitArgs),
     /// The per-VM worker process; started by the node, never by hand.
@@ -102,6 +111,14 @@ fn main() -> ExitCode {
         Cmd::SecurityGroup(g) => cli::run(&args.global, |c| Box::pin(cli::network::run_security_group(c, g))),
         Cmd::Switch(s) => cli::run(&args.global, |c| Box::pin(cli::network::run_switch(c, s))),
         Cmd::Pxe(p) => cli::run(&args.global, |c| Box::pin(cli::pxe::run(c, p))),
+        Cmd::Auth(a @ cli::auth::AuthCmd::Bootstrap { .. }) => {
+            cli::run_local(|| cli::auth::bootstrap(&args.global, a))
+        }
+        Cmd::Auth(a) => cli::run(&args.global, |c| Box::pin(cli::auth::run(c, a))),
+        Cmd::Audit(a) => cli::run(&args.global, |c| Box::pin(cli::auth::run_audit(c, a))),
+        Cmd::Config(c) => cli::run_local(|| async {
+            cli::config::run(args.global.config.as_deref(), args.global.output, c)
+        }),
         Cmd::Init(a) => init::cli(a),
         Cmd::VmWorker { control_fd } => nodeos_vmm::worker::main(control_fd),
     }

@@ -14,6 +14,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use nodeos_api::ApiConfig;
+use nodeos_api::auth::Signer;
+use nodeos_auth::PoolCa;
+use nodeos_auth::tls::TlsState;
 use nodeos_block::replica::Replica;
 use nodeos_block::store::ExtentStore;
 use nodeos_block::store::device::DeviceStore;
@@ -31,6 +34,7 @@ use nodeos_pool::{Formation, FormationConfig};
 use nodeos_pxe::agent::{PxeAgent, PxeAgentConfig, cmdline_safe_key};
 use nodeos_pxe::source::ImageSource;
 use nodeos_switch::switch::SwitchHandle;
+use nodeos_types::NodeId;
 use nodeos_types::auth::PoolKey;
 use nodeos_volumes::exports::VolumeExports;
 use nodeos_volumes::{Controller, ControllerConfig, Volumes};
@@ -118,6 +122,11 @@ pub struct DaemonArgs {
     /// images and use volumes. Devices are never taken.
     #[arg(long, env = "NODEOS_HOST_IMAGES_DIR", value_name = "DIR")]
     pub host_images_dir: Option<PathBuf>,
+    /// Development only: serve the API and peer port in plaintext, every
+    /// caller an admin. Refused unless --listen and --advertise are loopback
+    /// addresses. Without it the port speaks mutual TLS with the pool's CA.
+    #[arg(long, env = "NODEOS_PLAINTEXT_LOOPBACK")]
+    pub plaintext_loopback: bool,
 }
 
 /// A validated daemon configuration.
@@ -151,6 +160,8 @@ pub struct NodeConfig {
     /// The pool key's text when a kernel command line can carry it (for PXE-booted machines).
     pub key_text: Option<String>,
     pub pxe_source: ImageSource,
+    /// Plaintext API on loopback (development), else mutual TLS.
+    pub plaintext: bool,
 }
 
 /// Where the image served over PXE comes from: the image this node runs (its daemon is the
@@ -230,7 +241,14 @@ impl TryFrom<DaemonArgs> for NodeConfig {
         if vxlan_advertise.port() == 0 {
             bail!("--vxlan-listen {} needs a concrete port", a.vxlan_listen);
         }
+        if a.plaintext_loopback && !(a.listen.ip().is_loopback() && advertise.ip().is_loopback()) {
+            bail!(
+                "--plaintext-loopback is for a pool on one machine: --listen {} and --advertise {advertise} must be loopback addresses (without it the port speaks mutual TLS)",
+                a.listen
+            );
+        }
         Ok(NodeConfig {
+            plaintext: a.plaintext_loopback,
             pxe_source: pxe_source(a.pxe_bundle, a.image_hash.as_deref().unwrap_or_default(), &data_dir),
             key_text,
             image_hash: a.image_hash.unwrap_or_default(),
@@ -337,12 +355,60 @@ fn hostname() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
 }
 
+/// Generation of the pool CA this node signs with.
+const CA_GENERATION: u32 = nodeos_auth::ca::FIRST_GENERATION;
+
+/// Mutual TLS for the API port: this node's certificate from the pool CA
+/// (renewed in the background well before it expires); `None` when the
+/// operator chose plaintext on loopback, said loudly.
+fn api_tls(cfg: &NodeConfig, me: NodeId) -> anyhow::Result<Option<(TlsState, Signer)>> {
+    if cfg.plaintext {
+        tracing::warn!(
+            listen = %cfg.listen,
+            "PLAINTEXT API ON LOOPBACK: no TLS, no credentials, every local caller is an admin. For development only; never on a network"
+        );
+        return Ok(None);
+    }
+    let ca = Arc::new(PoolCa::derive(&cfg.key, CA_GENERATION).context("deriving the pool CA")?);
+    let mut addrs = vec![cfg.advertise.ip()];
+    if !cfg.listen.ip().is_unspecified() && cfg.listen.ip() != cfg.advertise.ip() {
+        addrs.push(cfg.listen.ip());
+    }
+    let id = me.to_string();
+    let cred = ca.issue_node(&id, &addrs).context("making this node's certificate")?;
+    let trusted = ca.cert_pem().to_owned();
+    let state = TlsState::new(&cred, &trusted).context("TLS configuration")?;
+    info!(ca_generation = CA_GENERATION, addresses = ?addrs, "API port speaks mutual TLS with the pool CA");
+    let renew = state.clone();
+    let (renew_ca, renew_trusted) = (ca.clone(), trusted.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(nodeos_auth::ca::NODE_CERT_TTL / 3).await;
+            match renew_ca
+                .issue_node(&id, &addrs)
+                .map_err(anyhow::Error::new)
+                .and_then(|c| renew.set(&c, &renew_trusted).map_err(anyhow::Error::new))
+            {
+                Ok(()) => info!("node certificate renewed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot renew this node's certificate; retrying at the next period")
+                }
+            }
+        }
+    });
+    Ok(Some((state, Signer { ca, trusted_pem: trusted })))
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let dir = DataDir::open(&cfg.data_dir, &cfg.pool)?;
     let me = dir.node_id;
     info!(node = %me, pool = %cfg.pool, key = %cfg.key.fingerprint(), data_dir = %dir.path.display(), "starting node");
-    let peers = PeerClient::new(me, cfg.key.clone());
+    let tls = api_tls(&cfg, me)?;
+    let peers = match &tls {
+        Some((state, _)) => PeerClient::new(me, cfg.key.clone()).with_tls(state.connector()),
+        None => PeerClient::new(me, cfg.key.clone()),
+    };
     let meta_cfg = MetaConfig { leases: cfg.leases, ..MetaConfig::new(dir.meta_dir(), me, cfg.key.clone()) };
     let meta = MetaHandle::start(meta_cfg, peers).await.context("starting the metadata store")?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -475,7 +541,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let mut api_stop = stop_rx.clone();
     let mut api = tokio::spawn(nodeos_api::serve(
         listener,
-        ApiConfig { pool_name: cfg.pool.clone() },
+        ApiConfig { pool_name: cfg.pool.clone(), tls },
         meta.clone(),
         formation,
         compute,

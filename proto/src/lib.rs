@@ -12,6 +12,7 @@
 //! - `nodeos/v1/peer.proto`: `PeerService`, the authenticated node-to-node API
 //!   (raft RPCs, discovery hello, join, request forwarding).
 //! - `nodeos/v1/pxe.proto`: `PxeService`, the pool booting new machines from its image.
+//! - `nodeos/v1/auth.proto`: `AuthService` (credentials) and `AuditService` (the audit trail).
 //! - `text.rs`: how messages read as text: enum fields by name, bytes as UTF-8;
 //!   the public messages derive `serde::Serialize` with these (see `build.rs`).
 //!

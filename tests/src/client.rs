@@ -62,6 +62,74 @@ where
     }
 }
 
+/// An admin credential for one test's pool, made offline from its pool key
+/// by the CLI (`nodeos auth bootstrap --offline`) into a config file.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The CLI config file holding it (`--config`).
+    pub config: std::path::PathBuf,
+    tls: tonic::transport::ClientTlsConfig,
+}
+
+impl Credentials {
+    /// Runs `bin auth bootstrap --offline` for the pool of `key_file`, into `config`.
+    pub fn bootstrap(
+        bin: &std::path::Path,
+        key_file: &std::path::Path,
+        config: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let out = std::process::Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .args(["-o", "json", "auth", "bootstrap", "--offline", "--name", "tests", "--pool-key-file"])
+            .arg(key_file)
+            .output()
+            .context("running nodeos auth bootstrap")?;
+        if !out.status.success() {
+            bail!("nodeos auth bootstrap failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Self::load(config)
+    }
+
+    /// The current context of the CLI config file `config`.
+    pub fn load(config: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read(config).with_context(|| format!("reading {}", config.display()))?;
+        let v: serde_json::Value = serde_json::from_slice(&text).context("the CLI config is not JSON")?;
+        let cur = v["current_context"].as_str().context("no current context")?;
+        Self::from_context(config, &v["contexts"][cur])
+    }
+
+    /// A credential file written by `nodeos auth issue --out FILE` (one context).
+    pub fn from_file(file: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&text).context("the credential file is not JSON")?;
+        Self::from_context(file, &v)
+    }
+
+    fn from_context(config: &std::path::Path, ctx: &serde_json::Value) -> anyhow::Result<Self> {
+        let field =
+            |k: &str| ctx[k].as_str().map(str::to_owned).with_context(|| format!("no {k} in the credential"));
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(field("ca_pem")?))
+            .identity(tonic::transport::Identity::from_pem(field("cert_pem")?, field("key_pem")?))
+            .domain_name("nodeos");
+        Ok(Credentials { config: config.to_owned(), tls })
+    }
+}
+
+/// The endpoint of a node's API at `addr`, over mutual TLS when `creds`.
+pub fn endpoint(addr: SocketAddr, creds: Option<&Credentials>) -> anyhow::Result<Endpoint> {
+    let ep =
+        Endpoint::from_shared(format!("http://{addr}")).with_context(|| format!("endpoint for {addr}"))?;
+    Ok(match creds {
+        Some(c) => Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(c.tls.clone())
+            .context("TLS configuration")?,
+        None => ep,
+    })
+}
+
 /// One node's public API. Cheap to clone; connects lazily and reconnects
 /// after the node restarts.
 #[derive(Debug, Clone)]
@@ -71,12 +139,10 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(addr: SocketAddr) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .with_context(|| format!("endpoint for {addr}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .connect_lazy();
+    /// `creds`: mutual TLS with them; `None`: plaintext.
+    pub fn new(addr: SocketAddr, creds: Option<&Credentials>) -> anyhow::Result<Self> {
+        let channel =
+            endpoint(addr, creds)?.connect_timeout(CONNECT_TIMEOUT).timeout(CALL_TIMEOUT).connect_lazy();
         Ok(Client { addr, channel })
     }
 

@@ -19,7 +19,7 @@ use nodeos_proto::v1 as pb;
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 
-use crate::client::{Client, Violation, check_shape, describe, voters_in, wait_until};
+use crate::client::{Client, Credentials, Violation, check_shape, describe, voters_in, wait_until};
 use crate::env::{Env, TMP_PREFIX};
 use crate::netns::TestNet;
 use crate::node::{NodeProc, NodeSpec};
@@ -54,6 +54,8 @@ pub struct Cluster {
     tracker: Arc<Tracker>,
     bin: PathBuf,
     key_file: PathBuf,
+    /// The admin credential the harness calls the pool with.
+    creds: Credentials,
     dir: PathBuf,
     tmp: Option<TempDir>,
     started: Instant,
@@ -77,6 +79,7 @@ impl Cluster {
         let dir = tmp.path().to_owned();
         let key_file = dir.join("pool.key");
         write_key(&key_file)?;
+        let creds = Credentials::bootstrap(&env.bin, &key_file, &dir.join("cli.json"))?;
         let net = TestNet::new().context("creating the test network")?;
         eprintln!("nodeos-tests: {name}: bridge {} in {}", net.bridge_ip(), dir.display());
         Ok(Cluster {
@@ -86,6 +89,7 @@ impl Cluster {
             tracker: Arc::default(),
             bin: env.bin.clone(),
             key_file,
+            creds,
             dir,
             tmp: Some(tmp),
             started: Instant::now(),
@@ -188,7 +192,32 @@ impl Cluster {
     }
 
     pub fn client(&self, i: usize) -> anyhow::Result<Client> {
-        Client::new(self.node(i)?.addr)
+        Client::new(self.node(i)?.addr, Some(&self.creds))
+    }
+
+    /// An admin credential for the pool of `key_file` (another pool's, for a
+    /// node started with another key), made offline by the CLI.
+    pub fn credentials_for(&self, key_file: &Path, name: &str) -> anyhow::Result<Credentials> {
+        Credentials::bootstrap(&self.bin, key_file, &self.dir.join(format!("{name}.cli.json")))
+    }
+
+    /// Node `i`'s own view (as [`Cluster::local_status`]), called with `creds`.
+    pub async fn local_status_as(&self, i: usize, creds: &Credentials) -> anyhow::Result<pb::PoolStatus> {
+        Client::new(self.node(i)?.addr, Some(creds))?.local_status().await
+    }
+
+    /// A connected channel to node `i`'s API, with the test's admin credential.
+    pub async fn channel(&self, i: usize) -> anyhow::Result<tonic::transport::Channel> {
+        let addr = self.node(i)?.addr;
+        crate::client::endpoint(addr, Some(&self.creds))?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to node {i} at {addr}"))
+    }
+
+    /// The CLI config file holding the test's admin credential (`--config`).
+    pub fn cli_config(&self) -> &Path {
+        &self.creds.config
     }
 
     /// Status via node `i` (the leader's view, relayed), recorded.
@@ -317,6 +346,8 @@ impl Cluster {
     pub async fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<serde_json::Value> {
         let addr = self.node(i)?.addr.to_string();
         let run = tokio::process::Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.creds.config)
             .args(["--endpoint", &addr, "--request-timeout", "10", "-o", "json"])
             .args(args)
             .stdin(std::process::Stdio::null())

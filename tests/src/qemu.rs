@@ -93,15 +93,22 @@ pub struct Lab {
     pub disk_mib: u64,
     /// Appended to every machine's kernel command line (` nodeos.x=y ...`).
     pub extra_cmdline: String,
+    /// The admin credential the CLI calls the pool with.
+    pub creds: crate::client::Credentials,
 }
 
 impl Lab {
     pub fn new(built: BuiltImage, bin: PathBuf) -> anyhow::Result<Self> {
         let (image, image_hash) = (built.dir, built.hash);
         let key: String = (0..32).map(|_| format!("{:x}", rand::random::<u8>() & 0xf)).collect();
+        let dir = tempfile::tempdir()?;
+        let key_file = dir.path().join("pool.key");
+        std::fs::write(&key_file, format!("{key}\n")).context("writing the pool key")?;
+        let creds = crate::client::Credentials::bootstrap(&bin, &key_file, &dir.path().join("cli.json"))?;
         Ok(Lab {
+            creds,
             net: TestNet::new()?,
-            dir: tempfile::tempdir()?,
+            dir,
             image,
             key,
             bin,
@@ -325,6 +332,8 @@ impl Lab {
         within: Duration,
     ) -> anyhow::Result<(String, String)> {
         let out = tokio::process::Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.creds.config)
             .args(["--endpoint", &m.api(), "--request-timeout", "10"])
             .args(args)
             .stdin(Stdio::null())

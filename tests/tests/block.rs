@@ -511,7 +511,7 @@ async fn start_guest_on_volume(
 ) -> anyhow::Result<VmServiceClient<tonic::transport::Channel>> {
     let v = c.cli(0, &["volume", "create", name, "--size", size]).await?;
     let volume = v["id"].as_str().context("volume id")?.to_owned();
-    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let mut vms = VmServiceClient::new(c.channel(0).await?);
     let spec = pb::VmSpec {
         vcpus: 1,
         memory_mib: 64,

@@ -98,7 +98,7 @@ async fn a_dead_nodes_lease_runs_out_and_its_vms_show_unknown() -> anyhow::Resul
     let guest = guest_or_skip(test, "no /dev/kvm: the VM part (unknown, not running) is not checked")?;
     let with_vm = guest.is_some();
     if let Some(guest) = &guest {
-        let mut vms = VmServiceClient::connect(format!("http://{}", c.node(2)?.addr)).await?;
+        let mut vms = VmServiceClient::new(c.channel(2).await?);
         let v = c.cli(2, &["volume", "create", "disk2", "--size", "8M"]).await?;
         let volume = v["id"].as_str().context("volume id")?.to_owned();
         let spec = pb::VmSpec {
@@ -195,7 +195,7 @@ async fn a_cut_off_node_pauses_its_vms_before_the_pool_counts_it_dead_and_resume
     let id2 = &ids[2];
 
     // A guest on node 2 that reports a pass every few milliseconds.
-    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(2)?.addr)).await?;
+    let mut vms = VmServiceClient::new(c.channel(2).await?);
     let spec = guest_spec(&guest, "mode=dirty dirty_mib=1");
     let vm = vms
         .create(pb::CreateVmRequest { ha: None, name: "on2".into(), spec: Some(spec) })
@@ -271,7 +271,7 @@ async fn a_panicking_worker_is_a_crash_with_the_panic_as_its_reason() -> anyhow:
     let spec =
         NodeSpec { env: vec![("NODEOS_FAILPOINTS".into(), "worker-panic-on-pause".into())], ..c.spec() };
     pool(&mut c, 1, spec).await?;
-    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let mut vms = VmServiceClient::new(c.channel(0).await?);
     let spec = guest_spec(&guest, "mode=idle");
     vms.create(pb::CreateVmRequest { ha: None, name: "p".into(), spec: Some(spec) }).await?;
     vms.start(pb::VmRef { vm: "p".into() }).await?;

@@ -74,10 +74,10 @@ fn expected_checksum(pass: u64, pages: u64) -> String {
 
 /// A VM API client of the node VM `vm` runs on (consoles are served there).
 async fn owner(c: &Cluster, vm: &str) -> anyhow::Result<VmServiceClient<Channel>> {
-    let mut any = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let mut any = VmServiceClient::new(c.channel(0).await?);
     let v = any.get(pb::VmRef { vm: vm.into() }).await?.into_inner();
     let i = c.index_of(&v.node_id)?;
-    Ok(VmServiceClient::connect(format!("http://{}", c.node(i)?.addr)).await?)
+    Ok(VmServiceClient::new(c.channel(i).await?))
 }
 
 /// The VM's console (as its current node has it) once it holds `n` dirty reports.
@@ -110,7 +110,7 @@ async fn a_running_vm_moves_between_nodes_and_back_without_losing_a_page_or_a_wr
     c.cli(0, &["network", "create", "mignet", "--cidr", "10.70.0.0/24"]).await?;
     let v = c.cli(0, &["volume", "create", "migdisk", "--size", "8M"]).await?;
     let volume = v["id"].as_str().context("volume id")?.to_owned();
-    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let mut vms = VmServiceClient::new(c.channel(0).await?);
     // 2 MiB dirtied per pass (512 pages), a 4 KiB volume write per pass.
     let spec = pb::VmSpec {
         vcpus: 1,
@@ -232,7 +232,7 @@ async fn a_vm_with_host_files_or_not_running_is_refused_and_keeps_running() -> a
     let Some(guest) = guest_or_skip(test)? else { return Ok(()) };
     let mut c = Cluster::new(&env, test)?;
     let ids = pool(&mut c, 2).await?;
-    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let mut vms = VmServiceClient::new(c.channel(0).await?);
     let dir = tempfile::tempdir()?;
     let disk = dir.path().join("disk.img");
     std::fs::File::create(&disk)?.set_len(1 << 20)?;
@@ -285,7 +285,7 @@ async fn maintenance_moves_every_vm_off_a_node_without_restarting_any() -> anyho
         .await?;
     let v = c.cli(0, &["volume", "create", "mdisk", "--size", "8M"]).await?;
     let volume = v["id"].as_str().context("volume id")?.to_owned();
-    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let mut vms = VmServiceClient::new(c.channel(0).await?);
     let names = ["m0", "m1", "m2"];
     for (i, name) in names.iter().enumerate() {
         let disks = if i == 0 {
@@ -393,8 +393,11 @@ async fn start_slow_migration(
     let bin = std::env::var("NODEOS_BIN").context("NODEOS_BIN")?;
     let addr = c.node(0)?.addr.to_string();
     let to = to.to_owned();
+    let config = c.cli_config().to_owned();
     let run = tokio::spawn(async move {
         let out = tokio::process::Command::new(bin)
+            .arg("--config")
+            .arg(&config)
             .args([
                 "--endpoint",
                 &addr,
@@ -462,7 +465,7 @@ async fn a_cancelled_migration_or_a_dead_destination_leaves_the_vm_running_where
     let Some(guest) = guest_or_skip(test)? else { return Ok(()) };
     let mut c = Cluster::new(&env, test)?;
     let ids = pool(&mut c, 3).await?;
-    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let mut vms = VmServiceClient::new(c.channel(0).await?);
     let mut last = slow_vm(&c, &mut vms, &guest).await?;
 
     // A second migration of the same VM is refused while one runs; then cancel.
@@ -512,7 +515,7 @@ async fn the_destination_runs_the_vm_when_the_source_dies_right_after_the_commit
         .await?;
     let v = c.cli(0, &["volume", "create", "fdisk", "--size", "8M"]).await?;
     let volume = v["id"].as_str().context("volume id")?.to_owned();
-    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let mut vms = VmServiceClient::new(c.channel(0).await?);
     let spec = pb::VmSpec {
         vcpus: 1,
         memory_mib: 32,
@@ -529,7 +532,7 @@ async fn the_destination_runs_the_vm_when_the_source_dies_right_after_the_commit
     let last = passes(&before).last().map_or(0, |p| p.0);
     let lost_source = c.cli(0, &["vm", "migrate", "orphan", "--to", &one]).await;
     ensure!(lost_source.is_err(), "the source node answered after it should have died");
-    let mut vms1 = VmServiceClient::connect(format!("http://{}", c.node(1)?.addr)).await?;
+    let mut vms1 = VmServiceClient::new(c.channel(1).await?);
     let v = wait_until("the VM runs on node 1", Duration::from_secs(60), || {
         let mut vms1 = vms1.clone();
         let one = one.clone();

@@ -253,7 +253,7 @@ async fn frames_keep_flowing_to_a_vm_across_its_live_migration() -> anyhow::Resu
     })
     .await?;
 
-    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(0)?.addr)).await?;
+    let mut vms = VmServiceClient::new(c.channel(0).await?);
     let spec = pb::VmSpec {
         vcpus: 1,
         memory_mib: 64,
@@ -341,7 +341,7 @@ async fn frames_keep_flowing_to_a_vm_across_its_live_migration() -> anyhow::Resu
         log.other
     );
 
-    let mut there = VmServiceClient::connect(format!("http://{}", c.node(1)?.addr)).await?;
+    let mut there = VmServiceClient::new(c.channel(1).await?);
     let after = console_reports(&mut there, "netmig", 2).await?;
     ensure!(!after.contains("CORRUPT") && !after.contains("FAIL"), "after the move:\n{after}");
     ensure!(

@@ -282,7 +282,9 @@ async fn wrong_pool_key_is_refused() -> anyhow::Result<()> {
 
     // Same pool name, another key; it hears the beacons and probes the seeds.
     let seeds: Vec<_> = all.iter().map(|&i| c.planned_addr(i)).collect();
-    let spec = nodeos_tests::NodeSpec { key_file: c.other_key_file("wrong.key")?, seeds, ..c.spec() };
+    let wrong = c.other_key_file("wrong.key")?;
+    let wrong_creds = c.credentials_for(&wrong, "wrong")?;
+    let spec = nodeos_tests::NodeSpec { key_file: wrong, seeds, ..c.spec() };
     let bad = c.add_node(&spec)?;
     let bad_id = c.id(bad).await?;
 
@@ -298,8 +300,12 @@ async fn wrong_pool_key_is_refused() -> anyhow::Result<()> {
     .await?;
     let refusal = wait_until("a pool node logs the refusal", FORM, || async move {
         for i in all {
+            // Another key is another CA: the TLS handshake fails before any
+            // envelope is read (a node without TLS refuses the envelope).
             if let Some(l) = this.log(i)?.lines().find(|l| {
-                l.contains("refused a peer request") && l.contains("does not verify with this pool key")
+                l.contains("TLS handshake refused")
+                    || (l.contains("refused a peer request")
+                        && l.contains("does not verify with this pool key"))
             }) {
                 return Ok(l.to_owned());
             }
@@ -314,7 +320,7 @@ async fn wrong_pool_key_is_refused() -> anyhow::Result<()> {
     let want = Expect { pool_id: Some(pool_id.clone()), ..all_healthy(&ids, 3) };
     let s = c.wait_pool("membership unchanged", &all, &want, FORM).await?;
     ensure!(!s.members.iter().any(|m| m.id == bad_id), "the intruder is a member: {s:?}");
-    let own = c.local_status(bad).await?;
+    let own = c.local_status_as(bad, &wrong_creds).await?;
     ensure!(own.pool_id.is_empty(), "the intruder knows a pool: {own:?}");
     ensure!(own.leader_id.is_empty() && own.members.is_empty(), "the intruder is in a raft group: {own:?}");
     c.check_running(&[bad])?;

@@ -396,7 +396,7 @@ async fn the_test_guest_net_check_passes_through_the_switch_on_a_vm_port() -> an
         .context("port id")?
         .to_owned();
     let ns = c.node(i)?.ns.clone();
-    let mut vms = VmServiceClient::connect(format!("http://{}", c.node(i)?.addr)).await?;
+    let mut vms = VmServiceClient::new(c.channel(i).await?);
     let spec = pb::VmSpec {
         vcpus: 1,
         memory_mib: 64,

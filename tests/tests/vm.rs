@@ -59,8 +59,7 @@ async fn one_node_pool(test: &str) -> anyhow::Result<Option<(Cluster, VmServiceC
         Ok(())
     })
     .await?;
-    let addr = c.node(i)?.addr;
-    let vms = VmServiceClient::connect(format!("http://{addr}")).await.context("connecting to the VM API")?;
+    let vms = VmServiceClient::new(c.channel(i).await.context("connecting to the VM API")?);
     Ok(Some((c, vms)))
 }
 

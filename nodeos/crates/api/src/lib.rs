@@ -21,7 +21,9 @@
 //! [`nodeos_switch::switch::SwitchHandle`])
 //! and never touch storage directly.
 
+pub mod auth;
 pub mod error;
+pub mod guard;
 pub mod image;
 pub mod metadata;
 pub mod network;

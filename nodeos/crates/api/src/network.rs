@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::error::network_status;
-use crate::proxy::{self, Route, hop_timeout, is_proxied, mark, route};
+use crate::proxy::{Route, hop_timeout, is_proxied, mark, route};
 
 /// Counters are small answers: a node that takes longer is treated as not answering.
 /// How long a node may take to read its switch's counters.
@@ -35,11 +35,18 @@ pub struct NetworkApi {
     networks: Networks,
     switch: SwitchHandle,
     meta: MetaHandle,
+    dialer: crate::proxy::Dialer,
 }
 
 impl NetworkApi {
+    /// Hands requests over to other nodes through `dialer` (mutual TLS on a secured pool).
+    pub fn with_dialer(mut self, dialer: crate::proxy::Dialer) -> Self {
+        self.dialer = dialer;
+        self
+    }
+
     pub fn new(networks: Networks, switch: SwitchHandle, meta: MetaHandle) -> Self {
-        NetworkApi { networks, switch, meta }
+        NetworkApi { networks, switch, meta, dialer: crate::proxy::Dialer::default() }
     }
 
     fn node_id(&self) -> NodeId {
@@ -57,7 +64,7 @@ impl NetworkApi {
             .get(&node)
             .map(|n| n.address.clone())
             .ok_or_else(|| Status::not_found(format!("no node {node} in this pool")))?;
-        Ok(NetworkServiceClient::new(proxy::channel(node, &addr, timeout).await?))
+        Ok(NetworkServiceClient::new(self.dialer.channel(node, &addr, timeout).await?))
     }
 
     /// Names of networks and security groups, for answers that name them.

@@ -21,7 +21,7 @@ use nodeos_types::NodeId;
 use tonic::{Request, Response, Status};
 use tracing::{error, info};
 
-use crate::proxy::{self, Route, hop_timeout, is_proxied, mark, route};
+use crate::proxy::{Route, hop_timeout, is_proxied, mark, route};
 
 /// How long a node may take to accept a power request.
 const POWER_WORK: Duration = Duration::from_secs(5);
@@ -38,11 +38,18 @@ const NOT_INIT: &str = "this node does not run as the image's PID 1; stop it wit
 pub struct NodeApi {
     meta: MetaHandle,
     compute: nodeos_compute::Compute,
+    dialer: crate::proxy::Dialer,
 }
 
 impl NodeApi {
+    /// Hands requests over to other nodes through `dialer` (mutual TLS on a secured pool).
+    pub fn with_dialer(mut self, dialer: crate::proxy::Dialer) -> Self {
+        self.dialer = dialer;
+        self
+    }
+
     pub fn new(meta: MetaHandle, compute: nodeos_compute::Compute) -> Self {
-        NodeApi { meta, compute }
+        NodeApi { meta, compute, dialer: crate::proxy::Dialer::default() }
     }
 
     /// A channel to the node a request names (empty: this one) when another
@@ -70,7 +77,7 @@ impl NodeApi {
                     .meta
                     .node_address(target)
                     .ok_or_else(|| Status::not_found(format!("node {target} is not a pool member")))?;
-                Ok(Some(proxy::channel(target, &addr, timeout).await?))
+                Ok(Some(self.dialer.channel(target, &addr, timeout).await?))
             }
         }
     }
@@ -192,7 +199,7 @@ impl NodeService for NodeApi {
                 return Err(Status::unavailable("leadership moved during the request; retry"));
             }
             Some((leader, addr)) => {
-                let ch = proxy::channel(leader, &addr, timeout).await?;
+                let ch = self.dialer.channel(leader, &addr, timeout).await?;
                 return NodeServiceClient::new(ch).remove(mark(r)).await;
             }
             None => return Err(Status::unavailable("the pool has no leader right now; retry")),

@@ -37,11 +37,18 @@ pub struct PoolApi {
     meta: MetaHandle,
     pool_name: String,
     compute: nodeos_compute::Compute,
+    dialer: crate::proxy::Dialer,
 }
 
 impl PoolApi {
+    /// Hands requests over to other nodes through `dialer` (mutual TLS on a secured pool).
+    pub fn with_dialer(mut self, dialer: crate::proxy::Dialer) -> Self {
+        self.dialer = dialer;
+        self
+    }
+
     pub fn new(meta: MetaHandle, pool_name: String, compute: nodeos_compute::Compute) -> Self {
-        PoolApi { meta, pool_name, compute }
+        PoolApi { meta, pool_name, compute, dialer: crate::proxy::Dialer::default() }
     }
 
     /// This node's answer, from its own view.
@@ -175,7 +182,7 @@ impl PoolApi {
         if let Some((leader, addr)) = self.meta.leader()
             && leader != me
         {
-            match ask_leader(leader, &addr).await {
+            match ask_leader(&self.dialer, leader, &addr).await {
                 Ok(mut s) => {
                     s.answered_by = format!("{} (via {me})", s.answered_by);
                     return s;
@@ -209,9 +216,13 @@ fn upgrade_pb(u: UpgradeRecord) -> pb::UpgradeStatus {
     }
 }
 
-async fn ask_leader(leader: NodeId, addr: &str) -> Result<pb::PoolStatus, Status> {
+async fn ask_leader(
+    dialer: &crate::proxy::Dialer,
+    leader: NodeId,
+    addr: &str,
+) -> Result<pb::PoolStatus, Status> {
     let timeout = proxy::hop_budget(STATUS_WORK);
-    let mut client = PoolServiceClient::new(proxy::channel(leader, addr, timeout).await?);
+    let mut client = PoolServiceClient::new(dialer.channel(leader, addr, timeout).await?);
     Ok(client.status(proxy::mark(pb::StatusRequest {})).await?.into_inner())
 }
 

@@ -18,7 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 /// Header of a request already handed over once.
-const PROXIED: &str = "x-nodeos-proxied";
+pub(crate) const PROXIED: &str = "x-nodeos-proxied";
 /// How long connecting to another node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// What a hand-over adds to the owner's own work: connecting and the round trip.
@@ -93,19 +93,32 @@ pub fn hop_budget(work: Duration) -> Duration {
     work.saturating_add(HOP_MARGIN).min(MAX_HOP)
 }
 
-/// A channel to `node`'s API at `addr` for handed-over requests that may
-/// take up to `timeout` each; an `unavailable` status naming the node when
-/// it does not answer.
-pub async fn channel(node: NodeId, addr: &str, timeout: Duration) -> Result<Channel, Status> {
-    let unavailable =
-        |why: String| Status::unavailable(format!("node {node} at {addr} does not answer: {why}"));
-    Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| unavailable(causes(&e)))?
-        .connect_timeout(CONNECT_TIMEOUT.min(timeout))
-        .timeout(timeout)
-        .connect()
-        .await
-        .map_err(|e| unavailable(causes(&e)))
+/// How this node dials other nodes' API: mutual TLS with its own
+/// credential on a secured pool, plaintext on a loopback one.
+#[derive(Debug, Clone, Default)]
+pub struct Dialer(Option<nodeos_auth::tls::Connector>);
+
+impl Dialer {
+    pub fn tls(connector: nodeos_auth::tls::Connector) -> Self {
+        Dialer(Some(connector))
+    }
+
+    /// A channel to `node`'s API at `addr` for handed-over requests that may
+    /// take up to `timeout` each; an `unavailable` status naming the node when
+    /// it does not answer.
+    pub async fn channel(&self, node: NodeId, addr: &str, timeout: Duration) -> Result<Channel, Status> {
+        let unavailable =
+            |why: String| Status::unavailable(format!("node {node} at {addr} does not answer: {why}"));
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| unavailable(causes(&e)))?
+            .connect_timeout(CONNECT_TIMEOUT.min(timeout))
+            .timeout(timeout);
+        let ch = match &self.0 {
+            Some(c) => ep.connect_with_connector(c.clone()).await,
+            None => ep.connect().await,
+        };
+        ch.map_err(|e| unavailable(causes(&e)))
+    }
 }
 
 /// An error and its causes on one line, each distinct message once (tonic

@@ -18,7 +18,7 @@ use nodeos_types::records::{NODES_PREFIX, NodeRecord, PXE_KEY, PxeSettingsRecord
 use tonic::{Request, Response, Status};
 
 use crate::error::meta_status;
-use crate::proxy::{self, hop_timeout, is_proxied, mark};
+use crate::proxy::{hop_timeout, is_proxied, mark};
 
 /// How long a node may take to report its PXE server.
 const STATUS_WORK: Duration = Duration::from_secs(2);
@@ -27,11 +27,18 @@ const STATUS_WORK: Duration = Duration::from_secs(2);
 pub struct PxeApi {
     meta: MetaHandle,
     agent: PxeHandle,
+    dialer: crate::proxy::Dialer,
 }
 
 impl PxeApi {
+    /// Hands requests over to other nodes through `dialer` (mutual TLS on a secured pool).
+    pub fn with_dialer(mut self, dialer: crate::proxy::Dialer) -> Self {
+        self.dialer = dialer;
+        self
+    }
+
     pub fn new(meta: MetaHandle, agent: PxeHandle) -> Self {
-        PxeApi { meta, agent }
+        PxeApi { meta, agent, dialer: crate::proxy::Dialer::default() }
     }
 
     async fn settings(&self) -> Result<PxeSettingsRecord, Status> {
@@ -61,7 +68,7 @@ impl PxeApi {
             detail,
             ..Default::default()
         };
-        let ch = match proxy::channel(node.id, &node.address, timeout).await {
+        let ch = match self.dialer.channel(node.id, &node.address, timeout).await {
             Ok(ch) => ch,
             Err(e) => return unreachable(e.message().to_owned()),
         };

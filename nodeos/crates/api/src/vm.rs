@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{chain, meta_status, network_status};
-use crate::proxy::{self, Route, hop_timeout, is_proxied, mark, route};
+use crate::proxy::{Route, hop_timeout, is_proxied, mark, route};
 
 /// How long a VM's owner may take to start it (the worker builds the VM).
 const START_WORK: Duration = Duration::from_secs(40);
@@ -40,11 +40,18 @@ pub struct VmApi {
     compute: Compute,
     meta: MetaHandle,
     networks: Networks,
+    dialer: crate::proxy::Dialer,
 }
 
 impl VmApi {
+    /// Hands requests over to other nodes through `dialer` (mutual TLS on a secured pool).
+    pub fn with_dialer(mut self, dialer: crate::proxy::Dialer) -> Self {
+        self.dialer = dialer;
+        self
+    }
+
     pub fn new(compute: Compute, meta: MetaHandle, networks: Networks) -> Self {
-        VmApi { compute, meta, networks }
+        VmApi { compute, meta, networks, dialer: crate::proxy::Dialer::default() }
     }
 
     /// The network name of each port of `vms`' NICs. Best effort: an answer
@@ -122,7 +129,7 @@ impl VmApi {
         let addr = self.meta.node_address(node).ok_or_else(|| {
             Status::unavailable(format!("the VM lives on node {node}, which is not a pool member"))
         })?;
-        Ok(VmServiceClient::new(proxy::channel(node, &addr, timeout).await?))
+        Ok(VmServiceClient::new(self.dialer.channel(node, &addr, timeout).await?))
     }
 }
 
@@ -341,11 +348,22 @@ macro_rules! on_owner {
 #[tonic::async_trait]
 impl VmService for VmApi {
     async fn create(&self, req: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let role = crate::guard::caller(&req).map(|c| (c.role(), c.identity.to_string()));
         let mut r = req.into_inner();
         if let Some(spec) = &mut r.spec {
             self.volume_ids(&mut spec.disks).await?;
         }
         let (spec, nets) = spec_from_pb(r.spec)?;
+        // Files of the node's own disk are an admin's to hand out, and only
+        // under the node's --host-images-dir (checked by compute).
+        if let Some((role, who)) = role
+            && role != nodeos_auth::Role::Admin
+            && let Some((flag, path)) = nodeos_compute::spec::host_paths(&spec).first()
+        {
+            return Err(Status::permission_denied(format!(
+                "{who} may not make a VM of a file on the node ({flag} {path}): only an admin may; use pool images (image:NAME) and volumes (volume:NAME)"
+            )));
+        }
         let ha = r.ha.map(ha_from_pb).unwrap_or_default();
         let rec = self.compute.create(&r.name, spec, nets, ha).await.map_err(compute_status)?;
         Ok(Response::new(self.answer(rec, None).await))

@@ -168,3 +168,16 @@ fn leaf_params(subject: &Subject, ttl: Duration) -> Result<CertificateParams, Ca
     params.use_authority_key_identifier_extension = true;
     Ok(params)
 }
+
+/// A new key pair and a certificate request for it, both PEM: what a client
+/// sends to be issued a credential. The key stays with the caller.
+pub fn new_request(name: &str) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate_for(&PKCS_ED25519)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_pem()))
+}
+
+/// The CA certificate generation new pools start at.
+pub const FIRST_GENERATION: u32 = 1;

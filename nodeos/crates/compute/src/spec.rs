@@ -20,7 +20,7 @@ pub enum HostPaths {
 }
 
 /// The host paths a spec names, with the flag each comes from.
-fn host_paths(spec: &VmSpec) -> Vec<(&'static str, &str)> {
+pub fn host_paths(spec: &VmSpec) -> Vec<(&'static str, &str)> {
     let mut out = Vec::new();
     if image_ref(&spec.kernel).is_none() {
         out.push(("--kernel", spec.kernel.as_str()));

@@ -23,6 +23,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
+use nodeos_auth::tls::Connector;
+
 use crate::TypeConfig;
 use crate::peer::{self, EnvelopeError, method};
 
@@ -69,11 +71,20 @@ pub struct PeerClient {
     key: PoolKey,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     last_ack: Arc<Mutex<HashMap<NodeId, Instant>>>,
+    /// Mutual TLS with this node's certificate; `None`: plaintext (loopback pools).
+    tls: Option<Connector>,
 }
 
 impl PeerClient {
     pub fn new(me: NodeId, key: PoolKey) -> Self {
-        PeerClient { me, key, channels: Arc::default(), last_ack: Arc::default() }
+        PeerClient { me, key, channels: Arc::default(), last_ack: Arc::default(), tls: None }
+    }
+
+    /// Peer calls go over mutual TLS made by `connector` (the envelope's MAC
+    /// stays inside it).
+    pub fn with_tls(mut self, connector: Connector) -> Self {
+        self.tls = Some(connector);
+        self
     }
 
     pub fn me(&self) -> NodeId {
@@ -100,7 +111,10 @@ impl PeerClient {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
-        let ch = ep.connect_lazy();
+        let ch = match &self.tls {
+            Some(c) => ep.connect_with_connector_lazy(c.clone()),
+            None => ep.connect_lazy(),
+        };
         map.insert(address.to_owned(), ch.clone());
         Ok(ch)
     }
@@ -143,7 +157,9 @@ impl PeerClient {
                 self.forget(address);
                 return Err(PeerError::Timeout { address: address.to_owned(), method });
             }
-            Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
+            Ok(Err(status))
+                if status.code() == tonic::Code::Unauthenticated || foreign_certificate(&status) =>
+            {
                 return Err(PeerError::KeyRefused { address: address.to_owned(), method });
             }
             Ok(Err(source)) => {
@@ -158,6 +174,20 @@ impl PeerClient {
         }
         Ok(resp)
     }
+}
+
+/// Whether a call failed in the TLS handshake over a certificate: the other
+/// end's is not of this pool's CA, or it refused ours (another pool key).
+fn foreign_certificate(status: &tonic::Status) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if text.contains("invalid peer certificate") || text.contains("received fatal alert") {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Hands openraft one [`RaftPeer`] per target.
