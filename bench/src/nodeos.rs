@@ -122,6 +122,8 @@ impl Nodeos {
                 .args(["--pool", "bench", "--pool-key-file"])
                 .arg(&key_file)
                 .args(["--listen", addr, "--seeds", &seeds, "--bootstrap-expect", &expect])
+                // Plaintext like the peers it is measured against (etcd, qemu-nbd).
+                .arg("--plaintext-loopback")
                 .args(["--block-listen", &block_addrs[i]])
                 .args(["--nbd-listen", &nbd_addrs[i]])
                 .args(["--vxlan-listen", &vxlan_addrs[i]])

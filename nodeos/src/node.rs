@@ -517,7 +517,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         cfg.key.clone(),
         until_stop(stop_rx.clone()),
     ));
-    info!(listen = %cfg.nbd_listen, "NBD exports listening");
+    if cfg.nbd_listen.ip().is_loopback() {
+        info!(listen = %cfg.nbd_listen, "NBD exports listening");
+    } else {
+        warn!(
+            listen = %cfg.nbd_listen,
+            "NBD EXPORTS WITHOUT TLS OFF LOOPBACK: whoever reaches this address reads and writes every volume; keep it on a private network (NBD TLS is not served yet)"
+        );
+    }
     let nbd_task = tokio::spawn(nodeos_block::nbd::serve(
         nbd_listener,
         Arc::new(VolumeExports::new(volumes.clone())),

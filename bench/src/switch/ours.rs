@@ -46,6 +46,8 @@ pub struct OurSide {
     // Declared before `topo`: the processes die before their namespaces.
     children: Vec<ChildGuard>,
     bin: PathBuf,
+    /// The CLI config holding an admin credential for the pool.
+    config: PathBuf,
     logs: [PathBuf; 2],
     /// Node ids, by node index.
     pub node_ids: [String; 2],
@@ -68,6 +70,16 @@ impl OurSide {
             rand::rng().sample_iter(rand::distr::Alphanumeric).take(32).map(char::from).collect();
         let key_file = dir.join("pool.key");
         std::fs::write(&key_file, key).context("writing the pool key")?;
+        // The nodes speak mutual TLS on the fabric: an admin credential from the key.
+        let config = dir.join("cli.json");
+        let made = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .args(["auth", "bootstrap", "--offline", "--pool-key-file"])
+            .arg(&key_file)
+            .output()
+            .context("running nodeos auth bootstrap")?;
+        anyhow::ensure!(made.status.success(), "nodeos auth bootstrap: {}", String::from_utf8_lossy(&made.stderr));
         let logs = [dir.join("nodeos-n0.log"), dir.join("nodeos-n1.log")];
         let t = Instant::now();
         let mut children = Vec::new();
@@ -88,6 +100,7 @@ impl OurSide {
             children.push(ChildGuard::spawn(format!("nodeos n{i}"), cmd, &logs[i])?);
         }
         let mut side = OurSide {
+            config,
             children,
             bin: bin.to_owned(),
             logs,
@@ -112,7 +125,8 @@ impl OurSide {
     /// namespace; its JSON output.
     pub async fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<Value> {
         let endpoint = api(i);
-        let mut all = vec!["--endpoint", &endpoint, "--request-timeout", "10", "-o", "json"];
+        let config = self.config.to_str().context("the config path is not UTF-8")?;
+        let mut all = vec!["--config", config, "--endpoint", &endpoint, "--request-timeout", "10", "-o", "json"];
         all.extend_from_slice(args);
         let bin = self.bin.to_str().context("the nodeos path is not UTF-8")?;
         let out = exec_in(self.topo.node(i), bin, &all, Duration::from_secs(30)).await?;

@@ -60,6 +60,7 @@ impl OurVmm {
             .args(["--pool", "bench", "--pool-key-file"])
             .arg(&key_file)
             .args(["--listen", &addr, "--bootstrap-expect", "1"])
+            .arg("--plaintext-loopback")
             .args(["--block-listen", &format!("{LOOPBACK}:{}", ports[1])])
             .args(["--nbd-listen", &format!("{LOOPBACK}:{}", ports[2])])
             .args(["--vxlan-listen", &format!("{LOOPBACK}:{}", ports[3])]);

@@ -41,6 +41,8 @@ const ED25519_PKCS8_PREFIX: [u8; 16] =
 pub enum CaError {
     #[error("cannot make a certificate: {0}")]
     Make(#[from] rcgen::Error),
+    #[error("this pool key holds no CA seed (a key handed to a VM worker signs nothing)")]
+    NoSeed,
     #[error("the certificate request is not valid: {0}")]
     Request(String),
     #[error("a credential is valid for 1 minute to {} days, not {asked_s} s", MAX_CLIENT_TTL.as_secs() / 86400)]
@@ -77,7 +79,8 @@ impl PoolCa {
     /// Generation `generation` of the CA of the pool holding `key`. The same
     /// inputs give the same key and the same certificate bytes on every node.
     pub fn derive(key: &PoolKey, generation: u32) -> Result<Self, CaError> {
-        let mut material = key.derived_bytes().to_vec();
+        let seed = key.ca_seed().ok_or(CaError::NoSeed)?;
+        let mut material = seed.to_vec();
         material.extend_from_slice(&generation.to_be_bytes());
         let seed = blake3::derive_key(DERIVE_CONTEXT, &material);
         let mut pkcs8 = ED25519_PKCS8_PREFIX.to_vec();

@@ -25,6 +25,10 @@ fn every_holder_of_the_pool_key_derives_the_same_ca_and_no_one_else_does() {
     assert_eq!(a.cert_pem(), again.cert_pem());
     assert_ne!(a.cert_pem(), next.cert_pem());
     assert_ne!(a.cert_pem(), other.cert_pem());
+    // A key handed to a VM worker (its derived bytes) authenticates messages
+    // but cannot make the CA.
+    let worker = PoolKey::from_derived(key("0123456789abcdef-pool-a").derived_bytes());
+    assert!(PoolCa::derive(&worker, 1).is_err());
 }
 
 #[test]

@@ -13,6 +13,7 @@ pub const MIN_POOL_KEY_LEN: usize = 16;
 pub const MAX_POOL_KEY_LEN: usize = 4096;
 
 const DERIVE_CONTEXT: &str = "nodeos pool key v1 2026-11 message authentication";
+const CA_CONTEXT: &str = "nodeos pool key v1 2026-12 certificate authority seed";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolKeyError {
@@ -28,10 +29,14 @@ pub enum PoolKeyError {
     Length { path: String, len: usize },
 }
 
-/// A derived MAC key. Never printed.
+/// A derived MAC key, and (only where the operator's secret was read) the
+/// seed of the pool's CA. Never printed.
 #[derive(Clone)]
 pub struct PoolKey {
     key: [u8; 32],
+    /// `None` in a key rebuilt from [`PoolKey::derived_bytes`] (a VM worker's):
+    /// it authenticates messages but cannot sign certificates.
+    ca_seed: Option<[u8; 32]>,
 }
 
 impl fmt::Debug for PoolKey {
@@ -50,7 +55,10 @@ impl PoolKey {
         if !(MIN_POOL_KEY_LEN..=MAX_POOL_KEY_LEN).contains(&trimmed.len()) {
             return Err(PoolKeyError::Length { path: "<inline>".into(), len: trimmed.len() });
         }
-        Ok(PoolKey { key: blake3::derive_key(DERIVE_CONTEXT, trimmed) })
+        Ok(PoolKey {
+            key: blake3::derive_key(DERIVE_CONTEXT, trimmed),
+            ca_seed: Some(blake3::derive_key(CA_CONTEXT, trimmed)),
+        })
     }
 
     /// Reads and derives the key from a file holding the secret.
@@ -95,9 +103,16 @@ impl PoolKey {
         self.key
     }
 
-    /// The inverse of [`PoolKey::derived_bytes`].
+    /// The inverse of [`PoolKey::derived_bytes`]: a key that authenticates
+    /// messages but holds no CA seed.
     pub fn from_derived(key: [u8; 32]) -> Self {
-        PoolKey { key }
+        PoolKey { key, ca_seed: None }
+    }
+
+    /// Material the pool's CA keys are derived from; `None` in a key rebuilt
+    /// from derived bytes. Never logged, stored or sent.
+    pub fn ca_seed(&self) -> Option<&[u8; 32]> {
+        self.ca_seed.as_ref()
     }
 
     pub fn fingerprint(&self) -> String {
