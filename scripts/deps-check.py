@@ -23,18 +23,18 @@ ALLOWED = {
     "nodeos-meta": {"nodeos-types", "nodeos-proto", "nodeos-auth"},
     "nodeos-pool": {"nodeos-types", "nodeos-meta"},
     # The block layer's data path: replicas, the volume client, NBD. No meta.
-    "nodeos-block": {"nodeos-types"},
+    "nodeos-block": {"nodeos-types", "nodeos-auth"},
     # The block layer's control plane: volume records, placement, controller.
     "nodeos-volumes": {"nodeos-types", "nodeos-meta", "nodeos-block"},
     # The DHCP wire format, shared by the switch, the PXE server and PID 1's client.
     "nodeos-dhcp": {"nodeos-types"},
     "nodeos-switch": {"nodeos-types", "nodeos-dhcp"},
-    "nodeos-vmm": {"nodeos-types", "nodeos-hv", "nodeos-block", "nodeos-switch"},
+    "nodeos-vmm": {"nodeos-types", "nodeos-hv", "nodeos-block", "nodeos-switch", "nodeos-auth"},
     # The pool's network records over meta, and the agent driving the switch.
     "nodeos-network": {"nodeos-types", "nodeos-meta", "nodeos-switch"},
     # nodeos-image: a rolling upgrade checks the image hash over the stored files.
     "nodeos-compute": {"nodeos-types", "nodeos-meta", "nodeos-vmm", "nodeos-block", "nodeos-volumes",
-                       "nodeos-network", "nodeos-switch", "nodeos-image"},
+                       "nodeos-network", "nodeos-switch", "nodeos-image", "nodeos-auth"},
     # The image format, shared by image-builder and the node that serves its own image.
     "nodeos-image": set(),
     # The PXE server and its agent over meta.

@@ -399,6 +399,26 @@ fn api_tls(cfg: &NodeConfig, me: NodeId) -> anyhow::Result<Option<(TlsState, Sig
     Ok(Some((state, Signer { ca, trusted_pem: trusted })))
 }
 
+/// Lifetime of a VM worker's credential (the replica protocol only).
+const WORKER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Each VM worker gets its own credential (role worker) when it starts.
+fn worker_tls_issuer(signer: Signer, me: NodeId) -> nodeos_compute::WorkerTlsIssuer {
+    nodeos_compute::WorkerTlsIssuer(Arc::new(move |vm: &str| {
+        match signer.ca.issue_worker(&me.to_string(), vm, WORKER_CERT_TTL) {
+            Ok(c) => Some(nodeos_vmm::config::WorkerTls {
+                cert_pem: c.cert_pem,
+                key_pem: c.key_pem,
+                ca_pem: signer.trusted_pem.clone(),
+            }),
+            Err(e) => {
+                tracing::error!(vm, error = %e, "cannot make the VM worker's credential; its volumes will not open");
+                None
+            }
+        }
+    }))
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let dir = DataDir::open(&cfg.data_dir, &cfg.pool)?;
@@ -468,7 +488,11 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         },
         meta.clone(),
     );
-    let volumes = Volumes::new(meta.clone(), TcpTransport::new(cfg.key.clone()));
+    let transport = match &tls {
+        Some((state, _)) => TcpTransport::new(cfg.key.clone()).with_tls(state.connector()),
+        None => TcpTransport::new(cfg.key.clone()),
+    };
+    let volumes = Volumes::new(meta.clone(), transport);
     let switch = SwitchHandle::start(cfg.vxlan_listen).await.context("starting the switch")?;
     let networks = Networks::new(meta.clone());
     let exe = std::env::current_exe().context("cannot find this binary to run VM workers")?;
@@ -479,6 +503,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             pool_key: cfg.key.clone(),
             migration_address: cfg.advertise.ip(),
             host_paths: cfg.host_paths.clone(),
+            worker_tls: tls.as_ref().map(|(_, signer)| worker_tls_issuer(signer.clone(), me)),
+            tls: tls.as_ref().map(|(state, _)| state.clone()),
             image_reboot: nodeos_api::node::under_init().then(|| {
                 nodeos_compute::upgrade::ImageReboot::new(
                     dir.path.clone(),
@@ -515,6 +541,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         replica,
         me,
         cfg.key.clone(),
+        tls.as_ref().map(|(state, _)| state.clone()),
         until_stop(stop_rx.clone()),
     ));
     if cfg.nbd_listen.ip().is_loopback() {

@@ -204,6 +204,7 @@ async fn every_rpc_answers_each_role_as_the_role_table_says_and_the_audit_trail_
     let expiring = credential(&c, dir.path(), "short", "admin", "60s").await?;
     let expiring_made = Instant::now();
 
+    let addr = c.node(0)?.addr;
     let before = audit_len(&c).await?;
     let mut audited_calls = 0usize;
     for role in ROLES {
@@ -257,6 +258,24 @@ async fn every_rpc_answers_each_role_as_the_role_table_says_and_the_audit_trail_
     let v =
         listed.as_array().and_then(|a| a.iter().find(|x| x["name"] == "victim")).context("victim listed")?;
     ensure!(v["revoked"] == true, "{v}");
+    // The replica protocol takes only nodes and VM workers of the pool: plain
+    // TCP (even with the pool's own handshake bytes) is closed unanswered.
+    let block = std::net::SocketAddr::new(addr.ip(), 7800);
+    let mut tcp = tokio::net::TcpStream::connect(block).await.context("connecting to the replica port")?;
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"NODEOSBK\x01\x00\x00\x00 not a TLS client hello").await?;
+    let mut answer = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut answer);
+    ensure!(
+        tokio::time::timeout(Duration::from_secs(15), read).await.is_ok(),
+        "the replica port kept a plain TCP connection open"
+    );
+    // Nothing, or a TLS alert record (content type 21): never the protocol's answer.
+    ensure!(answer.first().is_none_or(|b| *b == 21), "the replica port answered plain TCP: {answer:?}");
+    wait_until("the refused replica connection logged", Duration::from_secs(10), || async {
+        ensure!(c.log(0)?.contains("replica connection refused"), "not yet");
+        Ok(())
+    })
+    .await?;
     // Expired: refused.
     let left = Duration::from_secs(62).saturating_sub(expiring_made.elapsed());
     tokio::time::sleep(left).await;

@@ -79,7 +79,11 @@ impl OurSide {
             .arg(&key_file)
             .output()
             .context("running nodeos auth bootstrap")?;
-        anyhow::ensure!(made.status.success(), "nodeos auth bootstrap: {}", String::from_utf8_lossy(&made.stderr));
+        anyhow::ensure!(
+            made.status.success(),
+            "nodeos auth bootstrap: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
         let logs = [dir.join("nodeos-n0.log"), dir.join("nodeos-n1.log")];
         let t = Instant::now();
         let mut children = Vec::new();
@@ -126,7 +130,8 @@ impl OurSide {
     pub async fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<Value> {
         let endpoint = api(i);
         let config = self.config.to_str().context("the config path is not UTF-8")?;
-        let mut all = vec!["--config", config, "--endpoint", &endpoint, "--request-timeout", "10", "-o", "json"];
+        let mut all =
+            vec!["--config", config, "--endpoint", &endpoint, "--request-timeout", "10", "-o", "json"];
         all.extend_from_slice(args);
         let bin = self.bin.to_str().context("the nodeos path is not UTF-8")?;
         let out = exec_in(self.topo.node(i), bin, &all, Duration::from_secs(30)).await?;

@@ -125,8 +125,10 @@ impl AuthService for AuthApi {
         })?;
         Subject::check_label("name", &r.name).map_err(Status::invalid_argument)?;
         let role: Role = r.role.parse().map_err(Status::invalid_argument)?;
-        if role == Role::Node {
-            return Err(Status::invalid_argument("node credentials are made by the nodes themselves"));
+        if matches!(role, Role::Node | Role::Worker) {
+            return Err(Status::invalid_argument(
+                "node and worker credentials are made by the nodes themselves",
+            ));
         }
         let tenant = (!r.tenant.is_empty()).then_some(r.tenant);
         if let Some(t) = &tenant {

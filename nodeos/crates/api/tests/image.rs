@@ -84,7 +84,14 @@ impl Bed {
         let replicas = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let block_address = replicas.local_addr().unwrap().to_string();
         let replica = Arc::new(Replica::new(Arc::new(MemStore::new())));
-        tokio::spawn(nodeos_block::server::serve(replicas, replica, ME, test_key(), std::future::pending()));
+        tokio::spawn(nodeos_block::server::serve(
+            replicas,
+            replica,
+            ME,
+            test_key(),
+            None,
+            std::future::pending(),
+        ));
         pool.put_node(&NodeRecord { block_address, ..node_record(ME) }).await.unwrap();
 
         let dir = tempfile::tempdir().unwrap();
@@ -98,6 +105,8 @@ impl Bed {
                 pool_key: test_key(),
                 migration_address: std::net::Ipv4Addr::LOCALHOST.into(),
                 image_reboot: None,
+                worker_tls: None,
+                tls: None,
                 host_paths: nodeos_compute::spec::HostPaths::Under("/".into()),
             },
             meta.clone(),

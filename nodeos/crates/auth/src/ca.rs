@@ -126,6 +126,17 @@ impl PoolCa {
         Ok(Credential { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
+    /// A credential for the VM worker of `vm` on node `node_id`: a client of
+    /// the replica protocol only (role worker), valid `ttl`.
+    pub fn issue_worker(&self, node_id: &str, vm: &str, ttl: Duration) -> Result<Credential, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        let subject = Subject { name: format!("{vm}@{node_id}"), role: Role::Worker, tenant: None };
+        let mut params = leaf_params(&subject, ttl)?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Credential { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
+
     /// A client credential for `subject`, key made here: `nodeos auth
     /// bootstrap`, where the holder of the pool key makes the first admin.
     pub fn issue_client(&self, subject: &Subject, ttl: Duration) -> Result<Credential, CaError> {

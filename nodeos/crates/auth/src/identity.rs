@@ -21,6 +21,8 @@ pub enum Role {
     Operator,
     Admin,
     Node,
+    /// A node's VM worker: speaks the replica protocol for its VM's volumes, nothing else.
+    Worker,
 }
 
 impl Role {
@@ -32,6 +34,7 @@ impl Role {
             Role::Operator => "operator",
             Role::Admin => "admin",
             Role::Node => "node",
+            Role::Worker => "worker",
         }
     }
 
@@ -39,7 +42,7 @@ impl Role {
     pub fn allows(self, needed: Role) -> bool {
         match (self, needed) {
             (Role::Node, n) => n == Role::Node,
-            (_, Role::Node) => false,
+            (Role::Worker, _) | (_, Role::Node | Role::Worker) => false,
             (have, n) => have >= n,
         }
     }
@@ -59,6 +62,7 @@ impl FromStr for Role {
             "operator" => Ok(Role::Operator),
             "admin" => Ok(Role::Admin),
             "node" => Ok(Role::Node),
+            "worker" => Ok(Role::Worker),
             other => Err(format!("no role {other:?}: one of admin, operator, reader")),
         }
     }
@@ -180,6 +184,7 @@ mod tests {
         assert!(!Role::Admin.allows(Role::Node));
         assert!(!Role::Node.allows(Role::Reader));
         assert!(Role::Node.allows(Role::Node));
+        assert!(!Role::Worker.allows(Role::Reader));
     }
 
     #[test]

@@ -127,7 +127,7 @@ impl TlsState {
         Ok(())
     }
 
-    fn server(&self) -> Arc<rustls::ServerConfig> {
+    pub fn server(&self) -> Arc<rustls::ServerConfig> {
         self.inner.read().unwrap_or_else(|p| p.into_inner()).0.clone()
     }
 
@@ -138,6 +138,48 @@ impl TlsState {
     /// A tonic connector speaking TLS with this node's certificate.
     pub fn connector(&self) -> Connector {
         Connector::Node(self.clone())
+    }
+}
+
+/// The TLS server side of a node-to-node stream (the replica protocol, a
+/// migration): the handshake, then the peer's identity, which must be one of
+/// `allowed` roles.
+pub async fn accept_from(
+    cfg: Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+    allowed: &[crate::Role],
+) -> Result<(TlsStream<TcpStream>, crate::Identity), String> {
+    let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(cfg).accept(tcp))
+        .await
+        .map_err(|_| "no TLS handshake within 10 s".to_owned())?
+        .map_err(|e| format!("TLS handshake refused: {e}"))?;
+    let der = s.get_ref().1.peer_certificates().and_then(|c| c.first()).ok_or("no client certificate")?;
+    let id = crate::identity::identity(der).map_err(|e| e.to_string())?;
+    if !allowed.contains(&id.subject.role) {
+        return Err(format!("{id} may not open this stream"));
+    }
+    Ok((s, id))
+}
+
+/// The TLS client side of a node-to-node stream, verifying the server as a
+/// node of the pool.
+pub async fn connect_to(
+    cfg: Arc<rustls::ClientConfig>,
+    tcp: TcpStream,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = ServerName::try_from(NODE_DNS_NAME).map_err(std::io::Error::other)?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(cfg).connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no TLS handshake within 10 s"))?
+}
+
+impl Connector {
+    /// The client configuration a connection made now uses.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        match self {
+            Connector::Node(s) => s.client(),
+            Connector::Fixed(c) => c.clone(),
+        }
     }
 }
 
@@ -168,10 +210,7 @@ impl tower::Service<http::Uri> for Connector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let cfg = match self {
-            Connector::Node(s) => s.client(),
-            Connector::Fixed(c) => c.clone(),
-        };
+        let cfg = self.client_config();
         Box::pin(async move {
             let host = uri.host().ok_or("the address names no host")?;
             let host = host.trim_start_matches('[').trim_end_matches(']');

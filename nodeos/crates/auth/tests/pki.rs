@@ -132,3 +132,26 @@ async fn only_credentials_of_the_pools_ca_complete_a_handshake() {
     let bob = TlsState::new(&bob, &both).expect("client");
     assert_eq!(handshake(&server2, &bob).await, Ok("bob".to_owned()));
 }
+
+#[tokio::test]
+async fn a_node_stream_takes_only_the_roles_allowed() {
+    let ca = PoolCa::derive(&key("0123456789abcdef-pool-a"), 1).expect("ca");
+    let node = TlsState::new(&ca.issue_node("n1", &[]).expect("node"), ca.cert_pem()).expect("server");
+    let worker = ca.issue_worker("n1", "vm1", Duration::from_secs(600)).expect("worker");
+    let admin =
+        ca.issue_client(&subject("root", Role::Admin, None), Duration::from_secs(600)).expect("admin");
+    for (cred, ok) in [(worker, true), (admin, false)] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let cfg = node.server();
+        let srv = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            tls::accept_from(cfg, tcp, &[Role::Node, Role::Worker]).await.map(|(_, id)| id.subject.role)
+        });
+        let client = TlsState::new(&cred, ca.cert_pem()).expect("client").client();
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = tls::connect_to(client, tcp).await;
+        let got = srv.await.expect("join");
+        assert_eq!(got.is_ok(), ok, "{got:?}");
+    }
+}

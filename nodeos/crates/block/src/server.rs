@@ -7,10 +7,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nodeos_auth::Role;
+use nodeos_auth::tls::TlsState;
 use nodeos_types::NodeId;
 use nodeos_types::auth::PoolKey;
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, info, warn};
 
@@ -21,12 +23,15 @@ use crate::wire::{self, ReplicaError, Reply, Request};
 pub const MAX_IN_FLIGHT: usize = 64;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves replica connections until `shutdown` resolves.
+/// Serves replica connections until `shutdown` resolves. With `tls`, a
+/// connection is taken only from a node or a VM worker of the pool (mutual
+/// TLS with the pool's CA), the pool-key handshake inside.
 pub async fn serve(
     listener: TcpListener,
     replica: Arc<Replica>,
     node: NodeId,
     key: PoolKey,
+    tls: Option<TlsState>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -37,9 +42,22 @@ pub async fn serve(
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let (replica, key) = (replica.clone(), key.clone());
+                    let (replica, key, tls) = (replica.clone(), key.clone(), tls.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = connection(stream, replica, node, key).await {
+                        let _ = stream.set_nodelay(true);
+                        let ended = match tls {
+                            None => connection(stream, peer.to_string(), replica, node, key).await,
+                            Some(tls) => {
+                                match nodeos_auth::tls::accept_from(tls.server(), stream, &[Role::Node, Role::Worker]).await {
+                                    Ok((s, _)) => connection(s, peer.to_string(), replica, node, key).await,
+                                    Err(why) => {
+                                        refused(peer, &why);
+                                        return;
+                                    }
+                                }
+                            }
+                        };
+                        if let Err(e) = ended {
                             debug!(peer = %peer, error = %nodeos_types::error_chain(&e), "replica connection ended");
                         }
                     });
@@ -53,14 +71,32 @@ pub async fn serve(
     }
 }
 
-async fn connection(
-    mut stream: TcpStream,
+/// A refused TLS connection, logged at most once a minute per source address.
+fn refused(peer: std::net::SocketAddr, why: &str) {
+    static LOGGED: std::sync::Mutex<Option<std::collections::HashMap<std::net::IpAddr, std::time::Instant>>> =
+        std::sync::Mutex::new(None);
+    let mut m = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+    let m = m.get_or_insert_with(Default::default);
+    let now = std::time::Instant::now();
+    if m.len() > 4096 {
+        m.retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+    }
+    if m.get(&peer.ip()).is_none_or(|at| now.duration_since(*at) >= Duration::from_secs(60)) {
+        m.insert(peer.ip(), now);
+        warn!(%peer, why, "replica connection refused (not a node or worker of this pool)");
+    }
+}
+
+async fn connection<S>(
+    mut stream: S,
+    peer: String,
     replica: Arc<Replica>,
     node: NodeId,
     key: PoolKey,
-) -> Result<(), wire::WireError> {
-    stream.set_nodelay(true)?;
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+) -> Result<(), wire::WireError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::server_handshake(&mut stream, &key, node)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -72,7 +108,7 @@ async fn connection(
             return Ok(());
         }
     }
-    let (mut rd, wr) = stream.into_split();
+    let (mut rd, wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(256 * 1024, wr);

@@ -74,6 +74,8 @@ pub struct TcpTransport {
 #[derive(Debug)]
 struct TcpInner {
     key: PoolKey,
+    /// Mutual TLS around the replica protocol; `None`: plain TCP (loopback pools).
+    tls: Option<nodeos_auth::tls::Connector>,
     conns: Mutex<HashMap<ReplicaRef, Arc<Conn>>>,
     connecting: tokio::sync::Mutex<()>,
     down_until: Mutex<HashMap<ReplicaRef, Instant>>,
@@ -89,10 +91,26 @@ impl TcpTransport {
         TcpTransport {
             inner: Arc::new(TcpInner {
                 key,
+                tls: None,
                 conns: Mutex::new(HashMap::new()),
                 connecting: tokio::sync::Mutex::new(()),
                 down_until: Mutex::new(HashMap::new()),
                 timeout,
+            }),
+        }
+    }
+
+    /// Connections run in mutual TLS made by `connector`.
+    pub fn with_tls(self, connector: nodeos_auth::tls::Connector) -> Self {
+        let inner = &self.inner;
+        TcpTransport {
+            inner: Arc::new(TcpInner {
+                key: inner.key.clone(),
+                tls: Some(connector),
+                conns: Mutex::new(HashMap::new()),
+                connecting: tokio::sync::Mutex::new(()),
+                down_until: Mutex::new(HashMap::new()),
+                timeout: inner.timeout,
             }),
         }
     }
@@ -116,7 +134,9 @@ impl TcpTransport {
         {
             return Err(unreachable("recently failed; backing off".into()));
         }
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect(to, &self.inner.key)).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect(to, &self.inner.key, self.inner.tls.as_ref()))
+            .await
+        {
             Ok(Ok(c)) => {
                 let c = Arc::new(c);
                 self.inner.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(to.clone(), c.clone());
@@ -143,15 +163,29 @@ impl TcpTransport {
     }
 }
 
-async fn connect(to: &ReplicaRef, key: &PoolKey) -> Result<Conn, wire::WireError> {
-    let mut s = TcpStream::connect(&to.address).await?;
+async fn connect(
+    to: &ReplicaRef,
+    key: &PoolKey,
+    tls: Option<&nodeos_auth::tls::Connector>,
+) -> Result<Conn, wire::WireError> {
+    let s = TcpStream::connect(&to.address).await?;
     s.set_nodelay(true)?;
+    match tls {
+        None => connect_on(s, to, key).await,
+        Some(c) => connect_on(nodeos_auth::tls::connect_to(c.client_config(), s).await?, to, key).await,
+    }
+}
+
+async fn connect_on<S>(mut s: S, to: &ReplicaRef, key: &PoolKey) -> Result<Conn, wire::WireError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let node = wire::client_handshake(&mut s, key).await?;
     if node != to.node {
         return Err(wire::WireError::Refused(format!("{} is node {node}, not {}", to.address, to.node)));
     }
     debug!(node = %to.node, address = %to.address, "connected to replica");
-    let (mut rd, wr) = s.into_split();
+    let (mut rd, wr) = tokio::io::split(s);
     let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
     let dead = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);

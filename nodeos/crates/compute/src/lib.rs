@@ -57,4 +57,4 @@ pub mod upgrade;
 
 pub use error::ComputeError;
 pub use images::{ImageError, Images};
-pub use supervisor::{Compute, ComputeConfig, NicNetwork};
+pub use supervisor::{Compute, ComputeConfig, NicNetwork, WorkerTlsIssuer};

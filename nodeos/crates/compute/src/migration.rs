@@ -347,11 +347,16 @@ impl Compute {
             .await
             .map_err(|_| peer_err(format!("connecting to {address} timed out")))?
             .map_err(io(format!("cannot connect to the destination at {address}")))?;
-        let stream = stream.into_std().map_err(io("migration stream"))?;
-        stream.set_nonblocking(false).map_err(io("migration stream"))?;
-        stream.set_nodelay(true).map_err(io("migration stream"))?;
-        stream.set_read_timeout(Some(STREAM_TIMEOUT)).map_err(io("migration stream"))?;
-        stream.set_write_timeout(Some(STREAM_TIMEOUT)).map_err(io("migration stream"))?;
+        let fd: OwnedFd = match &self.inner.cfg.tls {
+            None => worker_stream(stream.into_std().map_err(io("migration stream"))?)?,
+            Some(tls) => {
+                let _ = stream.set_nodelay(true);
+                let s = nodeos_auth::tls::connect_to(tls.client(), stream)
+                    .await
+                    .map_err(io(format!("TLS with the destination at {address}")))?;
+                through_tls(s)?
+            }
+        };
         let (tx, mut rx) = mpsc::unbounded_channel();
         *tap.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         let params = MigrateOut {
@@ -359,7 +364,6 @@ impl Compute {
             budget: Budget { downtime: opts.downtime, ..Budget::default() },
             bandwidth: opts.bandwidth_mib.filter(|b| *b > 0).map(|b| u64::from(b) << 20),
         };
-        let fd: OwnedFd = stream.into();
         let sent = process
             .request_with_fds(|seq| ToWorker::MigrateOut { seq, params }, vec![fd], PEER_TIMEOUT)
             .await;
@@ -518,6 +522,7 @@ impl Compute {
                 path: Default::default(),
                 read_only: d.read_only,
                 volume: Some(nodeos_vmm::config::VolumeDisk {
+                    tls: self.worker_tls(&r.id.to_string()),
                     layout,
                     pool_key: self.inner.cfg.pool_key.derived_bytes(),
                     node: self.inner.cfg.node_id,
@@ -580,17 +585,22 @@ impl Compute {
             Ok(Err(e)) => return fail(format!("accepting the stream: {e}")),
             Err(_) => return fail("the source never connected".into()),
         };
-        let stream = match stream.into_std().and_then(|s| {
-            s.set_nonblocking(false)?;
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(STREAM_TIMEOUT))?;
-            s.set_write_timeout(Some(STREAM_TIMEOUT))?;
-            Ok(s)
-        }) {
-            Ok(s) => s,
-            Err(e) => return fail(format!("migration stream: {e}")),
+        let fd = match &self.inner.cfg.tls {
+            None => stream
+                .into_std()
+                .map_err(|e| e.to_string())
+                .and_then(|s| worker_stream(s).map_err(|e| e.to_string())),
+            Some(tls) => {
+                match nodeos_auth::tls::accept_from(tls.server(), stream, &[nodeos_auth::Role::Node]).await {
+                    Ok((s, _)) => through_tls(s).map_err(|e| e.to_string()),
+                    Err(why) => Err(format!("the migration stream's TLS: {why}")),
+                }
+            }
         };
-        worker_fds.push(stream.into());
+        match fd {
+            Ok(fd) => worker_fds.push(fd),
+            Err(e) => return fail(format!("migration stream: {e}")),
+        }
         let log_path = self.vm_dir(id).join("worker.log");
         let log = match std::fs::OpenOptions::new().create(true).append(true).open(&log_path) {
             Ok(l) => l,
@@ -814,4 +824,37 @@ impl Compute {
         }
         self.incoming().remove(&id);
     }
+}
+
+/// A plain TCP migration stream as the worker reads it: blocking, with timeouts.
+fn worker_stream(s: std::net::TcpStream) -> Result<OwnedFd, ComputeError> {
+    s.set_nonblocking(false).map_err(io("migration stream"))?;
+    s.set_nodelay(true).map_err(io("migration stream"))?;
+    s.set_read_timeout(Some(STREAM_TIMEOUT)).map_err(io("migration stream"))?;
+    s.set_write_timeout(Some(STREAM_TIMEOUT)).map_err(io("migration stream"))?;
+    Ok(s.into())
+}
+
+/// A TLS migration stream for the worker: the node keeps the TLS session and
+/// relays it through a socket pair, so no credential enters the worker. The
+/// worker's end, blocking with timeouts.
+fn through_tls<S>(tls: S) -> Result<OwnedFd, ComputeError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (worker, node) = std::os::unix::net::UnixStream::pair().map_err(io("migration socket pair"))?;
+    node.set_nonblocking(true).map_err(io("migration socket pair"))?;
+    let mut node = tokio::net::UnixStream::from_std(node).map_err(io("migration socket pair"))?;
+    worker.set_read_timeout(Some(STREAM_TIMEOUT)).map_err(io("migration stream"))?;
+    worker.set_write_timeout(Some(STREAM_TIMEOUT)).map_err(io("migration stream"))?;
+    tokio::spawn(async move {
+        let mut tls = tls;
+        if let Err(e) =
+            tokio::io::copy_bidirectional_with_sizes(&mut node, &mut tls, 256 * 1024, 256 * 1024).await
+        {
+            tracing::debug!(error = %e, "migration stream relay ended");
+        }
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+    });
+    Ok(worker.into())
 }

@@ -76,6 +76,24 @@ pub struct ComputeConfig {
     /// How this node reboots into another node image; `None` outside the
     /// image's PID 1 (it cannot take part in a rolling upgrade).
     pub image_reboot: Option<crate::upgrade::ImageReboot>,
+    /// Makes each VM worker its TLS credential for the replica protocol;
+    /// `None` on a plaintext (loopback) pool.
+    pub worker_tls: Option<WorkerTlsIssuer>,
+    /// Mutual TLS for migration streams between nodes (the node relays it
+    /// to its worker); `None` on a plaintext (loopback) pool.
+    pub tls: Option<nodeos_auth::tls::TlsState>,
+}
+
+/// Issues the credential of the worker of a VM (by id): see [`ComputeConfig::worker_tls`].
+#[derive(Clone)]
+pub struct WorkerTlsIssuer(
+    pub std::sync::Arc<dyn Fn(&str) -> Option<nodeos_vmm::config::WorkerTls> + Send + Sync>,
+);
+
+impl std::fmt::Debug for WorkerTlsIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkerTlsIssuer")
+    }
 }
 
 /// A VM's NICs, plugged: the worker's configs and socket ends, and the
@@ -615,6 +633,11 @@ impl Compute {
         Ok(disks)
     }
 
+    /// The TLS credential of `vm`'s worker, when the pool speaks TLS.
+    pub(crate) fn worker_tls(&self, vm: &str) -> Option<nodeos_vmm::config::WorkerTls> {
+        self.inner.cfg.worker_tls.as_ref().and_then(|issue| (issue.0)(vm))
+    }
+
     /// A volume disk's worker config, and for a writable disk its writer slot.
     pub(crate) async fn volume_disk(
         &self,
@@ -650,6 +673,7 @@ impl Compute {
             }
         };
         let disk = VolumeDisk {
+            tls: self.worker_tls(&vm.to_string()),
             layout,
             pool_key: self.inner.cfg.pool_key.derived_bytes(),
             node: self.inner.cfg.node_id,

@@ -184,6 +184,8 @@ async fn compute_on(meta: MetaHandle, launcher: Arc<FakeLauncher>, dir: &TempDir
             pool_key: test_key(),
             migration_address: std::net::Ipv4Addr::LOCALHOST.into(),
             image_reboot: None,
+            worker_tls: None,
+            tls: None,
             host_paths: nodeos_compute::spec::HostPaths::Under("/".into()),
         },
         meta.clone(),
@@ -200,7 +202,14 @@ async fn serve_replicas(pool: &TestPool) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let replica = Arc::new(Replica::new(Arc::new(MemStore::new())));
-    tokio::spawn(nodeos_block::server::serve(listener, replica, ME, test_key(), std::future::pending()));
+    tokio::spawn(nodeos_block::server::serve(
+        listener,
+        replica,
+        ME,
+        test_key(),
+        None,
+        std::future::pending(),
+    ));
     pool.put_node(&NodeRecord { block_address: address, ..node_record(ME) }).await.unwrap();
 }
 

@@ -51,6 +51,25 @@ pub struct VolumeDisk {
     pub pool_key: [u8; 32],
     /// The node the worker runs on (its copies are read first).
     pub node: nodeos_types::NodeId,
+    /// The worker's own credential for mutual TLS with the replicas; `None`
+    /// on a plaintext (loopback) pool.
+    #[serde(default)]
+    pub tls: Option<WorkerTls>,
+}
+
+/// A VM worker's TLS credential (role worker: the replica protocol only) and
+/// the CA certificates it trusts, PEM.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for WorkerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkerTls")
+    }
 }
 
 impl std::fmt::Debug for VolumeDisk {
