@@ -84,11 +84,12 @@ pub struct ComputeConfig {
     pub tls: Option<nodeos_auth::tls::TlsState>,
 }
 
+/// Makes the TLS credential of the worker of a VM (by id); `None` when it cannot.
+pub type IssueWorkerTls = dyn Fn(&str) -> Option<nodeos_vmm::config::WorkerTls> + Send + Sync;
+
 /// Issues the credential of the worker of a VM (by id): see [`ComputeConfig::worker_tls`].
 #[derive(Clone)]
-pub struct WorkerTlsIssuer(
-    pub std::sync::Arc<dyn Fn(&str) -> Option<nodeos_vmm::config::WorkerTls> + Send + Sync>,
-);
+pub struct WorkerTlsIssuer(pub std::sync::Arc<IssueWorkerTls>);
 
 impl std::fmt::Debug for WorkerTlsIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
