@@ -96,6 +96,84 @@ async fn wait_state(vms: &mut VmServiceClient<Channel>, vm: &str, state: &str) -
     }
 }
 
+/// Whether a task is a kernel worker thread of the process (PF_USER_WORKER or
+/// PF_KTHREAD in the flags of /proc/PID/task/TID/stat).
+fn kernel_worker(task: &Path) -> anyhow::Result<bool> {
+    const PF_USER_WORKER: u64 = 0x0000_4000;
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let stat = std::fs::read_to_string(task.join("stat"))?;
+    // Fields after the command, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let flags: u64 =
+        rest.split_whitespace().nth(6).and_then(|f| f.parse().ok()).context("no flags in stat")?;
+    Ok(flags & (PF_USER_WORKER | PF_KTHREAD) != 0)
+}
+
+/// Every thread of a running worker: a uid and gid other than root's, no
+/// capabilities, no new privileges, seccomp filtering; the process in a mount
+/// namespace of its own. Read from /proc, as any operator would.
+fn check_jailed(pid: u32) -> anyhow::Result<()> {
+    let own_ns = std::fs::read_link("/proc/self/ns/mnt")?;
+    // The worker confines itself right after it acknowledges the start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let tasks = loop {
+        let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))?.collect::<Result<_, _>>()?;
+        let mut statuses: Vec<(String, String)> = Vec::new();
+        for t in &tasks {
+            // Threads the kernel runs for the process (KVM's NX huge page
+            // recovery worker) run no code of the worker's: skipped.
+            if kernel_worker(&t.path())? {
+                continue;
+            }
+            statuses.push((
+                t.file_name().to_string_lossy().into_owned(),
+                std::fs::read_to_string(t.path().join("status"))?,
+            ));
+        }
+        let confined =
+            statuses.iter().all(|(_, st)| st.lines().any(|l| l.starts_with("Seccomp:") && l.ends_with('2')));
+        if confined || std::time::Instant::now() > deadline {
+            break statuses;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(!tasks.is_empty(), "worker {pid} has no threads");
+    for (tid, st) in &tasks {
+        let field = |name: &str| {
+            st.lines()
+                .find(|l| l.starts_with(name))
+                .map(|l| l[name.len()..].trim().to_owned())
+                .unwrap_or_default()
+        };
+        for (name, value) in [("Uid:", field("Uid:")), ("Gid:", field("Gid:"))] {
+            ensure!(
+                !value.split_whitespace().any(|id| id == "0"),
+                "worker {pid} thread {tid} ({}): {name} {value}",
+                field("Name:")
+            );
+        }
+        ensure!(
+            field("CapEff:") == "0000000000000000",
+            "worker {pid} thread {tid}: CapEff {}",
+            field("CapEff:")
+        );
+        ensure!(
+            field("CapPrm:") == "0000000000000000",
+            "worker {pid} thread {tid}: CapPrm {}",
+            field("CapPrm:")
+        );
+        ensure!(
+            field("NoNewPrivs:") == "1",
+            "worker {pid} thread {tid}: NoNewPrivs {}",
+            field("NoNewPrivs:")
+        );
+        ensure!(field("Seccomp:") == "2", "worker {pid} thread {tid}: Seccomp {}", field("Seccomp:"));
+    }
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt"))?;
+    ensure!(ns != own_ns, "worker {pid} shares the node's mount namespace ({ns:?})");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_guest_does_block_and_net_io_through_the_api() -> anyhow::Result<()> {
     let test = "test_guest_does_block_and_net_io_through_the_api";
@@ -120,6 +198,7 @@ async fn test_guest_does_block_and_net_io_through_the_api() -> anyhow::Result<()
     let peer = tokio::spawn(peer);
     let started = vms.start(pb::VmRef { vm: "io".into() }).await?.into_inner();
     ensure!(started.state == "running" && started.worker_pid != 0, "started VM: {started:?}");
+    check_jailed(started.worker_pid)?;
 
     let console = console_until(&mut vms, "io", "NODEOS-GUEST: done").await?;
     let peer = peer.await??;

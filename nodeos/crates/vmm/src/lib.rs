@@ -29,6 +29,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod interrupts;
+pub mod jail;
 pub mod memory;
 pub mod migration;
 pub mod seccomp;

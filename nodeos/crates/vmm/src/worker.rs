@@ -150,6 +150,14 @@ pub fn main(control_fd: RawFd) -> ExitCode {
     // SAFETY: the node passed this descriptor as our control socket; nothing
     // else in this process refers to it.
     let ctl = Control { fd: Arc::new(unsafe { OwnedFd::from_raw_fd(control_fd) }) };
+    // While this process has one thread: a mount namespace of its own.
+    let mounts = match crate::jail::private_mounts() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("vm-worker: cannot make a private mount namespace: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let (config, mut fds, seq, incoming) = match ctl.recv() {
         Ok((ToWorker::Start { seq, version, config, incoming }, fds)) => {
             if version != PROTOCOL_VERSION {
@@ -194,7 +202,20 @@ pub fn main(control_fd: RawFd) -> ExitCode {
     };
     // Measured before confinement: /proc is out of reach afterwards.
     let rss = rss_kib();
-    // Everything the VM needs is open: from here on the worker is confined.
+    // Everything the VM needs is open: from here on the worker is confined,
+    // first to an empty root as an unprivileged user, then by seccomp.
+    match &mounts {
+        Some(m) => match crate::jail::confine(m, &vm_id) {
+            Ok(uid) => info!(uid, "confined: empty root, own uid and gid, no capabilities"),
+            Err(e) => {
+                let msg = format!("cannot jail the worker: {}", nodeos_types::error_chain(&e));
+                error!(error = %msg, "VM cannot start");
+                ctl.send(&FromWorker::Failed { seq, error: msg });
+                return ExitCode::FAILURE;
+            }
+        },
+        None => info!("not running as root: the worker keeps the node's unprivileged user"),
+    }
     if let Err(e) = crate::seccomp::apply_to_process(has_volumes) {
         let msg = nodeos_types::error_chain(&e);
         error!(error = %msg, "cannot confine the worker");
