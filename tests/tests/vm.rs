@@ -171,6 +171,13 @@ fn check_jailed(pid: u32) -> anyhow::Result<()> {
     }
     let ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt"))?;
     ensure!(ns != own_ns, "worker {pid} shares the node's mount namespace ({ns:?})");
+    let own_pid_ns = std::fs::read_link("/proc/self/ns/pid")?;
+    let pid_ns = std::fs::read_link(format!("/proc/{pid}/ns/pid"))?;
+    ensure!(pid_ns != own_pid_ns, "worker {pid} shares the node's PID namespace ({pid_ns:?})");
+    // In its own namespace it is PID 1.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap_or_default().to_owned();
+    ensure!(nspid.split_whitespace().last() == Some("1"), "worker {pid}: {nspid}");
     Ok(())
 }
 

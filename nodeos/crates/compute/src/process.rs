@@ -133,6 +133,18 @@ pub struct WorkerProcess {
     kill: Box<dyn Fn() + Send + Sync>,
 }
 
+impl WorkerProcess {
+    /// The process running the VM: the worker's child in its own PID
+    /// namespace when it jailed itself (see `nodeos_vmm::jail`), else the
+    /// worker itself.
+    pub fn vm_pid(&self) -> u32 {
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(self.pid)
+    }
+}
+
 impl std::fmt::Debug for WorkerProcess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerProcess").field("pid", &self.pid).finish_non_exhaustive()

@@ -191,6 +191,9 @@ pub fn worker_panic(log: &std::path::Path) -> Option<String> {
 pub fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
     match status {
         Ok(s) => match (s.code(), s.signal()) {
+            // A worker's panic ends it with 134 (it may be PID 1 of its own
+            // namespace, where raising SIGABRT at itself does nothing).
+            (Some(134), _) => "worker aborted (SIGABRT, exit code 134)".into(),
             (Some(c), _) => format!("worker exited with code {c}"),
             (None, Some(sig)) => {
                 let name = nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str()).unwrap_or("unknown");

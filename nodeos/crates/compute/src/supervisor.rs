@@ -275,7 +275,7 @@ impl Compute {
     }
 
     pub fn worker_pid(&self, id: VmId) -> Option<u32> {
-        self.live_map().get(&id).map(|l| l.process.pid)
+        self.live_map().get(&id).map(|l| l.process.vm_pid())
     }
 
     pub fn node_id(&self) -> NodeId {

@@ -2,7 +2,10 @@
 //!
 //! 1. [`private_mounts`], first thing in the worker while it has one thread:
 //!    a mount namespace of its own, every mount private, so nothing it mounts
-//!    reaches the node.
+//!    reaches the node; and a PID namespace of its own, which the process
+//!    enters by forking: the child, PID 1 of the new namespace, goes on as the
+//!    worker; the parent (the process the node started) gives up its
+//!    privileges, waits for it and ends as it ended (a signal re-raised).
 //! 2. [`confine`], once the VM is built (memory mapped, kernel loaded, disks,
 //!    console and sockets open): the root becomes an empty read-only tmpfs
 //!    (`pivot_root`, the old root detached), then the worker takes a uid and
