@@ -99,9 +99,14 @@ impl Decoder for Raw {
 /// Calls `Service/Method` with one empty message: `Ok` when the node took the
 /// call (whatever its answer), `Err(message)` when the guard denied it.
 async fn call(ch: &Channel, rpc: &str) -> anyhow::Result<Result<(), String>> {
+    call_path(ch, &format!("/nodeos.v1.{rpc}")).await
+}
+
+/// [`call`] of an RPC by its full path.
+async fn call_path(ch: &Channel, rpc: &str) -> anyhow::Result<Result<(), String>> {
     let mut grpc = tonic::client::Grpc::new(ch.clone());
     grpc.ready().await.context("the channel is not ready")?;
-    let path: http::uri::PathAndQuery = format!("/nodeos.v1.{rpc}").parse()?;
+    let path: http::uri::PathAndQuery = rpc.parse()?;
     let req = tonic::Request::new(futures::stream::iter([Bytes::new()]));
     let r = tokio::time::timeout(Duration::from_secs(10), grpc.streaming(req, path, Raw)).await;
     Ok(match r {
@@ -138,6 +143,20 @@ async fn serves(c: &Cluster, creds: Option<&Credentials>) -> anyhow::Result<bool
         Err(_) => false,
         Ok(ch) => served(ch).await,
     })
+}
+
+/// The services server reflection `version` lists (its raw answer as text).
+async fn reflect(ch: &Channel, version: &str) -> anyhow::Result<String> {
+    let mut grpc = tonic::client::Grpc::new(ch.clone());
+    grpc.ready().await.context("the channel is not ready")?;
+    let path: http::uri::PathAndQuery =
+        format!("/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo").parse()?;
+    // ServerReflectionRequest { list_services: "" } (field 7), the same in both versions.
+    let req = tonic::Request::new(futures::stream::iter([Bytes::from_static(&[0x3a, 0x00])]));
+    let mut answers = grpc.streaming(req, path, Raw).await?.into_inner();
+    let first =
+        tokio::time::timeout(Duration::from_secs(10), answers.message()).await??.context("no answer")?;
+    Ok(String::from_utf8_lossy(&first).into_owned())
 }
 
 async fn audit_len(c: &Cluster) -> anyhow::Result<usize> {
@@ -226,6 +245,11 @@ async fn every_rpc_answers_each_role_as_the_role_table_says_and_the_audit_trail_
             if *audited {
                 audited_calls += 1;
             }
+        }
+        // Server reflection, both versions (older clients speak only v1alpha), to every role.
+        for v in ["v1", "v1alpha"] {
+            let listed = reflect(&ch, v).await.with_context(|| format!("reflection {v} as {role}"))?;
+            ensure!(listed.contains("nodeos.v1.VmService"), "reflection {v} as {role} listed: {listed}");
         }
     }
     // Every call that changes the pool, taken or denied, is in the trail once.

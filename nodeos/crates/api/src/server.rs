@@ -74,6 +74,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(nodeos_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(ServeError::Reflection)?;
+    // Older clients (grpcio-reflection, grpcurl before 1.9) speak only v1alpha.
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nodeos_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(ServeError::Reflection)?;
     let guard = Guard::new(meta.clone(), cfg.tls.is_none());
     let dialer = match &cfg.tls {
         Some((tls, _)) => crate::proxy::Dialer::tls(tls.connector()),
@@ -129,6 +134,7 @@ pub async fn serve(
         .concurrency_limit_per_connection(256)
         .layer(GuardLayer(guard))
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(pool)
         .add_service(metadata)
         .add_service(vm)
