@@ -192,6 +192,19 @@ async fn credential(
     Credentials::from_file(&out)
 }
 
+/// Starts the test's one node and waits for it to lead its pool.
+async fn one_node(c: &mut Cluster, spec: &NodeSpec) -> anyhow::Result<()> {
+    c.add_node(spec)?;
+    let c = &*c;
+    wait_until("a one-node pool", Duration::from_secs(60), || async {
+        let s = c.status(0).await?;
+        ensure!(!s.leader_id.is_empty(), "no leader yet");
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
 async fn channel(c: &Cluster, creds: &Credentials) -> anyhow::Result<Channel> {
     let addr = c.node(0)?.addr;
     Ok(nodeos_tests::client::endpoint(addr, Some(creds))?.connect().await?)
@@ -211,13 +224,7 @@ async fn every_rpc_answers_each_role_as_the_role_table_says_and_the_audit_trail_
 
     let mut c = Cluster::new(&env, test)?;
     let spec = NodeSpec { bootstrap_expect: Some(1), beacons: false, ..c.spec() };
-    c.add_node(&spec)?;
-    wait_until("a one-node pool", Duration::from_secs(60), || async {
-        let s = c.status(0).await?;
-        ensure!(!s.leader_id.is_empty(), "no leader yet");
-        Ok(())
-    })
-    .await?;
+    one_node(&mut c, &spec).await?;
     let dir = tempfile::tempdir()?;
     // Made first: it has expired by the end of the test.
     let expiring = credential(&c, dir.path(), "short", "admin", "60s").await?;
@@ -324,13 +331,7 @@ async fn host_files_are_refused_to_operators_and_devices_to_everyone() -> anyhow
         host_images_dir: Some(images.path().to_owned()),
         ..c.spec()
     };
-    c.add_node(&spec)?;
-    wait_until("a one-node pool", Duration::from_secs(60), || async {
-        let s = c.status(0).await?;
-        ensure!(!s.leader_id.is_empty(), "no leader yet");
-        Ok(())
-    })
-    .await?;
+    one_node(&mut c, &spec).await?;
     let dir = tempfile::tempdir()?;
     let op = credential(&c, dir.path(), "op", "operator", "1h").await?;
     let mut as_op = nodeos_proto::v1::vm_service_client::VmServiceClient::new(channel(&c, &op).await?);
