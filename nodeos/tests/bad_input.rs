@@ -7,8 +7,16 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nodeos");
 
+/// The CLI, hermetic: no endpoint or context from the environment, and a
+/// config file that does not exist unless the test passes `--config`.
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env_remove("NODEOS_ENDPOINT").output().expect("nodeos runs")
+    Command::new(BIN)
+        .args(args)
+        .env_remove("NODEOS_ENDPOINT")
+        .env_remove("NODEOS_CONTEXT")
+        .env("NODEOS_CONFIG", "/nonexistent/nodeos-tests/config.json")
+        .output()
+        .expect("nodeos runs")
 }
 
 fn stderr(o: &Output) -> String {
@@ -206,6 +214,15 @@ fn single_node_pool_answers_bad_requests_with_clear_errors() {
             .spawn()
             .expect("spawn node"),
     );
+    // The node speaks mutual TLS: an admin credential from the pool key.
+    let cfg = d.path().join("cli.json").display().to_string();
+    let o = run(&["--config", &cfg, "auth", "bootstrap", "--offline", "--pool-key-file", &key]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", cfg.as_str()];
+        all.extend_from_slice(args);
+        run(&all)
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let o = run(&["--endpoint", &addr, "pool", "status", "-o", "json"]);
