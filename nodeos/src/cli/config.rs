@@ -123,6 +123,15 @@ pub enum ConfigCmd {
     },
     /// Remove a context.
     DeleteContext { name: String },
+    /// Write a context's credential as PEM files for other gRPC clients
+    /// (grpcurl, Python's grpcio): DIR/ca.pem, DIR/cert.pem, DIR/key.pem (0600).
+    ExportPem {
+        /// Context (default: the current one).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// Who a context's certificate names, for listings.
@@ -192,6 +201,30 @@ pub fn run(config_path: Option<&Path>, output: Format, cmd: ConfigCmd) -> Result
                 .ok_or_else(|| CliError::Status(format!("no context {name:?}")))?;
             c.endpoints = endpoints;
             cfg.save(&path)?;
+        }
+        ConfigCmd::ExportPem { name, dir } => {
+            let (name, ctx) = cfg
+                .pick(name.as_deref())?
+                .ok_or_else(|| CliError::Status(format!("no current context in {}", path.display())))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| CliError::Status(format!("cannot make {}: {e}", dir.display())))?;
+            for (file, text) in
+                [("ca.pem", &ctx.ca_pem), ("cert.pem", &ctx.cert_pem), ("key.pem", &ctx.key_pem)]
+            {
+                let p = dir.join(file);
+                let written = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&p)
+                    .and_then(|mut f| f.write_all(text.as_bytes()));
+                written.map_err(|e| CliError::Status(format!("cannot write {}: {e}", p.display())))?;
+            }
+            println!(
+                "context {name}: {}/{{ca,cert,key}}.pem written (verify nodes as \"nodeos\")",
+                dir.display()
+            );
         }
         ConfigCmd::DeleteContext { name } => {
             if cfg.contexts.remove(&name).is_none() {

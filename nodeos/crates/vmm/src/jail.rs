@@ -57,14 +57,15 @@ fn is_root() -> bool {
 }
 
 /// Step 1; `None` when not root. Must run while the worker has one thread
-/// (a mount namespace cannot be unshared by a process sharing its fs).
+/// (a mount namespace cannot be unshared by a process sharing its fs, and
+/// only a single-threaded process forks safely). Returns in the child only.
 pub fn private_mounts() -> Result<Option<PrivateMounts>, JailError> {
     if !is_root() {
         return Ok(None);
     }
     // SAFETY: plain system calls on no memory of ours but literal strings.
     unsafe {
-        check("unshare(CLONE_NEWNS)", libc::unshare(libc::CLONE_NEWNS))?;
+        check("unshare(CLONE_NEWNS | CLONE_NEWPID)", libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID))?;
         let root = cstr("/");
         check(
             "making every mount private",
@@ -77,7 +78,57 @@ pub fn private_mounts() -> Result<Option<PrivateMounts>, JailError> {
             ),
         )?;
     }
-    Ok(Some(PrivateMounts(())))
+    // SAFETY: fork in a process with one thread; the parent only makes the
+    // async-signal-safe calls of `reap` and never returns.
+    match unsafe { libc::fork() } {
+        -1 => Err(JailError::Sys {
+            step: "fork into the PID namespace",
+            source: std::io::Error::last_os_error(),
+        }),
+        0 => {
+            // The VM dies with the process the node started. (Its parent is
+            // outside the namespace, so getppid() says 0 here. Should the
+            // parent be gone before this line, the node has ended the worker
+            // and closes its end of the control socket: the first read ends it.)
+            // SAFETY: a plain system call.
+            check("PR_SET_PDEATHSIG", unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0)
+            })?;
+            Ok(Some(PrivateMounts(())))
+        }
+        child => reap(child),
+    }
+}
+
+/// The parent's whole life after the fork: no privileges, then wait for the
+/// worker and end as it ended (a signal re-raised).
+fn reap(child: libc::pid_t) -> ! {
+    let id = UID_BASE - 1;
+    // SAFETY: async-signal-safe system calls only; `status` is ours.
+    unsafe {
+        // Go on even if dropping privileges fails: the worker needs its parent.
+        let _ = libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+        let _ = libc::setgroups(0, std::ptr::null());
+        let _ = libc::setresgid(id, id, id);
+        let _ = libc::setresuid(id, id, id);
+        let mut status = 0;
+        loop {
+            let r = libc::waitpid(child, &mut status, 0);
+            if r == child {
+                break;
+            }
+            if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                libc::_exit(1);
+            }
+        }
+        if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+            libc::_exit(128 + sig);
+        }
+        libc::_exit(libc::WEXITSTATUS(status))
+    }
 }
 
 /// The uid and gid the worker of `vm_id` runs as.
