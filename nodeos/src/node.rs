@@ -489,7 +489,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         meta.clone(),
     );
     let transport = match &tls {
-        Some((state, _)) => TcpTransport::new(cfg.key.clone()).with_tls(state.connector()),
+        Some((state, _)) => TcpTransport::with_tls(cfg.key.clone(), state.connector()),
         None => TcpTransport::new(cfg.key.clone()),
     };
     let volumes = Volumes::new(meta.clone(), transport);

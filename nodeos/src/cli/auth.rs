@@ -204,13 +204,8 @@ async fn endpoints_of(ctx: &Ctx) -> Vec<String> {
 }
 
 fn write_private(path: &std::path::Path, ctx: &Context) -> Result<(), CliError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let text = serde_json::to_vec_pretty(ctx).map_err(|e| CliError::Output(e.to_string()))?;
-    let fail = |e: std::io::Error| CliError::Status(format!("cannot write {}: {e}", path.display()));
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(fail)?;
-    f.write_all(&text).map_err(fail)
+    config::write_private(path, &text, false)
 }
 
 /// `nodeos auth bootstrap`: see the module docs.
@@ -222,10 +217,8 @@ pub async fn bootstrap(g: &Global, cmd: AuthCmd) -> Result<(), CliError> {
     Subject::check_label("name", &name).map_err(CliError::Status)?;
     let ca = PoolCa::derive(&key, nodeos_auth::ca::FIRST_GENERATION)
         .map_err(|e| CliError::Status(e.to_string()))?;
-    let endpoints: Vec<String> = match &g.endpoint {
-        Some(e) => e.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
-        None => vec![super::DEFAULT_ENDPOINT.to_owned()],
-    };
+    let endpoints =
+        g.endpoint.as_deref().map_or_else(|| vec![super::DEFAULT_ENDPOINT.to_owned()], super::endpoint_list);
     let context = save_as.unwrap_or_else(|| name.clone());
     if offline {
         let subject = Subject { name, role: Role::Admin, tenant: None };

@@ -18,6 +18,22 @@ use serde::{Deserialize, Serialize};
 use super::output::print;
 use super::{CliError, Format};
 
+/// Writes `text` to `path`, readable by its owner only (mode 0600, also when
+/// the file was there); `replace`: overwrite a file there, else refuse it.
+pub fn write_private(path: &Path, text: &[u8], replace: bool) -> Result<(), CliError> {
+    let fail = |e: std::io::Error| CliError::Status(format!("cannot write {}: {e}", path.display()));
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).mode(0o600);
+    if replace {
+        o.create(true).truncate(true);
+    } else {
+        o.create_new(true);
+    }
+    let mut f = o.open(path).map_err(fail)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+    f.write_all(text).and_then(|()| f.sync_all()).map_err(fail)
+}
+
 /// One pool as this CLI reaches it: where, and with which credential.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Context {
@@ -75,15 +91,7 @@ impl Config {
         }
         let text = serde_json::to_vec_pretty(self).map_err(|e| CliError::Output(e.to_string()))?;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(fail)?;
-        f.write_all(&text).and_then(|()| f.sync_all()).map_err(fail)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+        write_private(&tmp, &text, true)?;
         std::fs::rename(&tmp, path).map_err(fail)
     }
 
@@ -211,15 +219,7 @@ pub fn run(config_path: Option<&Path>, output: Format, cmd: ConfigCmd) -> Result
             for (file, text) in
                 [("ca.pem", &ctx.ca_pem), ("cert.pem", &ctx.cert_pem), ("key.pem", &ctx.key_pem)]
             {
-                let p = dir.join(file);
-                let written = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&p)
-                    .and_then(|mut f| f.write_all(text.as_bytes()));
-                written.map_err(|e| CliError::Status(format!("cannot write {}: {e}", p.display())))?;
+                write_private(&dir.join(file), text.as_bytes(), true)?;
             }
             println!(
                 "context {name}: {}/{{ca,cert,key}}.pem written (verify nodes as \"nodeos\")",

@@ -131,6 +131,11 @@ pub fn run_local<F: Future<Output = Result<(), CliError>>>(cmd: impl FnOnce() ->
     }
 }
 
+/// `--endpoint a:1,b:2`: the endpoints in order.
+pub fn endpoint_list(flag: &str) -> Vec<String> {
+    flag.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
 /// Where a command goes and how: the endpoints in order, and the TLS client
 /// of the context (none: plaintext, for a pool on loopback).
 pub struct Target {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use crate::error::meta_status;
-use crate::guard::{AUDIT_PREFIX, AuditRecord, Caller, REVOKED_PREFIX, Via, caller};
+use crate::guard::{AUDIT_PREFIX, AuditRecord, Caller, REVOKED_PREFIX, Via, caller, now_ms};
 
 /// Where the record of each issued credential lives.
 pub const CREDENTIALS_PREFIX: &str = "auth/credentials/";
@@ -87,12 +87,6 @@ impl AuthApi {
 
 fn who(c: Option<&Caller>) -> String {
     c.map_or_else(|| "(unknown)".to_owned(), |c| c.identity.to_string())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[tonic::async_trait]

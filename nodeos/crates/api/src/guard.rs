@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http_body_util::BodyExt;
 use nodeos_auth::identity::{Identity, Role, Subject, identity};
@@ -206,10 +206,9 @@ impl Guard {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+/// Now, in unix milliseconds, as the audit trail and credentials record it.
+pub(crate) fn now_ms() -> i64 {
+    i64::try_from(nodeos_types::unix_millis()).unwrap_or(i64::MAX)
 }
 
 /// Trims the audit trail every few minutes while this node leads.

@@ -234,7 +234,7 @@ pub fn incoming(
 ) -> impl futures_core::Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    let logged: Arc<Mutex<HashMap<IpAddr, Instant>>> = Arc::default();
+    let logged: Arc<RefusalLog> = Arc::default();
     tokio::spawn(async move {
         loop {
             let (tcp, from) = match listener.accept().await {
@@ -268,17 +268,31 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-fn refused(logged: &Mutex<HashMap<IpAddr, Instant>>, from: SocketAddr, why: &str) {
-    let mut m = logged.lock().unwrap_or_else(|p| p.into_inner());
-    let now = Instant::now();
-    if m.len() > 4096 {
-        m.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
-    }
-    match m.get(&from.ip()) {
-        Some(at) if now.duration_since(*at) < LOG_EVERY => {}
-        _ => {
-            m.insert(from.ip(), now);
-            tracing::warn!(%from, why, "TLS handshake refused (a client without a valid pool credential?); next from this address logged in a minute at the earliest");
+/// Says why connections from a source address were refused, at most once
+/// a minute per address (a flood of bad handshakes costs one line a minute).
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    last: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl RefusalLog {
+    /// Whether a refusal from `from` should be logged now (and notes it).
+    pub fn due(&self, from: SocketAddr) -> bool {
+        let mut m = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if m.len() > 4096 {
+            m.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
         }
+        if m.get(&from.ip()).is_some_and(|at| now.duration_since(*at) < LOG_EVERY) {
+            return false;
+        }
+        m.insert(from.ip(), now);
+        true
+    }
+}
+
+fn refused(logged: &RefusalLog, from: SocketAddr, why: &str) {
+    if logged.due(from) {
+        tracing::warn!(%from, why, "TLS handshake refused (a client without a valid pool credential?); next from this address logged in a minute at the earliest");
     }
 }

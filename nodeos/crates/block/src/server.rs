@@ -73,16 +73,9 @@ pub async fn serve(
 
 /// A refused TLS connection, logged at most once a minute per source address.
 fn refused(peer: std::net::SocketAddr, why: &str) {
-    static LOGGED: std::sync::Mutex<Option<std::collections::HashMap<std::net::IpAddr, std::time::Instant>>> =
-        std::sync::Mutex::new(None);
-    let mut m = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
-    let m = m.get_or_insert_with(Default::default);
-    let now = std::time::Instant::now();
-    if m.len() > 4096 {
-        m.retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
-    }
-    if m.get(&peer.ip()).is_none_or(|at| now.duration_since(*at) >= Duration::from_secs(60)) {
-        m.insert(peer.ip(), now);
+    static LOGGED: std::sync::LazyLock<nodeos_auth::tls::RefusalLog> =
+        std::sync::LazyLock::new(Default::default);
+    if LOGGED.due(peer) {
         warn!(%peer, why, "replica connection refused (not a node or worker of this pool)");
     }
 }

@@ -88,29 +88,23 @@ impl TcpTransport {
     }
 
     pub fn with_timeout(key: PoolKey, timeout: Duration) -> Self {
+        Self::build(key, timeout, None)
+    }
+
+    /// Connections run in mutual TLS made by `connector`.
+    pub fn with_tls(key: PoolKey, connector: nodeos_auth::tls::Connector) -> Self {
+        Self::build(key, CALL_TIMEOUT, Some(connector))
+    }
+
+    fn build(key: PoolKey, timeout: Duration, tls: Option<nodeos_auth::tls::Connector>) -> Self {
         TcpTransport {
             inner: Arc::new(TcpInner {
                 key,
-                tls: None,
+                tls,
                 conns: Mutex::new(HashMap::new()),
                 connecting: tokio::sync::Mutex::new(()),
                 down_until: Mutex::new(HashMap::new()),
                 timeout,
-            }),
-        }
-    }
-
-    /// Connections run in mutual TLS made by `connector`.
-    pub fn with_tls(self, connector: nodeos_auth::tls::Connector) -> Self {
-        let inner = &self.inner;
-        TcpTransport {
-            inner: Arc::new(TcpInner {
-                key: inner.key.clone(),
-                tls: Some(connector),
-                conns: Mutex::new(HashMap::new()),
-                connecting: tokio::sync::Mutex::new(()),
-                down_until: Mutex::new(HashMap::new()),
-                timeout: inner.timeout,
             }),
         }
     }

@@ -105,13 +105,16 @@ impl VolumeBackend {
 
     fn open_client(&self, mut layout: nodeos_block::client::VolumeLayout) -> Result<(), BackendError> {
         let key = nodeos_types::auth::PoolKey::from_derived(self.cfg.pool_key);
-        let mut transport = nodeos_block::transport::TcpTransport::new(key);
-        if let Some(t) = &self.cfg.tls {
-            let cred = nodeos_auth::Credential { cert_pem: t.cert_pem.clone(), key_pem: t.key_pem.clone() };
-            let cfg = nodeos_auth::tls::client_config(&cred, &t.ca_pem)
-                .map_err(|e| BackendError::Tls(e.to_string()))?;
-            transport = transport.with_tls(nodeos_auth::tls::Connector::Fixed(cfg));
-        }
+        let transport = match &self.cfg.tls {
+            None => nodeos_block::transport::TcpTransport::new(key),
+            Some(t) => {
+                let cred =
+                    nodeos_auth::Credential { cert_pem: t.cert_pem.clone(), key_pem: t.key_pem.clone() };
+                let cfg = nodeos_auth::tls::client_config(&cred, &t.ca_pem)
+                    .map_err(|e| BackendError::Tls(e.to_string()))?;
+                nodeos_block::transport::TcpTransport::with_tls(key, nodeos_auth::tls::Connector::Fixed(cfg))
+            }
+        };
         if self.read_only {
             layout.generation = 0;
         }
